@@ -1,0 +1,529 @@
+//! Simulated controllers. Each write that needs a controller's reaction spawns one short task for that
+//! object; an idle cluster runs no task at all, which is what lets one process hold 10,000 clusters.
+//! Every task re-reads the object before it writes and stops when a newer generation has superseded it.
+//!
+//! - Deployments, StatefulSets, DaemonSets, ReplicaSets: rollout status and conditions, ready after the
+//!   cluster's `ready_after_ms`; an image matching the failure rule never becomes ready and a Deployment then
+//!   reports `Progressing=False` / `ProgressDeadlineExceeded` after its deadline.
+//! - Jobs complete (or fail on the failure rule), Pods run, PVCs bind, LoadBalancer Services get an address.
+//! - CustomResourceDefinitions become Established and their kinds are served.
+//! - Namespace deletion removes the contents, then the namespace; garbage collection follows ownerReferences.
+
+use crate::fields::{self, Ctx, Scope};
+use crate::kinds;
+use crate::ops::now;
+use crate::resources::{self, ResourceDef};
+use crate::store::{Cluster, ClusterState};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{debug, Instrument};
+
+const MANAGER: &str = "kube-controller-manager";
+
+fn spawn<F>(name: &'static str, c: &Arc<Cluster>, obj: &str, fut: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    if let Ok(h) = tokio::runtime::Handle::try_current() {
+        let span = tracing::debug_span!("controller", kind = name, cluster = %c.name, object = %obj);
+        h.spawn(fut.instrument(span));
+    }
+}
+
+fn s<'a>(o: &'a Value, p: &str) -> Option<&'a str> {
+    o.pointer(p).and_then(Value::as_str)
+}
+
+fn i(o: &Value, p: &str) -> Option<i64> {
+    o.pointer(p).and_then(Value::as_i64)
+}
+
+/// Reacts to a committed write.
+pub fn observe(c: &Arc<Cluster>, res: &Arc<ResourceDef>, obj: &Value) {
+    if obj.pointer("/metadata/deletionTimestamp").is_some() {
+        return;
+    }
+    let ns = s(obj, "/metadata/namespace").unwrap_or_default().to_string();
+    let name = s(obj, "/metadata/name").unwrap_or_default().to_string();
+    let uid = s(obj, "/metadata/uid").unwrap_or_default().to_string();
+    let id = format!("{ns}/{name}");
+    if !res.builtin {
+        return;
+    }
+    match res.kind.as_str() {
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "ReplicationController" => {
+            let generation = i(obj, "/metadata/generation").unwrap_or(1);
+            if i(obj, "/status/observedGeneration") != Some(generation) {
+                let (c2, r2) = (c.clone(), res.clone());
+                spawn("workload", c, &id, async move { workload(c2, r2, ns, name, uid, generation).await });
+            }
+        }
+        "Job" => {
+            if obj.pointer("/status/startTime").is_none() {
+                let (c2, r2) = (c.clone(), res.clone());
+                spawn("job", c, &id, async move { job(c2, r2, ns, name, uid).await });
+            }
+        }
+        "Pod" => {
+            if obj.pointer("/status/conditions").is_none() {
+                let (c2, r2) = (c.clone(), res.clone());
+                spawn("pod", c, &id, async move { pod(c2, r2, ns, name, uid).await });
+            }
+        }
+        "PersistentVolumeClaim" => {
+            if s(obj, "/status/phase") != Some("Bound") {
+                let (c2, r2) = (c.clone(), res.clone());
+                spawn("pvc", c, &id, async move { pvc(c2, r2, ns, name, uid).await });
+            }
+        }
+        "Service" => {
+            if s(obj, "/spec/type") == Some("LoadBalancer") && obj.pointer("/status/loadBalancer/ingress").is_none() {
+                let (c2, r2) = (c.clone(), res.clone());
+                spawn("service", c, &id, async move { load_balancer(c2, r2, ns, name, uid).await });
+            }
+        }
+        "CustomResourceDefinition" => {
+            let (c2, r2) = (c.clone(), res.clone());
+            let generation = i(obj, "/metadata/generation").unwrap_or(1);
+            spawn("crd", c, &id, async move { establish(c2, r2, name, uid, generation).await });
+        }
+        _ => {}
+    }
+}
+
+/// Writes with the controller's identity, if the object still has `uid` and `check` accepts it.
+fn controller_write(
+    c: &Arc<Cluster>,
+    res: &Arc<ResourceDef>,
+    ns: &str,
+    name: &str,
+    uid: &str,
+    status_only: bool,
+    f: impl FnOnce(&Value) -> Option<Value>,
+) -> bool {
+    let mut st = c.state();
+    let key = res.storage_key();
+    let Some(old) = st.get(&key, ns, name).cloned() else { return false };
+    if s(&old, "/metadata/uid") != Some(uid) {
+        return false;
+    }
+    let Some(mut new) = f(&old) else { return false };
+    if new == *old {
+        return true;
+    }
+    let ctx = Ctx { builtin: res.builtin, scope: if status_only { Scope::StatusOnly } else { Scope::All } };
+    fields::record_update(Some(&old), &mut new, MANAGER, &res.api_version(), ctx, status_only.then_some("status"), &now());
+    let rv = st.next_rv();
+    new["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let gone = kinds::is_gone(res, &new);
+    let obj = Arc::new(new);
+    if gone {
+        st.remove(&key, ns, name, obj.clone(), rv);
+        after_delete(c, &mut st, res, &obj);
+    } else {
+        st.put(&key, ns, name, obj, rv);
+    }
+    true
+}
+
+fn set_status(old: &Value, status: Value) -> Value {
+    let mut new = old.clone();
+    new["status"] = status;
+    new
+}
+
+fn condition(t: &str, status: bool, reason: &str, message: &str, prev: Option<&Value>) -> Value {
+    let now = now();
+    let st = if status { "True" } else { "False" };
+    let same = prev.and_then(|conds| conds.as_array()).and_then(|cs| cs.iter().find(|c| c["type"] == t)).filter(|c| c["status"] == st);
+    let transition = same.and_then(|c| c.get("lastTransitionTime").cloned()).unwrap_or_else(|| json!(now));
+    json!({"type": t, "status": st, "lastUpdateTime": now, "lastTransitionTime": transition, "reason": reason, "message": message})
+}
+
+fn template_hash(obj: &Value) -> String {
+    let t = obj.pointer("/spec/template").map(Value::to_string).unwrap_or_default();
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in t.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    let alphabet = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..10).map(|k| alphabet[((h >> (k * 6)) % alphabet.len() as u64) as usize] as char).collect()
+}
+
+fn failing(c: &Cluster, obj: &Value) -> Option<String> {
+    let settings = c.settings();
+    kinds::images(obj).into_iter().find(|img| settings.image_fails(img))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    Progressing,
+    Ready,
+    Failed,
+}
+
+fn workload_status(kind: &str, obj: &Value, phase: Phase, nodes: i64) -> Value {
+    let generation = i(obj, "/metadata/generation").unwrap_or(1);
+    let name = s(obj, "/metadata/name").unwrap_or_default();
+    let replicas = if kind == "DaemonSet" { nodes } else { i(obj, "/spec/replicas").unwrap_or(1) };
+    let prev = obj.get("status");
+    let prev_ready = prev.and_then(|p| p.get("readyReplicas").or_else(|| p.get("numberReady"))).and_then(Value::as_i64).unwrap_or(0);
+    let ready = match phase {
+        Phase::Ready => replicas,
+        _ => 0.max(prev_ready.min(replicas)).min(if phase == Phase::Failed { 0 } else { replicas }),
+    };
+    let hash = template_hash(obj);
+    match kind {
+        "Deployment" => {
+            let rs = format!("{name}-{hash}");
+            let conds = prev.and_then(|p| p.get("conditions"));
+            let max_unavailable = 0; // simplified: Available means all replicas are available
+            let available = ready >= replicas - max_unavailable;
+            let progressing = match phase {
+                Phase::Ready => condition("Progressing", true, "NewReplicaSetAvailable", &format!("ReplicaSet \"{rs}\" has successfully progressed."), conds),
+                Phase::Progressing => condition("Progressing", true, "ReplicaSetUpdated", &format!("ReplicaSet \"{rs}\" is progressing."), conds),
+                Phase::Failed => condition("Progressing", false, "ProgressDeadlineExceeded", &format!("ReplicaSet \"{rs}\" has timed out progressing."), conds),
+            };
+            let avail = if available {
+                condition("Available", true, "MinimumReplicasAvailable", "Deployment has minimum availability.", conds)
+            } else {
+                condition("Available", false, "MinimumReplicasUnavailable", "Deployment does not have minimum availability.", conds)
+            };
+            let mut st = json!({
+                "observedGeneration": generation,
+                "replicas": replicas,
+                "updatedReplicas": replicas,
+                "readyReplicas": ready,
+                "availableReplicas": ready,
+                "conditions": [avail, progressing],
+            });
+            if replicas > ready {
+                st["unavailableReplicas"] = json!(replicas - ready);
+            }
+            st
+        }
+        "StatefulSet" => {
+            let rev = format!("{name}-{hash}");
+            let current = if phase == Phase::Ready { rev.clone() } else {
+                prev.and_then(|p| p.get("currentRevision")).and_then(Value::as_str).unwrap_or(&rev).to_string()
+            };
+            json!({
+                "observedGeneration": generation,
+                "replicas": replicas,
+                "readyReplicas": ready,
+                "currentReplicas": if phase == Phase::Ready { replicas } else { ready },
+                "updatedReplicas": replicas,
+                "availableReplicas": ready,
+                "currentRevision": current,
+                "updateRevision": rev,
+                "collisionCount": 0,
+            })
+        }
+        "DaemonSet" => json!({
+            "observedGeneration": generation,
+            "desiredNumberScheduled": replicas,
+            "currentNumberScheduled": replicas,
+            "updatedNumberScheduled": replicas,
+            "numberReady": ready,
+            "numberAvailable": ready,
+            "numberMisscheduled": 0,
+        }),
+        _ => json!({
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "fullyLabeledReplicas": replicas,
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+        }),
+    }
+}
+
+async fn workload(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, uid: String, generation: i64) {
+    let kind = res.kind.clone();
+    let nodes = c.settings().behaviour.nodes as i64;
+    let current_gen = |o: &Value| i(o, "/metadata/generation").unwrap_or(1) == generation;
+    let write = |phase: Phase| {
+        controller_write(&c, &res, &ns, &name, &uid, true, |o| {
+            current_gen(o).then(|| set_status(o, workload_status(&kind, o, phase, nodes)))
+        })
+    };
+    if !write(Phase::Progressing) {
+        return;
+    }
+    let obj = { c.state().get(&res.storage_key(), &ns, &name).cloned() };
+    let Some(obj) = obj else { return };
+    let settings = c.settings();
+    match failing(&c, &obj) {
+        None => {
+            tokio::time::sleep(Duration::from_millis(settings.behaviour.ready_after_ms)).await;
+            write(Phase::Ready);
+        }
+        Some(image) => {
+            debug!(%image, "image matches the failure rule; pods never become ready");
+            if kind != "Deployment" {
+                return;
+            }
+            let mut deadline = i(&obj, "/spec/progressDeadlineSeconds").unwrap_or(600).max(0) as u64;
+            if let Some(cap) = settings.behaviour.progress_deadline_cap_s {
+                deadline = deadline.min(cap);
+            }
+            tokio::time::sleep(Duration::from_secs(deadline)).await;
+            write(Phase::Failed);
+        }
+    }
+}
+
+async fn job(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, uid: String) {
+    let started = now();
+    let ok = controller_write(&c, &res, &ns, &name, &uid, true, |o| {
+        let par = i(o, "/spec/parallelism").unwrap_or(1);
+        Some(set_status(o, json!({"startTime": started, "active": par, "ready": 0, "terminating": 0})))
+    });
+    if !ok {
+        return;
+    }
+    tokio::time::sleep(Duration::from_millis(c.settings().behaviour.job_after_ms)).await;
+    let fail = c.state().get(&res.storage_key(), &ns, &name).and_then(|o| failing(&c, o));
+    controller_write(&c, &res, &ns, &name, &uid, true, |o| {
+        let done = now();
+        let status = match &fail {
+            None => {
+                let completions = i(o, "/spec/completions").unwrap_or(1);
+                json!({"startTime": started, "completionTime": done, "succeeded": completions, "ready": 0, "terminating": 0,
+                       "conditions": [condition("SuccessCriteriaMet", true, "CompletionsReached", "Reached expected number of succeeded pods", None),
+                                      condition("Complete", true, "CompletionsReached", "Reached expected number of succeeded pods", None)]})
+            }
+            Some(_) => {
+                let failed = i(o, "/spec/backoffLimit").unwrap_or(6) + 1;
+                json!({"startTime": started, "failed": failed, "ready": 0, "terminating": 0,
+                       "conditions": [condition("FailureTarget", true, "BackoffLimitExceeded", "Job has reached the specified backoff limit", None),
+                                      condition("Failed", true, "BackoffLimitExceeded", "Job has reached the specified backoff limit", None)]})
+            }
+        };
+        Some(set_status(o, status))
+    });
+}
+
+async fn pod(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, uid: String) {
+    tokio::time::sleep(Duration::from_millis(c.settings().behaviour.ready_after_ms)).await;
+    let fail = c.state().get(&res.storage_key(), &ns, &name).and_then(|o| failing(&c, o));
+    controller_write(&c, &res, &ns, &name, &uid, true, |o| {
+        let containers = o.pointer("/spec/containers").and_then(Value::as_array).cloned().unwrap_or_default();
+        let ready = fail.is_none();
+        let statuses: Vec<Value> = containers
+            .iter()
+            .map(|ct| {
+                let state = if ready {
+                    json!({"running": {"startedAt": now()}})
+                } else {
+                    json!({"waiting": {"reason": "ImagePullBackOff", "message": format!("Back-off pulling image {:?}", ct["image"])}})
+                };
+                json!({"name": ct["name"], "image": ct["image"], "ready": ready, "restartCount": 0, "started": ready, "state": state})
+            })
+            .collect();
+        Some(set_status(o, json!({
+            "phase": if ready { "Running" } else { "Pending" },
+            "conditions": [condition("Ready", ready, if ready { "" } else { "ContainersNotReady" }, "", None)],
+            "containerStatuses": statuses,
+            "startTime": now(),
+        })))
+    });
+}
+
+async fn pvc(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, uid: String) {
+    tokio::time::sleep(Duration::from_millis(c.settings().behaviour.bind_after_ms)).await;
+    controller_write(&c, &res, &ns, &name, &uid, true, |o| {
+        let storage = o.pointer("/spec/resources/requests/storage").cloned().unwrap_or(json!("1Gi"));
+        let modes = o.pointer("/spec/accessModes").cloned().unwrap_or(json!(["ReadWriteOnce"]));
+        Some(set_status(o, json!({"phase": "Bound", "accessModes": modes, "capacity": {"storage": storage}})))
+    });
+}
+
+async fn load_balancer(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, uid: String) {
+    tokio::time::sleep(Duration::from_millis(c.settings().behaviour.lb_after_ms)).await;
+    controller_write(&c, &res, &ns, &name, &uid, true, |o| {
+        if s(o, "/spec/type") != Some("LoadBalancer") {
+            return None;
+        }
+        let ip = s(o, "/spec/clusterIP").unwrap_or("198.18.0.1").replacen("198.18.", "198.19.", 1);
+        Some(set_status(o, json!({"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}})))
+    });
+}
+
+async fn establish(c: Arc<Cluster>, res: Arc<ResourceDef>, name: String, uid: String, generation: i64) {
+    tokio::time::sleep(Duration::from_millis(c.settings().behaviour.crd_after_ms)).await;
+    let obj = c.state().get(&res.storage_key(), "", &name).cloned();
+    let Some(obj) = obj else { return };
+    let Ok(defs) = resources::from_crd(&obj) else { return };
+    {
+        let mut st = c.state();
+        if st.get(&res.storage_key(), "", &name).and_then(|o| i(o, "/metadata/generation")) != Some(generation) {
+            return;
+        }
+        st.crds.insert(name.clone(), defs.into_iter().map(Arc::new).collect());
+    }
+    controller_write(&c, &res, "", &name, &uid, true, |o| {
+        let conds = o.pointer("/status/conditions");
+        let names = o.pointer("/spec/names").cloned().unwrap_or(json!({}));
+        let stored: Vec<Value> = o
+            .pointer("/spec/versions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|v| v["storage"] == json!(true))
+            .map(|v| v["name"].clone())
+            .collect();
+        let mut nc = condition("NamesAccepted", true, "NoConflicts", "no conflicts found", conds);
+        let mut ec = condition("Established", true, "InitialNamesAccepted", "the initial names have been accepted", conds);
+        for cnd in [&mut nc, &mut ec] {
+            if let Some(m) = cnd.as_object_mut() {
+                m.shift_remove("lastUpdateTime");
+            }
+        }
+        Some(set_status(o, json!({"conditions": [nc, ec], "acceptedNames": names, "storedVersions": stored})))
+    });
+}
+
+/// Bookkeeping when an object has left the store (called with the state lock held).
+pub fn after_delete(c: &Arc<Cluster>, st: &mut ClusterState, res: &ResourceDef, obj: &Value) {
+    let uid = s(obj, "/metadata/uid").unwrap_or_default().to_string();
+    if res.builtin && res.kind == "CustomResourceDefinition" {
+        let name = s(obj, "/metadata/name").unwrap_or_default();
+        if let Some(defs) = st.crds.remove(name) {
+            if let Some(d) = defs.first() {
+                let key = d.storage_key();
+                let items: Vec<_> = st.objects.get(&key).into_iter().flatten().map(|(k, o)| (k.clone(), o.clone())).collect();
+                for ((ns, n), o) in items {
+                    let rv = st.next_rv();
+                    let mut last = (*o).clone();
+                    last["metadata"]["resourceVersion"] = json!(rv.to_string());
+                    st.remove(&key, &ns, &n, Arc::new(last), rv);
+                }
+            }
+        }
+    }
+    let has_dependents = st.objects.values().flatten().any(|(_, o)| owned_by(o, &uid));
+    if has_dependents {
+        let c2 = c.clone();
+        spawn("gc", c, &uid.clone(), async move { collect_dependents(c2, uid).await });
+    }
+}
+
+fn owned_by(o: &Value, uid: &str) -> bool {
+    o.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .is_some_and(|refs| refs.iter().any(|r| s(r, "/uid") == Some(uid)))
+}
+
+/// Removes the owner reference `uid` from every dependent (delete with propagationPolicy=Orphan).
+pub fn orphan_dependents(st: &mut ClusterState, uid: &str) {
+    let found: Vec<(String, String, String, Value)> = st
+        .objects
+        .iter()
+        .flat_map(|(key, m)| m.iter().map(move |((ns, n), o)| (key, ns, n, o)))
+        .filter(|(_, _, _, o)| owned_by(o, uid))
+        .map(|(k, ns, n, o)| (k.clone(), ns.clone(), n.clone(), (**o).clone()))
+        .collect();
+    for (key, ns, n, mut o) in found {
+        if let Some(refs) = o.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) {
+            refs.retain(|r| s(r, "/uid") != Some(uid));
+        }
+        let rv = st.next_rv();
+        o["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.put(&key, &ns, &n, Arc::new(o), rv);
+    }
+}
+
+fn def_for_key(st: &ClusterState, key: &str) -> Option<Arc<ResourceDef>> {
+    if let Some(d) = resources::builtins().into_iter().find(|d| d.storage_key() == key) {
+        return Some(d);
+    }
+    st.crds.values().flatten().find(|d| d.storage_key() == key).cloned()
+}
+
+/// Deletes (or marks, when they carry finalizers) every object owned by `uid`; returns how many remain.
+fn delete_matching(c: &Arc<Cluster>, pred: impl Fn(&str, &Value) -> bool) -> usize {
+    let mut st = c.state();
+    let found: Vec<(String, String, String, Value)> = st
+        .objects
+        .iter()
+        .flat_map(|(key, m)| m.iter().map(move |((ns, n), o)| (key, ns, n, o)))
+        .filter(|(key, _, _, o)| pred(key, o))
+        .map(|(k, ns, n, o)| (k.clone(), ns.clone(), n.clone(), (**o).clone()))
+        .collect();
+    let mut remaining = 0;
+    for (key, ns, n, mut o) in found {
+        let has_finalizers = o.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
+        if has_finalizers {
+            remaining += 1;
+            if o.pointer("/metadata/deletionTimestamp").is_none() {
+                o["metadata"]["deletionTimestamp"] = json!(now());
+                let rv = st.next_rv();
+                o["metadata"]["resourceVersion"] = json!(rv.to_string());
+                st.put(&key, &ns, &n, Arc::new(o), rv);
+            }
+            continue;
+        }
+        let rv = st.next_rv();
+        o["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let obj = Arc::new(o);
+        st.remove(&key, &ns, &n, obj.clone(), rv);
+        if let Some(d) = def_for_key(&st, &key) {
+            after_delete(c, &mut st, &d, &obj);
+        }
+    }
+    remaining
+}
+
+async fn collect_dependents(c: Arc<Cluster>, uid: String) {
+    for attempt in 0..600u32 {
+        if delete_matching(&c, |_, o| owned_by(o, &uid)) == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10) + 1))).await;
+    }
+}
+
+/// Foreground deletion: dependents first, then the owner.
+pub fn foreground_delete(c: &Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String) {
+    let c2 = c.clone();
+    spawn("foreground", c, &name.clone(), async move {
+        let uid = c2.state().get(&res.storage_key(), &ns, &name).and_then(|o| s(o, "/metadata/uid").map(str::to_string));
+        let Some(uid) = uid else { return };
+        collect_dependents(c2.clone(), uid.clone()).await;
+        controller_write(&c2, &res, &ns, &name, &uid, false, |o| {
+            let mut n = o.clone();
+            if let Some(f) = n.pointer_mut("/metadata/finalizers").and_then(Value::as_array_mut) {
+                f.retain(|x| x != "foregroundDeletion");
+            }
+            Some(n)
+        });
+    });
+}
+
+/// Namespace deletion: remove everything in it, wait for finalizers, then remove the namespace.
+pub fn finalize_namespace(c: &Arc<Cluster>, ns: String) {
+    let c2 = c.clone();
+    spawn("namespace", c, &ns.clone(), async move {
+        let nsdef = resources::builtins().into_iter().find(|d| d.kind == "Namespace").expect("built-in kind");
+        for attempt in 0..3600u32 {
+            let remaining = delete_matching(&c2, |key, o| key != "/namespaces" && s(o, "/metadata/namespace") == Some(ns.as_str()));
+            if remaining == 0 {
+                let uid = c2.state().get("/namespaces", "", &ns).and_then(|o| s(o, "/metadata/uid").map(str::to_string));
+                if let Some(uid) = uid {
+                    controller_write(&c2, &nsdef, "", &ns, &uid, false, |o| {
+                        let mut n = o.clone();
+                        n["spec"]["finalizers"] = json!([]);
+                        if let Some(m) = n.pointer_mut("/metadata").and_then(Value::as_object_mut) {
+                            m.shift_remove("finalizers");
+                        }
+                        Some(n)
+                    });
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10) + 1))).await;
+        }
+    });
+}
