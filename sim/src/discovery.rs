@@ -32,7 +32,9 @@ pub fn api_versions(server_addr: &str) -> Value {
 
 /// Kubernetes version priority: GA before beta before alpha, higher numbers first.
 fn version_rank(v: &str) -> (u8, i64, i64) {
-    let Some(rest) = v.strip_prefix('v') else { return (0, 0, 0) };
+    let Some(rest) = v.strip_prefix('v') else {
+        return (0, 0, 0);
+    };
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     let major: i64 = digits.parse().unwrap_or(0);
     let tail = &rest[digits.len()..];
@@ -73,12 +75,18 @@ fn groups(defs: &[Arc<ResourceDef>]) -> Vec<(String, Vec<String>)> {
 }
 
 fn group_json(name: &str, versions: &[String]) -> Value {
-    let vs: Vec<Value> = versions.iter().map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v})).collect();
+    let vs: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
+        .collect();
     json!({"name": name, "versions": vs, "preferredVersion": vs.first().cloned().unwrap_or(json!({}))})
 }
 
 pub fn api_group_list(defs: &[Arc<ResourceDef>]) -> Value {
-    let gs: Vec<Value> = groups(defs).iter().map(|(g, vs)| group_json(g, vs)).collect();
+    let gs: Vec<Value> = groups(defs)
+        .iter()
+        .map(|(g, vs)| group_json(g, vs))
+        .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": gs})
 }
 
@@ -99,12 +107,22 @@ pub fn resource_list(defs: &[Arc<ResourceDef>], group: &str, version: &str) -> O
     if rs.is_empty() {
         return None;
     }
-    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": rs}))
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": rs}),
+    )
 }
 
 fn gv_path(group: &str, version: &str) -> String {
-    if group.is_empty() { format!("api/{version}") } else { format!("apis/{group}/{version}") }
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
 }
 
 /// `/openapi/v3`: one entry per group-version; `prefix` is the cluster's path prefix.
@@ -113,7 +131,10 @@ pub fn openapi_v3_root(defs: &[Arc<ResourceDef>], prefix: &str) -> Value {
     for d in defs {
         let p = gv_path(&d.group, &d.version);
         let hash = format!("{:016X}", fnv(&p));
-        paths.insert(p.clone(), json!({"serverRelativeURL": format!("{prefix}/openapi/v3/{p}?hash={hash}")}));
+        paths.insert(
+            p.clone(),
+            json!({"serverRelativeURL": format!("{prefix}/openapi/v3/{p}?hash={hash}")}),
+        );
     }
     json!({"paths": paths})
 }
@@ -131,7 +152,10 @@ fn fnv(s: &str) -> u64 {
 pub fn openapi_v3_gv(defs: &[Arc<ResourceDef>], gvpath: &str) -> Option<Value> {
     let mut paths = serde_json::Map::new();
     let mut schemas = serde_json::Map::new();
-    for d in defs.iter().filter(|d| gv_path(&d.group, &d.version) == gvpath) {
+    for d in defs
+        .iter()
+        .filter(|d| gv_path(&d.group, &d.version) == gvpath)
+    {
         let gvk = json!({"group": d.group, "version": d.version, "kind": d.kind});
         let params = json!([
             {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
@@ -139,9 +163,22 @@ pub fn openapi_v3_gv(defs: &[Arc<ResourceDef>], gvpath: &str) -> Option<Value> {
             {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
             {"name": "force", "in": "query", "schema": {"type": "boolean", "uniqueItems": true}},
         ]);
-        let ns = if d.namespaced { "/namespaces/{namespace}" } else { "" };
+        let ns = if d.namespaced {
+            "/namespaces/{namespace}"
+        } else {
+            ""
+        };
         let base = format!("/{gvpath}{ns}/{}", d.plural);
-        let schema_name = format!("{}.{}.{}", if d.group.is_empty() { "io.k8s.api.core" } else { &d.group }, d.version, d.kind);
+        let schema_name = format!(
+            "{}.{}.{}",
+            if d.group.is_empty() {
+                "io.k8s.api.core"
+            } else {
+                &d.group
+            },
+            d.version,
+            d.kind
+        );
         let ok = json!({"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema_name}")}}}}});
         paths.insert(
             base.clone(),
@@ -195,7 +232,12 @@ mod tests {
     fn resource_lists_include_subresources() {
         let defs = builtins();
         let l = resource_list(&defs, "apps", "v1").unwrap();
-        let names: Vec<&str> = l["resources"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = l["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
         assert!(names.contains(&"deployments/scale") && names.contains(&"deployments/status"));
         assert!(resource_list(&defs, "apps", "v9").is_none());
     }
@@ -204,7 +246,10 @@ mod tests {
     fn openapi_index_points_into_the_cluster_prefix() {
         let defs = builtins();
         let root = openapi_v3_root(&defs, "/clusters/a");
-        assert!(root["paths"]["apis/apps/v1"]["serverRelativeURL"].as_str().unwrap().starts_with("/clusters/a/openapi/v3/apis/apps/v1?hash="));
+        assert!(root["paths"]["apis/apps/v1"]["serverRelativeURL"]
+            .as_str()
+            .unwrap()
+            .starts_with("/clusters/a/openapi/v3/apis/apps/v1?hash="));
         let doc = openapi_v3_gv(&defs, "apis/apps/v1").unwrap();
         let p = &doc["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}"]["patch"];
         assert_eq!(p["x-kubernetes-group-version-kind"]["kind"], "Deployment");

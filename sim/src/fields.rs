@@ -38,7 +38,9 @@ impl FieldSet {
             m.insert(".".into(), json!({}));
         }
         for (k, c) in &self.children {
-            m.insert(k.clone(), c.to_json());
+            if !c.is_empty() {
+                m.insert(k.clone(), c.to_json());
+            }
         }
         Value::Object(m)
     }
@@ -127,7 +129,9 @@ pub enum ListType {
 
 /// The list type of the field at `path` (field names from the root, list positions left out).
 pub fn list_type(builtin: bool, path: &[&str]) -> ListType {
-    let Some(last) = path.last() else { return ListType::Atomic };
+    let Some(last) = path.last() else {
+        return ListType::Atomic;
+    };
     if path.len() == 2 && path[0] == "metadata" {
         return match *last {
             "finalizers" => ListType::Set,
@@ -139,7 +143,12 @@ pub fn list_type(builtin: bool, path: &[&str]) -> ListType {
         return ListType::Atomic;
     }
     match *last {
-        "containers" | "initContainers" | "ephemeralContainers" | "volumes" | "env" | "imagePullSecrets"
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "volumes"
+        | "env"
+        | "imagePullSecrets"
         | "resourceClaims" => ListType::Map(&["name"]),
         "volumeMounts" => ListType::Map(&["mountPath"]),
         "volumeDevices" => ListType::Map(&["devicePath"]),
@@ -209,7 +218,12 @@ pub fn fields_of(obj: &Value, ctx: Ctx) -> FieldSet {
     set
 }
 
-fn walk_obj<'a>(m: &'a Map<String, Value>, names: &mut Vec<&'a str>, node: &mut FieldSet, ctx: Ctx) {
+fn walk_obj<'a>(
+    m: &'a Map<String, Value>,
+    names: &mut Vec<&'a str>,
+    node: &mut FieldSet,
+    ctx: Ctx,
+) {
     for (k, v) in m {
         if names.is_empty() {
             if k == "apiVersion" || k == "kind" {
@@ -224,10 +238,14 @@ fn walk_obj<'a>(m: &'a Map<String, Value>, names: &mut Vec<&'a str>, node: &mut 
         if names.len() == 1 && names[0] == "metadata" && IGNORED_META.contains(&k.as_str()) {
             continue;
         }
-        let child = node.children.entry(format!("f:{k}")).or_default();
+        let key = format!("f:{k}");
+        let child = node.children.entry(key.clone()).or_default();
         names.push(k);
         walk_value(v, names, child, ctx);
         names.pop();
+        if child.is_empty() {
+            node.children.remove(&key);
+        }
     }
 }
 
@@ -295,7 +313,9 @@ pub fn get_at<'a>(obj: &'a Value, path: &[String]) -> Option<&'a Value> {
 
 /// Removes the value at a field path; returns whether something was removed.
 pub fn remove_at(obj: &mut Value, path: &[String]) -> bool {
-    let Some((last, parent_path)) = path.split_last() else { return false };
+    let Some((last, parent_path)) = path.split_last() else {
+        return false;
+    };
     let mut v = obj;
     for pe in parent_path {
         v = if let Some(f) = pe.strip_prefix("f:") {
@@ -304,8 +324,12 @@ pub fn remove_at(obj: &mut Value, path: &[String]) -> bool {
                 None => return false,
             }
         } else {
-            let Some(items) = v.as_array_mut() else { return false };
-            let Some(i) = find_item(items, pe) else { return false };
+            let Some(items) = v.as_array_mut() else {
+                return false;
+            };
+            let Some(i) = find_item(items, pe) else {
+                return false;
+            };
             &mut items[i]
         };
     }
@@ -357,23 +381,36 @@ pub struct Managed {
 
 impl Managed {
     fn same_slot(&self, manager: &str, operation: &str, subresource: Option<&str>) -> bool {
-        self.manager == manager && self.operation == operation && self.subresource.as_deref() == subresource
+        self.manager == manager
+            && self.operation == operation
+            && self.subresource.as_deref() == subresource
     }
 }
 
 pub fn read_managed(obj: &Value) -> Vec<Managed> {
-    let Some(list) = obj.pointer("/metadata/managedFields").and_then(Value::as_array) else {
+    let Some(list) = obj
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+    else {
         return vec![];
     };
     list.iter()
         .map(|e| {
-            let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+            let s = |k: &str| {
+                e.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
             Managed {
                 manager: s("manager"),
                 operation: s("operation"),
                 api_version: s("apiVersion"),
                 time: s("time"),
-                subresource: e.get("subresource").and_then(Value::as_str).map(str::to_string),
+                subresource: e
+                    .get("subresource")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
                 set: FieldSet::from_json(e.get("fieldsV1").unwrap_or(&Value::Null)),
             }
         })
@@ -474,7 +511,11 @@ pub struct ApplyRequest<'a> {
 
 /// Server-side apply of `applied` onto `live` (an empty object when creating). Returns the merged object
 /// with its managedFields, or the conflicts that block it.
-pub fn apply(live: &Value, applied: &Value, req: &ApplyRequest<'_>) -> Result<Value, Vec<Conflict>> {
+pub fn apply(
+    live: &Value,
+    applied: &Value,
+    req: &ApplyRequest<'_>,
+) -> Result<Value, Vec<Conflict>> {
     let mut entries = read_managed(live);
     let new_set = fields_of(applied, req.ctx);
     let new_members = new_set.members();
@@ -511,7 +552,11 @@ pub fn apply(live: &Value, applied: &Value, req: &ApplyRequest<'_>) -> Result<Va
         .unwrap_or_default();
     let mut merged = merge(live, applied, &mut Vec::new(), req.ctx.builtin);
     // Fields this manager applied before and applies no more are removed, unless someone else owns them.
-    let mut removed: Vec<Path> = prev.members().into_iter().filter(|p| !new_set.contains(p)).collect();
+    let mut removed: Vec<Path> = prev
+        .members()
+        .into_iter()
+        .filter(|p| !new_set.contains(p))
+        .collect();
     removed.reverse();
     for p in removed {
         let others = entries
@@ -522,7 +567,10 @@ pub fn apply(live: &Value, applied: &Value, req: &ApplyRequest<'_>) -> Result<Va
             prune_empty_parents(&mut merged, &p);
         }
     }
-    match entries.iter_mut().find(|e| e.same_slot(req.manager, "Apply", req.subresource)) {
+    match entries
+        .iter_mut()
+        .find(|e| e.same_slot(req.manager, "Apply", req.subresource))
+    {
         Some(e) => {
             if e.set != new_set || e.api_version != req.api_version {
                 e.set = new_set;
@@ -556,7 +604,13 @@ fn prune_empty_parents(obj: &mut Value, path: &[String]) {
 }
 
 fn finish(obj: &mut Value, mut entries: Vec<Managed>, builtin: bool) {
-    let live = fields_of(obj, Ctx { builtin, scope: Scope::All });
+    let live = fields_of(
+        obj,
+        Ctx {
+            builtin,
+            scope: Scope::All,
+        },
+    );
     for e in entries.iter_mut() {
         e.set.retain_in(&live);
     }
@@ -590,7 +644,10 @@ pub fn record_update(
                 e.set.remove(&p);
             }
         }
-        match entries.iter_mut().find(|e| e.same_slot(manager, "Update", subresource)) {
+        match entries
+            .iter_mut()
+            .find(|e| e.same_slot(manager, "Update", subresource))
+        {
             Some(e) => {
                 for p in changed.members() {
                     e.set.insert(&p);
@@ -616,10 +673,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CTX: Ctx = Ctx { builtin: true, scope: Scope::NoStatus };
+    const CTX: Ctx = Ctx {
+        builtin: true,
+        scope: Scope::NoStatus,
+    };
 
     fn req<'a>(manager: &'a str, force: bool) -> ApplyRequest<'a> {
-        ApplyRequest { manager, api_version: "apps/v1", force, ctx: CTX, subresource: None, now: "t" }
+        ApplyRequest {
+            manager,
+            api_version: "apps/v1",
+            force,
+            ctx: CTX,
+            subresource: None,
+            now: "t",
+        }
     }
 
     fn deploy(replicas: i64, image: &str) -> Value {
@@ -646,7 +713,14 @@ mod tests {
     fn apply_conflicts_name_field_and_manager_and_force_takes_ownership() {
         let live = apply(&json!({}), &deploy(1, "nginx"), &req("a", false)).unwrap();
         let err = apply(&live, &deploy(3, "nginx"), &req("b", false)).unwrap_err();
-        assert_eq!(err, vec![Conflict { manager: "a".into(), api_version: "apps/v1".into(), path: ".spec.replicas".into() }]);
+        assert_eq!(
+            err,
+            vec![Conflict {
+                manager: "a".into(),
+                api_version: "apps/v1".into(),
+                path: ".spec.replicas".into()
+            }]
+        );
         // Same values are shared, not conflicting.
         let shared = apply(&live, &deploy(1, "nginx"), &req("b", false)).unwrap();
         assert_eq!(read_managed(&shared).len(), 2);
@@ -666,7 +740,10 @@ mod tests {
         let live = apply(&live, &other, &req("b", false)).unwrap();
         let again = apply(&live, &deploy(1, "nginx"), &req("a", false)).unwrap();
         assert!(again["metadata"].get("annotations").is_none(), "{again}");
-        assert_eq!(again["metadata"]["labels"], json!({"app": "web", "team": "x"}));
+        assert_eq!(
+            again["metadata"]["labels"],
+            json!({"app": "web", "team": "x"})
+        );
         other["metadata"]["labels"] = json!({});
         let dropped = apply(&again, &other, &req("b", false)).unwrap();
         assert_eq!(dropped["metadata"]["labels"], json!({"app": "web"}));
@@ -679,7 +756,11 @@ mod tests {
             "spec": {"template": {"spec": {"containers": [{"name": "sidecar", "image": "envoy"}]}}}});
         let both = apply(&live, &side, &req("b", false)).unwrap();
         let names: Vec<&str> = both["spec"]["template"]["spec"]["containers"]
-            .as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names, vec!["web", "sidecar"]);
     }
 
@@ -688,7 +769,15 @@ mod tests {
         let live = apply(&json!({}), &deploy(1, "nginx"), &req("a", false)).unwrap();
         let mut new = live.clone();
         new["spec"]["replicas"] = json!(5);
-        record_update(Some(&live), &mut new, "kubectl-scale", "apps/v1", CTX, None, "t");
+        record_update(
+            Some(&live),
+            &mut new,
+            "kubectl-scale",
+            "apps/v1",
+            CTX,
+            None,
+            "t",
+        );
         let m = read_managed(&new);
         assert_eq!(m.len(), 2);
         assert!(m[1].set.contains(&["f:spec".into(), "f:replicas".into()]));
@@ -700,7 +789,12 @@ mod tests {
 
     #[test]
     fn display_paths() {
-        let p: Path = vec!["f:spec".into(), "f:containers".into(), "k:{\"name\":\"web\"}".into(), "f:image".into()];
+        let p: Path = vec![
+            "f:spec".into(),
+            "f:containers".into(),
+            "k:{\"name\":\"web\"}".into(),
+            "f:image".into(),
+        ];
         assert_eq!(display_path(&p), ".spec.containers[name=\"web\"].image");
     }
 

@@ -75,8 +75,17 @@ pub fn served(builtins: &[Arc<ResourceDef>], state: &ClusterState) -> Vec<Arc<Re
     v
 }
 
-pub fn resolve(builtins: &[Arc<ResourceDef>], c: &Cluster, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceDef>> {
-    if let Some(d) = builtins.iter().find(|d| d.group == group && d.version == version && d.plural == plural) {
+pub fn resolve(
+    builtins: &[Arc<ResourceDef>],
+    c: &Cluster,
+    group: &str,
+    version: &str,
+    plural: &str,
+) -> Option<Arc<ResourceDef>> {
+    if let Some(d) = builtins
+        .iter()
+        .find(|d| d.group == group && d.version == version && d.plural == plural)
+    {
         return Some(d.clone());
     }
     let st = c.state();
@@ -88,7 +97,11 @@ pub fn resolve(builtins: &[Arc<ResourceDef>], c: &Cluster, group: &str, version:
 }
 
 fn ns_key(res: &ResourceDef, ns: Option<&str>) -> String {
-    if res.namespaced { ns.unwrap_or_default().to_string() } else { String::new() }
+    if res.namespaced {
+        ns.unwrap_or_default().to_string()
+    } else {
+        String::new()
+    }
 }
 
 /// The object as served at the resource's version.
@@ -107,9 +120,16 @@ fn scope_for(res: &ResourceDef, sub: Sub) -> Scope {
     }
 }
 
-pub fn get(c: &Cluster, res: &ResourceDef, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+pub fn get(
+    c: &Cluster,
+    res: &ResourceDef,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Value, ApiError> {
     let st = c.state();
-    let o = st.get(&res.storage_key(), &ns_key(res, ns), name).ok_or_else(|| ApiError::not_found(res, name))?;
+    let o = st
+        .get(&res.storage_key(), &ns_key(res, ns), name)
+        .ok_or_else(|| ApiError::not_found(res, name))?;
     Ok(present(res, o))
 }
 
@@ -129,20 +149,32 @@ pub struct ListResult {
 }
 
 fn encode_continue(rv: u64, ns: &str, name: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(json!({"rv": rv, "ns": ns, "name": name}).to_string())
+    base64::engine::general_purpose::STANDARD
+        .encode(json!({"rv": rv, "ns": ns, "name": name}).to_string())
 }
 
 fn decode_continue(tok: &str) -> Option<(u64, String, String)> {
     let bytes = base64::engine::general_purpose::STANDARD.decode(tok).ok()?;
     let v: Value = serde_json::from_slice(&bytes).ok()?;
-    Some((v["rv"].as_u64()?, v["ns"].as_str()?.to_string(), v["name"].as_str()?.to_string()))
+    Some((
+        v["rv"].as_u64()?,
+        v["ns"].as_str()?.to_string(),
+        v["name"].as_str()?.to_string(),
+    ))
 }
 
-pub fn list(c: &Cluster, res: &ResourceDef, ns: Option<&str>, opts: &ListOpts) -> Result<ListResult, ApiError> {
+pub fn list(
+    c: &Cluster,
+    res: &ResourceDef,
+    ns: Option<&str>,
+    opts: &ListOpts,
+) -> Result<ListResult, ApiError> {
     let st = c.state();
     let after = match &opts.continue_ {
         Some(tok) => {
-            let (rv, n, name) = decode_continue(tok).ok_or_else(|| ApiError::bad_request("continue key is not valid: illegal base64 data"))?;
+            let (rv, n, name) = decode_continue(tok).ok_or_else(|| {
+                ApiError::bad_request("continue key is not valid: illegal base64 data")
+            })?;
             if rv < st.compacted_rv {
                 return Err(ApiError::gone("The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter."));
             }
@@ -173,7 +205,12 @@ pub fn list(c: &Cluster, res: &ResourceDef, ns: Option<&str>, opts: &ListOpts) -
         let (n, name) = last.unwrap_or_default();
         encode_continue(st.rv, &n, &name)
     });
-    Ok(ListResult { items, rv: st.rv, continue_, remaining: (remaining > 0).then_some(remaining) })
+    Ok(ListResult {
+        items,
+        rv: st.rv,
+        continue_,
+        remaining: (remaining > 0).then_some(remaining),
+    })
 }
 
 fn meta_str<'a>(o: &'a Value, k: &str) -> Option<&'a str> {
@@ -182,7 +219,9 @@ fn meta_str<'a>(o: &'a Value, k: &str) -> Option<&'a str> {
 
 fn check_body_identity(res: &ResourceDef, body: &Value) -> Result<(), ApiError> {
     if !body.is_object() {
-        return Err(ApiError::bad_request("the body of the request must be a JSON or YAML object"));
+        return Err(ApiError::bad_request(
+            "the body of the request must be a JSON or YAML object",
+        ));
     }
     if let Some(av) = body.get("apiVersion").and_then(Value::as_str) {
         if av != res.api_version() {
@@ -194,7 +233,10 @@ fn check_body_identity(res: &ResourceDef, body: &Value) -> Result<(), ApiError> 
     }
     if let Some(k) = body.get("kind").and_then(Value::as_str) {
         if k != res.kind {
-            return Err(ApiError::bad_request(format!("the kind in the data ({k}) does not match the expected kind ({})", res.kind)));
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                res.kind
+            )));
         }
     }
     if body.get("metadata").is_some_and(|m| !m.is_object()) {
@@ -217,7 +259,12 @@ fn check_namespace(res: &ResourceDef, ns: Option<&str>, body: &Value) -> Result<
 }
 
 /// Namespace checks for a write that creates an object.
-fn namespace_admits(st: &ClusterState, res: &ResourceDef, ns: &str, name: &str) -> Result<(), ApiError> {
+fn namespace_admits(
+    st: &ClusterState,
+    res: &ResourceDef,
+    ns: &str,
+    name: &str,
+) -> Result<(), ApiError> {
     if !res.namespaced {
         return Ok(());
     }
@@ -226,21 +273,30 @@ fn namespace_admits(st: &ClusterState, res: &ResourceDef, ns: &str, name: &str) 
         Some(n) if n.pointer("/metadata/deletionTimestamp").is_some() => Err(ApiError::forbidden(
             res,
             name,
-            format!("unable to create new content in namespace {ns} because it is being terminated"),
+            format!(
+                "unable to create new content in namespace {ns} because it is being terminated"
+            ),
         )),
         Some(_) => Ok(()),
     }
 }
 
 /// Fills system metadata and checks the result; returns false when nothing changed.
-fn finalize(res: &ResourceDef, ns: &str, old: Option<&Value>, new: &mut Value) -> Result<bool, ApiError> {
+fn finalize(
+    res: &ResourceDef,
+    ns: &str,
+    old: Option<&Value>,
+    new: &mut Value,
+) -> Result<bool, ApiError> {
     let name = meta_str(new, "name").unwrap_or_default().to_string();
     let meta = new
         .as_object_mut()
         .ok_or_else(|| ApiError::bad_request("object must be a JSON object"))?
         .entry("metadata")
         .or_insert_with(|| json!({}));
-    let Some(meta) = meta.as_object_mut() else { return Err(ApiError::bad_request("metadata must be an object")) };
+    let Some(meta) = meta.as_object_mut() else {
+        return Err(ApiError::bad_request("metadata must be an object"));
+    };
     if res.namespaced {
         meta.insert("namespace".into(), json!(ns));
     } else {
@@ -248,7 +304,13 @@ fn finalize(res: &ResourceDef, ns: &str, old: Option<&Value>, new: &mut Value) -
     }
     match old {
         Some(o) => {
-            for k in ["uid", "creationTimestamp", "generation", "deletionTimestamp", "deletionGracePeriodSeconds"] {
+            for k in [
+                "uid",
+                "creationTimestamp",
+                "generation",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+            ] {
                 match o.pointer(&format!("/metadata/{k}")) {
                     Some(v) => meta.insert(k.into(), v.clone()),
                     None => meta.shift_remove(k),
@@ -274,7 +336,11 @@ fn finalize(res: &ResourceDef, ns: &str, old: Option<&Value>, new: &mut Value) -
     new["kind"] = json!(res.kind);
     if let Some(o) = old {
         if kinds::has_generation(res) && kinds::spec_changed(o, new) {
-            let g = o.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0) + 1;
+            let g = o
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                + 1;
             new["metadata"]["generation"] = json!(g);
         }
     }
@@ -302,7 +368,15 @@ pub struct Written {
 }
 
 /// Stores `new` unless dry-run; an object marked for deletion whose finalizers are all gone is removed.
-fn commit(c: &Arc<Cluster>, st: &mut ClusterState, res: &Arc<ResourceDef>, ns: &str, name: &str, mut new: Value, dry_run: bool) -> Value {
+fn commit(
+    c: &Arc<Cluster>,
+    st: &mut ClusterState,
+    res: &Arc<ResourceDef>,
+    ns: &str,
+    name: &str,
+    mut new: Value,
+    dry_run: bool,
+) -> Value {
     if dry_run {
         return present(res, &new);
     }
@@ -357,14 +431,24 @@ fn preserve(res: &ResourceDef, sub: Sub, old: &Value, new: &mut Value) {
     }
 }
 
-pub fn create(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, mut body: Value, opts: &WriteOpts) -> Result<Written, ApiError> {
+pub fn create(
+    c: &Arc<Cluster>,
+    res: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    mut body: Value,
+    opts: &WriteOpts,
+) -> Result<Written, ApiError> {
     check_body_identity(res, &body)?;
     check_namespace(res, ns, &body)?;
     let ns = ns_key(res, ns);
     let mut name = meta_str(&body, "name").unwrap_or_default().to_string();
     if name.is_empty() {
         if let Some(prefix) = meta_str(&body, "generateName").map(str::to_string) {
-            let suffix: String = (0..5).map(|_| fastrand::choice(b"bcdfghjklmnpqrstvwxz2456789").map_or('x', |b| *b as char)).collect();
+            let suffix: String = (0..5)
+                .map(|_| {
+                    fastrand::choice(b"bcdfghjklmnpqrstvwxz2456789").map_or('x', |b| *b as char)
+                })
+                .collect();
             name = format!("{prefix}{suffix}");
             body["metadata"]["name"] = json!(name);
         }
@@ -383,8 +467,19 @@ pub fn create(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, mut bo
     body["metadata"]["namespace"] = json!(ns);
     kinds::apply_defaults(res, &mut body, None);
     finalize(res, &ns, None, &mut body)?;
-    let ctx = Ctx { builtin: res.builtin, scope: Scope::All };
-    fields::record_update(None, &mut body, &opts.field_manager, &res.api_version(), ctx, None, &now());
+    let ctx = Ctx {
+        builtin: res.builtin,
+        scope: Scope::All,
+    };
+    fields::record_update(
+        None,
+        &mut body,
+        &opts.field_manager,
+        &res.api_version(),
+        ctx,
+        None,
+        &now(),
+    );
     let obj = commit(c, &mut st, res, &ns, &name, body, opts.dry_run);
     drop(st);
     if !opts.dry_run {
@@ -394,7 +489,15 @@ pub fn create(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, mut bo
 }
 
 /// PUT: replace the object (or its status), with optimistic concurrency on metadata.resourceVersion.
-pub fn update(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, name: &str, mut body: Value, sub: Sub, opts: &WriteOpts) -> Result<Written, ApiError> {
+pub fn update(
+    c: &Arc<Cluster>,
+    res: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    name: &str,
+    mut body: Value,
+    sub: Sub,
+    opts: &WriteOpts,
+) -> Result<Written, ApiError> {
     if sub == Sub::Scale {
         return update_scale(c, res, ns, name, body, opts);
     }
@@ -402,12 +505,17 @@ pub fn update(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, name: 
     check_namespace(res, ns, &body)?;
     if let Some(n) = meta_str(&body, "name") {
         if n != name {
-            return Err(ApiError::bad_request("the name of the object does not match the name on the URL"));
+            return Err(ApiError::bad_request(
+                "the name of the object does not match the name on the URL",
+            ));
         }
     }
     let ns = ns_key(res, ns);
     let st = c.state();
-    let old = st.get(&res.storage_key(), &ns, name).cloned().ok_or_else(|| ApiError::not_found(res, name))?;
+    let old = st
+        .get(&res.storage_key(), &ns, name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(res, name))?;
     if let Some(rv) = meta_str(&body, "resourceVersion") {
         if meta_str(&old, "resourceVersion") != Some(rv) {
             return Err(ApiError::stale(res, name));
@@ -438,16 +546,33 @@ fn write_changed(
 ) -> Result<Written, ApiError> {
     kinds::apply_defaults(res, &mut new, Some(old));
     if !finalize(res, ns, Some(old), &mut new)? {
-        return Ok(Written { obj: present(res, old), created: false });
+        return Ok(Written {
+            obj: present(res, old),
+            created: false,
+        });
     }
-    let ctx = Ctx { builtin: res.builtin, scope: scope_for(res, sub) };
-    fields::record_update(Some(old), &mut new, &opts.field_manager, &res.api_version(), ctx, sub.name(), &now());
+    let ctx = Ctx {
+        builtin: res.builtin,
+        scope: scope_for(res, sub),
+    };
+    fields::record_update(
+        Some(old),
+        &mut new,
+        &opts.field_manager,
+        &res.api_version(),
+        ctx,
+        sub.name(),
+        &now(),
+    );
     let obj = commit(c, &mut st, res, ns, name, new, opts.dry_run);
     drop(st);
     if !opts.dry_run {
         crate::controllers::observe(c, res, &obj);
     }
-    Ok(Written { obj, created: false })
+    Ok(Written {
+        obj,
+        created: false,
+    })
 }
 
 fn scale_of(res: &ResourceDef, obj: &Value) -> Result<Value, ApiError> {
@@ -469,9 +594,14 @@ fn scale_of(res: &ResourceDef, obj: &Value) -> Result<Value, ApiError> {
         None => None,
     }
     .or_else(|| {
-        obj.pointer("/spec/selector/matchLabels").and_then(Value::as_object).map(|m| {
-            m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(",")
-        })
+        obj.pointer("/spec/selector/matchLabels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
     });
     let mut meta = json!({
         "name": obj["metadata"]["name"],
@@ -486,10 +616,17 @@ fn scale_of(res: &ResourceDef, obj: &Value) -> Result<Value, ApiError> {
     if let Some(s) = selector {
         status["selector"] = json!(s);
     }
-    Ok(json!({"kind": "Scale", "apiVersion": "autoscaling/v1", "metadata": meta, "spec": {"replicas": replicas}, "status": status}))
+    Ok(
+        json!({"kind": "Scale", "apiVersion": "autoscaling/v1", "metadata": meta, "spec": {"replicas": replicas}, "status": status}),
+    )
 }
 
-pub fn get_scale(c: &Cluster, res: &ResourceDef, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+pub fn get_scale(
+    c: &Cluster,
+    res: &ResourceDef,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Value, ApiError> {
     let o = get(c, res, ns, name)?;
     scale_of(res, &o)
 }
@@ -510,17 +647,37 @@ fn set_replicas(res: &ResourceDef, obj: &mut Value, replicas: i64) -> Result<(),
     Ok(())
 }
 
-fn write_scale(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, name: &str, scale: Value, opts: &WriteOpts) -> Result<Written, ApiError> {
+fn write_scale(
+    c: &Arc<Cluster>,
+    res: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    name: &str,
+    scale: Value,
+    opts: &WriteOpts,
+) -> Result<Written, ApiError> {
     let replicas = scale
         .pointer("/spec/replicas")
         .and_then(Value::as_i64)
         .filter(|r| *r >= 0)
         .ok_or_else(|| {
-            ApiError::invalid(res, name, vec![("spec.replicas".into(), format!("Invalid value: {}: must be greater than or equal to 0", scale.pointer("/spec/replicas").unwrap_or(&Value::Null)))])
+            ApiError::invalid(
+                res,
+                name,
+                vec![(
+                    "spec.replicas".into(),
+                    format!(
+                        "Invalid value: {}: must be greater than or equal to 0",
+                        scale.pointer("/spec/replicas").unwrap_or(&Value::Null)
+                    ),
+                )],
+            )
         })?;
     let nsk = ns_key(res, ns);
     let st = c.state();
-    let old = st.get(&res.storage_key(), &nsk, name).cloned().ok_or_else(|| ApiError::not_found(res, name))?;
+    let old = st
+        .get(&res.storage_key(), &nsk, name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(res, name))?;
     if let Some(rv) = meta_str(&scale, "resourceVersion") {
         if meta_str(&old, "resourceVersion") != Some(rv) {
             return Err(ApiError::stale(res, name));
@@ -529,10 +686,20 @@ fn write_scale(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, name:
     let mut new = (*old).clone();
     set_replicas(res, &mut new, replicas)?;
     let w = write_changed(c, st, res, &nsk, name, &old, new, Sub::Scale, opts)?;
-    Ok(Written { obj: scale_of(res, &w.obj)?, created: false })
+    Ok(Written {
+        obj: scale_of(res, &w.obj)?,
+        created: false,
+    })
 }
 
-fn update_scale(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, name: &str, body: Value, opts: &WriteOpts) -> Result<Written, ApiError> {
+fn update_scale(
+    c: &Arc<Cluster>,
+    res: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    name: &str,
+    body: Value,
+    opts: &WriteOpts,
+) -> Result<Written, ApiError> {
     write_scale(c, res, ns, name, body, opts)
 }
 
@@ -547,17 +714,25 @@ pub fn patch(
     opts: &WriteOpts,
 ) -> Result<Written, ApiError> {
     let to_err = |e: patch::PatchError| match e {
-        patch::PatchError::Malformed(e) => ApiError::bad_request(format!("error decoding patch: {e}")),
+        patch::PatchError::Malformed(e) => {
+            ApiError::bad_request(format!("error decoding patch: {e}"))
+        }
         other => ApiError::invalid(res, name, vec![("patch".into(), other.to_string())]),
     };
     if sub == Sub::Scale {
         let cur = get_scale(c, res, ns, name)?;
         let patched = match ptype {
             PatchType::Json => patch::json_patch(&cur, body).map_err(to_err)?,
-            PatchType::Merge | PatchType::Strategic => patch::merge_patch(&cur, body).map_err(to_err)?,
+            PatchType::Merge | PatchType::Strategic => {
+                patch::merge_patch(&cur, body).map_err(to_err)?
+            }
             PatchType::Apply => {
                 let applied = parse_apply_body(body)?;
-                patch::merge_patch(&cur, serde_json::to_vec(&applied).unwrap_or_default().as_slice()).map_err(to_err)?
+                patch::merge_patch(
+                    &cur,
+                    serde_json::to_vec(&applied).unwrap_or_default().as_slice(),
+                )
+                .map_err(to_err)?
             }
         };
         return write_scale(c, res, ns, name, patched, opts);
@@ -567,13 +742,18 @@ pub fn patch(
     }
     let nsk = ns_key(res, ns);
     let st = c.state();
-    let old = st.get(&res.storage_key(), &nsk, name).cloned().ok_or_else(|| ApiError::not_found(res, name))?;
+    let old = st
+        .get(&res.storage_key(), &nsk, name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(res, name))?;
     let mut new = match ptype {
         PatchType::Json => patch::json_patch(&old, body).map_err(to_err)?,
         PatchType::Merge => patch::merge_patch(&old, body).map_err(to_err)?,
         PatchType::Strategic => {
             if !res.builtin {
-                return Err(ApiError::unsupported_media("application/strategic-merge-patch+json"));
+                return Err(ApiError::unsupported_media(
+                    "application/strategic-merge-patch+json",
+                ));
             }
             patch::strategic_merge_patch(&old, body, res.builtin).map_err(to_err)?
         }
@@ -585,7 +765,9 @@ pub fn patch(
         }
     }
     if meta_str(&new, "name") != Some(name) {
-        return Err(ApiError::bad_request("the name of the object does not match the name on the URL"));
+        return Err(ApiError::bad_request(
+            "the name of the object does not match the name on the URL",
+        ));
     }
     preserve(res, sub, &old, &mut new);
     write_changed(c, st, res, &nsk, name, &old, new, sub, opts)
@@ -594,28 +776,45 @@ pub fn patch(
 pub fn parse_apply_body(body: &[u8]) -> Result<Value, ApiError> {
     let v: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(_) => serde_yaml::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
+        Err(_) => serde_yaml::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
     };
     if !v.is_object() {
-        return Err(ApiError::bad_request("error decoding YAML: the applied configuration must be an object"));
+        return Err(ApiError::bad_request(
+            "error decoding YAML: the applied configuration must be an object",
+        ));
     }
     Ok(v)
 }
 
 /// Server-side apply (`application/apply-patch+yaml`): creates or merges with field ownership.
-fn apply(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, name: &str, body: &[u8], sub: Sub, opts: &WriteOpts) -> Result<Written, ApiError> {
+fn apply(
+    c: &Arc<Cluster>,
+    res: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    name: &str,
+    body: &[u8],
+    sub: Sub,
+    opts: &WriteOpts,
+) -> Result<Written, ApiError> {
     if opts.field_manager.is_empty() {
-        return Err(ApiError::bad_request("PATCH, application/apply-patch+yaml requests must specify a fieldManager"));
+        return Err(ApiError::bad_request(
+            "PATCH, application/apply-patch+yaml requests must specify a fieldManager",
+        ));
     }
     let applied = parse_apply_body(body)?;
     if applied.get("apiVersion").is_none() || applied.get("kind").is_none() {
-        return Err(ApiError::bad_request("error decoding YAML: Object 'Kind' is missing in applied configuration"));
+        return Err(ApiError::bad_request(
+            "error decoding YAML: Object 'Kind' is missing in applied configuration",
+        ));
     }
     check_body_identity(res, &applied)?;
     check_namespace(res, ns, &applied)?;
     if let Some(n) = meta_str(&applied, "name") {
         if n != name {
-            return Err(ApiError::bad_request("the name of the object does not match the name on the URL"));
+            return Err(ApiError::bad_request(
+                "the name of the object does not match the name on the URL",
+            ));
         }
     }
     let nsk = ns_key(res, ns);
@@ -633,16 +832,23 @@ fn apply(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, name: &str,
             m.shift_remove("status");
         }
     }
-    let base = old.as_deref().cloned().unwrap_or_else(|| json!({"metadata": {"name": name}}));
+    let base = old
+        .as_deref()
+        .cloned()
+        .unwrap_or_else(|| json!({"metadata": {"name": name}}));
     let req = fields::ApplyRequest {
         manager: &opts.field_manager,
         api_version: &res.api_version(),
         force: opts.force,
-        ctx: Ctx { builtin: res.builtin, scope: scope_for(res, sub) },
+        ctx: Ctx {
+            builtin: res.builtin,
+            scope: scope_for(res, sub),
+        },
         subresource: sub.name(),
         now: &now(),
     };
-    let mut new = fields::apply(&base, &applied, &req).map_err(|cs| ApiError::apply_conflicts(res, name, &cs))?;
+    let mut new = fields::apply(&base, &applied, &req)
+        .map_err(|cs| ApiError::apply_conflicts(res, name, &cs))?;
     new["metadata"]["name"] = json!(name);
     match old {
         Some(old) => {
@@ -651,14 +857,20 @@ fn apply(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, name: &str,
             }
             kinds::apply_defaults(res, &mut new, Some(&old));
             if !finalize(res, &nsk, Some(&old), &mut new)? {
-                return Ok(Written { obj: present(res, &old), created: false });
+                return Ok(Written {
+                    obj: present(res, &old),
+                    created: false,
+                });
             }
             let obj = commit(c, &mut st, res, &nsk, name, new, opts.dry_run);
             drop(st);
             if !opts.dry_run {
                 crate::controllers::observe(c, res, &obj);
             }
-            Ok(Written { obj, created: false })
+            Ok(Written {
+                obj,
+                created: false,
+            })
         }
         None => {
             kinds::apply_defaults(res, &mut new, None);
@@ -673,7 +885,12 @@ fn apply(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, name: &str,
     }
 }
 
-fn preserve_for_apply(res: &ResourceDef, sub: Sub, old: &serde_json::Map<String, Value>, new: &mut Value) {
+fn preserve_for_apply(
+    res: &ResourceDef,
+    sub: Sub,
+    old: &serde_json::Map<String, Value>,
+    new: &mut Value,
+) {
     let mf = new.pointer("/metadata/managedFields").cloned();
     preserve(res, sub, &Value::Object(old.clone()), new);
     if let Some(mf) = mf {
@@ -681,10 +898,19 @@ fn preserve_for_apply(res: &ResourceDef, sub: Sub, old: &serde_json::Map<String,
     }
 }
 
-pub fn delete(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, name: &str, opts: &DeleteOpts) -> Result<Value, ApiError> {
+pub fn delete(
+    c: &Arc<Cluster>,
+    res: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    name: &str,
+    opts: &DeleteOpts,
+) -> Result<Value, ApiError> {
     let nsk = ns_key(res, ns);
     let mut st = c.state();
-    let old = st.get(&res.storage_key(), &nsk, name).cloned().ok_or_else(|| ApiError::not_found(res, name))?;
+    let old = st
+        .get(&res.storage_key(), &nsk, name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(res, name))?;
     if let Some(uid) = &opts.precondition_uid {
         if meta_str(&old, "uid") != Some(uid) {
             return Err(ApiError::stale(res, name));
@@ -719,7 +945,11 @@ pub fn delete(c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, name: 
         }
         return Ok(present(res, &old));
     }
-    let mut finalizers: Vec<Value> = old.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut finalizers: Vec<Value> = old
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     if opts.propagation == Propagation::Foreground && !terminating {
         let f = json!("foregroundDeletion");
         if !finalizers.contains(&f) {
@@ -761,7 +991,13 @@ pub struct WatchStart {
     pub rv: u64,
 }
 
-pub fn watch(c: &Cluster, res: &ResourceDef, ns: Option<&str>, from: Option<u64>, opts: &ListOpts) -> Result<WatchStart, ApiError> {
+pub fn watch(
+    c: &Cluster,
+    res: &ResourceDef,
+    ns: Option<&str>,
+    from: Option<u64>,
+    opts: &ListOpts,
+) -> Result<WatchStart, ApiError> {
     let mut st = c.state();
     let key = res.storage_key();
     let mut initial = Vec::new();
@@ -769,29 +1005,51 @@ pub fn watch(c: &Cluster, res: &ResourceDef, ns: Option<&str>, from: Option<u64>
     match from {
         Some(rv) if rv > 0 => {
             if rv < st.compacted_rv {
-                return Err(ApiError::gone(format!("too old resource version: {rv} ({})", st.compacted_rv + 1)));
+                return Err(ApiError::gone(format!(
+                    "too old resource version: {rv} ({})",
+                    st.compacted_rv + 1
+                )));
             }
-            backlog = st.log.iter().filter(|e| e.rv > rv && e.key == key).cloned().collect();
+            backlog = st
+                .log
+                .iter()
+                .filter(|e| e.rv > rv && e.key == key)
+                .cloned()
+                .collect();
         }
         _ => {
             for ((ons, _), o) in st.objects.get(&key).into_iter().flatten() {
-                if (!res.namespaced || ns.is_none_or(|n| n == ons)) && opts.label.matches_object(o) && opts.field.matches_object(o) {
+                if (!res.namespaced || ns.is_none_or(|n| n == ons))
+                    && opts.label.matches_object(o)
+                    && opts.field.matches_object(o)
+                {
                     initial.push((EventType::Added, o.clone()));
                 }
             }
         }
     }
     let rx = st.subscribe();
-    Ok(WatchStart { initial, backlog, rx, rv: st.rv })
+    Ok(WatchStart {
+        initial,
+        backlog,
+        rx,
+        rv: st.rv,
+    })
 }
 
 /// How a committed event looks to one watcher: label and field selectors turn modifications into
 /// additions or deletions as objects enter or leave the selection.
-pub fn filter_event(res: &ResourceDef, ns: Option<&str>, opts: &ListOpts, ev: &crate::store::Event) -> Option<(EventType, Value)> {
+pub fn filter_event(
+    res: &ResourceDef,
+    ns: Option<&str>,
+    opts: &ListOpts,
+    ev: &crate::store::Event,
+) -> Option<(EventType, Value)> {
     if ev.key != res.storage_key() {
         return None;
     }
-    let in_ns = |o: &Value| !res.namespaced || ns.is_none_or(|n| meta_str(o, "namespace") == Some(n));
+    let in_ns =
+        |o: &Value| !res.namespaced || ns.is_none_or(|n| meta_str(o, "namespace") == Some(n));
     let sel = |o: &Value| in_ns(o) && opts.label.matches_object(o) && opts.field.matches_object(o);
     let now_in = sel(&ev.obj);
     let was_in = ev.old.as_deref().is_some_and(sel);

@@ -31,7 +31,9 @@ pub const MAX_BODY: usize = 3 * 1024 * 1024;
 pub struct Offline(pub String);
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
 }
 
 pub fn json_response(code: u16, v: &Value) -> Response<Body> {
@@ -46,8 +48,13 @@ fn error_response(e: &ApiError) -> Response<Body> {
     json_response(e.code, &e.to_status())
 }
 
-/// Entry point for every request.
-pub async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Body>, Offline> {
+/// Entry point for every request. `kill` closes the request's connection at once (an offline cluster
+/// must look like a dead network, not like an error answer).
+pub async fn handle(
+    inner: Arc<Inner>,
+    req: Request<Incoming>,
+    kill: tokio_util::sync::CancellationToken,
+) -> Result<Response<Body>, Offline> {
     let path = req.uri().path().to_string();
     if let Some(rest) = path.strip_prefix("/admin") {
         return Ok(admin::handle(&inner, req, rest).await);
@@ -60,22 +67,33 @@ pub async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Respons
     };
     let (name, rest) = rest.split_once('/').unwrap_or((rest, ""));
     let Some(cluster) = inner.cluster(name) else {
-        return Ok(json_response(404, &ApiError::bad_request(format!("no simulated cluster named {name:?}")).to_status()));
+        return Ok(json_response(
+            404,
+            &ApiError::bad_request(format!("no simulated cluster named {name:?}")).to_status(),
+        ));
     };
     let faults = cluster.faults();
     if faults.offline {
+        kill.cancel();
         return Err(Offline(name.to_string()));
     }
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
     if faults.error_rate > 0.0 && fastrand::f64() < faults.error_rate {
-        return Ok(error_response(&ApiError::unavailable("the simulated cluster injected a fault: service unavailable")));
+        let mut r = error_response(&ApiError::unavailable(
+            "the simulated cluster injected a fault: service unavailable",
+        ));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        return Ok(r);
     }
     let prefix = format!("/clusters/{name}");
     let method = req.method().clone();
     let span = tracing::debug_span!("api", cluster = %name, %method, path = %rest);
-    let resp = serve(&inner, &cluster, &prefix, rest.to_string(), req).instrument(span).await;
+    let resp = serve(&inner, &cluster, &prefix, rest.to_string(), req)
+        .instrument(span)
+        .await;
     Ok(resp.unwrap_or_else(|e| error_response(&e)))
 }
 
@@ -148,10 +166,22 @@ fn route(rest: &str) -> Option<Route> {
     }
 }
 
-async fn serve(inner: &Arc<Inner>, c: &Arc<Cluster>, prefix: &str, rest: String, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn serve(
+    inner: &Arc<Inner>,
+    c: &Arc<Cluster>,
+    prefix: &str,
+    rest: String,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let r = route(&rest).ok_or_else(ApiError::no_route)?;
     let served = || ops::served(&inner.builtins, &c.state());
-    let get_only = |m: &Method| if m == Method::GET { Ok(()) } else { Err(ApiError::method_not_allowed()) };
+    let get_only = |m: &Method| {
+        if m == Method::GET {
+            Ok(())
+        } else {
+            Err(ApiError::method_not_allowed())
+        }
+    };
     match r {
         Route::Version => {
             get_only(req.method())?;
@@ -159,7 +189,10 @@ async fn serve(inner: &Arc<Inner>, c: &Arc<Cluster>, prefix: &str, rest: String,
         }
         Route::Api => {
             get_only(req.method())?;
-            Ok(json_response(200, &discovery::api_versions(&inner.addr.to_string())))
+            Ok(json_response(
+                200,
+                &discovery::api_versions(&inner.addr.to_string()),
+            ))
         }
         Route::Apis => {
             get_only(req.method())?;
@@ -167,19 +200,28 @@ async fn serve(inner: &Arc<Inner>, c: &Arc<Cluster>, prefix: &str, rest: String,
         }
         Route::Group(g) => {
             get_only(req.method())?;
-            discovery::api_group(&served(), &g).map(|v| json_response(200, &v)).ok_or_else(ApiError::no_route)
+            discovery::api_group(&served(), &g)
+                .map(|v| json_response(200, &v))
+                .ok_or_else(ApiError::no_route)
         }
         Route::GroupVersion(g, v) => {
             get_only(req.method())?;
-            discovery::resource_list(&served(), &g, &v).map(|v| json_response(200, &v)).ok_or_else(ApiError::no_route)
+            discovery::resource_list(&served(), &g, &v)
+                .map(|v| json_response(200, &v))
+                .ok_or_else(ApiError::no_route)
         }
         Route::OpenApiV3 => {
             get_only(req.method())?;
-            Ok(json_response(200, &discovery::openapi_v3_root(&served(), prefix)))
+            Ok(json_response(
+                200,
+                &discovery::openapi_v3_root(&served(), prefix),
+            ))
         }
         Route::OpenApiV3Gv(gv) => {
             get_only(req.method())?;
-            discovery::openapi_v3_gv(&served(), &gv).map(|v| json_response(200, &v)).ok_or_else(ApiError::no_route)
+            discovery::openapi_v3_gv(&served(), &gv)
+                .map(|v| json_response(200, &v))
+                .ok_or_else(ApiError::no_route)
         }
         Route::Resource(p) => resource(inner, c, p, req).await,
     }
@@ -201,7 +243,9 @@ fn dry_run(q: &HashMap<String, String>) -> Result<bool, ApiError> {
     match q.get("dryRun").map(String::as_str) {
         None | Some("") => Ok(false),
         Some("All") => Ok(true),
-        Some(other) => Err(ApiError::bad_request(format!("Invalid dry run argument: {other:?}: supported values: \"All\""))),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "Invalid dry run argument: {other:?}: supported values: \"All\""
+        ))),
     }
 }
 
@@ -209,7 +253,11 @@ fn wants_table(req: &Request<Incoming>) -> bool {
     req.headers()
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.split(',').next().is_some_and(|first| first.contains("as=Table")))
+        .is_some_and(|a| {
+            a.split(',')
+                .next()
+                .is_some_and(|first| first.contains("as=Table"))
+        })
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<(String, Bytes), ApiError> {
@@ -228,7 +276,12 @@ async fn read_body(req: Request<Incoming>) -> Result<(String, Bytes), ApiError> 
         .await
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
-                ApiError { code: 413, reason: "RequestEntityTooLarge", message: "the request body is too large".into(), details: None }
+                ApiError {
+                    code: 413,
+                    reason: "RequestEntityTooLarge",
+                    message: "the request body is too large".into(),
+                    details: None,
+                }
             } else {
                 ApiError::bad_request(format!("reading the request body failed: {e}"))
             }
@@ -245,8 +298,12 @@ fn decode_object(res: &ResourceDef, ct: &str, body: &[u8]) -> Result<Value, ApiE
         return Err(ApiError::bad_request("the body of the request was empty"));
     }
     let v: Value = match ct {
-        "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(body).map_err(|e| unrecognized(e.to_string()))?,
-        "application/json" | "" | "*/*" => serde_json::from_slice(body).map_err(|e| unrecognized(e.to_string()))?,
+        "application/yaml" | "application/x-yaml" | "text/yaml" => {
+            serde_yaml::from_slice(body).map_err(|e| unrecognized(e.to_string()))?
+        }
+        "application/json" | "" | "*/*" => {
+            serde_json::from_slice(body).map_err(|e| unrecognized(e.to_string()))?
+        }
         other => return Err(ApiError::unsupported_media(other)),
     };
     if !v.is_object() {
@@ -256,17 +313,33 @@ fn decode_object(res: &ResourceDef, ct: &str, body: &[u8]) -> Result<Value, ApiE
 }
 
 fn list_opts(q: &HashMap<String, String>) -> Result<ListOpts, ApiError> {
-    let label = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str)).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let field = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str)).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let label = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let field = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let limit = match q.get("limit") {
-        Some(l) if !l.is_empty() => Some(l.parse::<usize>().map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?),
+        Some(l) if !l.is_empty() => Some(
+            l.parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+        ),
         _ => None,
     };
-    Ok(ListOpts { label, field, limit, continue_: q.get("continue").filter(|c| !c.is_empty()).cloned() })
+    Ok(ListOpts {
+        label,
+        field,
+        limit,
+        continue_: q.get("continue").filter(|c| !c.is_empty()).cloned(),
+    })
 }
 
-async fn resource(inner: &Arc<Inner>, c: &Arc<Cluster>, p: ResPath, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let res = ops::resolve(&inner.builtins, c, &p.group, &p.version, &p.plural).ok_or_else(ApiError::no_route)?;
+async fn resource(
+    inner: &Arc<Inner>,
+    c: &Arc<Cluster>,
+    p: ResPath,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let res = ops::resolve(&inner.builtins, c, &p.group, &p.version, &p.plural)
+        .ok_or_else(ApiError::no_route)?;
     if !res.namespaced && p.ns.is_some() {
         return Err(ApiError::no_route());
     }
@@ -281,8 +354,15 @@ async fn resource(inner: &Arc<Inner>, c: &Arc<Cluster>, p: ResPath, req: Request
     let method = req.method().clone();
     let is_watch = p.watch || matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
     let table = wants_table(&req);
-    let include = q.get("includeObject").cloned().unwrap_or_else(|| "Metadata".into());
-    let opts = WriteOpts { dry_run: dry_run(&q)?, field_manager: field_manager(&q, &req), force: q.get("force").is_some_and(|f| f == "true") };
+    let include = q
+        .get("includeObject")
+        .cloned()
+        .unwrap_or_else(|| "Metadata".into());
+    let opts = WriteOpts {
+        dry_run: dry_run(&q)?,
+        field_manager: field_manager(&q, &req),
+        force: q.get("force").is_some_and(|f| f == "true"),
+    };
     match (method, p.name) {
         (Method::GET, None) if is_watch => watch(inner, c, &res, ns, &q, table, &include),
         (Method::GET, Some(name)) if is_watch => {
@@ -303,9 +383,15 @@ async fn resource(inner: &Arc<Inner>, c: &Arc<Cluster>, p: ResPath, req: Request
                 meta["remainingItemCount"] = json!(r);
             }
             if table {
-                return Ok(json_response(200, &table::table(&res, &l.items, meta, &include)));
+                return Ok(json_response(
+                    200,
+                    &table::table(&res, &l.items, meta, &include),
+                ));
             }
-            Ok(json_response(200, &json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(), "metadata": meta, "items": l.items})))
+            Ok(json_response(
+                200,
+                &json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(), "metadata": meta, "items": l.items}),
+            ))
         }
         (Method::GET, Some(name)) => {
             needs_ns(&res, ns)?;
@@ -314,8 +400,14 @@ async fn resource(inner: &Arc<Inner>, c: &Arc<Cluster>, p: ResPath, req: Request
                 _ => ops::get(c, &res, ns, &name)?,
             };
             if table && sub == Sub::Main {
-                let rv = obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""));
-                return Ok(json_response(200, &table::table(&res, &[obj], json!({"resourceVersion": rv}), &include)));
+                let rv = obj
+                    .pointer("/metadata/resourceVersion")
+                    .cloned()
+                    .unwrap_or(json!(""));
+                return Ok(json_response(
+                    200,
+                    &table::table(&res, &[obj], json!({"resourceVersion": rv}), &include),
+                ));
             }
             Ok(json_response(200, &obj))
         }
@@ -344,7 +436,9 @@ async fn resource(inner: &Arc<Inner>, c: &Arc<Cluster>, p: ResPath, req: Request
                 other => return Err(ApiError::unsupported_media(other)),
             };
             if ptype != PatchType::Apply && opts.force {
-                return Err(ApiError::bad_request("force is only supported for apply patch requests"));
+                return Err(ApiError::bad_request(
+                    "force is only supported for apply patch requests",
+                ));
             }
             let w = ops::patch(c, &res, ns, &name, ptype, &body, sub, &opts)?;
             Ok(json_response(if w.created { 201 } else { 200 }, &w.obj))
@@ -365,15 +459,25 @@ async fn resource(inner: &Arc<Inner>, c: &Arc<Cluster>, p: ResPath, req: Request
             let l = ops::list(c, &res, ns, &list_opts(&q)?)?;
             let mut deleted = Vec::new();
             for item in l.items {
-                let n = item.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
-                let ins = item.pointer("/metadata/namespace").and_then(Value::as_str).map(str::to_string);
+                let n = item
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let ins = item
+                    .pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
                 match ops::delete(c, &res, ins.as_deref(), &n, &d) {
                     Ok(o) => deleted.push(o),
                     Err(e) if e.code == 404 => {}
                     Err(e) => return Err(e),
                 }
             }
-            Ok(json_response(200, &json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(), "metadata": {"resourceVersion": l.rv.to_string()}, "items": deleted})))
+            Ok(json_response(
+                200,
+                &json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(), "metadata": {"resourceVersion": l.rv.to_string()}, "items": deleted}),
+            ))
         }
         _ => Err(ApiError::method_not_allowed()),
     }
@@ -390,17 +494,24 @@ fn delete_opts(q: &HashMap<String, String>, body: &[u8]) -> Result<DeleteOpts, A
     let b: Value = if body.iter().all(u8::is_ascii_whitespace) {
         json!({})
     } else {
-        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
     };
     let prop = q
         .get("propagationPolicy")
         .cloned()
-        .or_else(|| b.get("propagationPolicy").and_then(Value::as_str).map(str::to_string))
-        .or_else(|| match b.get("orphanDependents").and_then(Value::as_bool) {
-            Some(true) => Some("Orphan".into()),
-            Some(false) => Some("Background".into()),
-            None => None,
-        });
+        .or_else(|| {
+            b.get("propagationPolicy")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .or_else(
+            || match b.get("orphanDependents").and_then(Value::as_bool) {
+                Some(true) => Some("Orphan".into()),
+                Some(false) => Some("Background".into()),
+                None => None,
+            },
+        );
     let propagation = match prop.as_deref() {
         None | Some("Background") => Propagation::Background,
         Some("Foreground") => Propagation::Foreground,
@@ -411,12 +522,21 @@ fn delete_opts(q: &HashMap<String, String>, body: &[u8]) -> Result<DeleteOpts, A
             )))
         }
     };
-    let body_dry = b.get("dryRun").and_then(Value::as_array).is_some_and(|a| a.iter().any(|v| v == "All"));
+    let body_dry = b
+        .get("dryRun")
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().any(|v| v == "All"));
     Ok(DeleteOpts {
         dry_run: dry_run(q)? || body_dry,
         propagation,
-        precondition_rv: b.pointer("/preconditions/resourceVersion").and_then(Value::as_str).map(str::to_string),
-        precondition_uid: b.pointer("/preconditions/uid").and_then(Value::as_str).map(str::to_string),
+        precondition_rv: b
+            .pointer("/preconditions/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        precondition_uid: b
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(str::to_string),
     })
 }
 
@@ -432,15 +552,29 @@ async fn send(tx: &Tx, b: Bytes) -> bool {
     tx.send(Ok(Frame::data(b))).await.is_ok()
 }
 
-fn watch(inner: &Arc<Inner>, c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Option<&str>, q: &HashMap<String, String>, table: bool, include: &str) -> Result<Response<Body>, ApiError> {
+fn watch(
+    inner: &Arc<Inner>,
+    c: &Arc<Cluster>,
+    res: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    q: &HashMap<String, String>,
+    table: bool,
+    include: &str,
+) -> Result<Response<Body>, ApiError> {
     let opts = list_opts(q)?;
     let from = match q.get("resourceVersion").map(String::as_str) {
         None | Some("") => None,
-        Some(rv) => Some(rv.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?),
+        Some(rv) => Some(
+            rv.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?,
+        ),
     };
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let initial_events = q.get("sendInitialEvents").is_some_and(|v| v == "true");
-    let timeout = q.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).unwrap_or(1800);
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(1800);
     let (tx, rx) = mpsc::channel(256);
     match ops::watch(c, res, ns, if initial_events { None } else { from }, &opts) {
         Ok(start) => {
@@ -456,7 +590,8 @@ fn watch(inner: &Arc<Inner>, c: &Arc<Cluster>, res: &Arc<ResourceDef>, ns: Optio
                 bookmark_every: inner.bookmark_interval,
                 shutdown: inner.shutdown.clone(),
             };
-            let span = tracing::debug_span!("watch", cluster = %c.name, resource = %res.qualified());
+            let span =
+                tracing::debug_span!("watch", cluster = %c.name, resource = %res.qualified());
             tokio::spawn(job.run(start, tx).instrument(span));
         }
         Err(e) if e.code == 410 => {
@@ -504,7 +639,10 @@ impl WatchJob {
         if initial_end {
             meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
-        event_line("BOOKMARK", &json!({"kind": self.res.kind, "apiVersion": self.res.api_version(), "metadata": meta}))
+        event_line(
+            "BOOKMARK",
+            &json!({"kind": self.res.kind, "apiVersion": self.res.api_version(), "metadata": meta}),
+        )
     }
 
     async fn run(self, start: ops::WatchStart, tx: Tx) {
@@ -520,7 +658,9 @@ impl WatchJob {
             return;
         }
         for ev in &start.backlog {
-            if let Some((typ, obj)) = ops::filter_event(&self.res, self.ns.as_deref(), &self.opts, ev) {
+            if let Some((typ, obj)) =
+                ops::filter_event(&self.res, self.ns.as_deref(), &self.opts, ev)
+            {
                 if !send(&tx, event_line(typ.as_str(), &self.render(&obj))).await {
                     return;
                 }

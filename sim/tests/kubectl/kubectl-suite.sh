@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Drives the real kubectl against a running flotilla-sim cluster.
+#
+# Needs: KUBECONFIG (one simulated cluster), SIM_ADMIN (the admin base URL, e.g. http://127.0.0.1:PORT/admin),
+# SIM_CLUSTER (the cluster's name). Run by sim/tests/kubectl.rs, or by hand:
+#   flotilla-sim --listen 127.0.0.1:16443 --cluster demo --kubeconfig-dir /tmp/kc &
+#   KUBECONFIG=/tmp/kc/demo.kubeconfig SIM_ADMIN=http://127.0.0.1:16443/admin SIM_CLUSTER=demo \
+#     bash sim/tests/kubectl/kubectl-suite.sh
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+: "${KUBECONFIG:?set KUBECONFIG to a simulated cluster's kubeconfig}"
+: "${SIM_ADMIN:?set SIM_ADMIN to the simulator's admin URL}"
+: "${SIM_CLUSTER:?set SIM_CLUSTER to the cluster name}"
+command -v kubectl >/dev/null || { echo "kubectl is missing: install it (Debian: apt-get install -y kubectl from the Kubernetes apt repository, or place the kubectl binary on PATH)"; exit 1; }
+work="$(mktemp -d)"
+export KUBECACHEDIR="$work/cache"
+trap 'rm -rf "$work"; jobs -p | xargs -r kill 2>/dev/null || true' EXIT
+
+passed=0
+step() { echo "--- $*"; }
+ok() { passed=$((passed + 1)); echo "ok $passed - $*"; }
+fail() { echo "FAILED: $*"; exit 1; }
+# expect_contains TEXT NEEDLE WHAT
+expect_contains() { grep -qF -- "$2" <<<"$1" || fail "$3: expected to find '$2' in:"$'\n'"$1"; }
+admin() { # METHOD PATH [JSON]
+  python3 - "$1" "$SIM_ADMIN$2" "${3:-}" <<'PY'
+import sys, urllib.request
+method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
+req = urllib.request.Request(url, data=body.encode() if body else None, method=method, headers={"content-type": "application/json"})
+print(urllib.request.urlopen(req, timeout=10).read().decode())
+PY
+}
+rv() { kubectl get "$@" -o jsonpath='{.metadata.resourceVersion}'; }
+
+step "kubectl version"
+out="$(kubectl version 2>&1)"
+expect_contains "$out" "Server Version: v1." "kubectl version"
+ok "kubectl version reports the simulated server"
+
+step "kubectl api-resources"
+out="$(kubectl api-resources)"
+for r in deployments statefulsets customresourcedefinitions horizontalpodautoscalers poddisruptionbudgets leases; do
+  expect_contains "$out" "$r" "api-resources"
+done
+ok "kubectl api-resources lists the built-in kinds"
+
+step "server-side apply of a multi-document file"
+out="$(kubectl apply --server-side -f "$here/app.yaml")"
+echo "$out"
+for o in namespace/shop configmap/web-config deployment.apps/web service/web; do
+  expect_contains "$out" "$o serverside-applied" "first apply"
+done
+ok "apply --server-side creates Namespace, ConfigMap, Deployment and Service"
+
+step "the same apply again changes nothing"
+before="$(rv -n shop configmap/web-config) $(rv -n shop service/web) $(rv namespace/shop)"
+kubectl apply --server-side -f "$here/app.yaml" >/dev/null
+after="$(rv -n shop configmap/web-config) $(rv -n shop service/web) $(rv namespace/shop)"
+[ "$before" = "$after" ] || fail "a repeated apply changed resourceVersions: $before -> $after"
+kubectl diff --server-side -f "$here/app.yaml" >/dev/null || fail "kubectl diff after a repeated apply should report no change"
+ok "re-applying leaves every object unchanged (same resourceVersion; kubectl diff exits 0)"
+
+step "managedFields"
+out="$(kubectl get -n shop deployment web -o yaml --show-managed-fields)"
+expect_contains "$out" "managedFields:" "get -o yaml"
+expect_contains "$out" "manager: kubectl" "get -o yaml"
+expect_contains "$out" "operation: Apply" "get -o yaml"
+expect_contains "$out" 'k:{"name":"web"}' "get -o yaml"
+ok "kubectl get -o yaml shows managedFields with the apply manager"
+
+step "kubectl wait --for=condition=Available"
+kubectl wait -n shop --for=condition=Available deployment/web --timeout=30s
+ok "the Deployment becomes Available"
+
+step "a second field manager conflicts"
+cat >"$work/replicas.yaml" <<'EOF'
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+spec:
+  replicas: 5
+EOF
+if out="$(kubectl apply --server-side --field-manager=autoscaler-bot -f "$work/replicas.yaml" 2>&1)"; then
+  fail "a conflicting apply succeeded: $out"
+fi
+expect_contains "$out" 'conflict with "kubectl"' "conflicting apply"
+expect_contains "$out" ".spec.replicas" "conflicting apply"
+kubectl apply --server-side --field-manager=autoscaler-bot --force-conflicts -f "$work/replicas.yaml"
+[ "$(kubectl get -n shop deploy web -o jsonpath='{.spec.replicas}')" = 5 ] || fail "forced apply did not set replicas"
+ok "a conflicting apply fails naming field and manager, and succeeds with --force-conflicts"
+
+step "kubectl get -w sees changes made by another client"
+kubectl get configmaps -n shop -w --output-watch-events >"$work/watch.out" 2>&1 &
+watch_pid=$!
+for _ in $(seq 1 50); do grep -q web-config "$work/watch.out" && break; sleep 0.1; done
+kubectl label -n shop configmap web-config touched=yes >/dev/null
+kubectl apply --server-side -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: from-another-client
+  namespace: shop
+data:
+  a: b
+EOF
+for _ in $(seq 1 50); do grep -q from-another-client "$work/watch.out" && grep -q MODIFIED "$work/watch.out" && break; sleep 0.1; done
+kill "$watch_pid" 2>/dev/null || true
+out="$(cat "$work/watch.out")"
+echo "$out"
+expect_contains "$out" "MODIFIED" "get -w"
+expect_contains "$out" "from-another-client" "get -w"
+ok "kubectl get -w prints an added and a modified object"
+
+step "CustomResourceDefinition, then a custom resource"
+kubectl apply --server-side -f "$here/crd.yaml"
+kubectl wait --for=condition=Established crd/widgets.example.com --timeout=30s
+kubectl apply --server-side -f "$here/widget.yaml"
+out="$(kubectl get widgets -n shop)"
+echo "$out"
+expect_contains "$out" "w1" "get widgets"
+expect_contains "$out" "large" "get widgets (printer column)"
+out="$(kubectl get wd -A -o name)"
+expect_contains "$out" "widget.example.com/w1" "get by short name"
+ok "a CRD's kind is served once Established; its custom resources apply and list"
+
+step "kubectl diff --server-side shows a change and exits 1"
+sed 's/greeting: hello/greeting: bonjour/' "$here/app.yaml" >"$work/changed.yaml"
+set +e
+out="$(kubectl diff --server-side --force-conflicts -f "$work/changed.yaml" 2>&1)"
+code=$?
+set -e
+[ "$code" = 1 ] || fail "kubectl diff exited $code, want 1: $out"
+expect_contains "$out" "+  greeting: bonjour" "diff"
+expect_contains "$out" "-  greeting: hello" "diff"
+[ "$(kubectl get -n shop cm web-config -o jsonpath='{.data.greeting}')" = hello ] || fail "diff must not change the live object"
+ok "kubectl diff --server-side shows the change without applying it"
+
+step "label-selected get"
+out="$(kubectl get configmaps -n shop -l app=web -o name)"
+[ "$out" = "configmap/web-config" ] || fail "label selector app=web returned: $out"
+out="$(kubectl get configmaps -n shop -l 'app notin (web)' -o name)"
+expect_contains "$out" "configmap/from-another-client" "set-based selector"
+ok "label selectors filter lists"
+
+step "kubectl scale"
+kubectl scale -n shop deployment/web --replicas=3
+[ "$(kubectl get -n shop deploy web -o jsonpath='{.spec.replicas}')" = 3 ] || fail "scale did not set replicas"
+kubectl wait -n shop --for=jsonpath='{.status.readyReplicas}'=3 deployment/web --timeout=30s
+kubectl rollout status -n shop deployment/web --timeout=30s
+ok "kubectl scale goes through the scale subresource and the rollout completes"
+
+step "a failing image times out in kubectl rollout status"
+admin PATCH "/clusters/$SIM_CLUSTER/behaviour" '{"fail_images": ":broken$"}' >/dev/null
+cat >"$work/broken.yaml" <<'EOF'
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: broken
+  namespace: shop
+spec:
+  progressDeadlineSeconds: 2
+  selector:
+    matchLabels: {app: broken}
+  template:
+    metadata:
+      labels: {app: broken}
+    spec:
+      containers:
+      - name: app
+        image: registry.example/app:broken
+EOF
+kubectl apply --server-side -f "$work/broken.yaml"
+set +e
+out="$(kubectl rollout status -n shop deployment/broken --timeout=30s 2>&1)"
+code=$?
+set -e
+admin PATCH "/clusters/$SIM_CLUSTER/behaviour" '{"fail_images": null}' >/dev/null
+[ "$code" != 0 ] || fail "rollout status of a failing image succeeded: $out"
+expect_contains "$out" "exceeded its progress deadline" "rollout status"
+ok "rollout status fails with ProgressDeadlineExceeded"
+
+step "bad input"
+set +e
+out="$(printf 'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  namespace: shop\n' | kubectl create -f - 2>&1)"
+code=$?
+set -e
+[ "$code" != 0 ] || fail "an object without a name was accepted"
+expect_contains "$out" "name" "nameless object"
+set +e
+out="$(kubectl get gizmos 2>&1)"
+code=$?
+set -e
+[ "$code" != 0 ] || fail "an unknown kind was accepted"
+expect_contains "$out" 'the server doesn'"'"'t have a resource type "gizmos"' "unknown kind"
+ok "nameless objects and unknown kinds are rejected"
+
+step "kubectl delete namespace removes what it held"
+kubectl delete namespace shop --timeout=60s
+set +e
+out="$(kubectl get namespace shop 2>&1)"
+set -e
+expect_contains "$out" 'namespaces "shop" not found' "deleted namespace"
+out="$(kubectl get all,configmaps,widgets -n shop 2>&1)"
+expect_contains "$out" "No resources found" "namespace contents"
+ok "deleting a namespace removes its contents, then the namespace"
+
+echo "$passed passed, 0 failed"
