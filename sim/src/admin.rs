@@ -27,11 +27,7 @@ fn err(code: u16, msg: impl Into<String>) -> Response<Body> {
 
 pub async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, path: &str) -> Response<Body> {
     let method = req.method().clone();
-    let segs: Vec<String> = path
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect();
+    let segs: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
     let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return err(400, format!("reading the body failed: {e}")),
@@ -43,9 +39,7 @@ pub async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, path: &str) -> R
             json_response(200, &json!({"clusters": all}))
         }
         (Method::POST, ["clusters"]) => {
-            let name = serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| v["name"].as_str().map(str::to_string));
+            let name = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["name"].as_str().map(str::to_string));
             let Some(name) = name else {
                 return err(400, "body must be {\"name\": \"CLUSTER\"}");
             };
@@ -65,10 +59,7 @@ pub async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, path: &str) -> R
                 .unwrap_or_else(|_| err(500, "response")),
             None => err(404, format!("no simulated cluster named {name:?}")),
         },
-        (
-            m @ (Method::PUT | Method::PATCH),
-            ["clusters", name, what @ ("faults" | "behaviour")],
-        ) => {
+        (m @ (Method::PUT | Method::PATCH), ["clusters", name, what @ ("faults" | "behaviour")]) => {
             let targets = match targets(inner, name) {
                 Ok(t) => t,
                 Err(r) => return r,
@@ -87,25 +78,19 @@ pub async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, path: &str) -> R
                         Ok(())
                     })
                 } else {
-                    merged::<Behaviour>(&c.settings().behaviour, &patch, m == Method::PATCH).map(
-                        |b| {
-                            let s = Settings::new(b).map_err(|e| {
-                                format!("fail_images is not a valid regular expression: {e}")
-                            })?;
-                            c.set_settings(Arc::new(s));
-                            Ok(())
-                        },
-                    )
+                    merged::<Behaviour>(&c.settings().behaviour, &patch, m == Method::PATCH).map(|b| {
+                        let s = Settings::new(b)
+                            .map_err(|e| format!("fail_images is not a valid regular expression: {e}"))?;
+                        c.set_settings(Arc::new(s));
+                        Ok(())
+                    })
                 };
                 match result {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) | Err(e) => return err(400, e),
                 }
             }
-            json_response(
-                200,
-                &json!({"clusters": targets.iter().map(|c| describe(c)).collect::<Vec<_>>()}),
-            )
+            json_response(200, &json!({"clusters": targets.iter().map(|c| describe(c)).collect::<Vec<_>>()}))
         }
         (Method::POST, ["clusters", name, "compact"]) => {
             let targets = match targets(inner, name) {
@@ -125,17 +110,10 @@ fn targets(inner: &Inner, name: &str) -> Result<Vec<Arc<crate::store::Cluster>>,
     if name == "*" {
         return Ok(inner.clusters());
     }
-    inner
-        .cluster(name)
-        .map(|c| vec![c])
-        .ok_or_else(|| err(404, format!("no simulated cluster named {name:?}")))
+    inner.cluster(name).map(|c| vec![c]).ok_or_else(|| err(404, format!("no simulated cluster named {name:?}")))
 }
 
-fn merged<T: serde::Serialize + serde::de::DeserializeOwned>(
-    cur: &T,
-    patch: &Value,
-    merge: bool,
-) -> Result<T, String> {
+fn merged<T: serde::Serialize + serde::de::DeserializeOwned>(cur: &T, patch: &Value, merge: bool) -> Result<T, String> {
     let v = if merge {
         let mut base = serde_json::to_value(cur).map_err(|e| e.to_string())?;
         json_patch::merge(&mut base, patch);

@@ -13,7 +13,7 @@ use crate::fields::{self, Ctx, Scope};
 use crate::kinds;
 use crate::ops::now;
 use crate::resources::{self, ResourceDef};
-use crate::store::{Cluster, ClusterState};
+use crate::store::{Cluster, ClusterState, Stored};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,8 +26,7 @@ where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     if let Ok(h) = tokio::runtime::Handle::try_current() {
-        let span =
-            tracing::debug_span!("controller", kind = name, cluster = %c.name, object = %obj);
+        let span = tracing::debug_span!("controller", kind = name, cluster = %c.name, object = %obj);
         h.spawn(fut.instrument(span));
     }
 }
@@ -45,9 +44,7 @@ pub fn observe(c: &Arc<Cluster>, res: &Arc<ResourceDef>, obj: &Value) {
     if obj.pointer("/metadata/deletionTimestamp").is_some() {
         return;
     }
-    let ns = s(obj, "/metadata/namespace")
-        .unwrap_or_default()
-        .to_string();
+    let ns = s(obj, "/metadata/namespace").unwrap_or_default().to_string();
     let name = s(obj, "/metadata/name").unwrap_or_default().to_string();
     let uid = s(obj, "/metadata/uid").unwrap_or_default().to_string();
     let id = format!("{ns}/{name}");
@@ -59,60 +56,37 @@ pub fn observe(c: &Arc<Cluster>, res: &Arc<ResourceDef>, obj: &Value) {
             let generation = i(obj, "/metadata/generation").unwrap_or(1);
             if i(obj, "/status/observedGeneration") != Some(generation) {
                 let (c2, r2) = (c.clone(), res.clone());
-                spawn("workload", c, &id, async move {
-                    workload(c2, r2, ns, name, uid, generation).await
-                });
+                spawn("workload", c, &id, async move { workload(c2, r2, ns, name, uid, generation).await });
             }
         }
         "Job" => {
             if obj.pointer("/status/startTime").is_none() {
                 let (c2, r2) = (c.clone(), res.clone());
-                spawn(
-                    "job",
-                    c,
-                    &id,
-                    async move { job(c2, r2, ns, name, uid).await },
-                );
+                spawn("job", c, &id, async move { job(c2, r2, ns, name, uid).await });
             }
         }
         "Pod" => {
             if obj.pointer("/status/conditions").is_none() {
                 let (c2, r2) = (c.clone(), res.clone());
-                spawn(
-                    "pod",
-                    c,
-                    &id,
-                    async move { pod(c2, r2, ns, name, uid).await },
-                );
+                spawn("pod", c, &id, async move { pod(c2, r2, ns, name, uid).await });
             }
         }
         "PersistentVolumeClaim" => {
             if s(obj, "/status/phase") != Some("Bound") {
                 let (c2, r2) = (c.clone(), res.clone());
-                spawn(
-                    "pvc",
-                    c,
-                    &id,
-                    async move { pvc(c2, r2, ns, name, uid).await },
-                );
+                spawn("pvc", c, &id, async move { pvc(c2, r2, ns, name, uid).await });
             }
         }
         "Service" => {
-            if s(obj, "/spec/type") == Some("LoadBalancer")
-                && obj.pointer("/status/loadBalancer/ingress").is_none()
-            {
+            if s(obj, "/spec/type") == Some("LoadBalancer") && obj.pointer("/status/loadBalancer/ingress").is_none() {
                 let (c2, r2) = (c.clone(), res.clone());
-                spawn("service", c, &id, async move {
-                    load_balancer(c2, r2, ns, name, uid).await
-                });
+                spawn("service", c, &id, async move { load_balancer(c2, r2, ns, name, uid).await });
             }
         }
         "CustomResourceDefinition" => {
             let (c2, r2) = (c.clone(), res.clone());
             let generation = i(obj, "/metadata/generation").unwrap_or(1);
-            spawn("crd", c, &id, async move {
-                establish(c2, r2, name, uid, generation).await
-            });
+            spawn("crd", c, &id, async move { establish(c2, r2, name, uid, generation).await });
         }
         _ => {}
     }
@@ -130,24 +104,17 @@ fn controller_write(
 ) -> bool {
     let mut st = c.state();
     let key = res.storage_key();
-    let Some(old) = st.get(&key, ns, name).cloned() else {
+    let Some(old) = st.get(&key, ns, name).map(|o| o.value()) else {
         return false;
     };
     if s(&old, "/metadata/uid") != Some(uid) {
         return false;
     }
     let Some(mut new) = f(&old) else { return false };
-    if new == *old {
+    if new == old {
         return true;
     }
-    let ctx = Ctx {
-        builtin: res.builtin,
-        scope: if status_only {
-            Scope::StatusOnly
-        } else {
-            Scope::All
-        },
-    };
+    let ctx = Ctx { builtin: res.builtin, scope: if status_only { Scope::StatusOnly } else { Scope::All } };
     fields::record_update(
         Some(&old),
         &mut new,
@@ -160,12 +127,11 @@ fn controller_write(
     let rv = st.next_rv();
     new["metadata"]["resourceVersion"] = json!(rv.to_string());
     let gone = kinds::is_gone(res, &new);
-    let obj = Arc::new(new);
     if gone {
-        st.remove(&key, ns, name, obj.clone(), rv);
-        after_delete(c, &mut st, res, &obj);
+        st.remove(&key, ns, name, Stored::new(&new), rv);
+        after_delete(c, &mut st, res, &new);
     } else {
-        st.put(&key, ns, name, obj, rv);
+        st.put(&key, ns, name, Stored::new(&new), rv);
     }
     true
 }
@@ -183,32 +149,23 @@ fn condition(t: &str, status: bool, reason: &str, message: &str, prev: Option<&V
         .and_then(|conds| conds.as_array())
         .and_then(|cs| cs.iter().find(|c| c["type"] == t))
         .filter(|c| c["status"] == st);
-    let transition = same
-        .and_then(|c| c.get("lastTransitionTime").cloned())
-        .unwrap_or_else(|| json!(now));
+    let transition = same.and_then(|c| c.get("lastTransitionTime").cloned()).unwrap_or_else(|| json!(now));
     json!({"type": t, "status": st, "lastUpdateTime": now, "lastTransitionTime": transition, "reason": reason, "message": message})
 }
 
 fn template_hash(obj: &Value) -> String {
-    let t = obj
-        .pointer("/spec/template")
-        .map(Value::to_string)
-        .unwrap_or_default();
+    let t = obj.pointer("/spec/template").map(Value::to_string).unwrap_or_default();
     let mut h: u64 = 0xcbf29ce484222325;
     for b in t.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x100000001b3);
     }
     let alphabet = b"bcdfghjklmnpqrstvwxz2456789";
-    (0..10)
-        .map(|k| alphabet[((h >> (k * 6)) % alphabet.len() as u64) as usize] as char)
-        .collect()
+    (0..10).map(|k| alphabet[((h >> (k * 6)) % alphabet.len() as u64) as usize] as char).collect()
 }
 
 fn failing(c: &Cluster, obj: &Value) -> Option<String> {
     let settings = c.settings();
-    kinds::images(obj)
-        .into_iter()
-        .find(|img| settings.image_fails(img))
+    kinds::images(obj).into_iter().find(|img| settings.image_fails(img))
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -221,21 +178,13 @@ enum Phase {
 fn workload_status(kind: &str, obj: &Value, phase: Phase, nodes: i64) -> Value {
     let generation = i(obj, "/metadata/generation").unwrap_or(1);
     let name = s(obj, "/metadata/name").unwrap_or_default();
-    let replicas = if kind == "DaemonSet" {
-        nodes
-    } else {
-        i(obj, "/spec/replicas").unwrap_or(1)
-    };
+    let replicas = if kind == "DaemonSet" { nodes } else { i(obj, "/spec/replicas").unwrap_or(1) };
     let prev = obj.get("status");
-    let prev_ready = prev
-        .and_then(|p| p.get("readyReplicas").or_else(|| p.get("numberReady")))
-        .and_then(Value::as_i64)
-        .unwrap_or(0);
+    let prev_ready =
+        prev.and_then(|p| p.get("readyReplicas").or_else(|| p.get("numberReady"))).and_then(Value::as_i64).unwrap_or(0);
     let ready = match phase {
         Phase::Ready => replicas,
-        _ => 0
-            .max(prev_ready.min(replicas))
-            .min(if phase == Phase::Failed { 0 } else { replicas }),
+        _ => 0.max(prev_ready.min(replicas)).min(if phase == Phase::Failed { 0 } else { replicas }),
     };
     let hash = template_hash(obj);
     match kind {
@@ -268,13 +217,7 @@ fn workload_status(kind: &str, obj: &Value, phase: Phase, nodes: i64) -> Value {
                 ),
             };
             let avail = if available {
-                condition(
-                    "Available",
-                    true,
-                    "MinimumReplicasAvailable",
-                    "Deployment has minimum availability.",
-                    conds,
-                )
+                condition("Available", true, "MinimumReplicasAvailable", "Deployment has minimum availability.", conds)
             } else {
                 condition(
                     "Available",
@@ -302,10 +245,7 @@ fn workload_status(kind: &str, obj: &Value, phase: Phase, nodes: i64) -> Value {
             let current = if phase == Phase::Ready {
                 rev.clone()
             } else {
-                prev.and_then(|p| p.get("currentRevision"))
-                    .and_then(Value::as_str)
-                    .unwrap_or(&rev)
-                    .to_string()
+                prev.and_then(|p| p.get("currentRevision")).and_then(Value::as_str).unwrap_or(&rev).to_string()
             };
             json!({
                 "observedGeneration": generation,
@@ -338,14 +278,7 @@ fn workload_status(kind: &str, obj: &Value, phase: Phase, nodes: i64) -> Value {
     }
 }
 
-async fn workload(
-    c: Arc<Cluster>,
-    res: Arc<ResourceDef>,
-    ns: String,
-    name: String,
-    uid: String,
-    generation: i64,
-) {
+async fn workload(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, uid: String, generation: i64) {
     let kind = res.kind.clone();
     let nodes = c.settings().behaviour.nodes as i64;
     let current_gen = |o: &Value| i(o, "/metadata/generation").unwrap_or(1) == generation;
@@ -357,7 +290,7 @@ async fn workload(
     if !write(Phase::Progressing) {
         return;
     }
-    let obj = { c.state().get(&res.storage_key(), &ns, &name).cloned() };
+    let obj = { c.state().get(&res.storage_key(), &ns, &name).map(|o| o.value()) };
     let Some(obj) = obj else { return };
     let settings = c.settings();
     match failing(&c, &obj) {
@@ -370,9 +303,7 @@ async fn workload(
             if kind != "Deployment" {
                 return;
             }
-            let mut deadline = i(&obj, "/spec/progressDeadlineSeconds")
-                .unwrap_or(600)
-                .max(0) as u64;
+            let mut deadline = i(&obj, "/spec/progressDeadlineSeconds").unwrap_or(600).max(0) as u64;
             if let Some(cap) = settings.behaviour.progress_deadline_cap_s {
                 deadline = deadline.min(cap);
             }
@@ -386,19 +317,13 @@ async fn job(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, u
     let started = now();
     let ok = controller_write(&c, &res, &ns, &name, &uid, true, |o| {
         let par = i(o, "/spec/parallelism").unwrap_or(1);
-        Some(set_status(
-            o,
-            json!({"startTime": started, "active": par, "ready": 0, "terminating": 0}),
-        ))
+        Some(set_status(o, json!({"startTime": started, "active": par, "ready": 0, "terminating": 0})))
     });
     if !ok {
         return;
     }
     tokio::time::sleep(Duration::from_millis(c.settings().behaviour.job_after_ms)).await;
-    let fail = c
-        .state()
-        .get(&res.storage_key(), &ns, &name)
-        .and_then(|o| failing(&c, o));
+    let fail = c.state().get(&res.storage_key(), &ns, &name).map(|o| o.value()).and_then(|o| failing(&c, &o));
     controller_write(&c, &res, &ns, &name, &uid, true, |o| {
         let done = now();
         let status = match &fail {
@@ -421,16 +346,9 @@ async fn job(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, u
 
 async fn pod(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, uid: String) {
     tokio::time::sleep(Duration::from_millis(c.settings().behaviour.ready_after_ms)).await;
-    let fail = c
-        .state()
-        .get(&res.storage_key(), &ns, &name)
-        .and_then(|o| failing(&c, o));
+    let fail = c.state().get(&res.storage_key(), &ns, &name).map(|o| o.value()).and_then(|o| failing(&c, &o));
     controller_write(&c, &res, &ns, &name, &uid, true, |o| {
-        let containers = o
-            .pointer("/spec/containers")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let containers = o.pointer("/spec/containers").and_then(Value::as_array).cloned().unwrap_or_default();
         let ready = fail.is_none();
         let statuses: Vec<Value> = containers
             .iter()
@@ -458,67 +376,37 @@ async fn pod(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, u
 async fn pvc(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, uid: String) {
     tokio::time::sleep(Duration::from_millis(c.settings().behaviour.bind_after_ms)).await;
     controller_write(&c, &res, &ns, &name, &uid, true, |o| {
-        let storage = o
-            .pointer("/spec/resources/requests/storage")
-            .cloned()
-            .unwrap_or(json!("1Gi"));
-        let modes = o
-            .pointer("/spec/accessModes")
-            .cloned()
-            .unwrap_or(json!(["ReadWriteOnce"]));
-        Some(set_status(
-            o,
-            json!({"phase": "Bound", "accessModes": modes, "capacity": {"storage": storage}}),
-        ))
+        let storage = o.pointer("/spec/resources/requests/storage").cloned().unwrap_or(json!("1Gi"));
+        let modes = o.pointer("/spec/accessModes").cloned().unwrap_or(json!(["ReadWriteOnce"]));
+        Some(set_status(o, json!({"phase": "Bound", "accessModes": modes, "capacity": {"storage": storage}})))
     });
 }
 
-async fn load_balancer(
-    c: Arc<Cluster>,
-    res: Arc<ResourceDef>,
-    ns: String,
-    name: String,
-    uid: String,
-) {
+async fn load_balancer(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, uid: String) {
     tokio::time::sleep(Duration::from_millis(c.settings().behaviour.lb_after_ms)).await;
     controller_write(&c, &res, &ns, &name, &uid, true, |o| {
         if s(o, "/spec/type") != Some("LoadBalancer") {
             return None;
         }
-        let ip = s(o, "/spec/clusterIP")
-            .unwrap_or("198.18.0.1")
-            .replacen("198.18.", "198.19.", 1);
-        Some(set_status(
-            o,
-            json!({"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}}),
-        ))
+        let ip = s(o, "/spec/clusterIP").unwrap_or("198.18.0.1").replacen("198.18.", "198.19.", 1);
+        Some(set_status(o, json!({"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}})))
     });
 }
 
-async fn establish(
-    c: Arc<Cluster>,
-    res: Arc<ResourceDef>,
-    name: String,
-    uid: String,
-    generation: i64,
-) {
+async fn establish(c: Arc<Cluster>, res: Arc<ResourceDef>, name: String, uid: String, generation: i64) {
     tokio::time::sleep(Duration::from_millis(c.settings().behaviour.crd_after_ms)).await;
-    let obj = c.state().get(&res.storage_key(), "", &name).cloned();
+    let obj = c.state().get(&res.storage_key(), "", &name).map(|o| o.value());
     let Some(obj) = obj else { return };
     let Ok(defs) = resources::from_crd(&obj) else {
         return;
     };
     {
         let mut st = c.state();
-        if st
-            .get(&res.storage_key(), "", &name)
-            .and_then(|o| i(o, "/metadata/generation"))
-            != Some(generation)
+        if st.get(&res.storage_key(), "", &name).and_then(|o| i(&o.value(), "/metadata/generation")) != Some(generation)
         {
             return;
         }
-        st.crds
-            .insert(name.clone(), defs.into_iter().map(Arc::new).collect());
+        st.crds.insert(name.clone(), defs.into_iter().map(Arc::new).collect());
     }
     controller_write(&c, &res, "", &name, &uid, true, |o| {
         let conds = o.pointer("/status/conditions");
@@ -531,29 +419,15 @@ async fn establish(
             .filter(|v| v["storage"] == json!(true))
             .map(|v| v["name"].clone())
             .collect();
-        let mut nc = condition(
-            "NamesAccepted",
-            true,
-            "NoConflicts",
-            "no conflicts found",
-            conds,
-        );
-        let mut ec = condition(
-            "Established",
-            true,
-            "InitialNamesAccepted",
-            "the initial names have been accepted",
-            conds,
-        );
+        let mut nc = condition("NamesAccepted", true, "NoConflicts", "no conflicts found", conds);
+        let mut ec =
+            condition("Established", true, "InitialNamesAccepted", "the initial names have been accepted", conds);
         for cnd in [&mut nc, &mut ec] {
             if let Some(m) = cnd.as_object_mut() {
                 m.shift_remove("lastUpdateTime");
             }
         }
-        Some(set_status(
-            o,
-            json!({"conditions": [nc, ec], "acceptedNames": names, "storedVersions": stored}),
-        ))
+        Some(set_status(o, json!({"conditions": [nc, ec], "acceptedNames": names, "storedVersions": stored})))
     });
 }
 
@@ -565,32 +439,21 @@ pub fn after_delete(c: &Arc<Cluster>, st: &mut ClusterState, res: &ResourceDef, 
         if let Some(defs) = st.crds.remove(name) {
             if let Some(d) = defs.first() {
                 let key = d.storage_key();
-                let items: Vec<_> = st
-                    .objects
-                    .get(&key)
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, o)| (k.clone(), o.clone()))
-                    .collect();
+                let items: Vec<_> =
+                    st.objects.get(&key).into_iter().flatten().map(|(k, o)| (k.clone(), o.clone())).collect();
                 for ((ns, n), o) in items {
                     let rv = st.next_rv();
-                    let mut last = (*o).clone();
+                    let mut last = o.value();
                     last["metadata"]["resourceVersion"] = json!(rv.to_string());
-                    st.remove(&key, &ns, &n, Arc::new(last), rv);
+                    st.remove(&key, &ns, &n, Stored::new(&last), rv);
                 }
             }
         }
     }
-    let has_dependents = st
-        .objects
-        .values()
-        .flatten()
-        .any(|(_, o)| owned_by(o, &uid));
+    let has_dependents = st.objects.values().flatten().any(|(_, o)| o.contains(&uid) && owned_by(&o.value(), &uid));
     if has_dependents {
         let c2 = c.clone();
-        spawn("gc", c, &uid.clone(), async move {
-            collect_dependents(c2, uid).await
-        });
+        spawn("gc", c, &uid.clone(), async move { collect_dependents(c2, uid).await });
     }
 }
 
@@ -606,68 +469,55 @@ pub fn orphan_dependents(st: &mut ClusterState, uid: &str) {
         .objects
         .iter()
         .flat_map(|(key, m)| m.iter().map(move |((ns, n), o)| (key, ns, n, o)))
+        .filter(|(_, _, _, o)| o.contains(uid))
+        .map(|(k, ns, n, o)| (k.clone(), ns.clone(), n.clone(), o.value()))
         .filter(|(_, _, _, o)| owned_by(o, uid))
-        .map(|(k, ns, n, o)| (k.clone(), ns.clone(), n.clone(), (**o).clone()))
         .collect();
     for (key, ns, n, mut o) in found {
-        if let Some(refs) = o
-            .pointer_mut("/metadata/ownerReferences")
-            .and_then(Value::as_array_mut)
-        {
+        if let Some(refs) = o.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) {
             refs.retain(|r| s(r, "/uid") != Some(uid));
         }
         let rv = st.next_rv();
         o["metadata"]["resourceVersion"] = json!(rv.to_string());
-        st.put(&key, &ns, &n, Arc::new(o), rv);
+        st.put(&key, &ns, &n, Stored::new(&o), rv);
     }
 }
 
 fn def_for_key(st: &ClusterState, key: &str) -> Option<Arc<ResourceDef>> {
-    if let Some(d) = resources::builtins()
-        .into_iter()
-        .find(|d| d.storage_key() == key)
-    {
+    if let Some(d) = resources::builtins().into_iter().find(|d| d.storage_key() == key) {
         return Some(d);
     }
-    st.crds
-        .values()
-        .flatten()
-        .find(|d| d.storage_key() == key)
-        .cloned()
+    st.crds.values().flatten().find(|d| d.storage_key() == key).cloned()
 }
 
 /// Deletes (or marks, when they carry finalizers) every object owned by `uid`; returns how many remain.
-fn delete_matching(c: &Arc<Cluster>, pred: impl Fn(&str, &Value) -> bool) -> usize {
+fn delete_matching(c: &Arc<Cluster>, pred: impl Fn(&str, &str, &Stored) -> bool) -> usize {
     let mut st = c.state();
     let found: Vec<(String, String, String, Value)> = st
         .objects
         .iter()
         .flat_map(|(key, m)| m.iter().map(move |((ns, n), o)| (key, ns, n, o)))
-        .filter(|(key, _, _, o)| pred(key, o))
-        .map(|(k, ns, n, o)| (k.clone(), ns.clone(), n.clone(), (**o).clone()))
+        .filter(|(key, ns, _, o)| pred(key, ns, o))
+        .map(|(k, ns, n, o)| (k.clone(), ns.clone(), n.clone(), o.value()))
         .collect();
     let mut remaining = 0;
     for (key, ns, n, mut o) in found {
-        let has_finalizers = o
-            .pointer("/metadata/finalizers")
-            .and_then(Value::as_array)
-            .is_some_and(|f| !f.is_empty());
+        let has_finalizers = o.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
         if has_finalizers {
             remaining += 1;
             if o.pointer("/metadata/deletionTimestamp").is_none() {
                 o["metadata"]["deletionTimestamp"] = json!(now());
                 let rv = st.next_rv();
                 o["metadata"]["resourceVersion"] = json!(rv.to_string());
-                st.put(&key, &ns, &n, Arc::new(o), rv);
+                st.put(&key, &ns, &n, Stored::new(&o), rv);
             }
             continue;
         }
         let rv = st.next_rv();
         o["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let obj = Arc::new(o);
-        st.remove(&key, &ns, &n, obj.clone(), rv);
+        st.remove(&key, &ns, &n, Stored::new(&o), rv);
         if let Some(d) = def_for_key(&st, &key) {
-            after_delete(c, &mut st, &d, &obj);
+            after_delete(c, &mut st, &d, &o);
         }
     }
     remaining
@@ -675,7 +525,7 @@ fn delete_matching(c: &Arc<Cluster>, pred: impl Fn(&str, &Value) -> bool) -> usi
 
 async fn collect_dependents(c: Arc<Cluster>, uid: String) {
     for attempt in 0..600u32 {
-        if delete_matching(&c, |_, o| owned_by(o, &uid)) == 0 {
+        if delete_matching(&c, |_, _, o| o.contains(&uid) && owned_by(&o.value(), &uid)) == 0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10) + 1))).await;
@@ -689,15 +539,12 @@ pub fn foreground_delete(c: &Arc<Cluster>, res: Arc<ResourceDef>, ns: String, na
         let uid = c2
             .state()
             .get(&res.storage_key(), &ns, &name)
-            .and_then(|o| s(o, "/metadata/uid").map(str::to_string));
+            .and_then(|o| s(&o.value(), "/metadata/uid").map(str::to_string));
         let Some(uid) = uid else { return };
         collect_dependents(c2.clone(), uid.clone()).await;
         controller_write(&c2, &res, &ns, &name, &uid, false, |o| {
             let mut n = o.clone();
-            if let Some(f) = n
-                .pointer_mut("/metadata/finalizers")
-                .and_then(Value::as_array_mut)
-            {
+            if let Some(f) = n.pointer_mut("/metadata/finalizers").and_then(Value::as_array_mut) {
                 f.retain(|x| x != "foregroundDeletion");
             }
             Some(n)
@@ -709,19 +556,14 @@ pub fn foreground_delete(c: &Arc<Cluster>, res: Arc<ResourceDef>, ns: String, na
 pub fn finalize_namespace(c: &Arc<Cluster>, ns: String) {
     let c2 = c.clone();
     spawn("namespace", c, &ns.clone(), async move {
-        let nsdef = resources::builtins()
-            .into_iter()
-            .find(|d| d.kind == "Namespace")
-            .expect("built-in kind");
+        let nsdef = resources::builtins().into_iter().find(|d| d.kind == "Namespace").expect("built-in kind");
         for attempt in 0..3600u32 {
-            let remaining = delete_matching(&c2, |key, o| {
-                key != "/namespaces" && s(o, "/metadata/namespace") == Some(ns.as_str())
-            });
+            let remaining = delete_matching(&c2, |key, ons, _| key != "/namespaces" && ons == ns);
             if remaining == 0 {
                 let uid = c2
                     .state()
                     .get("/namespaces", "", &ns)
-                    .and_then(|o| s(o, "/metadata/uid").map(str::to_string));
+                    .and_then(|o| s(&o.value(), "/metadata/uid").map(str::to_string));
                 if let Some(uid) = uid {
                     controller_write(&c2, &nsdef, "", &ns, &uid, false, |o| {
                         let mut n = o.clone();

@@ -75,18 +75,13 @@ fn groups(defs: &[Arc<ResourceDef>]) -> Vec<(String, Vec<String>)> {
 }
 
 fn group_json(name: &str, versions: &[String]) -> Value {
-    let vs: Vec<Value> = versions
-        .iter()
-        .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
-        .collect();
+    let vs: Vec<Value> =
+        versions.iter().map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v})).collect();
     json!({"name": name, "versions": vs, "preferredVersion": vs.first().cloned().unwrap_or(json!({}))})
 }
 
 pub fn api_group_list(defs: &[Arc<ResourceDef>]) -> Value {
-    let gs: Vec<Value> = groups(defs)
-        .iter()
-        .map(|(g, vs)| group_json(g, vs))
-        .collect();
+    let gs: Vec<Value> = groups(defs).iter().map(|(g, vs)| group_json(g, vs)).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": gs})
 }
 
@@ -99,22 +94,13 @@ pub fn api_group(defs: &[Arc<ResourceDef>], group: &str) -> Option<Value> {
 }
 
 pub fn resource_list(defs: &[Arc<ResourceDef>], group: &str, version: &str) -> Option<Value> {
-    let rs: Vec<Value> = defs
-        .iter()
-        .filter(|d| d.group == group && d.version == version)
-        .flat_map(|d| d.api_resource_json())
-        .collect();
+    let rs: Vec<Value> =
+        defs.iter().filter(|d| d.group == group && d.version == version).flat_map(|d| d.api_resource_json()).collect();
     if rs.is_empty() {
         return None;
     }
-    let gv = if group.is_empty() {
-        version.to_string()
-    } else {
-        format!("{group}/{version}")
-    };
-    Some(
-        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": rs}),
-    )
+    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": rs}))
 }
 
 fn gv_path(group: &str, version: &str) -> String {
@@ -131,10 +117,7 @@ pub fn openapi_v3_root(defs: &[Arc<ResourceDef>], prefix: &str) -> Value {
     for d in defs {
         let p = gv_path(&d.group, &d.version);
         let hash = format!("{:016X}", fnv(&p));
-        paths.insert(
-            p.clone(),
-            json!({"serverRelativeURL": format!("{prefix}/openapi/v3/{p}?hash={hash}")}),
-        );
+        paths.insert(p.clone(), json!({"serverRelativeURL": format!("{prefix}/openapi/v3/{p}?hash={hash}")}));
     }
     json!({"paths": paths})
 }
@@ -152,10 +135,7 @@ fn fnv(s: &str) -> u64 {
 pub fn openapi_v3_gv(defs: &[Arc<ResourceDef>], gvpath: &str) -> Option<Value> {
     let mut paths = serde_json::Map::new();
     let mut schemas = serde_json::Map::new();
-    for d in defs
-        .iter()
-        .filter(|d| gv_path(&d.group, &d.version) == gvpath)
-    {
+    for d in defs.iter().filter(|d| gv_path(&d.group, &d.version) == gvpath) {
         let gvk = json!({"group": d.group, "version": d.version, "kind": d.kind});
         let params = json!([
             {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
@@ -163,22 +143,10 @@ pub fn openapi_v3_gv(defs: &[Arc<ResourceDef>], gvpath: &str) -> Option<Value> {
             {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
             {"name": "force", "in": "query", "schema": {"type": "boolean", "uniqueItems": true}},
         ]);
-        let ns = if d.namespaced {
-            "/namespaces/{namespace}"
-        } else {
-            ""
-        };
+        let ns = if d.namespaced { "/namespaces/{namespace}" } else { "" };
         let base = format!("/{gvpath}{ns}/{}", d.plural);
-        let schema_name = format!(
-            "{}.{}.{}",
-            if d.group.is_empty() {
-                "io.k8s.api.core"
-            } else {
-                &d.group
-            },
-            d.version,
-            d.kind
-        );
+        let schema_name =
+            format!("{}.{}.{}", if d.group.is_empty() { "io.k8s.api.core" } else { &d.group }, d.version, d.kind);
         let ok = json!({"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema_name}")}}}}});
         paths.insert(
             base.clone(),
@@ -232,12 +200,7 @@ mod tests {
     fn resource_lists_include_subresources() {
         let defs = builtins();
         let l = resource_list(&defs, "apps", "v1").unwrap();
-        let names: Vec<&str> = l["resources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["name"].as_str().unwrap())
-            .collect();
+        let names: Vec<&str> = l["resources"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
         assert!(names.contains(&"deployments/scale") && names.contains(&"deployments/status"));
         assert!(resource_list(&defs, "apps", "v9").is_none());
     }

@@ -14,12 +14,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            code,
-            reason,
-            message: message.into(),
-            details: None,
-        }
+        ApiError { code, reason, message: message.into(), details: None }
     }
 
     fn with_details(mut self, d: Value) -> Self {
@@ -36,12 +31,8 @@ impl ApiError {
     }
 
     pub fn not_found(res: &ResourceDef, name: &str) -> Self {
-        Self::new(
-            404,
-            "NotFound",
-            format!("{} \"{}\" not found", res.qualified(), name),
-        )
-        .with_details(Self::res_details(res, name))
+        Self::new(404, "NotFound", format!("{} \"{}\" not found", res.qualified(), name))
+            .with_details(Self::res_details(res, name))
     }
 
     pub fn namespace_not_found(ns: &str) -> Self {
@@ -50,21 +41,12 @@ impl ApiError {
     }
 
     pub fn no_route() -> Self {
-        Self::new(
-            404,
-            "NotFound",
-            "the server could not find the requested resource",
-        )
-        .with_details(json!({}))
+        Self::new(404, "NotFound", "the server could not find the requested resource").with_details(json!({}))
     }
 
     pub fn already_exists(res: &ResourceDef, name: &str) -> Self {
-        Self::new(
-            409,
-            "AlreadyExists",
-            format!("{} \"{}\" already exists", res.qualified(), name),
-        )
-        .with_details(Self::res_details(res, name))
+        Self::new(409, "AlreadyExists", format!("{} \"{}\" already exists", res.qualified(), name))
+            .with_details(Self::res_details(res, name))
     }
 
     pub fn stale(res: &ResourceDef, name: &str) -> Self {
@@ -80,20 +62,11 @@ impl ApiError {
         .with_details(Self::res_details(res, name))
     }
 
-    pub fn apply_conflicts(
-        res: &ResourceDef,
-        name: &str,
-        conflicts: &[crate::fields::Conflict],
-    ) -> Self {
+    pub fn apply_conflicts(res: &ResourceDef, name: &str, conflicts: &[crate::fields::Conflict]) -> Self {
         let n = conflicts.len();
         let items: Vec<String> = conflicts
             .iter()
-            .map(|c| {
-                format!(
-                    "conflict with \"{}\" using {}: {}",
-                    c.manager, c.api_version, c.path
-                )
-            })
+            .map(|c| format!("conflict with \"{}\" using {}: {}", c.manager, c.api_version, c.path))
             .collect();
         let message = if n == 1 {
             format!("Apply failed with 1 conflict: {}", items[0])
@@ -115,11 +88,7 @@ impl ApiError {
 
     /// 422 with field causes: `Deployment.apps "web" is invalid: spec.selector: Required value`.
     pub fn invalid(res: &ResourceDef, name: &str, causes: Vec<(String, String)>) -> Self {
-        let kind = if res.group.is_empty() {
-            res.kind.clone()
-        } else {
-            format!("{}.{}", res.kind, res.group)
-        };
+        let kind = if res.group.is_empty() { res.kind.clone() } else { format!("{}.{}", res.kind, res.group) };
         let parts: Vec<String> = causes.iter().map(|(f, m)| format!("{f}: {m}")).collect();
         let msg = if parts.len() == 1 {
             format!("{kind} \"{name}\" is invalid: {}", parts[0])
@@ -151,12 +120,8 @@ impl ApiError {
     }
 
     pub fn method_not_allowed() -> Self {
-        Self::new(
-            405,
-            "MethodNotAllowed",
-            "the server does not allow this method on the requested resource",
-        )
-        .with_details(json!({}))
+        Self::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+            .with_details(json!({}))
     }
 
     pub fn unsupported_media(ct: &str) -> Self {
@@ -176,17 +141,8 @@ impl ApiError {
     }
 
     pub fn forbidden(res: &ResourceDef, name: &str, msg: impl Into<String>) -> Self {
-        Self::new(
-            403,
-            "Forbidden",
-            format!(
-                "{} \"{}\" is forbidden: {}",
-                res.qualified(),
-                name,
-                msg.into()
-            ),
-        )
-        .with_details(Self::res_details(res, name))
+        Self::new(403, "Forbidden", format!("{} \"{}\" is forbidden: {}", res.qualified(), name, msg.into()))
+            .with_details(Self::res_details(res, name))
     }
 
     pub fn unavailable(msg: impl Into<String>) -> Self {

@@ -218,12 +218,7 @@ pub fn fields_of(obj: &Value, ctx: Ctx) -> FieldSet {
     set
 }
 
-fn walk_obj<'a>(
-    m: &'a Map<String, Value>,
-    names: &mut Vec<&'a str>,
-    node: &mut FieldSet,
-    ctx: Ctx,
-) {
+fn walk_obj<'a>(m: &'a Map<String, Value>, names: &mut Vec<&'a str>, node: &mut FieldSet, ctx: Ctx) {
     for (k, v) in m {
         if names.is_empty() {
             if k == "apiVersion" || k == "kind" {
@@ -282,9 +277,7 @@ fn walk_value<'a>(v: &'a Value, names: &mut Vec<&'a str>, node: &mut FieldSet, c
 fn find_item<'a>(items: &'a [Value], pe: &str) -> Option<usize> {
     if let Some(k) = pe.strip_prefix("k:") {
         let key: Map<String, Value> = serde_json::from_str(k).ok()?;
-        items
-            .iter()
-            .position(|i| key.iter().all(|(kk, kv)| i.get(kk) == Some(kv)))
+        items.iter().position(|i| key.iter().all(|(kk, kv)| i.get(kk) == Some(kv)))
     } else if let Some(v) = pe.strip_prefix("v:") {
         let val: Value = serde_json::from_str(v).ok()?;
         items.iter().position(|i| *i == val)
@@ -381,36 +374,23 @@ pub struct Managed {
 
 impl Managed {
     fn same_slot(&self, manager: &str, operation: &str, subresource: Option<&str>) -> bool {
-        self.manager == manager
-            && self.operation == operation
-            && self.subresource.as_deref() == subresource
+        self.manager == manager && self.operation == operation && self.subresource.as_deref() == subresource
     }
 }
 
 pub fn read_managed(obj: &Value) -> Vec<Managed> {
-    let Some(list) = obj
-        .pointer("/metadata/managedFields")
-        .and_then(Value::as_array)
-    else {
+    let Some(list) = obj.pointer("/metadata/managedFields").and_then(Value::as_array) else {
         return vec![];
     };
     list.iter()
         .map(|e| {
-            let s = |k: &str| {
-                e.get(k)
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string()
-            };
+            let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
             Managed {
                 manager: s("manager"),
                 operation: s("operation"),
                 api_version: s("apiVersion"),
                 time: s("time"),
-                subresource: e
-                    .get("subresource")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
+                subresource: e.get("subresource").and_then(Value::as_str).map(str::to_string),
                 set: FieldSet::from_json(e.get("fieldsV1").unwrap_or(&Value::Null)),
             }
         })
@@ -511,11 +491,7 @@ pub struct ApplyRequest<'a> {
 
 /// Server-side apply of `applied` onto `live` (an empty object when creating). Returns the merged object
 /// with its managedFields, or the conflicts that block it.
-pub fn apply(
-    live: &Value,
-    applied: &Value,
-    req: &ApplyRequest<'_>,
-) -> Result<Value, Vec<Conflict>> {
+pub fn apply(live: &Value, applied: &Value, req: &ApplyRequest<'_>) -> Result<Value, Vec<Conflict>> {
     let mut entries = read_managed(live);
     let new_set = fields_of(applied, req.ctx);
     let new_members = new_set.members();
@@ -552,25 +528,16 @@ pub fn apply(
         .unwrap_or_default();
     let mut merged = merge(live, applied, &mut Vec::new(), req.ctx.builtin);
     // Fields this manager applied before and applies no more are removed, unless someone else owns them.
-    let mut removed: Vec<Path> = prev
-        .members()
-        .into_iter()
-        .filter(|p| !new_set.contains(p))
-        .collect();
+    let mut removed: Vec<Path> = prev.members().into_iter().filter(|p| !new_set.contains(p)).collect();
     removed.reverse();
     for p in removed {
-        let others = entries
-            .iter()
-            .any(|e| !e.same_slot(req.manager, "Apply", req.subresource) && e.set.touches(&p));
+        let others = entries.iter().any(|e| !e.same_slot(req.manager, "Apply", req.subresource) && e.set.touches(&p));
         if !others && !new_set.touches(&p) {
             remove_at(&mut merged, &p);
             prune_empty_parents(&mut merged, &p);
         }
     }
-    match entries
-        .iter_mut()
-        .find(|e| e.same_slot(req.manager, "Apply", req.subresource))
-    {
+    match entries.iter_mut().find(|e| e.same_slot(req.manager, "Apply", req.subresource)) {
         Some(e) => {
             if e.set != new_set || e.api_version != req.api_version {
                 e.set = new_set;
@@ -604,13 +571,7 @@ fn prune_empty_parents(obj: &mut Value, path: &[String]) {
 }
 
 fn finish(obj: &mut Value, mut entries: Vec<Managed>, builtin: bool) {
-    let live = fields_of(
-        obj,
-        Ctx {
-            builtin,
-            scope: Scope::All,
-        },
-    );
+    let live = fields_of(obj, Ctx { builtin, scope: Scope::All });
     for e in entries.iter_mut() {
         e.set.retain_in(&live);
     }
@@ -644,10 +605,7 @@ pub fn record_update(
                 e.set.remove(&p);
             }
         }
-        match entries
-            .iter_mut()
-            .find(|e| e.same_slot(manager, "Update", subresource))
-        {
+        match entries.iter_mut().find(|e| e.same_slot(manager, "Update", subresource)) {
             Some(e) => {
                 for p in changed.members() {
                     e.set.insert(&p);
@@ -673,20 +631,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CTX: Ctx = Ctx {
-        builtin: true,
-        scope: Scope::NoStatus,
-    };
+    const CTX: Ctx = Ctx { builtin: true, scope: Scope::NoStatus };
 
     fn req<'a>(manager: &'a str, force: bool) -> ApplyRequest<'a> {
-        ApplyRequest {
-            manager,
-            api_version: "apps/v1",
-            force,
-            ctx: CTX,
-            subresource: None,
-            now: "t",
-        }
+        ApplyRequest { manager, api_version: "apps/v1", force, ctx: CTX, subresource: None, now: "t" }
     }
 
     fn deploy(replicas: i64, image: &str) -> Value {
@@ -715,11 +663,7 @@ mod tests {
         let err = apply(&live, &deploy(3, "nginx"), &req("b", false)).unwrap_err();
         assert_eq!(
             err,
-            vec![Conflict {
-                manager: "a".into(),
-                api_version: "apps/v1".into(),
-                path: ".spec.replicas".into()
-            }]
+            vec![Conflict { manager: "a".into(), api_version: "apps/v1".into(), path: ".spec.replicas".into() }]
         );
         // Same values are shared, not conflicting.
         let shared = apply(&live, &deploy(1, "nginx"), &req("b", false)).unwrap();
@@ -740,10 +684,7 @@ mod tests {
         let live = apply(&live, &other, &req("b", false)).unwrap();
         let again = apply(&live, &deploy(1, "nginx"), &req("a", false)).unwrap();
         assert!(again["metadata"].get("annotations").is_none(), "{again}");
-        assert_eq!(
-            again["metadata"]["labels"],
-            json!({"app": "web", "team": "x"})
-        );
+        assert_eq!(again["metadata"]["labels"], json!({"app": "web", "team": "x"}));
         other["metadata"]["labels"] = json!({});
         let dropped = apply(&again, &other, &req("b", false)).unwrap();
         assert_eq!(dropped["metadata"]["labels"], json!({"app": "web"}));
@@ -769,15 +710,7 @@ mod tests {
         let live = apply(&json!({}), &deploy(1, "nginx"), &req("a", false)).unwrap();
         let mut new = live.clone();
         new["spec"]["replicas"] = json!(5);
-        record_update(
-            Some(&live),
-            &mut new,
-            "kubectl-scale",
-            "apps/v1",
-            CTX,
-            None,
-            "t",
-        );
+        record_update(Some(&live), &mut new, "kubectl-scale", "apps/v1", CTX, None, "t");
         let m = read_managed(&new);
         assert_eq!(m.len(), 2);
         assert!(m[1].set.contains(&["f:spec".into(), "f:replicas".into()]));
@@ -789,12 +722,7 @@ mod tests {
 
     #[test]
     fn display_paths() {
-        let p: Path = vec![
-            "f:spec".into(),
-            "f:containers".into(),
-            "k:{\"name\":\"web\"}".into(),
-            "f:image".into(),
-        ];
+        let p: Path = vec!["f:spec".into(), "f:containers".into(), "k:{\"name\":\"web\"}".into(), "f:image".into()];
         assert_eq!(display_path(&p), ".spec.containers[name=\"web\"].image");
     }
 

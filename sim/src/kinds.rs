@@ -52,12 +52,7 @@ fn ip_for(name: &str, ns: &str) -> String {
     for b in ns.bytes().chain([b'/']).chain(name.bytes()) {
         h = (h ^ b as u32).wrapping_mul(16777619);
     }
-    format!(
-        "198.{}.{}.{}",
-        18 + (h >> 16 & 1),
-        (h >> 8) & 0xff,
-        (h & 0xff).max(1)
-    )
+    format!("198.{}.{}.{}", 18 + (h >> 16 & 1), (h >> 8) & 0xff, (h & 0xff).max(1))
 }
 
 /// Defaults the API server fills in; `old` keeps allocated values (a Service's cluster IP) stable.
@@ -65,16 +60,8 @@ pub fn apply_defaults(res: &ResourceDef, obj: &mut Value, old: Option<&Value>) {
     if !res.builtin {
         return;
     }
-    let name = obj
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let ns = obj
-        .pointer("/metadata/namespace")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
+    let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_string();
     match res.kind.as_str() {
         "Namespace" => {
             set_default(obj, &["spec", "finalizers"], json!(["kubernetes"]));
@@ -155,8 +142,7 @@ const LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case a
 fn dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -167,8 +153,7 @@ pub fn dns_subdomain(s: &str) -> bool {
 
 fn label_value_ok(v: &str) -> bool {
     v.len() <= 63
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         && v.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
         && v.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
 }
@@ -176,27 +161,15 @@ fn label_value_ok(v: &str) -> bool {
 /// Validation errors as (field path, message) pairs, empty when the object is valid.
 pub fn validate(res: &ResourceDef, obj: &Value) -> Vec<(String, String)> {
     let mut errs = Vec::new();
-    let name = obj
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
     if name.is_empty() {
-        errs.push((
-            "metadata.name".into(),
-            "Required value: name or generateName is required".into(),
-        ));
+        errs.push(("metadata.name".into(), "Required value: name or generateName is required".into()));
     } else if ["Namespace", "Service"].contains(&res.kind.as_str()) && res.builtin {
         if !dns_label(name) {
-            errs.push((
-                "metadata.name".into(),
-                format!("Invalid value: {name:?}: {LABEL_MSG}"),
-            ));
+            errs.push(("metadata.name".into(), format!("Invalid value: {name:?}: {LABEL_MSG}")));
         }
     } else if !dns_subdomain(name) && !(res.builtin && res.group == "rbac.authorization.k8s.io") {
-        errs.push((
-            "metadata.name".into(),
-            format!("Invalid value: {name:?}: {SUBDOMAIN_MSG}"),
-        ));
+        errs.push(("metadata.name".into(), format!("Invalid value: {name:?}: {SUBDOMAIN_MSG}")));
     }
     if let Some(labels) = obj.pointer("/metadata/labels") {
         match labels.as_object() {
@@ -211,10 +184,7 @@ pub fn validate(res: &ResourceDef, obj: &Value) -> Vec<(String, String)> {
                     }
                 }
             }
-            None => errs.push((
-                "metadata.labels".into(),
-                "Invalid value: must be a map of strings".into(),
-            )),
+            None => errs.push(("metadata.labels".into(), "Invalid value: must be a map of strings".into())),
         }
     }
     if !res.builtin {
@@ -224,17 +194,10 @@ pub fn validate(res: &ResourceDef, obj: &Value) -> Vec<(String, String)> {
         "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet" => {
             validate_workload(obj, &mut errs);
         }
-        "Job" => validate_pod_spec(
-            obj.pointer("/spec/template/spec"),
-            "spec.template.spec",
-            &mut errs,
-        ),
+        "Job" => validate_pod_spec(obj.pointer("/spec/template/spec"), "spec.template.spec", &mut errs),
         "Pod" => validate_pod_spec(obj.pointer("/spec"), "spec", &mut errs),
         "Service" => {
-            let t = obj
-                .pointer("/spec/type")
-                .and_then(Value::as_str)
-                .unwrap_or("ClusterIP");
+            let t = obj.pointer("/spec/type").and_then(Value::as_str).unwrap_or("ClusterIP");
             let ports = obj.pointer("/spec/ports").and_then(Value::as_array);
             if t != "ExternalName"
                 && obj.pointer("/spec/clusterIP") != Some(&json!("None"))
@@ -243,11 +206,7 @@ pub fn validate(res: &ResourceDef, obj: &Value) -> Vec<(String, String)> {
                 errs.push(("spec.ports".into(), "Required value".into()));
             }
             for (i, p) in ports.into_iter().flatten().enumerate() {
-                if !p
-                    .get("port")
-                    .and_then(Value::as_i64)
-                    .is_some_and(|n| (1..=65535).contains(&n))
-                {
+                if !p.get("port").and_then(Value::as_i64).is_some_and(|n| (1..=65535).contains(&n)) {
                     errs.push((
                         format!("spec.ports[{i}].port"),
                         format!(
@@ -265,11 +224,7 @@ pub fn validate(res: &ResourceDef, obj: &Value) -> Vec<(String, String)> {
             for field in ["data", "binaryData", "stringData"] {
                 if let Some(m) = obj.get(field).and_then(Value::as_object) {
                     for k in m.keys() {
-                        if k.is_empty()
-                            || !k
-                                .bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-                        {
+                        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
                             errs.push((format!("{field}[{k}]"), format!("Invalid value: {k:?}: a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')")));
                         }
                     }
@@ -292,9 +247,7 @@ fn validate_workload(obj: &Value, errs: &mut Vec<(String, String)>) {
     match obj.pointer("/spec/selector") {
         None => errs.push(("spec.selector".into(), "Required value".into())),
         Some(sel) => {
-            let tmpl = obj
-                .pointer("/spec/template/metadata/labels")
-                .and_then(Value::as_object);
+            let tmpl = obj.pointer("/spec/template/metadata/labels").and_then(Value::as_object);
             let ml = sel.get("matchLabels").and_then(Value::as_object);
             if ml.is_none_or(Map::is_empty) && sel.get("matchExpressions").is_none() {
                 errs.push((
@@ -302,10 +255,7 @@ fn validate_workload(obj: &Value, errs: &mut Vec<(String, String)>) {
                     "Invalid value: {}: empty selector is invalid for deployment".into(),
                 ));
             }
-            let ok = ml
-                .into_iter()
-                .flatten()
-                .all(|(k, v)| tmpl.and_then(|t| t.get(k)) == Some(v));
+            let ok = ml.into_iter().flatten().all(|(k, v)| tmpl.and_then(|t| t.get(k)) == Some(v));
             if !ok {
                 errs.push((
                     "spec.template.metadata.labels".into(),
@@ -317,41 +267,21 @@ fn validate_workload(obj: &Value, errs: &mut Vec<(String, String)>) {
             }
         }
     }
-    validate_pod_spec(
-        obj.pointer("/spec/template/spec"),
-        "spec.template.spec",
-        errs,
-    );
+    validate_pod_spec(obj.pointer("/spec/template/spec"), "spec.template.spec", errs);
 }
 
 fn validate_pod_spec(spec: Option<&Value>, at: &str, errs: &mut Vec<(String, String)>) {
-    let containers = spec
-        .and_then(|s| s.get("containers"))
-        .and_then(Value::as_array);
+    let containers = spec.and_then(|s| s.get("containers")).and_then(Value::as_array);
     match containers {
         None => errs.push((format!("{at}.containers"), "Required value".into())),
-        Some(cs) if cs.is_empty() => {
-            errs.push((format!("{at}.containers"), "Required value".into()))
-        }
+        Some(cs) if cs.is_empty() => errs.push((format!("{at}.containers"), "Required value".into())),
         Some(cs) => {
             for (i, c) in cs.iter().enumerate() {
-                if c.get("name")
-                    .and_then(Value::as_str)
-                    .is_none_or(str::is_empty)
-                {
-                    errs.push((
-                        format!("{at}.containers[{i}].name"),
-                        "Required value".into(),
-                    ));
+                if c.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
+                    errs.push((format!("{at}.containers[{i}].name"), "Required value".into()));
                 }
-                if c.get("image")
-                    .and_then(Value::as_str)
-                    .is_none_or(str::is_empty)
-                {
-                    errs.push((
-                        format!("{at}.containers[{i}].image"),
-                        "Required value".into(),
-                    ));
+                if c.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
+                    errs.push((format!("{at}.containers[{i}].image"), "Required value".into()));
                 }
             }
         }
@@ -360,17 +290,10 @@ fn validate_pod_spec(spec: Option<&Value>, at: &str, errs: &mut Vec<(String, Str
 
 /// Every image a workload's pods run.
 pub fn images(obj: &Value) -> Vec<String> {
-    let spec = obj
-        .pointer("/spec/template/spec")
-        .or_else(|| obj.pointer("/spec"));
+    let spec = obj.pointer("/spec/template/spec").or_else(|| obj.pointer("/spec"));
     let mut out = Vec::new();
     for field in ["initContainers", "containers"] {
-        for c in spec
-            .and_then(|s| s.get(field))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for c in spec.and_then(|s| s.get(field)).and_then(Value::as_array).into_iter().flatten() {
             if let Some(i) = c.get("image").and_then(Value::as_str) {
                 out.push(i.to_string());
             }
@@ -399,10 +322,7 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        let errs = validate(
-            &def("ConfigMap"),
-            &json!({"metadata": {"name": "Bad_Name"}}),
-        );
+        let errs = validate(&def("ConfigMap"), &json!({"metadata": {"name": "Bad_Name"}}));
         assert_eq!(errs[0].0, "metadata.name");
         let errs = validate(&def("ConfigMap"), &json!({"metadata": {}}));
         assert!(errs[0].1.starts_with("Required value"));
@@ -434,11 +354,7 @@ mod tests {
 
 /// An object marked for deletion whose finalizers are all gone leaves the store.
 pub fn is_gone(res: &ResourceDef, obj: &Value) -> bool {
-    let empty = |p: &str| {
-        obj.pointer(p)
-            .and_then(Value::as_array)
-            .is_none_or(Vec::is_empty)
-    };
+    let empty = |p: &str| obj.pointer(p).and_then(Value::as_array).is_none_or(Vec::is_empty);
     obj.pointer("/metadata/deletionTimestamp").is_some()
         && empty("/metadata/finalizers")
         && (!(res.builtin && res.kind == "Namespace") || empty("/spec/finalizers"))

@@ -88,10 +88,7 @@ impl Default for SimConfig {
 
 impl SimConfig {
     pub fn with_clusters<I: IntoIterator<Item = S>, S: Into<String>>(names: I) -> Self {
-        SimConfig {
-            clusters: names.into_iter().map(Into::into).collect(),
-            ..Default::default()
-        }
+        SimConfig { clusters: names.into_iter().map(Into::into).collect(), ..Default::default() }
     }
 
     /// `prefix-0001` … `prefix-N`, zero-padded to a fixed width.
@@ -118,31 +115,18 @@ fn valid_cluster_name(n: &str) -> bool {
 
 impl Inner {
     pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
-        self.clusters
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+        self.clusters.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
     pub fn clusters(&self) -> Vec<Arc<Cluster>> {
-        self.clusters
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.clusters.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
     pub fn add_cluster(&self, name: &str) -> Result<Arc<Cluster>, SimError> {
         if !valid_cluster_name(name) {
             return Err(SimError::InvalidClusterName(name.to_string()));
         }
-        let c = Arc::new(Cluster::new(
-            name.to_string(),
-            self.settings.clone(),
-            self.history,
-        ));
+        let c = Arc::new(Cluster::new(name.to_string(), self.settings.clone(), self.history));
         {
             let mut map = self.clusters.write().unwrap_or_else(|p| p.into_inner());
             if map.contains_key(name) {
@@ -150,23 +134,12 @@ impl Inner {
             }
             map.insert(name.to_string(), c.clone());
         }
-        let ns = self
-            .builtins
-            .iter()
-            .find(|d| d.kind == "Namespace")
-            .cloned()
-            .expect("built-in kind");
-        let opts = ops::WriteOpts {
-            dry_run: false,
-            field_manager: "kube-apiserver".into(),
-            force: false,
-        };
+        let ns = self.builtins.iter().find(|d| d.kind == "Namespace").cloned().expect("built-in kind");
+        let opts = ops::WriteOpts { dry_run: false, field_manager: "kube-apiserver".into(), force: false };
         for n in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let body = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}});
-            ops::create(&c, &ns, None, body, &opts).map_err(|e| SimError::SeedFailed {
-                cluster: name.into(),
-                message: e.message,
-            })?;
+            ops::create(&c, &ns, None, body, &opts)
+                .map_err(|e| SimError::SeedFailed { cluster: name.into(), message: e.message })?;
         }
         Ok(c)
     }
@@ -193,21 +166,10 @@ pub struct Simulator {
 
 impl Simulator {
     pub async fn start(cfg: SimConfig) -> Result<Simulator, SimError> {
-        let settings =
-            Settings::new(cfg.behaviour.clone()).map_err(SimError::InvalidFailureRule)?;
+        let settings = Settings::new(cfg.behaviour.clone()).map_err(SimError::InvalidFailureRule)?;
         let listener =
-            TcpListener::bind(cfg.listen)
-                .await
-                .map_err(|source| SimError::BindFailed {
-                    addr: cfg.listen,
-                    source,
-                })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| SimError::BindFailed {
-                addr: cfg.listen,
-                source,
-            })?;
+            TcpListener::bind(cfg.listen).await.map_err(|source| SimError::BindFailed { addr: cfg.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| SimError::BindFailed { addr: cfg.listen, source })?;
         let inner = Arc::new(Inner {
             builtins: resources::builtins(),
             clusters: RwLock::new(BTreeMap::new()),
@@ -220,9 +182,7 @@ impl Simulator {
         for name in &cfg.clusters {
             inner.add_cluster(name)?;
         }
-        let task = tokio::spawn(
-            accept_loop(listener, inner.clone()).instrument(tracing::info_span!("sim", %addr)),
-        );
+        let task = tokio::spawn(accept_loop(listener, inner.clone()).instrument(tracing::info_span!("sim", %addr)));
         info!(%addr, clusters = cfg.clusters.len(), "simulator listening");
         Ok(Simulator { inner, task })
     }
@@ -248,11 +208,7 @@ impl Simulator {
     }
 
     pub fn cluster_names(&self) -> Vec<String> {
-        self.inner
-            .clusters()
-            .iter()
-            .map(|c| c.name.clone())
-            .collect()
+        self.inner.clusters().iter().map(|c| c.name.clone()).collect()
     }
 
     pub fn add_cluster(&self, name: &str) -> Result<(), SimError> {
@@ -265,19 +221,13 @@ impl Simulator {
 
     /// Writes `DIR/<cluster>.kubeconfig` for every cluster.
     pub fn write_kubeconfigs(&self, dir: &Path) -> Result<Vec<PathBuf>, SimError> {
-        std::fs::create_dir_all(dir).map_err(|source| SimError::WriteKubeconfigFailed {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| SimError::WriteKubeconfigFailed { path: dir.to_path_buf(), source })?;
         let mut out = Vec::new();
         for c in self.inner.clusters() {
             let path = dir.join(format!("{}.kubeconfig", c.name));
-            std::fs::write(&path, self.kubeconfig(&c.name)).map_err(|source| {
-                SimError::WriteKubeconfigFailed {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
+            std::fs::write(&path, self.kubeconfig(&c.name))
+                .map_err(|source| SimError::WriteKubeconfigFailed { path: path.clone(), source })?;
             out.push(path);
         }
         Ok(out)

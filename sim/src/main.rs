@@ -24,11 +24,7 @@ struct Args {
     #[arg(long, env = "FLOTILLA_SIM_NAME_PREFIX", default_value = "sim-")]
     name_prefix: String,
     /// A cluster by name (repeatable), in addition to the numbered ones.
-    #[arg(
-        long = "cluster",
-        env = "FLOTILLA_SIM_CLUSTER_NAMES",
-        value_delimiter = ','
-    )]
+    #[arg(long = "cluster", env = "FLOTILLA_SIM_CLUSTER_NAMES", value_delimiter = ',')]
     names: Vec<String>,
     /// Directory for DIR/<cluster>.kubeconfig files, plus DIR/server with the base URL.
     #[arg(long, env = "FLOTILLA_SIM_KUBECONFIG_DIR")]
@@ -62,19 +58,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if args.log_format == "json" {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
     } else {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     let mut clusters = SimConfig::numbered(&args.name_prefix, args.clusters);
     clusters.extend(args.names.iter().filter(|n| !n.is_empty()).cloned());
@@ -92,25 +80,13 @@ async fn main() -> anyhow::Result<()> {
         history: args.history,
         bookmark_interval: Duration::from_millis(args.bookmark_ms.max(10)),
     };
-    let sim = Simulator::start(cfg)
-        .await
-        .context("starting the simulator")?;
+    let sim = Simulator::start(cfg).await.context("starting the simulator")?;
     if let Some(dir) = &args.kubeconfig_dir {
         let files = sim.write_kubeconfigs(dir)?;
-        std::fs::write(dir.join("server"), format!("http://{}\n", sim.addr()))
-            .context("writing DIR/server")?;
-        println!(
-            "flotilla-sim: {} clusters on http://{}; kubeconfigs in {}",
-            files.len(),
-            sim.addr(),
-            dir.display()
-        );
+        std::fs::write(dir.join("server"), format!("http://{}\n", sim.addr())).context("writing DIR/server")?;
+        println!("flotilla-sim: {} clusters on http://{}; kubeconfigs in {}", files.len(), sim.addr(), dir.display());
     } else {
-        println!(
-            "flotilla-sim: {} clusters on http://{}",
-            sim.cluster_names().len(),
-            sim.addr()
-        );
+        println!("flotilla-sim: {} clusters on http://{}", sim.cluster_names().len(), sim.addr());
     }
     println!("admin API: {}/clusters", sim.admin_url());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

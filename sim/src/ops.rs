@@ -7,7 +7,7 @@ use crate::kinds;
 use crate::patch;
 use crate::resources::ResourceDef;
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{Cluster, ClusterState, EventType, Obj, Signal};
+use crate::store::{Cluster, ClusterState, EventType, Signal, Stored};
 use base64::Engine;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -82,18 +82,11 @@ pub fn resolve(
     version: &str,
     plural: &str,
 ) -> Option<Arc<ResourceDef>> {
-    if let Some(d) = builtins
-        .iter()
-        .find(|d| d.group == group && d.version == version && d.plural == plural)
-    {
+    if let Some(d) = builtins.iter().find(|d| d.group == group && d.version == version && d.plural == plural) {
         return Some(d.clone());
     }
     let st = c.state();
-    st.crds
-        .values()
-        .flatten()
-        .find(|d| d.group == group && d.version == version && d.plural == plural)
-        .cloned()
+    st.crds.values().flatten().find(|d| d.group == group && d.version == version && d.plural == plural).cloned()
 }
 
 fn ns_key(res: &ResourceDef, ns: Option<&str>) -> String {
@@ -120,17 +113,10 @@ fn scope_for(res: &ResourceDef, sub: Sub) -> Scope {
     }
 }
 
-pub fn get(
-    c: &Cluster,
-    res: &ResourceDef,
-    ns: Option<&str>,
-    name: &str,
-) -> Result<Value, ApiError> {
+pub fn get(c: &Cluster, res: &ResourceDef, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
     let st = c.state();
-    let o = st
-        .get(&res.storage_key(), &ns_key(res, ns), name)
-        .ok_or_else(|| ApiError::not_found(res, name))?;
-    Ok(present(res, o))
+    let o = st.get(&res.storage_key(), &ns_key(res, ns), name).ok_or_else(|| ApiError::not_found(res, name))?;
+    Ok(present(res, &o.value()))
 }
 
 #[derive(Debug, Default)]
@@ -149,32 +135,21 @@ pub struct ListResult {
 }
 
 fn encode_continue(rv: u64, ns: &str, name: &str) -> String {
-    base64::engine::general_purpose::STANDARD
-        .encode(json!({"rv": rv, "ns": ns, "name": name}).to_string())
+    base64::engine::general_purpose::STANDARD.encode(json!({"rv": rv, "ns": ns, "name": name}).to_string())
 }
 
 fn decode_continue(tok: &str) -> Option<(u64, String, String)> {
     let bytes = base64::engine::general_purpose::STANDARD.decode(tok).ok()?;
     let v: Value = serde_json::from_slice(&bytes).ok()?;
-    Some((
-        v["rv"].as_u64()?,
-        v["ns"].as_str()?.to_string(),
-        v["name"].as_str()?.to_string(),
-    ))
+    Some((v["rv"].as_u64()?, v["ns"].as_str()?.to_string(), v["name"].as_str()?.to_string()))
 }
 
-pub fn list(
-    c: &Cluster,
-    res: &ResourceDef,
-    ns: Option<&str>,
-    opts: &ListOpts,
-) -> Result<ListResult, ApiError> {
+pub fn list(c: &Cluster, res: &ResourceDef, ns: Option<&str>, opts: &ListOpts) -> Result<ListResult, ApiError> {
     let st = c.state();
     let after = match &opts.continue_ {
         Some(tok) => {
-            let (rv, n, name) = decode_continue(tok).ok_or_else(|| {
-                ApiError::bad_request("continue key is not valid: illegal base64 data")
-            })?;
+            let (rv, n, name) = decode_continue(tok)
+                .ok_or_else(|| ApiError::bad_request("continue key is not valid: illegal base64 data"))?;
             if rv < st.compacted_rv {
                 return Err(ApiError::gone("The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter."));
             }
@@ -192,25 +167,21 @@ pub fn list(
         .flatten()
         .filter(|((ons, _), _)| !res.namespaced || ns.is_none_or(|n| n == ons))
         .filter(|(k, _)| after.as_ref().is_none_or(|a| *k > a))
+        .map(|(k, o)| (k, o.value()))
         .filter(|(_, o)| opts.label.matches_object(o) && opts.field.matches_object(o));
     for (k, o) in matching {
         if opts.limit.is_some_and(|l| l > 0 && items.len() >= l) {
             remaining += 1;
             continue;
         }
-        items.push(present(res, o));
+        items.push(present(res, &o));
         last = Some(k.clone());
     }
     let continue_ = (remaining > 0).then(|| {
         let (n, name) = last.unwrap_or_default();
         encode_continue(st.rv, &n, &name)
     });
-    Ok(ListResult {
-        items,
-        rv: st.rv,
-        continue_,
-        remaining: (remaining > 0).then_some(remaining),
-    })
+    Ok(ListResult { items, rv: st.rv, continue_, remaining: (remaining > 0).then_some(remaining) })
 }
 
 fn meta_str<'a>(o: &'a Value, k: &str) -> Option<&'a str> {
@@ -219,9 +190,7 @@ fn meta_str<'a>(o: &'a Value, k: &str) -> Option<&'a str> {
 
 fn check_body_identity(res: &ResourceDef, body: &Value) -> Result<(), ApiError> {
     if !body.is_object() {
-        return Err(ApiError::bad_request(
-            "the body of the request must be a JSON or YAML object",
-        ));
+        return Err(ApiError::bad_request("the body of the request must be a JSON or YAML object"));
     }
     if let Some(av) = body.get("apiVersion").and_then(Value::as_str) {
         if av != res.api_version() {
@@ -259,35 +228,25 @@ fn check_namespace(res: &ResourceDef, ns: Option<&str>, body: &Value) -> Result<
 }
 
 /// Namespace checks for a write that creates an object.
-fn namespace_admits(
-    st: &ClusterState,
-    res: &ResourceDef,
-    ns: &str,
-    name: &str,
-) -> Result<(), ApiError> {
+fn namespace_admits(st: &ClusterState, res: &ResourceDef, ns: &str, name: &str) -> Result<(), ApiError> {
     if !res.namespaced {
         return Ok(());
     }
     match st.get("/namespaces", "", ns) {
         None => Err(ApiError::namespace_not_found(ns)),
-        Some(n) if n.pointer("/metadata/deletionTimestamp").is_some() => Err(ApiError::forbidden(
-            res,
-            name,
-            format!(
-                "unable to create new content in namespace {ns} because it is being terminated"
-            ),
-        )),
+        Some(n) if n.contains("deletionTimestamp") && n.value().pointer("/metadata/deletionTimestamp").is_some() => {
+            Err(ApiError::forbidden(
+                res,
+                name,
+                format!("unable to create new content in namespace {ns} because it is being terminated"),
+            ))
+        }
         Some(_) => Ok(()),
     }
 }
 
 /// Fills system metadata and checks the result; returns false when nothing changed.
-fn finalize(
-    res: &ResourceDef,
-    ns: &str,
-    old: Option<&Value>,
-    new: &mut Value,
-) -> Result<bool, ApiError> {
+fn finalize(res: &ResourceDef, ns: &str, old: Option<&Value>, new: &mut Value) -> Result<bool, ApiError> {
     let name = meta_str(new, "name").unwrap_or_default().to_string();
     let meta = new
         .as_object_mut()
@@ -304,13 +263,7 @@ fn finalize(
     }
     match old {
         Some(o) => {
-            for k in [
-                "uid",
-                "creationTimestamp",
-                "generation",
-                "deletionTimestamp",
-                "deletionGracePeriodSeconds",
-            ] {
+            for k in ["uid", "creationTimestamp", "generation", "deletionTimestamp", "deletionGracePeriodSeconds"] {
                 match o.pointer(&format!("/metadata/{k}")) {
                     Some(v) => meta.insert(k.into(), v.clone()),
                     None => meta.shift_remove(k),
@@ -336,11 +289,7 @@ fn finalize(
     new["kind"] = json!(res.kind);
     if let Some(o) = old {
         if kinds::has_generation(res) && kinds::spec_changed(o, new) {
-            let g = o
-                .pointer("/metadata/generation")
-                .and_then(Value::as_i64)
-                .unwrap_or(0)
-                + 1;
+            let g = o.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0) + 1;
             new["metadata"]["generation"] = json!(g);
         }
     }
@@ -384,14 +333,12 @@ fn commit(
     new["metadata"]["resourceVersion"] = json!(rv.to_string());
     let key = res.storage_key();
     if kinds::is_gone(res, &new) {
-        let obj = Arc::new(new);
-        st.remove(&key, ns, name, obj.clone(), rv);
-        crate::controllers::after_delete(c, st, res, &obj);
-        return present(res, &obj);
+        st.remove(&key, ns, name, Stored::new(&new), rv);
+        crate::controllers::after_delete(c, st, res, &new);
+        return present(res, &new);
     }
-    let obj: Obj = Arc::new(new);
-    st.put(&key, ns, name, obj.clone(), rv);
-    present(res, &obj)
+    st.put(&key, ns, name, Stored::new(&new), rv);
+    present(res, &new)
 }
 
 fn reset_status_on_create(res: &ResourceDef, obj: &mut Value) {
@@ -444,11 +391,8 @@ pub fn create(
     let mut name = meta_str(&body, "name").unwrap_or_default().to_string();
     if name.is_empty() {
         if let Some(prefix) = meta_str(&body, "generateName").map(str::to_string) {
-            let suffix: String = (0..5)
-                .map(|_| {
-                    fastrand::choice(b"bcdfghjklmnpqrstvwxz2456789").map_or('x', |b| *b as char)
-                })
-                .collect();
+            let suffix: String =
+                (0..5).map(|_| fastrand::choice(b"bcdfghjklmnpqrstvwxz2456789").map_or('x', |b| *b as char)).collect();
             name = format!("{prefix}{suffix}");
             body["metadata"]["name"] = json!(name);
         }
@@ -467,19 +411,8 @@ pub fn create(
     body["metadata"]["namespace"] = json!(ns);
     kinds::apply_defaults(res, &mut body, None);
     finalize(res, &ns, None, &mut body)?;
-    let ctx = Ctx {
-        builtin: res.builtin,
-        scope: Scope::All,
-    };
-    fields::record_update(
-        None,
-        &mut body,
-        &opts.field_manager,
-        &res.api_version(),
-        ctx,
-        None,
-        &now(),
-    );
+    let ctx = Ctx { builtin: res.builtin, scope: Scope::All };
+    fields::record_update(None, &mut body, &opts.field_manager, &res.api_version(), ctx, None, &now());
     let obj = commit(c, &mut st, res, &ns, &name, body, opts.dry_run);
     drop(st);
     if !opts.dry_run {
@@ -505,17 +438,12 @@ pub fn update(
     check_namespace(res, ns, &body)?;
     if let Some(n) = meta_str(&body, "name") {
         if n != name {
-            return Err(ApiError::bad_request(
-                "the name of the object does not match the name on the URL",
-            ));
+            return Err(ApiError::bad_request("the name of the object does not match the name on the URL"));
         }
     }
     let ns = ns_key(res, ns);
     let st = c.state();
-    let old = st
-        .get(&res.storage_key(), &ns, name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(res, name))?;
+    let old = st.get(&res.storage_key(), &ns, name).map(|o| o.value()).ok_or_else(|| ApiError::not_found(res, name))?;
     if let Some(rv) = meta_str(&body, "resourceVersion") {
         if meta_str(&old, "resourceVersion") != Some(rv) {
             return Err(ApiError::stale(res, name));
@@ -546,33 +474,16 @@ fn write_changed(
 ) -> Result<Written, ApiError> {
     kinds::apply_defaults(res, &mut new, Some(old));
     if !finalize(res, ns, Some(old), &mut new)? {
-        return Ok(Written {
-            obj: present(res, old),
-            created: false,
-        });
+        return Ok(Written { obj: present(res, old), created: false });
     }
-    let ctx = Ctx {
-        builtin: res.builtin,
-        scope: scope_for(res, sub),
-    };
-    fields::record_update(
-        Some(old),
-        &mut new,
-        &opts.field_manager,
-        &res.api_version(),
-        ctx,
-        sub.name(),
-        &now(),
-    );
+    let ctx = Ctx { builtin: res.builtin, scope: scope_for(res, sub) };
+    fields::record_update(Some(old), &mut new, &opts.field_manager, &res.api_version(), ctx, sub.name(), &now());
     let obj = commit(c, &mut st, res, ns, name, new, opts.dry_run);
     drop(st);
     if !opts.dry_run {
         crate::controllers::observe(c, res, &obj);
     }
-    Ok(Written {
-        obj,
-        created: false,
-    })
+    Ok(Written { obj, created: false })
 }
 
 fn scale_of(res: &ResourceDef, obj: &Value) -> Result<Value, ApiError> {
@@ -594,14 +505,9 @@ fn scale_of(res: &ResourceDef, obj: &Value) -> Result<Value, ApiError> {
         None => None,
     }
     .or_else(|| {
-        obj.pointer("/spec/selector/matchLabels")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
+        obj.pointer("/spec/selector/matchLabels").and_then(Value::as_object).map(|m| {
+            m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(",")
+        })
     });
     let mut meta = json!({
         "name": obj["metadata"]["name"],
@@ -621,12 +527,7 @@ fn scale_of(res: &ResourceDef, obj: &Value) -> Result<Value, ApiError> {
     )
 }
 
-pub fn get_scale(
-    c: &Cluster,
-    res: &ResourceDef,
-    ns: Option<&str>,
-    name: &str,
-) -> Result<Value, ApiError> {
+pub fn get_scale(c: &Cluster, res: &ResourceDef, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
     let o = get(c, res, ns, name)?;
     scale_of(res, &o)
 }
@@ -655,41 +556,32 @@ fn write_scale(
     scale: Value,
     opts: &WriteOpts,
 ) -> Result<Written, ApiError> {
-    let replicas = scale
-        .pointer("/spec/replicas")
-        .and_then(Value::as_i64)
-        .filter(|r| *r >= 0)
-        .ok_or_else(|| {
-            ApiError::invalid(
-                res,
-                name,
-                vec![(
-                    "spec.replicas".into(),
-                    format!(
-                        "Invalid value: {}: must be greater than or equal to 0",
-                        scale.pointer("/spec/replicas").unwrap_or(&Value::Null)
-                    ),
-                )],
-            )
-        })?;
+    let replicas = scale.pointer("/spec/replicas").and_then(Value::as_i64).filter(|r| *r >= 0).ok_or_else(|| {
+        ApiError::invalid(
+            res,
+            name,
+            vec![(
+                "spec.replicas".into(),
+                format!(
+                    "Invalid value: {}: must be greater than or equal to 0",
+                    scale.pointer("/spec/replicas").unwrap_or(&Value::Null)
+                ),
+            )],
+        )
+    })?;
     let nsk = ns_key(res, ns);
     let st = c.state();
-    let old = st
-        .get(&res.storage_key(), &nsk, name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(res, name))?;
+    let old =
+        st.get(&res.storage_key(), &nsk, name).map(|o| o.value()).ok_or_else(|| ApiError::not_found(res, name))?;
     if let Some(rv) = meta_str(&scale, "resourceVersion") {
         if meta_str(&old, "resourceVersion") != Some(rv) {
             return Err(ApiError::stale(res, name));
         }
     }
-    let mut new = (*old).clone();
+    let mut new = old.clone();
     set_replicas(res, &mut new, replicas)?;
     let w = write_changed(c, st, res, &nsk, name, &old, new, Sub::Scale, opts)?;
-    Ok(Written {
-        obj: scale_of(res, &w.obj)?,
-        created: false,
-    })
+    Ok(Written { obj: scale_of(res, &w.obj)?, created: false })
 }
 
 fn update_scale(
@@ -714,25 +606,17 @@ pub fn patch(
     opts: &WriteOpts,
 ) -> Result<Written, ApiError> {
     let to_err = |e: patch::PatchError| match e {
-        patch::PatchError::Malformed(e) => {
-            ApiError::bad_request(format!("error decoding patch: {e}"))
-        }
+        patch::PatchError::Malformed(e) => ApiError::bad_request(format!("error decoding patch: {e}")),
         other => ApiError::invalid(res, name, vec![("patch".into(), other.to_string())]),
     };
     if sub == Sub::Scale {
         let cur = get_scale(c, res, ns, name)?;
         let patched = match ptype {
             PatchType::Json => patch::json_patch(&cur, body).map_err(to_err)?,
-            PatchType::Merge | PatchType::Strategic => {
-                patch::merge_patch(&cur, body).map_err(to_err)?
-            }
+            PatchType::Merge | PatchType::Strategic => patch::merge_patch(&cur, body).map_err(to_err)?,
             PatchType::Apply => {
                 let applied = parse_apply_body(body)?;
-                patch::merge_patch(
-                    &cur,
-                    serde_json::to_vec(&applied).unwrap_or_default().as_slice(),
-                )
-                .map_err(to_err)?
+                patch::merge_patch(&cur, serde_json::to_vec(&applied).unwrap_or_default().as_slice()).map_err(to_err)?
             }
         };
         return write_scale(c, res, ns, name, patched, opts);
@@ -742,18 +626,14 @@ pub fn patch(
     }
     let nsk = ns_key(res, ns);
     let st = c.state();
-    let old = st
-        .get(&res.storage_key(), &nsk, name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(res, name))?;
+    let old =
+        st.get(&res.storage_key(), &nsk, name).map(|o| o.value()).ok_or_else(|| ApiError::not_found(res, name))?;
     let mut new = match ptype {
         PatchType::Json => patch::json_patch(&old, body).map_err(to_err)?,
         PatchType::Merge => patch::merge_patch(&old, body).map_err(to_err)?,
         PatchType::Strategic => {
             if !res.builtin {
-                return Err(ApiError::unsupported_media(
-                    "application/strategic-merge-patch+json",
-                ));
+                return Err(ApiError::unsupported_media("application/strategic-merge-patch+json"));
             }
             patch::strategic_merge_patch(&old, body, res.builtin).map_err(to_err)?
         }
@@ -765,9 +645,7 @@ pub fn patch(
         }
     }
     if meta_str(&new, "name") != Some(name) {
-        return Err(ApiError::bad_request(
-            "the name of the object does not match the name on the URL",
-        ));
+        return Err(ApiError::bad_request("the name of the object does not match the name on the URL"));
     }
     preserve(res, sub, &old, &mut new);
     write_changed(c, st, res, &nsk, name, &old, new, sub, opts)
@@ -776,13 +654,12 @@ pub fn patch(
 pub fn parse_apply_body(body: &[u8]) -> Result<Value, ApiError> {
     let v: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(_) => serde_yaml::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?,
+        Err(_) => {
+            serde_yaml::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?
+        }
     };
     if !v.is_object() {
-        return Err(ApiError::bad_request(
-            "error decoding YAML: the applied configuration must be an object",
-        ));
+        return Err(ApiError::bad_request("error decoding YAML: the applied configuration must be an object"));
     }
     Ok(v)
 }
@@ -798,28 +675,22 @@ fn apply(
     opts: &WriteOpts,
 ) -> Result<Written, ApiError> {
     if opts.field_manager.is_empty() {
-        return Err(ApiError::bad_request(
-            "PATCH, application/apply-patch+yaml requests must specify a fieldManager",
-        ));
+        return Err(ApiError::bad_request("PATCH, application/apply-patch+yaml requests must specify a fieldManager"));
     }
     let applied = parse_apply_body(body)?;
     if applied.get("apiVersion").is_none() || applied.get("kind").is_none() {
-        return Err(ApiError::bad_request(
-            "error decoding YAML: Object 'Kind' is missing in applied configuration",
-        ));
+        return Err(ApiError::bad_request("error decoding YAML: Object 'Kind' is missing in applied configuration"));
     }
     check_body_identity(res, &applied)?;
     check_namespace(res, ns, &applied)?;
     if let Some(n) = meta_str(&applied, "name") {
         if n != name {
-            return Err(ApiError::bad_request(
-                "the name of the object does not match the name on the URL",
-            ));
+            return Err(ApiError::bad_request("the name of the object does not match the name on the URL"));
         }
     }
     let nsk = ns_key(res, ns);
     let mut st = c.state();
-    let old = st.get(&res.storage_key(), &nsk, name).cloned();
+    let old = st.get(&res.storage_key(), &nsk, name).map(|o| o.value());
     if old.is_none() {
         if sub != Sub::Main {
             return Err(ApiError::not_found(res, name));
@@ -832,23 +703,16 @@ fn apply(
             m.shift_remove("status");
         }
     }
-    let base = old
-        .as_deref()
-        .cloned()
-        .unwrap_or_else(|| json!({"metadata": {"name": name}}));
+    let base = old.clone().unwrap_or_else(|| json!({"metadata": {"name": name}}));
     let req = fields::ApplyRequest {
         manager: &opts.field_manager,
         api_version: &res.api_version(),
         force: opts.force,
-        ctx: Ctx {
-            builtin: res.builtin,
-            scope: scope_for(res, sub),
-        },
+        ctx: Ctx { builtin: res.builtin, scope: scope_for(res, sub) },
         subresource: sub.name(),
         now: &now(),
     };
-    let mut new = fields::apply(&base, &applied, &req)
-        .map_err(|cs| ApiError::apply_conflicts(res, name, &cs))?;
+    let mut new = fields::apply(&base, &applied, &req).map_err(|cs| ApiError::apply_conflicts(res, name, &cs))?;
     new["metadata"]["name"] = json!(name);
     match old {
         Some(old) => {
@@ -857,20 +721,14 @@ fn apply(
             }
             kinds::apply_defaults(res, &mut new, Some(&old));
             if !finalize(res, &nsk, Some(&old), &mut new)? {
-                return Ok(Written {
-                    obj: present(res, &old),
-                    created: false,
-                });
+                return Ok(Written { obj: present(res, &old), created: false });
             }
             let obj = commit(c, &mut st, res, &nsk, name, new, opts.dry_run);
             drop(st);
             if !opts.dry_run {
                 crate::controllers::observe(c, res, &obj);
             }
-            Ok(Written {
-                obj,
-                created: false,
-            })
+            Ok(Written { obj, created: false })
         }
         None => {
             kinds::apply_defaults(res, &mut new, None);
@@ -885,12 +743,7 @@ fn apply(
     }
 }
 
-fn preserve_for_apply(
-    res: &ResourceDef,
-    sub: Sub,
-    old: &serde_json::Map<String, Value>,
-    new: &mut Value,
-) {
+fn preserve_for_apply(res: &ResourceDef, sub: Sub, old: &serde_json::Map<String, Value>, new: &mut Value) {
     let mf = new.pointer("/metadata/managedFields").cloned();
     preserve(res, sub, &Value::Object(old.clone()), new);
     if let Some(mf) = mf {
@@ -907,10 +760,8 @@ pub fn delete(
 ) -> Result<Value, ApiError> {
     let nsk = ns_key(res, ns);
     let mut st = c.state();
-    let old = st
-        .get(&res.storage_key(), &nsk, name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(res, name))?;
+    let old =
+        st.get(&res.storage_key(), &nsk, name).map(|o| o.value()).ok_or_else(|| ApiError::not_found(res, name))?;
     if let Some(uid) = &opts.precondition_uid {
         if meta_str(&old, "uid") != Some(uid) {
             return Err(ApiError::stale(res, name));
@@ -924,7 +775,7 @@ pub fn delete(
     if opts.dry_run {
         return Ok(present(res, &old));
     }
-    let mut new = (*old).clone();
+    let mut new = old.clone();
     let terminating = old.pointer("/metadata/deletionTimestamp").is_some();
     let is_namespace = res.builtin && res.kind == "Namespace";
     if opts.propagation == Propagation::Orphan {
@@ -937,19 +788,15 @@ pub fn delete(
             new["status"]["phase"] = json!("Terminating");
             let rv = st.next_rv();
             new["metadata"]["resourceVersion"] = json!(rv.to_string());
-            let obj = Arc::new(new);
-            st.put(&res.storage_key(), "", name, obj.clone(), rv);
+            st.put(&res.storage_key(), "", name, Stored::new(&new), rv);
             drop(st);
             crate::controllers::finalize_namespace(c, name.to_string());
-            return Ok(present(res, &obj));
+            return Ok(present(res, &new));
         }
         return Ok(present(res, &old));
     }
-    let mut finalizers: Vec<Value> = old
-        .pointer("/metadata/finalizers")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let mut finalizers: Vec<Value> =
+        old.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default();
     if opts.propagation == Propagation::Foreground && !terminating {
         let f = json!("foregroundDeletion");
         if !finalizers.contains(&f) {
@@ -967,25 +814,23 @@ pub fn delete(
         }
         let rv = st.next_rv();
         new["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let obj = Arc::new(new);
-        st.put(&res.storage_key(), &nsk, name, obj.clone(), rv);
+        st.put(&res.storage_key(), &nsk, name, Stored::new(&new), rv);
         drop(st);
         if opts.propagation == Propagation::Foreground {
             crate::controllers::foreground_delete(c, res.clone(), nsk, name.to_string());
         }
-        return Ok(present(res, &obj));
+        return Ok(present(res, &new));
     }
     let rv = st.next_rv();
     new["metadata"]["resourceVersion"] = json!(rv.to_string());
-    let obj = Arc::new(new);
-    st.remove(&res.storage_key(), &nsk, name, obj.clone(), rv);
-    crate::controllers::after_delete(c, &mut st, res, &obj);
-    Ok(present(res, &obj))
+    st.remove(&res.storage_key(), &nsk, name, Stored::new(&new), rv);
+    crate::controllers::after_delete(c, &mut st, res, &new);
+    Ok(present(res, &new))
 }
 
 /// A started watch: events already due, then the live feed.
 pub struct WatchStart {
-    pub initial: Vec<(EventType, Obj)>,
+    pub initial: Vec<(EventType, Value)>,
     pub backlog: Vec<Arc<crate::store::Event>>,
     pub rx: broadcast::Receiver<Signal>,
     pub rv: u64,
@@ -1005,36 +850,24 @@ pub fn watch(
     match from {
         Some(rv) if rv > 0 => {
             if rv < st.compacted_rv {
-                return Err(ApiError::gone(format!(
-                    "too old resource version: {rv} ({})",
-                    st.compacted_rv + 1
-                )));
+                return Err(ApiError::gone(format!("too old resource version: {rv} ({})", st.compacted_rv + 1)));
             }
-            backlog = st
-                .log
-                .iter()
-                .filter(|e| e.rv > rv && e.key == key)
-                .cloned()
-                .collect();
+            backlog = st.log.iter().filter(|e| e.rv > rv && e.key == key).cloned().collect();
         }
         _ => {
             for ((ons, _), o) in st.objects.get(&key).into_iter().flatten() {
-                if (!res.namespaced || ns.is_none_or(|n| n == ons))
-                    && opts.label.matches_object(o)
-                    && opts.field.matches_object(o)
-                {
-                    initial.push((EventType::Added, o.clone()));
+                if res.namespaced && ns.is_some_and(|n| n != ons) {
+                    continue;
+                }
+                let o = o.value();
+                if opts.label.matches_object(&o) && opts.field.matches_object(&o) {
+                    initial.push((EventType::Added, o));
                 }
             }
         }
     }
     let rx = st.subscribe();
-    Ok(WatchStart {
-        initial,
-        backlog,
-        rx,
-        rv: st.rv,
-    })
+    Ok(WatchStart { initial, backlog, rx, rv: st.rv })
 }
 
 /// How a committed event looks to one watcher: label and field selectors turn modifications into
@@ -1048,11 +881,11 @@ pub fn filter_event(
     if ev.key != res.storage_key() {
         return None;
     }
-    let in_ns =
-        |o: &Value| !res.namespaced || ns.is_none_or(|n| meta_str(o, "namespace") == Some(n));
+    let in_ns = |o: &Value| !res.namespaced || ns.is_none_or(|n| meta_str(o, "namespace") == Some(n));
     let sel = |o: &Value| in_ns(o) && opts.label.matches_object(o) && opts.field.matches_object(o);
-    let now_in = sel(&ev.obj);
-    let was_in = ev.old.as_deref().is_some_and(sel);
+    let obj = ev.obj.value();
+    let now_in = sel(&obj);
+    let was_in = ev.old.as_ref().is_some_and(|o| sel(&o.value()));
     let typ = match (ev.typ, was_in, now_in) {
         (EventType::Deleted, _, true) => EventType::Deleted,
         (EventType::Deleted, true, false) => EventType::Deleted,
@@ -1062,7 +895,7 @@ pub fn filter_event(
         (EventType::Modified, true, false) => EventType::Deleted,
         _ => return None,
     };
-    Some((typ, present(res, &ev.obj)))
+    Some((typ, present(res, &obj)))
 }
 
 pub fn present_obj(res: &ResourceDef, o: &Value) -> Value {

@@ -25,33 +25,20 @@ pub fn json_patch(target: &Value, body: &[u8]) -> Result<Value, PatchError> {
 pub fn merge_patch(target: &Value, body: &[u8]) -> Result<Value, PatchError> {
     let p: Value = serde_json::from_slice(body).map_err(PatchError::Malformed)?;
     if !p.is_object() {
-        return Err(PatchError::Invalid(
-            "patch body must be a JSON object".into(),
-        ));
+        return Err(PatchError::Invalid("patch body must be a JSON object".into()));
     }
     let mut out = target.clone();
     json_patch::merge(&mut out, &p);
     Ok(out)
 }
 
-pub fn strategic_merge_patch(
-    target: &Value,
-    body: &[u8],
-    builtin: bool,
-) -> Result<Value, PatchError> {
+pub fn strategic_merge_patch(target: &Value, body: &[u8], builtin: bool) -> Result<Value, PatchError> {
     let p: Value = serde_json::from_slice(body).map_err(PatchError::Malformed)?;
     let Value::Object(pm) = p else {
-        return Err(PatchError::Invalid(
-            "patch body must be a JSON object".into(),
-        ));
+        return Err(PatchError::Invalid("patch body must be a JSON object".into()));
     };
     let mut names = Vec::new();
-    Ok(smp_obj(
-        target.as_object().cloned().unwrap_or_default(),
-        &pm,
-        &mut names,
-        builtin,
-    )?)
+    Ok(smp_obj(target.as_object().cloned().unwrap_or_default(), &pm, &mut names, builtin)?)
 }
 
 fn smp_obj(
@@ -106,12 +93,7 @@ fn smp_obj(
     Ok(Value::Object(target))
 }
 
-fn smp_list(
-    target: Vec<Value>,
-    patch: &[Value],
-    names: &mut Vec<String>,
-    builtin: bool,
-) -> Result<Value, PatchError> {
+fn smp_list(target: Vec<Value>, patch: &[Value], names: &mut Vec<String>, builtin: bool) -> Result<Value, PatchError> {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let lt = match list_type(builtin, &refs) {
         // Strategic merge on metadata.finalizers replaces; only keyed lists merge.
@@ -119,17 +101,8 @@ fn smp_list(
         other => other,
     };
     let ListType::Map(keys) = lt else {
-        if patch
-            .iter()
-            .any(|p| p.get("$patch").and_then(Value::as_str) == Some("replace"))
-        {
-            return Ok(Value::Array(
-                patch
-                    .iter()
-                    .filter(|p| p.get("$patch").is_none())
-                    .cloned()
-                    .collect(),
-            ));
+        if patch.iter().any(|p| p.get("$patch").and_then(Value::as_str) == Some("replace")) {
+            return Ok(Value::Array(patch.iter().filter(|p| p.get("$patch").is_none()).cloned().collect()));
         }
         return Ok(Value::Array(patch.to_vec()));
     };
@@ -137,18 +110,10 @@ fn smp_list(
     let mut out = target;
     for item in patch {
         if item.get("$patch").and_then(Value::as_str) == Some("replace") {
-            return Ok(Value::Array(
-                patch
-                    .iter()
-                    .filter(|p| p.get("$patch").is_none())
-                    .cloned()
-                    .collect(),
-            ));
+            return Ok(Value::Array(patch.iter().filter(|p| p.get("$patch").is_none()).cloned().collect()));
         }
         let Some(kv) = item.get(key) else {
-            return Err(PatchError::Invalid(format!(
-                "map: {item} does not contain declared merge key: {key}"
-            )));
+            return Err(PatchError::Invalid(format!("map: {item} does not contain declared merge key: {key}")));
         };
         let pos = out.iter().position(|t| t.get(key) == Some(kv));
         let delete = item.get("$patch").and_then(Value::as_str) == Some("delete");
@@ -161,12 +126,7 @@ fn smp_list(
                 let t = out[i].as_object().cloned().unwrap_or_default();
                 out[i] = smp_obj(t, item.as_object().unwrap_or(&Map::new()), names, builtin)?;
             }
-            (None, false) => out.push(smp_obj(
-                Map::new(),
-                item.as_object().unwrap_or(&Map::new()),
-                names,
-                builtin,
-            )?),
+            (None, false) => out.push(smp_obj(Map::new(), item.as_object().unwrap_or(&Map::new()), names, builtin)?),
         }
     }
     Ok(Value::Array(out))
@@ -186,8 +146,7 @@ mod tests {
 
     #[test]
     fn smp_merges_containers_by_name() {
-        let p =
-            br#"{"spec":{"template":{"spec":{"containers":[{"name":"web","image":"nginx:2"}]}}}}"#;
+        let p = br#"{"spec":{"template":{"spec":{"containers":[{"name":"web","image":"nginx:2"}]}}}}"#;
         let out = strategic_merge_patch(&deploy(), p, true).unwrap();
         let c = &out["spec"]["template"]["spec"]["containers"];
         assert_eq!(c[0]["image"], json!("nginx:2"));
@@ -200,22 +159,10 @@ mod tests {
         let p = br#"{"metadata":{"labels":{"a":null,"b":"2"}},"spec":{"template":{"spec":{"containers":[{"name":"side","$patch":"delete"}]}}}}"#;
         let out = strategic_merge_patch(&deploy(), p, true).unwrap();
         assert_eq!(out["metadata"]["labels"], json!({"b": "2"}));
-        assert_eq!(
-            out["spec"]["template"]["spec"]["containers"]
-                .as_array()
-                .unwrap()
-                .len(),
-            1
-        );
+        assert_eq!(out["spec"]["template"]["spec"]["containers"].as_array().unwrap().len(), 1);
         let p = br#"{"spec":{"template":{"spec":{"containers":[{"name":"x","image":"y"}],"$setElementOrder/containers":[{"name":"x"}]}}}}"#;
         let out = strategic_merge_patch(&deploy(), p, true).unwrap();
-        assert_eq!(
-            out["spec"]["template"]["spec"]["containers"]
-                .as_array()
-                .unwrap()
-                .len(),
-            3
-        );
+        assert_eq!(out["spec"]["template"]["spec"]["containers"].as_array().unwrap().len(), 3);
     }
 
     #[test]
@@ -226,22 +173,11 @@ mod tests {
 
     #[test]
     fn json_and_merge_patch() {
-        let out = json_patch(
-            &deploy(),
-            br#"[{"op":"replace","path":"/metadata/name","value":"x"}]"#,
-        )
-        .unwrap();
+        let out = json_patch(&deploy(), br#"[{"op":"replace","path":"/metadata/name","value":"x"}]"#).unwrap();
         assert_eq!(out["metadata"]["name"], json!("x"));
-        assert!(json_patch(
-            &deploy(),
-            br#"[{"op":"test","path":"/metadata/name","value":"x"}]"#
-        )
-        .is_err());
+        assert!(json_patch(&deploy(), br#"[{"op":"test","path":"/metadata/name","value":"x"}]"#).is_err());
         let out = merge_patch(&deploy(), br#"{"spec":{"template":null}}"#).unwrap();
         assert_eq!(out["spec"], json!({}));
-        assert!(matches!(
-            merge_patch(&deploy(), b"{nope"),
-            Err(PatchError::Malformed(_))
-        ));
+        assert!(matches!(merge_patch(&deploy(), b"{nope"), Err(PatchError::Malformed(_))));
     }
 }

@@ -74,16 +74,7 @@ impl ResourceDef {
     }
 
     pub fn api_resource_json(&self) -> Vec<Value> {
-        let verbs = json!([
-            "create",
-            "delete",
-            "deletecollection",
-            "get",
-            "list",
-            "patch",
-            "update",
-            "watch"
-        ]);
+        let verbs = json!(["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]);
         let mut main = json!({
             "name": self.plural,
             "singularName": self.singular,
@@ -145,17 +136,7 @@ const fn b(
     scale: bool,
     all: bool,
 ) -> B {
-    B {
-        group,
-        version,
-        kind,
-        plural,
-        namespaced,
-        short,
-        status,
-        scale,
-        all,
-    }
+    B { group, version, kind, plural, namespaced, short, status, scale, all }
 }
 
 const NS: bool = true;
@@ -232,9 +213,7 @@ pub enum CrdError {
     NameMismatch { name: String },
     #[error("spec.scope: Unsupported value: {0:?}: supported values: \"Cluster\", \"Namespaced\"")]
     Scope(String),
-    #[error(
-        "spec.versions: Invalid value: must have exactly one version marked as storage version"
-    )]
+    #[error("spec.versions: Invalid value: must have exactly one version marked as storage version")]
     StorageVersions,
 }
 
@@ -248,24 +227,13 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceDef>, CrdError> {
         }
         v.as_str().map(str::to_string)
     };
-    let group = s(&["group"])
-        .filter(|g| !g.is_empty())
-        .ok_or(CrdError::Missing("group"))?;
-    let plural = s(&["names", "plural"])
-        .filter(|g| !g.is_empty())
-        .ok_or(CrdError::Missing("names.plural"))?;
-    let kind = s(&["names", "kind"])
-        .filter(|g| !g.is_empty())
-        .ok_or(CrdError::Missing("names.kind"))?;
+    let group = s(&["group"]).filter(|g| !g.is_empty()).ok_or(CrdError::Missing("group"))?;
+    let plural = s(&["names", "plural"]).filter(|g| !g.is_empty()).ok_or(CrdError::Missing("names.plural"))?;
+    let kind = s(&["names", "kind"]).filter(|g| !g.is_empty()).ok_or(CrdError::Missing("names.kind"))?;
     let singular = s(&["names", "singular"]).unwrap_or_else(|| kind.to_ascii_lowercase());
-    let name = crd
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let name = crd.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
     if name != format!("{plural}.{group}") {
-        return Err(CrdError::NameMismatch {
-            name: name.to_string(),
-        });
+        return Err(CrdError::NameMismatch { name: name.to_string() });
     }
     let namespaced = match s(&["scope"]).as_deref() {
         Some("Namespaced") => true,
@@ -275,11 +243,7 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceDef>, CrdError> {
     };
     let strings = |v: Option<&Value>| -> Vec<String> {
         v.and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_string))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
             .unwrap_or_default()
     };
     let short_names = strings(spec.pointer("/names/shortNames"));
@@ -289,31 +253,20 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceDef>, CrdError> {
         .and_then(Value::as_array)
         .filter(|v| !v.is_empty())
         .ok_or(CrdError::Missing("versions"))?;
-    let storage = versions
-        .iter()
-        .filter(|v| v.get("storage").and_then(Value::as_bool) == Some(true))
-        .count();
+    let storage = versions.iter().filter(|v| v.get("storage").and_then(Value::as_bool) == Some(true)).count();
     if storage != 1 {
         return Err(CrdError::StorageVersions);
     }
     let path = |p: Option<&Value>| -> Option<Vec<String>> {
         let p = p?.as_str()?;
-        Some(
-            p.trim_start_matches('.')
-                .split('.')
-                .map(str::to_string)
-                .collect(),
-        )
+        Some(p.trim_start_matches('.').split('.').map(str::to_string).collect())
     };
     let mut out = Vec::new();
     for v in versions {
         if v.get("served").and_then(Value::as_bool) == Some(false) {
             continue;
         }
-        let version = v
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or(CrdError::Missing("versions[].name"))?;
+        let version = v.get("name").and_then(Value::as_str).ok_or(CrdError::Missing("versions[].name"))?;
         let sub = v.get("subresources");
         let status = sub.and_then(|s| s.get("status")).is_some();
         let scale = sub.and_then(|s| s.get("scale")).and_then(|sc| {
@@ -331,11 +284,7 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceDef>, CrdError> {
                     .filter_map(|c| {
                         Some(PrinterColumn {
                             name: c.get("name")?.as_str()?.to_string(),
-                            type_: c
-                                .get("type")
-                                .and_then(Value::as_str)
-                                .unwrap_or("string")
-                                .to_string(),
+                            type_: c.get("type").and_then(Value::as_str).unwrap_or("string").to_string(),
                             json_path: c.get("jsonPath")?.as_str()?.to_string(),
                             priority: c.get("priority").and_then(Value::as_i64).unwrap_or(0),
                         })
@@ -402,7 +351,10 @@ mod tests {
         assert!(matches!(from_crd(&c), Err(CrdError::NameMismatch { .. })));
         let mut c = crd();
         c["spec"]["scope"] = json!("Galaxy");
-        assert_eq!(from_crd(&c).unwrap_err().to_string(), "spec.scope: Unsupported value: \"Galaxy\": supported values: \"Cluster\", \"Namespaced\"");
+        assert_eq!(
+            from_crd(&c).unwrap_err().to_string(),
+            "spec.scope: Unsupported value: \"Galaxy\": supported values: \"Cluster\", \"Namespaced\""
+        );
         let mut c = crd();
         c["spec"]["versions"][1]["storage"] = json!(true);
         assert_eq!(from_crd(&c), Err(CrdError::StorageVersions));
@@ -411,11 +363,7 @@ mod tests {
     #[test]
     fn builtins_have_the_required_kinds_with_scope() {
         let defs = builtins();
-        let find = |k: &str| {
-            defs.iter()
-                .find(|d| d.kind == k)
-                .unwrap_or_else(|| panic!("{k}"))
-        };
+        let find = |k: &str| defs.iter().find(|d| d.kind == k).unwrap_or_else(|| panic!("{k}"));
         for k in [
             "Namespace",
             "ConfigMap",

@@ -40,16 +40,11 @@ fn split_top(s: &str) -> Vec<&str> {
 }
 
 fn valid_key(k: &str) -> bool {
-    !k.is_empty()
-        && k.len() <= 317
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+    !k.is_empty() && k.len() <= 317 && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
 }
 
 fn valid_value(v: &str) -> bool {
-    v.len() <= 63
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 impl LabelSelector {
@@ -112,21 +107,12 @@ impl LabelSelector {
 
 fn split_set_op(p: &str, op: &str) -> Option<(String, String)> {
     let i = p.find(op)?;
-    Some((
-        p[..i].trim().to_string(),
-        p[i + op.len()..].trim().to_string(),
-    ))
+    Some((p[..i].trim().to_string(), p[i + op.len()..].trim().to_string()))
 }
 
 fn parse_set(s: String) -> Option<Vec<String>> {
     let inner = s.strip_prefix('(')?.strip_suffix(')')?;
-    Some(
-        inner
-            .split(',')
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-            .collect(),
-    )
+    Some(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
 }
 
 /// A parsed `fieldSelector`: the API server supports `metadata.name` and `metadata.namespace` on every kind.
@@ -147,9 +133,7 @@ impl FieldSelector {
             } else if let Some((f, v)) = part.split_once('=') {
                 (f, true, v)
             } else {
-                return Err(SelectorError(format!(
-                    "invalid selector: '{s}'; can't understand '{part}'"
-                )));
+                return Err(SelectorError(format!("invalid selector: '{s}'; can't understand '{part}'")));
             };
             let field = field.trim();
             if field != "metadata.name" && field != "metadata.namespace" {
@@ -166,11 +150,7 @@ impl FieldSelector {
 
     pub fn matches_object(&self, obj: &Value) -> bool {
         self.0.iter().all(|(f, eq, v)| {
-            let ptr = if f == "metadata.name" {
-                "/metadata/name"
-            } else {
-                "/metadata/namespace"
-            };
+            let ptr = if f == "metadata.name" { "/metadata/name" } else { "/metadata/namespace" };
             let actual = obj.pointer(ptr).and_then(Value::as_str).unwrap_or("");
             (actual == v) == *eq
         })
@@ -203,11 +183,7 @@ mod tests {
             ("missing notin (x)", true),
             ("", true),
         ] {
-            assert_eq!(
-                LabelSelector::parse(sel).unwrap().matches_object(&o),
-                want,
-                "{sel}"
-            );
+            assert_eq!(LabelSelector::parse(sel).unwrap().matches_object(&o), want, "{sel}");
         }
     }
 
@@ -221,21 +197,11 @@ mod tests {
     #[test]
     fn field_selector_name_and_namespace() {
         let o = obj(json!({}));
-        assert!(FieldSelector::parse("metadata.name=a")
-            .unwrap()
-            .matches_object(&o));
-        assert!(!FieldSelector::parse("metadata.name!=a")
-            .unwrap()
-            .matches_object(&o));
-        assert!(
-            FieldSelector::parse("metadata.namespace==ns,metadata.name=a")
-                .unwrap()
-                .matches_object(&o)
-        );
+        assert!(FieldSelector::parse("metadata.name=a").unwrap().matches_object(&o));
+        assert!(!FieldSelector::parse("metadata.name!=a").unwrap().matches_object(&o));
+        assert!(FieldSelector::parse("metadata.namespace==ns,metadata.name=a").unwrap().matches_object(&o));
         assert_eq!(
-            FieldSelector::parse("spec.nodeName=x")
-                .unwrap_err()
-                .to_string(),
+            FieldSelector::parse("spec.nodeName=x").unwrap_err().to_string(),
             "unable to parse requirement: field label not supported: spec.nodeName"
         );
     }

@@ -31,9 +31,7 @@ pub const MAX_BODY: usize = 3 * 1024 * 1024;
 pub struct Offline(pub String);
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never: Infallible| match never {})
-        .boxed()
+    Full::new(bytes.into()).map_err(|never: Infallible| match never {}).boxed()
 }
 
 pub fn json_response(code: u16, v: &Value) -> Response<Body> {
@@ -81,27 +79,20 @@ pub async fn handle(
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
     if faults.error_rate > 0.0 && fastrand::f64() < faults.error_rate {
-        let mut r = error_response(&ApiError::unavailable(
-            "the simulated cluster injected a fault: service unavailable",
-        ));
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        let mut r =
+            error_response(&ApiError::unavailable("the simulated cluster injected a fault: service unavailable"));
+        r.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
         return Ok(r);
     }
     let prefix = format!("/clusters/{name}");
     let method = req.method().clone();
     let span = tracing::debug_span!("api", cluster = %name, %method, path = %rest);
-    let resp = serve(&inner, &cluster, &prefix, rest.to_string(), req)
-        .instrument(span)
-        .await;
+    let resp = serve(&inner, &cluster, &prefix, rest.to_string(), req).instrument(span).await;
     Ok(resp.unwrap_or_else(|e| error_response(&e)))
 }
 
 fn query(req: &Request<Incoming>) -> HashMap<String, String> {
-    req.uri()
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
+    req.uri().query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
 }
 
 enum Route {
@@ -189,10 +180,7 @@ async fn serve(
         }
         Route::Api => {
             get_only(req.method())?;
-            Ok(json_response(
-                200,
-                &discovery::api_versions(&inner.addr.to_string()),
-            ))
+            Ok(json_response(200, &discovery::api_versions(&inner.addr.to_string())))
         }
         Route::Apis => {
             get_only(req.method())?;
@@ -200,28 +188,19 @@ async fn serve(
         }
         Route::Group(g) => {
             get_only(req.method())?;
-            discovery::api_group(&served(), &g)
-                .map(|v| json_response(200, &v))
-                .ok_or_else(ApiError::no_route)
+            discovery::api_group(&served(), &g).map(|v| json_response(200, &v)).ok_or_else(ApiError::no_route)
         }
         Route::GroupVersion(g, v) => {
             get_only(req.method())?;
-            discovery::resource_list(&served(), &g, &v)
-                .map(|v| json_response(200, &v))
-                .ok_or_else(ApiError::no_route)
+            discovery::resource_list(&served(), &g, &v).map(|v| json_response(200, &v)).ok_or_else(ApiError::no_route)
         }
         Route::OpenApiV3 => {
             get_only(req.method())?;
-            Ok(json_response(
-                200,
-                &discovery::openapi_v3_root(&served(), prefix),
-            ))
+            Ok(json_response(200, &discovery::openapi_v3_root(&served(), prefix)))
         }
         Route::OpenApiV3Gv(gv) => {
             get_only(req.method())?;
-            discovery::openapi_v3_gv(&served(), &gv)
-                .map(|v| json_response(200, &v))
-                .ok_or_else(ApiError::no_route)
+            discovery::openapi_v3_gv(&served(), &gv).map(|v| json_response(200, &v)).ok_or_else(ApiError::no_route)
         }
         Route::Resource(p) => resource(inner, c, p, req).await,
     }
@@ -243,9 +222,9 @@ fn dry_run(q: &HashMap<String, String>) -> Result<bool, ApiError> {
     match q.get("dryRun").map(String::as_str) {
         None | Some("") => Ok(false),
         Some("All") => Ok(true),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "Invalid dry run argument: {other:?}: supported values: \"All\""
-        ))),
+        Some(other) => {
+            Err(ApiError::bad_request(format!("Invalid dry run argument: {other:?}: supported values: \"All\"")))
+        }
     }
 }
 
@@ -253,11 +232,7 @@ fn wants_table(req: &Request<Incoming>) -> bool {
     req.headers()
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| {
-            a.split(',')
-                .next()
-                .is_some_and(|first| first.contains("as=Table"))
-        })
+        .is_some_and(|a| a.split(',').next().is_some_and(|first| first.contains("as=Table")))
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<(String, Bytes), ApiError> {
@@ -301,9 +276,7 @@ fn decode_object(res: &ResourceDef, ct: &str, body: &[u8]) -> Result<Value, ApiE
         "application/yaml" | "application/x-yaml" | "text/yaml" => {
             serde_yaml::from_slice(body).map_err(|e| unrecognized(e.to_string()))?
         }
-        "application/json" | "" | "*/*" => {
-            serde_json::from_slice(body).map_err(|e| unrecognized(e.to_string()))?
-        }
+        "application/json" | "" | "*/*" => serde_json::from_slice(body).map_err(|e| unrecognized(e.to_string()))?,
         other => return Err(ApiError::unsupported_media(other)),
     };
     if !v.is_object() {
@@ -318,18 +291,12 @@ fn list_opts(q: &HashMap<String, String>) -> Result<ListOpts, ApiError> {
     let field = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let limit = match q.get("limit") {
-        Some(l) if !l.is_empty() => Some(
-            l.parse::<usize>()
-                .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
-        ),
+        Some(l) if !l.is_empty() => {
+            Some(l.parse::<usize>().map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?)
+        }
         _ => None,
     };
-    Ok(ListOpts {
-        label,
-        field,
-        limit,
-        continue_: q.get("continue").filter(|c| !c.is_empty()).cloned(),
-    })
+    Ok(ListOpts { label, field, limit, continue_: q.get("continue").filter(|c| !c.is_empty()).cloned() })
 }
 
 async fn resource(
@@ -338,8 +305,7 @@ async fn resource(
     p: ResPath,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let res = ops::resolve(&inner.builtins, c, &p.group, &p.version, &p.plural)
-        .ok_or_else(ApiError::no_route)?;
+    let res = ops::resolve(&inner.builtins, c, &p.group, &p.version, &p.plural).ok_or_else(ApiError::no_route)?;
     if !res.namespaced && p.ns.is_some() {
         return Err(ApiError::no_route());
     }
@@ -354,10 +320,7 @@ async fn resource(
     let method = req.method().clone();
     let is_watch = p.watch || matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
     let table = wants_table(&req);
-    let include = q
-        .get("includeObject")
-        .cloned()
-        .unwrap_or_else(|| "Metadata".into());
+    let include = q.get("includeObject").cloned().unwrap_or_else(|| "Metadata".into());
     let opts = WriteOpts {
         dry_run: dry_run(&q)?,
         field_manager: field_manager(&q, &req),
@@ -383,10 +346,7 @@ async fn resource(
                 meta["remainingItemCount"] = json!(r);
             }
             if table {
-                return Ok(json_response(
-                    200,
-                    &table::table(&res, &l.items, meta, &include),
-                ));
+                return Ok(json_response(200, &table::table(&res, &l.items, meta, &include)));
             }
             Ok(json_response(
                 200,
@@ -400,14 +360,8 @@ async fn resource(
                 _ => ops::get(c, &res, ns, &name)?,
             };
             if table && sub == Sub::Main {
-                let rv = obj
-                    .pointer("/metadata/resourceVersion")
-                    .cloned()
-                    .unwrap_or(json!(""));
-                return Ok(json_response(
-                    200,
-                    &table::table(&res, &[obj], json!({"resourceVersion": rv}), &include),
-                ));
+                let rv = obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""));
+                return Ok(json_response(200, &table::table(&res, &[obj], json!({"resourceVersion": rv}), &include)));
             }
             Ok(json_response(200, &obj))
         }
@@ -436,9 +390,7 @@ async fn resource(
                 other => return Err(ApiError::unsupported_media(other)),
             };
             if ptype != PatchType::Apply && opts.force {
-                return Err(ApiError::bad_request(
-                    "force is only supported for apply patch requests",
-                ));
+                return Err(ApiError::bad_request("force is only supported for apply patch requests"));
             }
             let w = ops::patch(c, &res, ns, &name, ptype, &body, sub, &opts)?;
             Ok(json_response(if w.created { 201 } else { 200 }, &w.obj))
@@ -459,15 +411,8 @@ async fn resource(
             let l = ops::list(c, &res, ns, &list_opts(&q)?)?;
             let mut deleted = Vec::new();
             for item in l.items {
-                let n = item
-                    .pointer("/metadata/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string();
-                let ins = item
-                    .pointer("/metadata/namespace")
-                    .and_then(Value::as_str)
-                    .map(str::to_string);
+                let n = item.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
+                let ins = item.pointer("/metadata/namespace").and_then(Value::as_str).map(str::to_string);
                 match ops::delete(c, &res, ins.as_deref(), &n, &d) {
                     Ok(o) => deleted.push(o),
                     Err(e) if e.code == 404 => {}
@@ -494,24 +439,17 @@ fn delete_opts(q: &HashMap<String, String>, body: &[u8]) -> Result<DeleteOpts, A
     let b: Value = if body.iter().all(u8::is_ascii_whitespace) {
         json!({})
     } else {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
     };
     let prop = q
         .get("propagationPolicy")
         .cloned()
-        .or_else(|| {
-            b.get("propagationPolicy")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .or_else(
-            || match b.get("orphanDependents").and_then(Value::as_bool) {
-                Some(true) => Some("Orphan".into()),
-                Some(false) => Some("Background".into()),
-                None => None,
-            },
-        );
+        .or_else(|| b.get("propagationPolicy").and_then(Value::as_str).map(str::to_string))
+        .or_else(|| match b.get("orphanDependents").and_then(Value::as_bool) {
+            Some(true) => Some("Orphan".into()),
+            Some(false) => Some("Background".into()),
+            None => None,
+        });
     let propagation = match prop.as_deref() {
         None | Some("Background") => Propagation::Background,
         Some("Foreground") => Propagation::Foreground,
@@ -522,21 +460,12 @@ fn delete_opts(q: &HashMap<String, String>, body: &[u8]) -> Result<DeleteOpts, A
             )))
         }
     };
-    let body_dry = b
-        .get("dryRun")
-        .and_then(Value::as_array)
-        .is_some_and(|a| a.iter().any(|v| v == "All"));
+    let body_dry = b.get("dryRun").and_then(Value::as_array).is_some_and(|a| a.iter().any(|v| v == "All"));
     Ok(DeleteOpts {
         dry_run: dry_run(q)? || body_dry,
         propagation,
-        precondition_rv: b
-            .pointer("/preconditions/resourceVersion")
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        precondition_uid: b
-            .pointer("/preconditions/uid")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        precondition_rv: b.pointer("/preconditions/resourceVersion").and_then(Value::as_str).map(str::to_string),
+        precondition_uid: b.pointer("/preconditions/uid").and_then(Value::as_str).map(str::to_string),
     })
 }
 
@@ -564,17 +493,13 @@ fn watch(
     let opts = list_opts(q)?;
     let from = match q.get("resourceVersion").map(String::as_str) {
         None | Some("") => None,
-        Some(rv) => Some(
-            rv.parse::<u64>()
-                .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?,
-        ),
+        Some(rv) => {
+            Some(rv.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?)
+        }
     };
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let initial_events = q.get("sendInitialEvents").is_some_and(|v| v == "true");
-    let timeout = q
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse::<u64>().ok())
-        .unwrap_or(1800);
+    let timeout = q.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).unwrap_or(1800);
     let (tx, rx) = mpsc::channel(256);
     match ops::watch(c, res, ns, if initial_events { None } else { from }, &opts) {
         Ok(start) => {
@@ -590,8 +515,7 @@ fn watch(
                 bookmark_every: inner.bookmark_interval,
                 shutdown: inner.shutdown.clone(),
             };
-            let span =
-                tracing::debug_span!("watch", cluster = %c.name, resource = %res.qualified());
+            let span = tracing::debug_span!("watch", cluster = %c.name, resource = %res.qualified());
             tokio::spawn(job.run(start, tx).instrument(span));
         }
         Err(e) if e.code == 410 => {
@@ -627,7 +551,8 @@ struct WatchJob {
 impl WatchJob {
     fn render(&self, obj: &Value) -> Value {
         if self.table {
-            let meta = json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""))});
+            let meta =
+                json!({"resourceVersion": obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""))});
             table::table(&self.res, std::slice::from_ref(obj), meta, &self.include)
         } else {
             obj.clone()
@@ -639,10 +564,7 @@ impl WatchJob {
         if initial_end {
             meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
         }
-        event_line(
-            "BOOKMARK",
-            &json!({"kind": self.res.kind, "apiVersion": self.res.api_version(), "metadata": meta}),
-        )
+        event_line("BOOKMARK", &json!({"kind": self.res.kind, "apiVersion": self.res.api_version(), "metadata": meta}))
     }
 
     async fn run(self, start: ops::WatchStart, tx: Tx) {
@@ -658,9 +580,7 @@ impl WatchJob {
             return;
         }
         for ev in &start.backlog {
-            if let Some((typ, obj)) =
-                ops::filter_event(&self.res, self.ns.as_deref(), &self.opts, ev)
-            {
+            if let Some((typ, obj)) = ops::filter_event(&self.res, self.ns.as_deref(), &self.opts, ev) {
                 if !send(&tx, event_line(typ.as_str(), &self.render(&obj))).await {
                     return;
                 }

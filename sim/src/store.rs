@@ -9,7 +9,31 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::broadcast;
 
-pub type Obj = Arc<Value>;
+/// An object as stored: compact JSON, parsed where it is used. A parsed `serde_json::Value` costs several
+/// times its text in memory; this keeps 10,000 clusters and their history small.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stored(Box<[u8]>);
+
+impl Stored {
+    pub fn new(v: &Value) -> Obj {
+        Arc::new(Stored(serde_json::to_vec(v).unwrap_or_default().into_boxed_slice()))
+    }
+
+    pub fn value(&self) -> Value {
+        serde_json::from_slice(&self.0).unwrap_or(Value::Null)
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// A cheap pre-filter before parsing: whether the JSON text contains `needle`.
+    pub fn contains(&self, needle: &str) -> bool {
+        !needle.is_empty() && self.0.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+}
+
+pub type Obj = Arc<Stored>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventType {
@@ -104,15 +128,8 @@ pub struct Settings {
 
 impl Settings {
     pub fn new(behaviour: Behaviour) -> Result<Self, regex::Error> {
-        let fail_images = behaviour
-            .fail_images
-            .as_deref()
-            .map(regex::Regex::new)
-            .transpose()?;
-        Ok(Settings {
-            behaviour,
-            fail_images,
-        })
+        let fail_images = behaviour.fail_images.as_deref().map(regex::Regex::new).transpose()?;
+        Ok(Settings { behaviour, fail_images })
     }
 
     pub fn image_fails(&self, image: &str) -> bool {
@@ -149,9 +166,7 @@ impl ClusterState {
     }
 
     pub fn get(&self, key: &str, ns: &str, name: &str) -> Option<&Obj> {
-        self.objects
-            .get(key)?
-            .get(&(ns.to_string(), name.to_string()))
+        self.objects.get(key)?.get(&(ns.to_string(), name.to_string()))
     }
 
     pub fn next_rv(&mut self) -> u64 {
@@ -161,23 +176,10 @@ impl ClusterState {
 
     /// Stores `obj` (whose resourceVersion is already set to `rv`) and publishes the change.
     pub fn put(&mut self, key: &str, ns: &str, name: &str, obj: Obj, rv: u64) {
-        let old = self
-            .objects
-            .entry(key.to_string())
-            .or_default()
-            .insert((ns.to_string(), name.to_string()), obj.clone());
-        let typ = if old.is_some() {
-            EventType::Modified
-        } else {
-            EventType::Added
-        };
-        self.publish(Event {
-            rv,
-            typ,
-            key: key.to_string(),
-            obj,
-            old,
-        });
+        let old =
+            self.objects.entry(key.to_string()).or_default().insert((ns.to_string(), name.to_string()), obj.clone());
+        let typ = if old.is_some() { EventType::Modified } else { EventType::Added };
+        self.publish(Event { rv, typ, key: key.to_string(), obj, old });
     }
 
     /// Removes an object; `last` is its final state (with the deletion's resourceVersion).
@@ -187,13 +189,7 @@ impl ClusterState {
         if self.objects.get(key).is_some_and(BTreeMap::is_empty) {
             self.objects.remove(key);
         }
-        self.publish(Event {
-            rv,
-            typ: EventType::Deleted,
-            key: key.to_string(),
-            obj: last,
-            old,
-        });
+        self.publish(Event { rv, typ: EventType::Deleted, key: key.to_string(), obj: last, old });
     }
 
     fn publish(&mut self, ev: Event) {
@@ -263,10 +259,7 @@ impl Cluster {
     }
 
     pub fn faults(&self) -> Faults {
-        self.faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn set_faults(&self, f: Faults) {
@@ -278,10 +271,7 @@ impl Cluster {
     }
 
     pub fn settings(&self) -> Arc<Settings> {
-        self.settings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.settings.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn set_settings(&self, s: Arc<Settings>) {
@@ -296,21 +286,11 @@ mod tests {
 
     #[test]
     fn history_is_bounded_and_compaction_moves_forward() {
-        let c = Cluster::new(
-            "a".into(),
-            Arc::new(Settings::new(Behaviour::default()).unwrap()),
-            3,
-        );
+        let c = Cluster::new("a".into(), Arc::new(Settings::new(Behaviour::default()).unwrap()), 3);
         let mut s = c.state();
         for i in 0..5 {
             let rv = s.next_rv();
-            s.put(
-                "/configmaps",
-                "default",
-                &format!("c{i}"),
-                Arc::new(json!({})),
-                rv,
-            );
+            s.put("/configmaps", "default", &format!("c{i}"), Stored::new(&json!({})), rv);
         }
         assert_eq!(s.log.len(), 3);
         assert_eq!(s.compacted_rv, 2);
@@ -321,38 +301,23 @@ mod tests {
 
     #[test]
     fn watchers_see_events_and_disconnects() {
-        let c = Cluster::new(
-            "a".into(),
-            Arc::new(Settings::new(Behaviour::default()).unwrap()),
-            10,
-        );
+        let c = Cluster::new("a".into(), Arc::new(Settings::new(Behaviour::default()).unwrap()), 10);
         let mut rx = c.state().subscribe();
         {
             let mut s = c.state();
             let rv = s.next_rv();
-            s.put("/configmaps", "default", "x", Arc::new(json!({})), rv);
+            s.put("/configmaps", "default", "x", Stored::new(&json!({})), rv);
         }
         assert!(matches!(rx.try_recv(), Ok(Signal::Event(e)) if e.typ == EventType::Added));
-        c.set_faults(Faults {
-            offline: true,
-            ..Default::default()
-        });
+        c.set_faults(Faults { offline: true, ..Default::default() });
         assert!(matches!(rx.try_recv(), Ok(Signal::Disconnect)));
     }
 
     #[test]
     fn failure_rule_matches_images() {
-        let s = Settings::new(Behaviour {
-            fail_images: Some(":broken$".into()),
-            ..Default::default()
-        })
-        .unwrap();
+        let s = Settings::new(Behaviour { fail_images: Some(":broken$".into()), ..Default::default() }).unwrap();
         assert!(s.image_fails("nginx:broken"));
         assert!(!s.image_fails("nginx:1.27"));
-        assert!(Settings::new(Behaviour {
-            fail_images: Some("(".into()),
-            ..Default::default()
-        })
-        .is_err());
+        assert!(Settings::new(Behaviour { fail_images: Some("(".into()), ..Default::default() }).is_err());
     }
 }

@@ -63,11 +63,7 @@ fn col(name: &str, type_: &str, priority: i64) -> Value {
 }
 
 fn images(obj: &Value) -> (String, String) {
-    let cs = obj
-        .pointer("/spec/template/spec/containers")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let cs = obj.pointer("/spec/template/spec/containers").and_then(Value::as_array).cloned().unwrap_or_default();
     let names: Vec<&str> = cs.iter().map(|c| st(c, "/name")).collect();
     let imgs: Vec<&str> = cs.iter().map(|c| st(c, "/image")).collect();
     (names.join(","), imgs.join(","))
@@ -76,30 +72,19 @@ fn images(obj: &Value) -> (String, String) {
 fn selector(obj: &Value) -> String {
     obj.pointer("/spec/selector/matchLabels")
         .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(","))
         .unwrap_or_else(|| "<none>".into())
 }
 
 fn len_of(obj: &Value, p: &str) -> i64 {
-    obj.pointer(p)
-        .and_then(Value::as_object)
-        .map_or(0, |m| m.len() as i64)
+    obj.pointer(p).and_then(Value::as_object).map_or(0, |m| m.len() as i64)
 }
 
 /// Evaluates the simple JSONPath subset CRD printer columns use (`.spec.replicas`, `.status.conditions[0].type`,
 /// `.status.conditions[?(@.type=="Ready")].status`).
 pub fn json_path(obj: &Value, path: &str) -> Value {
     let mut cur = obj.clone();
-    let mut rest = path
-        .trim()
-        .trim_start_matches('{')
-        .trim_end_matches('}')
-        .trim_start_matches('.');
+    let mut rest = path.trim().trim_start_matches('{').trim_end_matches('}').trim_start_matches('.');
     while !rest.is_empty() {
         let end = rest.find(['.', '[']).unwrap_or(rest.len());
         let (field, tail) = rest.split_at(end);
@@ -116,11 +101,7 @@ pub fn json_path(obj: &Value, path: &str) -> Value {
                 let v = v.trim_matches(|c| c == '"' || c == '\'');
                 cur = cur
                     .as_array()
-                    .and_then(|a| {
-                        a.iter()
-                            .find(|i| i.get(k).and_then(Value::as_str) == Some(v))
-                            .cloned()
-                    })
+                    .and_then(|a| a.iter().find(|i| i.get(k).and_then(Value::as_str) == Some(v)).cloned())
                     .unwrap_or(Value::Null);
             } else if let Ok(i) = idx.parse::<usize>() {
                 cur = cur.get(i).cloned().unwrap_or(Value::Null);
@@ -147,18 +128,12 @@ fn columns(res: &ResourceDef) -> Vec<Value> {
                 ("Images", "string", 1),
                 ("Selector", "string", 1),
             ],
-            "StatefulSet" => &[
-                ("Ready", "string", 0),
-                ("Age", "string", 0),
-                ("Containers", "string", 1),
-                ("Images", "string", 1),
-            ],
-            "ReplicaSet" => &[
-                ("Desired", "integer", 0),
-                ("Current", "integer", 0),
-                ("Ready", "integer", 0),
-                ("Age", "string", 0),
-            ],
+            "StatefulSet" => {
+                &[("Ready", "string", 0), ("Age", "string", 0), ("Containers", "string", 1), ("Images", "string", 1)]
+            }
+            "ReplicaSet" => {
+                &[("Desired", "integer", 0), ("Current", "integer", 0), ("Ready", "integer", 0), ("Age", "string", 0)]
+            }
             "DaemonSet" => &[
                 ("Desired", "integer", 0),
                 ("Current", "integer", 0),
@@ -168,19 +143,12 @@ fn columns(res: &ResourceDef) -> Vec<Value> {
                 ("Node Selector", "string", 0),
                 ("Age", "string", 0),
             ],
-            "Pod" => &[
-                ("Ready", "string", 0),
-                ("Status", "string", 0),
-                ("Restarts", "string", 0),
-                ("Age", "string", 0),
-            ],
+            "Pod" => {
+                &[("Ready", "string", 0), ("Status", "string", 0), ("Restarts", "string", 0), ("Age", "string", 0)]
+            }
             "Namespace" => &[("Status", "string", 0), ("Age", "string", 0)],
             "ConfigMap" => &[("Data", "integer", 0), ("Age", "string", 0)],
-            "Secret" => &[
-                ("Type", "string", 0),
-                ("Data", "integer", 0),
-                ("Age", "string", 0),
-            ],
+            "Secret" => &[("Type", "string", 0), ("Data", "integer", 0), ("Age", "string", 0)],
             "Service" => &[
                 ("Type", "string", 0),
                 ("Cluster-IP", "string", 0),
@@ -189,11 +157,7 @@ fn columns(res: &ResourceDef) -> Vec<Value> {
                 ("Age", "string", 0),
                 ("Selector", "string", 1),
             ],
-            "Job" => &[
-                ("Status", "string", 0),
-                ("Completions", "string", 0),
-                ("Age", "string", 0),
-            ],
+            "Job" => &[("Status", "string", 0), ("Completions", "string", 0), ("Age", "string", 0)],
             "PersistentVolumeClaim" => &[
                 ("Status", "string", 0),
                 ("Capacity", "string", 0),
@@ -227,11 +191,7 @@ fn cells(res: &ResourceDef, o: &Value) -> Vec<Value> {
             // The API server prints date columns as ages, as it does for built-in kinds.
             let cell = match (pc.type_.as_str(), cell.as_str()) {
                 ("date", Some(t)) => chrono::DateTime::parse_from_rfc3339(t)
-                    .map(|t| {
-                        json!(human_duration(
-                            (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds()
-                        ))
-                    })
+                    .map(|t| json!(human_duration((chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())))
                     .unwrap_or(cell),
                 _ => cell,
             };
@@ -248,11 +208,7 @@ fn cells(res: &ResourceDef, o: &Value) -> Vec<Value> {
             let (c, i) = images(o);
             vec![
                 name,
-                json!(format!(
-                    "{}/{}",
-                    n(o, "/status/readyReplicas"),
-                    n(o, "/spec/replicas")
-                )),
+                json!(format!("{}/{}", n(o, "/status/readyReplicas"), n(o, "/spec/replicas"))),
                 json!(n(o, "/status/updatedReplicas")),
                 json!(n(o, "/status/availableReplicas")),
                 a,
@@ -265,11 +221,7 @@ fn cells(res: &ResourceDef, o: &Value) -> Vec<Value> {
             let (c, i) = images(o);
             vec![
                 name,
-                json!(format!(
-                    "{}/{}",
-                    n(o, "/status/readyReplicas"),
-                    n(o, "/spec/replicas")
-                )),
+                json!(format!("{}/{}", n(o, "/status/readyReplicas"), n(o, "/spec/replicas"))),
                 a,
                 json!(c),
                 json!(i),
@@ -287,10 +239,7 @@ fn cells(res: &ResourceDef, o: &Value) -> Vec<Value> {
                 .pointer("/spec/template/spec/nodeSelector")
                 .and_then(Value::as_object)
                 .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")
                 })
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "<none>".into());
@@ -306,46 +255,24 @@ fn cells(res: &ResourceDef, o: &Value) -> Vec<Value> {
             ]
         }
         "Pod" => {
-            let total = o
-                .pointer("/spec/containers")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len);
+            let total = o.pointer("/spec/containers").and_then(Value::as_array).map_or(0, Vec::len);
             let ready = o
                 .pointer("/status/containerStatuses")
                 .and_then(Value::as_array)
-                .map_or(0, |cs| {
-                    cs.iter().filter(|c| c["ready"] == json!(true)).count()
-                });
-            let waiting = o
-                .pointer("/status/containerStatuses/0/state/waiting/reason")
-                .and_then(Value::as_str);
+                .map_or(0, |cs| cs.iter().filter(|c| c["ready"] == json!(true)).count());
+            let waiting = o.pointer("/status/containerStatuses/0/state/waiting/reason").and_then(Value::as_str);
             let phase = waiting.unwrap_or_else(|| st(o, "/status/phase"));
-            vec![
-                name,
-                json!(format!("{ready}/{total}")),
-                json!(phase),
-                json!("0"),
-                a,
-            ]
+            vec![name, json!(format!("{ready}/{total}")), json!(phase), json!("0"), a]
         }
         "Namespace" => vec![name, json!(st(o, "/status/phase")), a],
-        "ConfigMap" => vec![
-            name,
-            json!(len_of(o, "/data") + len_of(o, "/binaryData")),
-            a,
-        ],
+        "ConfigMap" => vec![name, json!(len_of(o, "/data") + len_of(o, "/binaryData")), a],
         "Secret" => vec![name, json!(st(o, "/type")), json!(len_of(o, "/data")), a],
         "Service" => {
             let t = st(o, "/spec/type");
             let ext = o
                 .pointer("/status/loadBalancer/ingress")
                 .and_then(Value::as_array)
-                .map(|i| {
-                    i.iter()
-                        .filter_map(|x| x["ip"].as_str())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                });
+                .map(|i| i.iter().filter_map(|x| x["ip"].as_str()).collect::<Vec<_>>().join(","));
             let ext = match (t, ext) {
                 ("LoadBalancer", Some(e)) if !e.is_empty() => e,
                 ("LoadBalancer", _) => "<pending>".into(),
@@ -355,10 +282,7 @@ fn cells(res: &ResourceDef, o: &Value) -> Vec<Value> {
                 .pointer("/spec/ports")
                 .and_then(Value::as_array)
                 .map(|ps| {
-                    ps.iter()
-                        .map(|p| format!("{}/{}", p["port"], st(p, "/protocol")))
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    ps.iter().map(|p| format!("{}/{}", p["port"], st(p, "/protocol"))).collect::<Vec<_>>().join(",")
                 })
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "<none>".into());
@@ -366,37 +290,15 @@ fn cells(res: &ResourceDef, o: &Value) -> Vec<Value> {
                 .pointer("/spec/selector")
                 .and_then(Value::as_object)
                 .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect::<Vec<_>>()
-                        .join(",")
+                    m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")
                 })
                 .unwrap_or_else(|| "<none>".into());
-            let ip = o
-                .pointer("/spec/clusterIP")
-                .and_then(Value::as_str)
-                .unwrap_or("<none>");
-            vec![
-                name,
-                json!(t),
-                json!(ip),
-                json!(ext),
-                json!(ports),
-                a,
-                json!(sel),
-            ]
+            let ip = o.pointer("/spec/clusterIP").and_then(Value::as_str).unwrap_or("<none>");
+            vec![name, json!(t), json!(ip), json!(ext), json!(ports), a, json!(sel)]
         }
         "Job" => {
-            let conds = o
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            let has = |t: &str| {
-                conds
-                    .iter()
-                    .any(|c| c["type"] == t && c["status"] == "True")
-            };
+            let conds = o.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+            let has = |t: &str| conds.iter().any(|c| c["type"] == t && c["status"] == "True");
             let status = if has("Complete") {
                 "Complete"
             } else if has("Failed") {
@@ -407,11 +309,7 @@ fn cells(res: &ResourceDef, o: &Value) -> Vec<Value> {
             vec![
                 name,
                 json!(status),
-                json!(format!(
-                    "{}/{}",
-                    n(o, "/status/succeeded"),
-                    n(o, "/spec/completions").max(1)
-                )),
+                json!(format!("{}/{}", n(o, "/status/succeeded"), n(o, "/spec/completions").max(1))),
                 a,
             ]
         }
@@ -432,20 +330,11 @@ fn cells(res: &ResourceDef, o: &Value) -> Vec<Value> {
                         .join(",")
                 })
                 .unwrap_or_default();
-            vec![
-                name,
-                json!(st(o, "/status/phase")),
-                json!(st(o, "/status/capacity/storage")),
-                json!(modes),
-                a,
-            ]
+            vec![name, json!(st(o, "/status/phase")), json!(st(o, "/status/capacity/storage")), json!(modes), a]
         }
-        "CustomResourceDefinition" => vec![
-            name,
-            o.pointer("/metadata/creationTimestamp")
-                .cloned()
-                .unwrap_or(Value::Null),
-        ],
+        "CustomResourceDefinition" => {
+            vec![name, o.pointer("/metadata/creationTimestamp").cloned().unwrap_or(Value::Null)]
+        }
         _ => vec![name, a],
     }
 }
@@ -493,10 +382,7 @@ mod tests {
         let o = json!({"status": {"conditions": [{"type": "A", "status": "False"}, {"type": "Ready", "status": "True"}]}, "spec": {"replicas": 3}});
         assert_eq!(json_path(&o, ".spec.replicas"), json!(3));
         assert_eq!(json_path(&o, ".status.conditions[0].type"), json!("A"));
-        assert_eq!(
-            json_path(&o, ".status.conditions[?(@.type==\"Ready\")].status"),
-            json!("True")
-        );
+        assert_eq!(json_path(&o, ".status.conditions[?(@.type==\"Ready\")].status"), json!("True"));
         assert_eq!(json_path(&o, ".missing.x"), Value::Null);
     }
 

@@ -15,26 +15,14 @@ impl Drop for Sim {
 }
 
 fn require_tool(tool: &str, install: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
     assert!(found, "{tool} is not installed; install it with: {install}");
 }
 
 fn start_sim(dir: &Path, cluster: &str) -> (Sim, String) {
     let child = Command::new(env!("CARGO_BIN_EXE_flotilla-sim"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--cluster",
-            cluster,
-            "--ready-after-ms",
-            "200",
-            "--bookmark-ms",
-            "1000",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--cluster", cluster, "--ready-after-ms", "200", "--bookmark-ms", "1000"])
         .arg("--kubeconfig-dir")
         .arg(dir)
         .env("RUST_LOG", "warn")
@@ -50,33 +38,19 @@ fn start_sim(dir: &Path, cluster: &str) -> (Sim, String) {
                 return (sim, s.trim().to_string());
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "flotilla-sim did not write {}",
-            server_file.display()
-        );
+        assert!(Instant::now() < deadline, "flotilla-sim did not write {}", server_file.display());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 #[test]
 fn kubectl_accepts_the_simulator() {
-    require_tool(
-        "kubectl",
-        "see https://kubernetes.io/docs/tasks/tools/ (Debian: apt-get install -y kubectl)",
-    );
+    require_tool("kubectl", "see https://kubernetes.io/docs/tasks/tools/ (Debian: apt-get install -y kubectl)");
     require_tool("python3", "apt-get install -y python3");
     require_tool("diff", "apt-get install -y diffutils");
     let dir = tempfile::tempdir().expect("tempdir");
     let (_sim, server) = start_sim(dir.path(), "kubectl-suite");
-    let script: PathBuf = [
-        env!("CARGO_MANIFEST_DIR"),
-        "tests",
-        "kubectl",
-        "kubectl-suite.sh",
-    ]
-    .iter()
-    .collect();
+    let script: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "kubectl", "kubectl-suite.sh"].iter().collect();
     let out = Command::new("bash")
         .arg(&script)
         .env("KUBECONFIG", dir.path().join("kubectl-suite.kubeconfig"))
@@ -89,12 +63,6 @@ fn kubectl_accepts_the_simulator() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
     eprintln!("{stderr}");
-    assert!(
-        out.status.success(),
-        "kubectl suite failed:\n{stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains("15 passed, 0 failed"),
-        "the suite did not run every step:\n{stdout}"
-    );
+    assert!(out.status.success(), "kubectl suite failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("15 passed, 0 failed"), "the suite did not run every step:\n{stdout}");
 }
