@@ -175,6 +175,9 @@ enum Phase {
     Failed,
 }
 
+/// The status a workload controller reports. While a new pod template rolls out, the old pods keep serving
+/// (ready and available) and one surge pod of the new template is not ready yet, as with the real
+/// RollingUpdate strategy; a scale keeps the template and only waits for the added pods.
 fn workload_status(kind: &str, obj: &Value, phase: Phase, nodes: i64) -> Value {
     let generation = i(obj, "/metadata/generation").unwrap_or(1);
     let name = s(obj, "/metadata/name").unwrap_or_default();
@@ -182,17 +185,30 @@ fn workload_status(kind: &str, obj: &Value, phase: Phase, nodes: i64) -> Value {
     let prev = obj.get("status");
     let prev_ready =
         prev.and_then(|p| p.get("readyReplicas").or_else(|| p.get("numberReady"))).and_then(Value::as_i64).unwrap_or(0);
-    let ready = match phase {
-        Phase::Ready => replicas,
-        _ => 0.max(prev_ready.min(replicas)).min(if phase == Phase::Failed { 0 } else { replicas }),
-    };
     let hash = template_hash(obj);
+    let rs = format!("{name}-{hash}");
+    let template_changed = match kind {
+        "Deployment" => prev
+            .and_then(|p| p.get("conditions"))
+            .and_then(Value::as_array)
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Progressing"))
+            .and_then(|c| c["message"].as_str())
+            .is_some_and(|m| !m.contains(&format!("\"{rs}\""))),
+        "StatefulSet" => prev.and_then(|p| p.get("updateRevision")).and_then(Value::as_str).is_some_and(|r| r != rs),
+        _ => prev.and_then(|p| p.get("observedGeneration")).and_then(Value::as_i64).is_some_and(|g| g != generation),
+    };
+    let old_ready = prev_ready.min(replicas).max(0);
+    // (ready, updated, total pods)
+    let (ready, updated, total) = match phase {
+        Phase::Ready => (replicas, replicas, replicas),
+        _ if old_ready == 0 => (0, replicas, replicas),
+        _ if template_changed => (old_ready, replicas.min(1), replicas + 1),
+        _ => (old_ready, replicas, replicas),
+    };
     match kind {
         "Deployment" => {
-            let rs = format!("{name}-{hash}");
             let conds = prev.and_then(|p| p.get("conditions"));
-            let max_unavailable = 0; // simplified: Available means all replicas are available
-            let available = ready >= replicas - max_unavailable;
+            let available = ready >= replicas;
             let progressing = match phase {
                 Phase::Ready => condition(
                     "Progressing",
@@ -229,45 +245,48 @@ fn workload_status(kind: &str, obj: &Value, phase: Phase, nodes: i64) -> Value {
             };
             let mut st = json!({
                 "observedGeneration": generation,
-                "replicas": replicas,
-                "updatedReplicas": replicas,
+                "replicas": total,
+                "updatedReplicas": updated,
                 "readyReplicas": ready,
                 "availableReplicas": ready,
                 "conditions": [avail, progressing],
             });
-            if replicas > ready {
-                st["unavailableReplicas"] = json!(replicas - ready);
+            if total > ready {
+                st["unavailableReplicas"] = json!(total - ready);
             }
             st
         }
         "StatefulSet" => {
-            let rev = format!("{name}-{hash}");
-            let current = if phase == Phase::Ready {
-                rev.clone()
+            let current = if phase == Phase::Ready || !template_changed {
+                rs.clone()
             } else {
-                prev.and_then(|p| p.get("currentRevision")).and_then(Value::as_str).unwrap_or(&rev).to_string()
+                prev.and_then(|p| p.get("currentRevision")).and_then(Value::as_str).unwrap_or(&rs).to_string()
             };
+            let sts_updated = if template_changed && phase != Phase::Ready { 0 } else { updated };
             json!({
                 "observedGeneration": generation,
                 "replicas": replicas,
                 "readyReplicas": ready,
-                "currentReplicas": if phase == Phase::Ready { replicas } else { ready },
-                "updatedReplicas": replicas,
+                "currentReplicas": if current == rs { replicas } else { replicas - sts_updated },
+                "updatedReplicas": sts_updated,
                 "availableReplicas": ready,
                 "currentRevision": current,
-                "updateRevision": rev,
+                "updateRevision": rs,
                 "collisionCount": 0,
             })
         }
-        "DaemonSet" => json!({
-            "observedGeneration": generation,
-            "desiredNumberScheduled": replicas,
-            "currentNumberScheduled": replicas,
-            "updatedNumberScheduled": replicas,
-            "numberReady": ready,
-            "numberAvailable": ready,
-            "numberMisscheduled": 0,
-        }),
+        "DaemonSet" => {
+            let ds_updated = if template_changed && phase != Phase::Ready { 0 } else { replicas };
+            json!({
+                "observedGeneration": generation,
+                "desiredNumberScheduled": replicas,
+                "currentNumberScheduled": replicas,
+                "updatedNumberScheduled": ds_updated,
+                "numberReady": ready,
+                "numberAvailable": ready,
+                "numberMisscheduled": 0,
+            })
+        }
         _ => json!({
             "observedGeneration": generation,
             "replicas": replicas,
@@ -388,9 +407,18 @@ async fn load_balancer(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name:
         if s(o, "/spec/type") != Some("LoadBalancer") {
             return None;
         }
-        let ip = s(o, "/spec/clusterIP").unwrap_or("198.18.0.1").replacen("198.18.", "198.19.", 1);
+        let ip = lb_address(s(o, "/metadata/uid").unwrap_or_default());
         Some(set_status(o, json!({"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}})))
     });
+}
+
+/// A stable external address per Service, in the benchmarking range 198.18.0.0/15 (never routed).
+fn lb_address(uid: &str) -> String {
+    let mut h: u32 = 2166136261;
+    for b in uid.bytes() {
+        h = (h ^ b as u32).wrapping_mul(16777619);
+    }
+    format!("198.19.{}.{}", (h >> 8) & 0xff, (h & 0xff).max(1))
 }
 
 async fn establish(c: Arc<Cluster>, res: Arc<ResourceDef>, name: String, uid: String, generation: i64) {
