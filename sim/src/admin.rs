@@ -62,7 +62,7 @@ pub async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, path: &str) -> R
         (m @ (Method::PUT | Method::PATCH), ["clusters", name, what @ ("faults" | "behaviour")]) => {
             let targets = match targets(inner, name) {
                 Ok(t) => t,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let patch: Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
@@ -95,7 +95,7 @@ pub async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, path: &str) -> R
         (Method::POST, ["clusters", name, "compact"]) => {
             let targets = match targets(inner, name) {
                 Ok(t) => t,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             for c in &targets {
                 c.state().compact();
@@ -106,11 +106,14 @@ pub async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, path: &str) -> R
     }
 }
 
-fn targets(inner: &Inner, name: &str) -> Result<Vec<Arc<crate::store::Cluster>>, Response<Body>> {
+fn targets(inner: &Inner, name: &str) -> Result<Vec<Arc<crate::store::Cluster>>, Box<Response<Body>>> {
     if name == "*" {
         return Ok(inner.clusters());
     }
-    inner.cluster(name).map(|c| vec![c]).ok_or_else(|| err(404, format!("no simulated cluster named {name:?}")))
+    inner
+        .cluster(name)
+        .map(|c| vec![c])
+        .ok_or_else(|| Box::new(err(404, format!("no simulated cluster named {name:?}"))))
 }
 
 fn merged<T: serde::Serialize + serde::de::DeserializeOwned>(cur: &T, patch: &Value, merge: bool) -> Result<T, String> {

@@ -59,29 +59,24 @@ pub fn observe(c: &Arc<Cluster>, res: &Arc<ResourceDef>, obj: &Value) {
                 spawn("workload", c, &id, async move { workload(c2, r2, ns, name, uid, generation).await });
             }
         }
-        "Job" => {
-            if obj.pointer("/status/startTime").is_none() {
-                let (c2, r2) = (c.clone(), res.clone());
-                spawn("job", c, &id, async move { job(c2, r2, ns, name, uid).await });
-            }
+        "Job" if obj.pointer("/status/startTime").is_none() => {
+            let (c2, r2) = (c.clone(), res.clone());
+            spawn("job", c, &id, async move { job(c2, r2, ns, name, uid).await });
         }
-        "Pod" => {
-            if obj.pointer("/status/conditions").is_none() {
-                let (c2, r2) = (c.clone(), res.clone());
-                spawn("pod", c, &id, async move { pod(c2, r2, ns, name, uid).await });
-            }
+        "Pod" if obj.pointer("/status/conditions").is_none() => {
+            let (c2, r2) = (c.clone(), res.clone());
+            spawn("pod", c, &id, async move { pod(c2, r2, ns, name, uid).await });
         }
-        "PersistentVolumeClaim" => {
-            if s(obj, "/status/phase") != Some("Bound") {
-                let (c2, r2) = (c.clone(), res.clone());
-                spawn("pvc", c, &id, async move { pvc(c2, r2, ns, name, uid).await });
-            }
+        "PersistentVolumeClaim" if s(obj, "/status/phase") != Some("Bound") => {
+            let (c2, r2) = (c.clone(), res.clone());
+            spawn("pvc", c, &id, async move { pvc(c2, r2, ns, name, uid).await });
         }
-        "Service" => {
-            if s(obj, "/spec/type") == Some("LoadBalancer") && obj.pointer("/status/loadBalancer/ingress").is_none() {
-                let (c2, r2) = (c.clone(), res.clone());
-                spawn("service", c, &id, async move { load_balancer(c2, r2, ns, name, uid).await });
-            }
+        "Service"
+            if s(obj, "/spec/type") == Some("LoadBalancer")
+                && obj.pointer("/status/loadBalancer/ingress").is_none() =>
+        {
+            let (c2, r2) = (c.clone(), res.clone());
+            spawn("service", c, &id, async move { load_balancer(c2, r2, ns, name, uid).await });
         }
         "CustomResourceDefinition" => {
             let (c2, r2) = (c.clone(), res.clone());

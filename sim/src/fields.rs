@@ -274,7 +274,7 @@ fn walk_value<'a>(v: &'a Value, names: &mut Vec<&'a str>, node: &mut FieldSet, c
     }
 }
 
-fn find_item<'a>(items: &'a [Value], pe: &str) -> Option<usize> {
+fn find_item(items: &[Value], pe: &str) -> Option<usize> {
     if let Some(k) = pe.strip_prefix("k:") {
         let key: Map<String, Value> = serde_json::from_str(k).ok()?;
         items.iter().position(|i| key.iter().all(|(kk, kv)| i.get(kk) == Some(kv)))

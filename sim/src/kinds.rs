@@ -168,7 +168,7 @@ pub fn validate(res: &ResourceDef, obj: &Value) -> Vec<(String, String)> {
         if !dns_label(name) {
             errs.push(("metadata.name".into(), format!("Invalid value: {name:?}: {LABEL_MSG}")));
         }
-    } else if !dns_subdomain(name) && !(res.builtin && res.group == "rbac.authorization.k8s.io") {
+    } else if !(dns_subdomain(name) || res.builtin && res.group == "rbac.authorization.k8s.io") {
         errs.push(("metadata.name".into(), format!("Invalid value: {name:?}: {SUBDOMAIN_MSG}")));
     }
     if let Some(labels) = obj.pointer("/metadata/labels") {
@@ -302,6 +302,14 @@ pub fn images(obj: &Value) -> Vec<String> {
     out
 }
 
+/// An object marked for deletion whose finalizers are all gone leaves the store.
+pub fn is_gone(res: &ResourceDef, obj: &Value) -> bool {
+    let empty = |p: &str| obj.pointer(p).and_then(Value::as_array).is_none_or(Vec::is_empty);
+    obj.pointer("/metadata/deletionTimestamp").is_some()
+        && empty("/metadata/finalizers")
+        && (!(res.builtin && res.kind == "Namespace") || empty("/spec/finalizers"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,12 +358,4 @@ mod tests {
         let c = json!({"metadata": {}, "spec": {"x": 2}});
         assert!(spec_changed(&a, &c));
     }
-}
-
-/// An object marked for deletion whose finalizers are all gone leaves the store.
-pub fn is_gone(res: &ResourceDef, obj: &Value) -> bool {
-    let empty = |p: &str| obj.pointer(p).and_then(Value::as_array).is_none_or(Vec::is_empty);
-    obj.pointer("/metadata/deletionTimestamp").is_some()
-        && empty("/metadata/finalizers")
-        && (!(res.builtin && res.kind == "Namespace") || empty("/spec/finalizers"))
 }

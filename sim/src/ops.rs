@@ -595,6 +595,7 @@ fn update_scale(
     write_scale(c, res, ns, name, body, opts)
 }
 
+#[allow(clippy::too_many_arguments)] // mirrors the REST call: target, patch type, body, subresource, options
 pub fn patch(
     c: &Arc<Cluster>,
     res: &Arc<ResourceDef>,

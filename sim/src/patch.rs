@@ -38,7 +38,7 @@ pub fn strategic_merge_patch(target: &Value, body: &[u8], builtin: bool) -> Resu
         return Err(PatchError::Invalid("patch body must be a JSON object".into()));
     };
     let mut names = Vec::new();
-    Ok(smp_obj(target.as_object().cloned().unwrap_or_default(), &pm, &mut names, builtin)?)
+    smp_obj(target.as_object().cloned().unwrap_or_default(), &pm, &mut names, builtin)
 }
 
 fn smp_obj(
