@@ -62,6 +62,17 @@ pub fn apply_defaults(res: &ResourceDef, obj: &mut Value, old: Option<&Value>) {
     }
     let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
     let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_string();
+    let template = match res.kind.as_str() {
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "ReplicationController" | "Job" => {
+            Some("/spec/template/spec")
+        }
+        "CronJob" => Some("/spec/jobTemplate/spec/template/spec"),
+        "Pod" => Some("/spec"),
+        _ => None,
+    };
+    if let Some(spec) = template.and_then(|p| obj.pointer_mut(p)) {
+        pod_spec_defaults(spec, !matches!(res.kind.as_str(), "Job" | "CronJob"));
+    }
     match res.kind.as_str() {
         "Namespace" => {
             set_default(obj, &["spec", "finalizers"], json!(["kubernetes"]));
@@ -133,6 +144,34 @@ pub fn apply_defaults(res: &ResourceDef, obj: &mut Value, old: Option<&Value>) {
         "Pod" => set_default(obj, &["status", "phase"], json!("Pending")),
         "PersistentVolumeClaim" => set_default(obj, &["status", "phase"], json!("Pending")),
         _ => {}
+    }
+}
+
+/// The pod defaults the API server adds, which show up in every live object and so in every drift check.
+fn pod_spec_defaults(spec: &mut Value, restart_always: bool) {
+    let Some(m) = spec.as_object_mut() else { return };
+    if restart_always {
+        m.entry("restartPolicy").or_insert(json!("Always"));
+    }
+    m.entry("dnsPolicy").or_insert(json!("ClusterFirst"));
+    m.entry("schedulerName").or_insert(json!("default-scheduler"));
+    m.entry("securityContext").or_insert(json!({}));
+    m.entry("terminationGracePeriodSeconds").or_insert(json!(30));
+    for field in ["initContainers", "containers"] {
+        for c in m.get_mut(field).and_then(Value::as_array_mut).into_iter().flatten() {
+            let Some(c) = c.as_object_mut() else { continue };
+            let latest =
+                c.get("image").and_then(Value::as_str).is_some_and(|i| i.ends_with(":latest") || !i.contains(':'));
+            c.entry("imagePullPolicy").or_insert(json!(if latest { "Always" } else { "IfNotPresent" }));
+            c.entry("terminationMessagePath").or_insert(json!("/dev/termination-log"));
+            c.entry("terminationMessagePolicy").or_insert(json!("File"));
+            c.entry("resources").or_insert(json!({}));
+            for p in c.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten() {
+                if let Some(p) = p.as_object_mut() {
+                    p.entry("protocol").or_insert(json!("TCP"));
+                }
+            }
+        }
     }
 }
 
