@@ -227,6 +227,18 @@ fn check_namespace(res: &ResourceDef, ns: Option<&str>, body: &Value) -> Result<
     Ok(())
 }
 
+/// Checks a request body against the URL it was sent to: kind, apiVersion, namespace and name.
+fn check_body(res: &ResourceDef, ns: Option<&str>, name: Option<&str>, body: &Value) -> Result<(), ApiError> {
+    check_body_identity(res, body)?;
+    check_namespace(res, ns, body)?;
+    match (name, meta_str(body, "name")) {
+        (Some(url), Some(n)) if n != url => {
+            Err(ApiError::bad_request("the name of the object does not match the name on the URL"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Namespace checks for a write that creates an object.
 fn namespace_admits(st: &ClusterState, res: &ResourceDef, ns: &str, name: &str) -> Result<(), ApiError> {
     if !res.namespaced {
@@ -385,8 +397,7 @@ pub fn create(
     mut body: Value,
     opts: &WriteOpts,
 ) -> Result<Written, ApiError> {
-    check_body_identity(res, &body)?;
-    check_namespace(res, ns, &body)?;
+    check_body(res, ns, None, &body)?;
     let ns = ns_key(res, ns);
     let mut name = meta_str(&body, "name").unwrap_or_default().to_string();
     if name.is_empty() {
@@ -432,15 +443,9 @@ pub fn update(
     opts: &WriteOpts,
 ) -> Result<Written, ApiError> {
     if sub == Sub::Scale {
-        return update_scale(c, res, ns, name, body, opts);
+        return write_scale(c, res, ns, name, body, opts);
     }
-    check_body_identity(res, &body)?;
-    check_namespace(res, ns, &body)?;
-    if let Some(n) = meta_str(&body, "name") {
-        if n != name {
-            return Err(ApiError::bad_request("the name of the object does not match the name on the URL"));
-        }
-    }
+    check_body(res, ns, Some(name), &body)?;
     let ns = ns_key(res, ns);
     let st = c.state();
     let old = st.get(&res.storage_key(), &ns, name).map(|o| o.value()).ok_or_else(|| ApiError::not_found(res, name))?;
@@ -584,17 +589,6 @@ fn write_scale(
     Ok(Written { obj: scale_of(res, &w.obj)?, created: false })
 }
 
-fn update_scale(
-    c: &Arc<Cluster>,
-    res: &Arc<ResourceDef>,
-    ns: Option<&str>,
-    name: &str,
-    body: Value,
-    opts: &WriteOpts,
-) -> Result<Written, ApiError> {
-    write_scale(c, res, ns, name, body, opts)
-}
-
 #[allow(clippy::too_many_arguments)] // mirrors the REST call: target, patch type, body, subresource, options
 pub fn patch(
     c: &Arc<Cluster>,
@@ -682,13 +676,7 @@ fn apply(
     if applied.get("apiVersion").is_none() || applied.get("kind").is_none() {
         return Err(ApiError::bad_request("error decoding YAML: Object 'Kind' is missing in applied configuration"));
     }
-    check_body_identity(res, &applied)?;
-    check_namespace(res, ns, &applied)?;
-    if let Some(n) = meta_str(&applied, "name") {
-        if n != name {
-            return Err(ApiError::bad_request("the name of the object does not match the name on the URL"));
-        }
-    }
+    check_body(res, ns, Some(name), &applied)?;
     let nsk = ns_key(res, ns);
     let mut st = c.state();
     let old = st.get(&res.storage_key(), &nsk, name).map(|o| o.value());

@@ -171,6 +171,18 @@ mod tests {
         assert!(strategic_merge_patch(&deploy(), p, true).is_err());
     }
 
+    proptest::proptest! {
+        /// Arbitrary bodies never panic any patch type; they succeed or fail with an error.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), text in "[\\[\\]{}\":,a-z0-9$ ]{0,60}") {
+            for b in [body.as_slice(), text.as_bytes()] {
+                let _ = strategic_merge_patch(&deploy(), b, true);
+                let _ = merge_patch(&deploy(), b);
+                let _ = json_patch(&deploy(), b);
+            }
+        }
+    }
+
     #[test]
     fn json_and_merge_patch() {
         let out = json_patch(&deploy(), br#"[{"op":"replace","path":"/metadata/name","value":"x"}]"#).unwrap();

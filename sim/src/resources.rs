@@ -113,91 +113,67 @@ impl ResourceDef {
     }
 }
 
-struct B {
-    group: &'static str,
-    version: &'static str,
-    kind: &'static str,
-    plural: &'static str,
-    namespaced: bool,
-    short: &'static [&'static str],
-    status: bool,
-    scale: bool,
-    all: bool,
-}
-
-#[allow(clippy::too_many_arguments)] // one row of the BUILTINS table
-const fn b(
-    group: &'static str,
-    version: &'static str,
-    kind: &'static str,
-    plural: &'static str,
-    namespaced: bool,
-    short: &'static [&'static str],
-    status: bool,
-    scale: bool,
-    all: bool,
-) -> B {
-    B { group, version, kind, plural, namespaced, short, status, scale, all }
-}
-
 const NS: bool = true;
 const CL: bool = false;
 
+/// group, version, kind, plural, namespaced, short names, status subresource, scale subresource, in "all"
+type Row = (&'static str, &'static str, &'static str, &'static str, bool, &'static [&'static str], bool, bool, bool);
+
 #[rustfmt::skip]
-const BUILTINS: &[B] = &[
-    b("", "v1", "Namespace", "namespaces", CL, &["ns"], true, false, false),
-    b("", "v1", "ConfigMap", "configmaps", NS, &["cm"], false, false, false),
-    b("", "v1", "Secret", "secrets", NS, &[], false, false, false),
-    b("", "v1", "Service", "services", NS, &["svc"], true, false, true),
-    b("", "v1", "ServiceAccount", "serviceaccounts", NS, &["sa"], false, false, false),
-    b("", "v1", "Pod", "pods", NS, &["po"], true, false, true),
-    b("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", NS, &["pvc"], true, false, false),
-    b("", "v1", "PersistentVolume", "persistentvolumes", CL, &["pv"], true, false, false),
-    b("", "v1", "Node", "nodes", CL, &["no"], true, false, false),
-    b("", "v1", "Event", "events", NS, &["ev"], false, false, false),
-    b("", "v1", "Endpoints", "endpoints", NS, &["ep"], false, false, false),
-    b("", "v1", "LimitRange", "limitranges", NS, &["limits"], false, false, false),
-    b("", "v1", "ResourceQuota", "resourcequotas", NS, &["quota"], true, false, false),
-    b("", "v1", "ReplicationController", "replicationcontrollers", NS, &["rc"], true, true, true),
-    b("apps", "v1", "Deployment", "deployments", NS, &["deploy"], true, true, true),
-    b("apps", "v1", "StatefulSet", "statefulsets", NS, &["sts"], true, true, true),
-    b("apps", "v1", "DaemonSet", "daemonsets", NS, &["ds"], true, false, true),
-    b("apps", "v1", "ReplicaSet", "replicasets", NS, &["rs"], true, true, true),
-    b("apps", "v1", "ControllerRevision", "controllerrevisions", NS, &[], false, false, false),
-    b("batch", "v1", "Job", "jobs", NS, &[], true, false, true),
-    b("batch", "v1", "CronJob", "cronjobs", NS, &["cj"], true, false, true),
-    b("networking.k8s.io", "v1", "Ingress", "ingresses", NS, &["ing"], true, false, false),
-    b("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", NS, &["netpol"], false, false, false),
-    b("networking.k8s.io", "v1", "IngressClass", "ingressclasses", CL, &[], false, false, false),
-    b("rbac.authorization.k8s.io", "v1", "Role", "roles", NS, &[], false, false, false),
-    b("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", NS, &[], false, false, false),
-    b("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", CL, &[], false, false, false),
-    b("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", CL, &[], false, false, false),
-    b("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", CL, &["crd", "crds"], true, false, false),
-    b("coordination.k8s.io", "v1", "Lease", "leases", NS, &[], false, false, false),
-    b("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", NS, &["pdb"], true, false, false),
-    b("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", NS, &["hpa"], true, false, true),
-    b("autoscaling", "v1", "HorizontalPodAutoscaler", "horizontalpodautoscalers", NS, &["hpa"], true, false, true),
-    b("storage.k8s.io", "v1", "StorageClass", "storageclasses", CL, &["sc"], false, false, false),
-    b("scheduling.k8s.io", "v1", "PriorityClass", "priorityclasses", CL, &["pc"], false, false, false),
+const BUILTINS: &[Row] = &[
+    ("", "v1", "Namespace", "namespaces", CL, &["ns"], true, false, false),
+    ("", "v1", "ConfigMap", "configmaps", NS, &["cm"], false, false, false),
+    ("", "v1", "Secret", "secrets", NS, &[], false, false, false),
+    ("", "v1", "Service", "services", NS, &["svc"], true, false, true),
+    ("", "v1", "ServiceAccount", "serviceaccounts", NS, &["sa"], false, false, false),
+    ("", "v1", "Pod", "pods", NS, &["po"], true, false, true),
+    ("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", NS, &["pvc"], true, false, false),
+    ("", "v1", "PersistentVolume", "persistentvolumes", CL, &["pv"], true, false, false),
+    ("", "v1", "Node", "nodes", CL, &["no"], true, false, false),
+    ("", "v1", "Event", "events", NS, &["ev"], false, false, false),
+    ("", "v1", "Endpoints", "endpoints", NS, &["ep"], false, false, false),
+    ("", "v1", "LimitRange", "limitranges", NS, &["limits"], false, false, false),
+    ("", "v1", "ResourceQuota", "resourcequotas", NS, &["quota"], true, false, false),
+    ("", "v1", "ReplicationController", "replicationcontrollers", NS, &["rc"], true, true, true),
+    ("apps", "v1", "Deployment", "deployments", NS, &["deploy"], true, true, true),
+    ("apps", "v1", "StatefulSet", "statefulsets", NS, &["sts"], true, true, true),
+    ("apps", "v1", "DaemonSet", "daemonsets", NS, &["ds"], true, false, true),
+    ("apps", "v1", "ReplicaSet", "replicasets", NS, &["rs"], true, true, true),
+    ("apps", "v1", "ControllerRevision", "controllerrevisions", NS, &[], false, false, false),
+    ("batch", "v1", "Job", "jobs", NS, &[], true, false, true),
+    ("batch", "v1", "CronJob", "cronjobs", NS, &["cj"], true, false, true),
+    ("networking.k8s.io", "v1", "Ingress", "ingresses", NS, &["ing"], true, false, false),
+    ("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", NS, &["netpol"], false, false, false),
+    ("networking.k8s.io", "v1", "IngressClass", "ingressclasses", CL, &[], false, false, false),
+    ("rbac.authorization.k8s.io", "v1", "Role", "roles", NS, &[], false, false, false),
+    ("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", NS, &[], false, false, false),
+    ("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", CL, &[], false, false, false),
+    ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", CL, &[], false, false, false),
+    ("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", CL, &["crd", "crds"], true, false, false),
+    ("coordination.k8s.io", "v1", "Lease", "leases", NS, &[], false, false, false),
+    ("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", NS, &["pdb"], true, false, false),
+    ("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", NS, &["hpa"], true, false, true),
+    ("autoscaling", "v1", "HorizontalPodAutoscaler", "horizontalpodautoscalers", NS, &["hpa"], true, false, true),
+    ("storage.k8s.io", "v1", "StorageClass", "storageclasses", CL, &["sc"], false, false, false),
+    ("scheduling.k8s.io", "v1", "PriorityClass", "priorityclasses", CL, &["pc"], false, false, false),
 ];
 
 /// The built-in kinds, in discovery order (preferred versions first within a group).
 pub fn builtins() -> Vec<Arc<ResourceDef>> {
     BUILTINS
         .iter()
-        .map(|b| {
+        .map(|&(group, version, kind, plural, namespaced, short, status, scale, all)| {
             Arc::new(ResourceDef {
-                group: b.group.into(),
-                version: b.version.into(),
-                kind: b.kind.into(),
-                plural: b.plural.into(),
-                singular: b.kind.to_ascii_lowercase(),
-                namespaced: b.namespaced,
-                short_names: b.short.iter().map(|s| s.to_string()).collect(),
-                categories: if b.all { vec!["all".into()] } else { vec![] },
-                status: b.status,
-                scale: b.scale.then(ScaleSpec::standard),
+                group: group.into(),
+                version: version.into(),
+                kind: kind.into(),
+                plural: plural.into(),
+                singular: kind.to_ascii_lowercase(),
+                namespaced,
+                short_names: short.iter().map(|s| s.to_string()).collect(),
+                categories: if all { vec!["all".into()] } else { vec![] },
+                status,
+                scale: scale.then(ScaleSpec::standard),
                 builtin: true,
                 printer_columns: vec![],
             })

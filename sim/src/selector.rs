@@ -194,6 +194,14 @@ mod tests {
         assert!(LabelSelector::parse("=x").is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics(s in ".{0,40}") {
+            let _ = LabelSelector::parse(&s);
+            let _ = FieldSelector::parse(&s);
+        }
+    }
+
     #[test]
     fn field_selector_name_and_namespace() {
         let o = obj(json!({}));

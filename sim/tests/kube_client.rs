@@ -462,3 +462,37 @@ async fn clusters_are_isolated_and_faults_are_per_cluster() {
     assert!(b.list(&ListParams::default()).await.is_ok());
     sim.shutdown().await;
 }
+
+/// The answers the simulator gives to a fixed sequence of requests, for comparison with a real API server.
+async fn answers(c: Client, name: &str) -> Vec<(u16, String, String)> {
+    let cms: Api<ConfigMap> = Api::namespaced(c.clone(), "default");
+    let mut out = Vec::new();
+    let mut record = |r: Result<ConfigMap, kube::Error>| match r {
+        Ok(_) => out.push((200, String::new(), String::new())),
+        Err(e) => {
+            let s = api_err(e);
+            out.push((s.code, s.reason.clone(), s.message.clone()));
+        }
+    };
+    let cfg = |owner: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"owner": owner}});
+    record(cms.get(name).await);
+    record(cms.patch(name, &PatchParams::apply("team-a"), &Patch::Apply(cfg("a"))).await);
+    record(cms.patch(name, &PatchParams::apply("team-b"), &Patch::Apply(cfg("b"))).await);
+    record(cms.create(&PostParams::default(), &cm(name, json!({}))).await);
+    record(cms.create(&PostParams::default(), &cm("Not_Valid", json!({}))).await);
+    let _ = cms.delete(name, &DeleteParams::default()).await;
+    out
+}
+
+/// Keeps the simulator honest: the same requests against a real cluster must get the same answers.
+#[tokio::test]
+#[ignore = "needs cluster: set KUBECONFIG"]
+async fn a_real_cluster_answers_like_the_simulator() {
+    let real = Client::try_default().await.expect("KUBECONFIG must point at a reachable cluster");
+    let sim = sim(&["a"]).await;
+    let name = format!("flotilla-sim-parity-{}", std::process::id());
+    let from_real = answers(real, &name).await;
+    let from_sim = answers(client(&sim, "a").await, &name).await;
+    assert_eq!(from_sim, from_real);
+    sim.shutdown().await;
+}
