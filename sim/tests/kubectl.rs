@@ -64,5 +64,5 @@ fn kubectl_accepts_the_simulator() {
     println!("{stdout}");
     eprintln!("{stderr}");
     assert!(out.status.success(), "kubectl suite failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("15 passed, 0 failed"), "the suite did not run every step:\n{stdout}");
+    assert!(stdout.contains("16 passed, 0 failed"), "the suite did not run every step:\n{stdout}");
 }

@@ -152,6 +152,27 @@ kubectl wait -n shop --for=jsonpath='{.status.readyReplicas}'=3 deployment/web -
 kubectl rollout status -n shop deployment/web --timeout=30s
 ok "kubectl scale goes through the scale subresource and the rollout completes"
 
+step "kubectl's client-side apply and patching commands"
+out="$(kubectl apply -f "$here/app.yaml" 2>&1)"
+expect_contains "$out" "configmap/web-config configured" "client-side apply"
+out="$(kubectl apply -f "$here/app.yaml" 2>&1)"
+expect_contains "$out" "configmap/web-config unchanged" "client-side apply, again"
+kubectl set image -n shop deployment/web web=nginx:1.28 >/dev/null
+kubectl rollout status -n shop deployment/web --timeout=30s >/dev/null
+kubectl rollout restart -n shop deployment/web >/dev/null
+kubectl rollout status -n shop deployment/web --timeout=30s >/dev/null
+kubectl patch -n shop configmap web-config --type=json -p '[{"op":"add","path":"/data/json","value":"patched"}]' >/dev/null
+kubectl patch -n shop configmap web-config --type=merge -p '{"data":{"merge":"patched"}}' >/dev/null
+kubectl annotate -n shop configmap web-config note=hello >/dev/null
+EDITOR="sed -i s/greeting:.hello/greeting:\ edited/" kubectl edit -n shop configmap web-config >/dev/null
+out="$(kubectl get -n shop configmap web-config -o jsonpath='{.data.json} {.data.merge} {.data.greeting} {.metadata.annotations.note}')"
+[ "$out" = "patched patched edited hello" ] || fail "patching commands left: $out"
+out="$(kubectl get -n shop deployment web -o jsonpath='{.spec.template.spec.containers[0].image} {.spec.template.metadata.annotations}')"
+expect_contains "$out" "nginx:1.28" "set image"
+expect_contains "$out" "kubectl.kubernetes.io/restartedAt" "rollout restart"
+kubectl apply --server-side --force-conflicts -f "$here/app.yaml" >/dev/null
+ok "client-side apply, set image, rollout restart, patch (json, merge, strategic), annotate and edit work"
+
 step "a failing image times out in kubectl rollout status"
 admin PATCH "/clusters/$SIM_CLUSTER/behaviour" '{"fail_images": ":broken$"}' >/dev/null
 cat >"$work/broken.yaml" <<'EOF'
