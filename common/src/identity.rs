@@ -1,0 +1,340 @@
+//! Fleet identity: a fleet CA issues certificates whose subject alternative name is a URI naming who holds
+//! them (`flotilla://cluster/<name>`, `flotilla://operator/<name>`, `flotilla://hub`). The hub trusts only
+//! its fleet CA and takes an agent's cluster name from its certificate, never from a message.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+const SCHEME: &str = "flotilla://";
+
+/// Who a certificate speaks for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Identity {
+    /// The agent of one cluster.
+    Cluster(String),
+    /// A person or automation using the platform API.
+    Operator(String),
+    /// The hub's server certificate.
+    Hub,
+}
+
+impl Identity {
+    pub fn uri(&self) -> String {
+        match self {
+            Identity::Cluster(n) => format!("{SCHEME}cluster/{n}"),
+            Identity::Operator(n) => format!("{SCHEME}operator/{n}"),
+            Identity::Hub => format!("{SCHEME}hub"),
+        }
+    }
+
+    pub fn parse_uri(s: &str) -> Option<Identity> {
+        let rest = s.strip_prefix(SCHEME)?;
+        if rest == "hub" {
+            return Some(Identity::Hub);
+        }
+        let (kind, name) = rest.split_once('/')?;
+        if !valid_name(name) {
+            return None;
+        }
+        match kind {
+            "cluster" => Some(Identity::Cluster(name.to_string())),
+            "operator" => Some(Identity::Operator(name.to_string())),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Cluster(n) => write!(f, "cluster {n}"),
+            Identity::Operator(n) => write!(f, "operator {n}"),
+            Identity::Hub => write!(f, "hub"),
+        }
+    }
+}
+
+/// Cluster and operator names: lowercase letters, digits, '-' and '.', 1 to 63 characters, starting and
+/// ending with a letter or digit (they become file names and Kubernetes label values).
+pub fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && n.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && n.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("generating a certificate failed")]
+    GenerateFailed(#[source] rcgen::Error),
+    #[error("the fleet CA certificate or key is not usable")]
+    InvalidCa(#[source] rcgen::Error),
+    #[error("invalid name {0:?}: use 1 to 63 lowercase letters, digits, '-' and '.', starting and ending with a letter or digit")]
+    InvalidName(String),
+    #[error("the certificate cannot be parsed: {0}")]
+    UnparsableCertificate(String),
+    #[error("the certificate carries no Flotilla identity (a SAN URI flotilla://cluster/NAME, flotilla://operator/NAME or flotilla://hub)")]
+    NoIdentity,
+    #[error("the certificate carries more than one Flotilla identity")]
+    AmbiguousIdentity,
+    #[error("writing {path} failed")]
+    WriteFailed {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path} failed")]
+    ReadFailed {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The fleet's certificate authority.
+pub struct FleetCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl FleetCa {
+    /// A new CA for the fleet `fleet`.
+    pub fn generate(fleet: &str) -> Result<FleetCa, IdentityError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, format!("Flotilla fleet CA {fleet}"));
+        params.distinguished_name.push(DnType::OrganizationName, "Flotilla");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate().map_err(IdentityError::GenerateFailed)?;
+        let cert = params.self_signed(&key).map_err(IdentityError::GenerateFailed)?;
+        let key_pem = key.serialize_pem();
+        Ok(FleetCa { cert_pem: cert.pem(), key_pem, issuer: Issuer::new(params, key) })
+    }
+
+    /// A CA loaded from its certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<FleetCa, IdentityError> {
+        let key = KeyPair::from_pem(key_pem).map_err(IdentityError::InvalidCa)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(IdentityError::InvalidCa)?;
+        Ok(FleetCa { issuer, cert_pem: cert_pem.to_string(), key_pem: key_pem.to_string() })
+    }
+
+    pub fn load(dir: &Path) -> Result<FleetCa, IdentityError> {
+        let read = |f: &str| {
+            let path = dir.join(f);
+            std::fs::read_to_string(&path).map_err(|source| IdentityError::ReadFailed { path, source })
+        };
+        FleetCa::from_pem(&read(CA_CERT)?, &read(CA_KEY)?)
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a certificate for `id`. `hosts` (DNS names or IP addresses) go into the certificate for the
+    /// hub's server certificate.
+    pub fn issue(&self, id: &Identity, hosts: &[String]) -> Result<Issued, IdentityError> {
+        if let Identity::Cluster(n) | Identity::Operator(n) = id {
+            if !valid_name(n) {
+                return Err(IdentityError::InvalidName(n.clone()));
+            }
+        }
+        let mut params = CertificateParams::new(hosts.to_vec()).map_err(IdentityError::GenerateFailed)?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, id.to_string());
+        params.distinguished_name.push(DnType::OrganizationName, "Flotilla");
+        let uri = id.uri().try_into().map_err(IdentityError::GenerateFailed)?;
+        params.subject_alt_names.push(SanType::URI(uri));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = match id {
+            Identity::Hub => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().map_err(IdentityError::GenerateFailed)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(IdentityError::GenerateFailed)?;
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}
+
+/// The identity a DER certificate carries.
+pub fn identity_of(der: &[u8]) -> Result<Identity, IdentityError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| IdentityError::UnparsableCertificate(e.to_string()))?;
+    let san = cert.subject_alternative_name().map_err(|e| IdentityError::UnparsableCertificate(e.to_string()))?;
+    let mut found: Vec<Identity> = san
+        .into_iter()
+        .flat_map(|ext| ext.value.general_names.iter())
+        .filter_map(|g| match g {
+            x509_parser::extensions::GeneralName::URI(u) => Identity::parse_uri(u),
+            _ => None,
+        })
+        .collect();
+    match found.len() {
+        0 => Err(IdentityError::NoIdentity),
+        1 => Ok(found.remove(0)),
+        _ => Err(IdentityError::AmbiguousIdentity),
+    }
+}
+
+pub const CA_CERT: &str = "ca.pem";
+pub const CA_KEY: &str = "ca-key.pem";
+
+/// Where [`write_fleet`] puts each file.
+pub fn cert_paths(dir: &Path, id: &Identity) -> (PathBuf, PathBuf) {
+    let (sub, name) = match id {
+        Identity::Cluster(n) => ("clusters", n.as_str()),
+        Identity::Operator(n) => ("operators", n.as_str()),
+        Identity::Hub => ("", "hub"),
+    };
+    let d = if sub.is_empty() { dir.to_path_buf() } else { dir.join(sub) };
+    (d.join(format!("{name}.pem")), d.join(format!("{name}-key.pem")))
+}
+
+fn write(path: &Path, contents: &str, secret: bool) -> Result<(), IdentityError> {
+    use std::io::Write;
+    let err = |source| IdentityError::WriteFailed { path: path.to_path_buf(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut f = opts.open(path).map_err(err)?;
+    f.write_all(contents.as_bytes()).map_err(err)
+}
+
+/// Writes a fleet's certificates: `ca.pem` and `ca-key.pem` (creating the CA unless it exists), `hub.pem`
+/// for `hub_hosts`, `clusters/<name>.pem` and `operators/<name>.pem`, each with its `-key.pem`.
+/// Private keys are readable by their owner only.
+pub fn write_fleet(
+    dir: &Path,
+    fleet: &str,
+    hub_hosts: &[String],
+    clusters: &[String],
+    operators: &[String],
+) -> Result<Vec<PathBuf>, IdentityError> {
+    let ca = if dir.join(CA_CERT).exists() && dir.join(CA_KEY).exists() {
+        FleetCa::load(dir)?
+    } else {
+        let ca = FleetCa::generate(fleet)?;
+        write(&dir.join(CA_CERT), &ca.cert_pem, false)?;
+        write(&dir.join(CA_KEY), &ca.key_pem, true)?;
+        ca
+    };
+    let mut written = vec![dir.join(CA_CERT)];
+    let ids = std::iter::once(Identity::Hub)
+        .chain(clusters.iter().map(|c| Identity::Cluster(c.clone())))
+        .chain(operators.iter().map(|o| Identity::Operator(o.clone())));
+    for id in ids {
+        let hosts: &[String] = if id == Identity::Hub { hub_hosts } else { &[] };
+        let issued = ca.issue(&id, hosts)?;
+        let (cert, key) = cert_paths(dir, &id);
+        write(&cert, &issued.cert_pem, false)?;
+        write(&key, &issued.key_pem, true)?;
+        written.push(cert);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem: &str) -> Vec<u8> {
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64_decode(&body)
+    }
+
+    // A tiny decoder keeps the test free of another dependency.
+    fn base64_decode(s: &str) -> Vec<u8> {
+        let table = |c: u8| -> u32 {
+            match c {
+                b'A'..=b'Z' => (c - b'A') as u32,
+                b'a'..=b'z' => (c - b'a' + 26) as u32,
+                b'0'..=b'9' => (c - b'0' + 52) as u32,
+                b'+' => 62,
+                _ => 63,
+            }
+        };
+        let bytes: Vec<u8> = s.bytes().filter(|b| *b != b'=').collect();
+        let mut out = Vec::new();
+        for chunk in bytes.chunks(4) {
+            let mut n = 0u32;
+            for (i, c) in chunk.iter().enumerate() {
+                n |= table(*c) << (18 - 6 * i);
+            }
+            let len = chunk.len() * 6 / 8;
+            out.extend_from_slice(&n.to_be_bytes()[1..1 + len]);
+        }
+        out
+    }
+
+    #[test]
+    fn identities_round_trip_through_uris() {
+        for id in [Identity::Cluster("eu-1".into()), Identity::Operator("alice".into()), Identity::Hub] {
+            assert_eq!(Identity::parse_uri(&id.uri()), Some(id));
+        }
+        assert_eq!(Identity::parse_uri("flotilla://cluster/Bad_Name"), None);
+        assert_eq!(Identity::parse_uri("https://cluster/eu-1"), None);
+        assert_eq!(Identity::parse_uri("flotilla://robot/x"), None);
+    }
+
+    #[test]
+    fn issued_certificates_carry_their_identity() {
+        let ca = FleetCa::generate("test").unwrap();
+        let c = ca.issue(&Identity::Cluster("eu-1".into()), &[]).unwrap();
+        assert_eq!(identity_of(&der(&c.cert_pem)).unwrap(), Identity::Cluster("eu-1".into()));
+        let h = ca.issue(&Identity::Hub, &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        assert_eq!(identity_of(&der(&h.cert_pem)).unwrap(), Identity::Hub);
+        assert!(matches!(ca.issue(&Identity::Cluster("Not Valid".into()), &[]), Err(IdentityError::InvalidName(_))));
+        // The CA itself names nobody.
+        assert!(matches!(identity_of(&der(ca.cert_pem())), Err(IdentityError::NoIdentity)));
+    }
+
+    #[test]
+    fn a_loaded_ca_issues_certificates() {
+        let ca = FleetCa::generate("test").unwrap();
+        let again = FleetCa::from_pem(&ca.cert_pem, &ca.key_pem).unwrap();
+        let op = again.issue(&Identity::Operator("alice".into()), &[]).unwrap();
+        assert_eq!(identity_of(&der(&op.cert_pem)).unwrap(), Identity::Operator("alice".into()));
+        assert!(FleetCa::from_pem("not a cert", &ca.key_pem).is_err());
+    }
+
+    #[test]
+    fn write_fleet_lays_out_files_and_keeps_an_existing_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_fleet(dir.path(), "t", &["localhost".into()], &["eu-1".into()], &["alice".into()]).unwrap();
+        assert_eq!(files.len(), 4);
+        let ca1 = std::fs::read_to_string(dir.path().join(CA_CERT)).unwrap();
+        write_fleet(dir.path(), "t", &["localhost".into()], &["eu-2".into()], &[]).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join(CA_CERT)).unwrap(), ca1, "the CA is reused");
+        assert!(dir.path().join("clusters/eu-2.pem").exists());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("clusters/eu-1-key.pem")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
+        }
+    }
+}
