@@ -1,0 +1,118 @@
+//! Kubernetes-style label selectors (`matchLabels`, `matchExpressions`), used to target clusters by their
+//! inventory labels.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabelSelector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub match_expressions: Vec<Requirement>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    #[error("matchExpressions[{index}]: operator {operator:?} needs at least one value")]
+    MissingValues { index: usize, operator: Operator },
+    #[error("matchExpressions[{index}]: operator {operator:?} takes no values")]
+    UnexpectedValues { index: usize, operator: Operator },
+}
+
+impl LabelSelector {
+    pub fn validate(&self) -> Result<(), SelectorError> {
+        for (index, r) in self.match_expressions.iter().enumerate() {
+            match r.operator {
+                Operator::In | Operator::NotIn if r.values.is_empty() => {
+                    return Err(SelectorError::MissingValues { index, operator: r.operator })
+                }
+                Operator::Exists | Operator::DoesNotExist if !r.values.is_empty() => {
+                    return Err(SelectorError::UnexpectedValues { index, operator: r.operator })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// An empty selector matches everything, as in Kubernetes.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| {
+                let got = labels.get(&r.key);
+                match r.operator {
+                    Operator::In => got.is_some_and(|v| r.values.contains(v)),
+                    Operator::NotIn => got.is_none_or(|v| !r.values.contains(v)),
+                    Operator::Exists => got.is_some(),
+                    Operator::DoesNotExist => got.is_none(),
+                }
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn match_labels_and_expressions() {
+        let sel: LabelSelector = serde_yaml::from_str(
+            "matchLabels: {tier: prod}\nmatchExpressions:\n- {key: region, operator: In, values: [eu, us]}\n- {key: canary, operator: DoesNotExist}\n",
+        )
+        .unwrap();
+        sel.validate().unwrap();
+        assert!(sel.matches(&labels(&[("tier", "prod"), ("region", "eu")])));
+        assert!(!sel.matches(&labels(&[("tier", "prod"), ("region", "ap")])));
+        assert!(!sel.matches(&labels(&[("tier", "prod"), ("region", "eu"), ("canary", "yes")])));
+        assert!(!sel.matches(&labels(&[("region", "eu")])));
+    }
+
+    #[test]
+    fn invalid_selectors_name_the_expression() {
+        let sel: LabelSelector = serde_yaml::from_str("matchExpressions: [{key: a, operator: In}]").unwrap();
+        assert_eq!(
+            sel.validate().unwrap_err().to_string(),
+            "matchExpressions[0]: operator In needs at least one value"
+        );
+        assert!(serde_yaml::from_str::<LabelSelector>("matchLabel: {a: b}").is_err(), "unknown fields are errors");
+        assert!(serde_yaml::from_str::<LabelSelector>("matchExpressions: [{key: a, operator: Maybe}]").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn in_and_notin_are_complements(v in "[a-c]", vals in proptest::collection::vec("[a-c]", 1..3)) {
+            let l = labels(&[("k", &v)]);
+            let sel = |op| LabelSelector { match_labels: BTreeMap::new(), match_expressions: vec![Requirement { key: "k".into(), operator: op, values: vals.clone() }] };
+            prop_assert_ne!(sel(Operator::In).matches(&l), sel(Operator::NotIn).matches(&l));
+        }
+
+        #[test]
+        fn the_empty_selector_matches_everything(k in "[a-z]{1,5}", v in "[a-z]{0,5}") {
+            prop_assert!(LabelSelector::default().matches(&labels(&[(&k, &v)])));
+        }
+    }
+}
