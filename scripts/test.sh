@@ -11,6 +11,7 @@ need cargo "curl https://sh.rustup.rs | sh (the Rust toolchain)"
 need kubectl "apt-get install -y kubectl (from the Kubernetes or Google Cloud apt repository)"
 need python3 "apt-get install -y python3"
 need diff "apt-get install -y diffutils"
+need git "apt-get install -y git"
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "cargo-nextest is missing; installing it" >&2
   cargo install --locked cargo-nextest

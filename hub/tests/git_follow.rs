@@ -1,0 +1,121 @@
+//! The Git follower against real repositories made with the git CLI, over file:// and git:// (git daemon).
+
+use flotilla_hub::git::{Follower, GitError};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Fleet")
+        .env("GIT_AUTHOR_EMAIL", "fleet@example.invalid")
+        .env("GIT_COMMITTER_NAME", "Fleet")
+        .env("GIT_COMMITTER_EMAIL", "fleet@example.invalid")
+        .output()
+        .unwrap_or_else(|e| panic!("git is not installed ({e}); install it with: apt-get install -y git"));
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn commit(repo: &Path, files: &[(&str, &str)], msg: &str) -> String {
+    for (p, c) in files {
+        let path = repo.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, c).unwrap();
+    }
+    git(repo, &["add", "-A"]);
+    git(repo, &["commit", "-q", "-m", msg]);
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+fn fleet_repo(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    git(dir, &["init", "-q", "-b", "main"]);
+    commit(
+        dir,
+        &[("clusters/eu-1.yaml", "labels: {region: eu}\n"), ("apps/shop/app.yaml", "namespace: shop\n")],
+        "first",
+    )
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn git_daemon(base: &Path) -> (Daemon, u16) {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("git")
+        .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
+        .arg(format!("--base-path={}", base.display()))
+        .arg(base)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("git daemon (apt-get install -y git)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "git daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Daemon(child), port)
+}
+
+#[test]
+fn follows_a_branch_over_file_urls_incrementally() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("fleet");
+    let first = fleet_repo(&repo);
+    let f = Follower::new(format!("file://{}", repo.display()), "main", tmp.path().join("cache"));
+    let snap = f.fetch().unwrap();
+    assert_eq!(snap.revision, first);
+    assert_eq!(snap.tree["clusters/eu-1.yaml"], b"labels: {region: eu}\n");
+    assert_eq!(snap.tree.len(), 2);
+
+    let second = commit(&repo, &[("apps/shop/cm.yaml", "kind: ConfigMap\n")], "second");
+    let snap = f.fetch().unwrap();
+    assert_eq!(snap.revision, second);
+    assert!(snap.tree.contains_key("apps/shop/cm.yaml"));
+    // The second fetch reused the clone: one pack from the clone, more only for new objects.
+    assert!(f.dir().join("HEAD").exists());
+}
+
+#[test]
+fn follows_a_branch_served_by_git_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("served");
+    let repo = base.join("fleet.git");
+    let first = fleet_repo(&repo);
+    let (_daemon, port) = git_daemon(&base);
+    let f = Follower::new(format!("git://127.0.0.1:{port}/fleet.git"), "main", tmp.path().join("cache"));
+    assert_eq!(f.fetch().unwrap().revision, first);
+    let second = commit(&repo, &[("clusters/us-1.yaml", "labels: {region: us}\n")], "second");
+    let snap = f.fetch().unwrap();
+    assert_eq!(snap.revision, second);
+    assert!(snap.tree.contains_key("clusters/us-1.yaml"));
+}
+
+#[test]
+fn errors_name_the_url_or_branch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("fleet");
+    fleet_repo(&repo);
+    let f = Follower::new(format!("file://{}", repo.display()), "release", tmp.path().join("cache"));
+    match f.fetch() {
+        Err(e @ GitError::BranchMissing { .. }) => assert!(e.to_string().contains("\"release\""), "{e}"),
+        other => panic!("expected BranchMissing, got {other:?}"),
+    }
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("git://127.0.0.1:{port}/nothing.git");
+    let f = Follower::new(url.clone(), "main", tmp.path().join("cache2"));
+    let e = f.fetch().unwrap_err();
+    assert!(e.to_string().contains(&url), "{e}");
+    assert!(!tmp.path().join("cache2/HEAD").exists(), "a failed clone leaves nothing behind");
+}
