@@ -5,4 +5,5 @@
 //! platform API and the binary come next (see ARCHITECTURE.md).
 
 pub mod git;
+pub mod state;
 pub mod store;
