@@ -19,4 +19,6 @@ fi
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# End-to-end tests run the workspace binaries as real processes.
+cargo build --workspace --bins --locked
 cargo nextest run --workspace --locked --no-fail-fast

@@ -12,7 +12,7 @@
 //! only that app is affected: the hub keeps the app's previous good bundle where it has one.
 
 use crate::selector::LabelSelector;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -33,7 +33,7 @@ pub enum FleetError {
 }
 
 /// A cluster of the inventory.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
     #[serde(default)]

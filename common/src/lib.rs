@@ -8,3 +8,10 @@ pub mod identity;
 pub mod selector;
 
 pub use identity::{identity_of, FleetCa, Identity, IdentityError};
+
+/// Selects rustls' aws-lc-rs crypto provider for the process. The workspace builds only that provider, so
+/// rustls would pick it anyway; binaries call this first so that a dependency enabling a second provider
+/// can never leave rustls unable to choose.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

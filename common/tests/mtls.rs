@@ -34,6 +34,7 @@ impl PlatformService for WhoAmI {
 }
 
 async fn serve(ca: &FleetCa) -> (String, tokio::sync::oneshot::Sender<()>) {
+    flotilla_common::install_crypto_provider();
     let hub = ca.issue(&Identity::Hub, &["localhost".into()]).unwrap();
     let tls = ServerTlsConfig::new()
         .identity(TlsIdentity::from_pem(&hub.cert_pem, &hub.key_pem))

@@ -5,5 +5,6 @@
 //! platform API and the binary come next (see ARCHITECTURE.md).
 
 pub mod git;
+pub mod server;
 pub mod state;
 pub mod store;

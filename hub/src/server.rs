@@ -1,0 +1,502 @@
+//! The running hub: follows Git, keeps the fleet state in the store, streams each cluster's desired state
+//! to its agent (identified by its certificate), and serves the platform API to operators.
+
+use crate::git::Follower;
+use crate::state::{advance, Desired, DesiredApp};
+use crate::store::{Batch, Store};
+use flotilla_common::fleet::{parse, ClusterSpec};
+use flotilla_common::identity::{identity_of, Identity};
+use flotilla_proto::agent::v1 as pb;
+use flotilla_proto::agent::v1::agent_service_server::{AgentService, AgentServiceServer};
+use flotilla_proto::platform::v1 as api;
+use flotilla_proto::platform::v1::platform_service_server::{PlatformService, PlatformServiceServer};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn, Instrument};
+
+/// What an agent last reported for one app.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppReport {
+    pub digest: String,
+    pub revision: String,
+    pub phase: i32,
+    pub objects: u32,
+    pub objects_applied: u32,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterReport {
+    pub last_seen_unix_ms: i64,
+    pub apps: BTreeMap<String, AppReport>,
+}
+
+/// The hub's view of the fleet; mirrored in the store so a restart loses nothing.
+#[derive(Debug, Default)]
+pub struct HubState {
+    pub revision: String,
+    pub source_error: Option<String>,
+    pub clusters: BTreeMap<String, ClusterSpec>,
+    pub desired: Desired,
+    pub reports: BTreeMap<String, ClusterReport>,
+    pub connected: BTreeSet<String>,
+}
+
+pub struct Hub {
+    store: Arc<dyn Store>,
+    follower: Follower,
+    state: RwLock<HubState>,
+    changed: watch::Sender<u64>,
+    refresh: Notify,
+    shutdown: CancellationToken,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl Hub {
+    /// Loads the state a previous run left in the store.
+    pub fn new(store: Arc<dyn Store>, follower: Follower, shutdown: CancellationToken) -> anyhow::Result<Arc<Hub>> {
+        let mut st = HubState::default();
+        let text = |k: &str| -> anyhow::Result<Option<String>> {
+            Ok(store.get(k)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        };
+        st.revision = text("source/revision")?.unwrap_or_default();
+        st.source_error = text("source/error")?;
+        if let Some(c) = store.get("fleet/clusters")? {
+            st.clusters = serde_json::from_slice(&c)?;
+        }
+        for (k, v) in store.scan("desired/")? {
+            st.desired.insert(k.trim_start_matches("desired/").to_string(), serde_json::from_slice(&v)?);
+        }
+        for (k, v) in store.scan("reports/")? {
+            st.reports.insert(k.trim_start_matches("reports/").to_string(), serde_json::from_slice(&v)?);
+        }
+        let (changed, _) = watch::channel(0);
+        Ok(Arc::new(Hub { store, follower, state: RwLock::new(st), changed, refresh: Notify::new(), shutdown }))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HubState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HubState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fetches once and, on a new commit, advances every cluster's desired state.
+    pub async fn sync_once(&self) {
+        let f = self.follower.clone();
+        let fetched = tokio::task::spawn_blocking(move || f.fetch()).await;
+        let snap = match fetched {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let msg = error_chain(&e);
+                warn!(error = %msg, "following the fleet repository failed; serving the last good state");
+                let _ = self.store.commit(Batch::default().put("source/error", msg.clone()));
+                self.write().source_error = Some(msg);
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "the fetch task failed");
+                return;
+            }
+        };
+        if snap.revision == self.read().revision {
+            if self.read().source_error.is_some() {
+                let _ = self.store.commit(Batch::default().delete("source/error"));
+                self.write().source_error = None;
+            }
+            return;
+        }
+        let fleet = parse(&snap.tree);
+        for e in &fleet.errors {
+            warn!(revision = %snap.revision, error = %e, "fleet repository error");
+        }
+        let prev = self.read().desired.clone();
+        let adv = advance(&prev, &fleet, &snap.revision);
+        let mut batch = Batch::default();
+        for (digest, bundle) in &adv.bundles {
+            batch = batch.put(format!("bundles/{digest}"), bundle.bytes.clone());
+        }
+        for (cluster, apps) in &adv.desired {
+            batch = batch.put(format!("desired/{cluster}"), serde_json::to_vec(apps).unwrap_or_default());
+        }
+        for gone in prev.keys().filter(|c| !adv.desired.contains_key(*c)) {
+            batch = batch.delete(format!("desired/{gone}"));
+        }
+        batch = batch
+            .put("fleet/clusters", serde_json::to_vec(&fleet.clusters).unwrap_or_default())
+            .put("source/revision", snap.revision.clone())
+            .delete("source/error");
+        if let Err(e) = self.store.commit(batch) {
+            warn!(error = %error_chain(&e), "storing the new fleet state failed; keeping the previous one");
+            return;
+        }
+        {
+            let mut st = self.write();
+            st.revision = snap.revision.clone();
+            st.source_error = None;
+            st.clusters = fleet.clusters.clone();
+            st.desired = adv.desired;
+        }
+        info!(revision = %snap.revision, clusters = fleet.clusters.len(), apps = fleet.apps.len(), bundles = adv.bundles.len(), "fleet advanced");
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Follows the repository until shutdown: every `poll`, or at once on [`Hub::refresh`].
+    pub async fn follow(self: Arc<Self>, poll: Duration) {
+        loop {
+            self.sync_once().await;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(poll) => {}
+                _ = self.refresh.notified() => {}
+            }
+        }
+    }
+
+    pub fn refresh(&self) {
+        self.refresh.notify_one();
+    }
+
+    fn record_report(&self, cluster: &str, report: &pb::StatusReport) {
+        let mut st = self.write();
+        let r = st.reports.entry(cluster.to_string()).or_default();
+        r.last_seen_unix_ms = now_ms();
+        for a in &report.apps {
+            r.apps.insert(
+                a.app.clone(),
+                AppReport {
+                    digest: a.digest.clone(),
+                    revision: a.revision.clone(),
+                    phase: a.phase,
+                    objects: a.objects,
+                    objects_applied: a.objects_applied,
+                    message: a.message.clone(),
+                },
+            );
+        }
+        let bytes = serde_json::to_vec(&*r).unwrap_or_default();
+        drop(st);
+        if let Err(e) = self.store.commit(Batch::default().put(format!("reports/{cluster}"), bytes)) {
+            warn!(%cluster, error = %error_chain(&e), "storing a status report failed");
+        }
+    }
+
+    fn cluster_view(&self, name: &str) -> Option<api::Cluster> {
+        let st = self.read();
+        let spec = st.clusters.get(name)?;
+        let desired = st.desired.get(name).cloned().unwrap_or_default();
+        let report = st.reports.get(name).cloned().unwrap_or_default();
+        let mut in_sync = 0;
+        let mut revisions = BTreeSet::new();
+        let apps = desired
+            .iter()
+            .map(|(app, d)| {
+                let applied = report.apps.get(app);
+                if applied.is_some_and(|a| a.digest == d.digest && a.phase == pb::Phase::Applied as i32) {
+                    in_sync += 1;
+                }
+                if let Some(a) = applied {
+                    revisions.insert(a.revision.clone());
+                }
+                api::ClusterApp {
+                    app: app.clone(),
+                    desired_digest: d.digest.clone(),
+                    desired_revision: d.revision.clone(),
+                    applied: applied.map(|a| pb::AppStatus {
+                        app: app.clone(),
+                        digest: a.digest.clone(),
+                        revision: a.revision.clone(),
+                        phase: a.phase,
+                        objects: a.objects,
+                        objects_applied: a.objects_applied,
+                        message: match (&d.error, a.message.is_empty()) {
+                            (Some(e), _) => e.clone(),
+                            (None, _) => a.message.clone(),
+                        },
+                    }),
+                }
+            })
+            .collect();
+        let revision = if in_sync == desired.len() && revisions.len() == 1 {
+            revisions.into_iter().next().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Some(api::Cluster {
+            name: name.to_string(),
+            labels: spec.labels.clone().into_iter().collect(),
+            connected: st.connected.contains(name),
+            revision,
+            apps_in_sync: in_sync as u32,
+            apps_total: desired.len() as u32,
+            last_seen_unix_ms: report.last_seen_unix_ms,
+            apps,
+        })
+    }
+
+    /// Serves agents and operators on `listener` with mutual TLS until shutdown.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        tls: &HubTls,
+    ) -> Result<(), tonic::transport::Error> {
+        let tls = ServerTlsConfig::new()
+            .identity(TlsIdentity::from_pem(&tls.cert_pem, &tls.key_pem))
+            .client_ca_root(Certificate::from_pem(&tls.ca_pem));
+        let shutdown = self.shutdown.clone();
+        Server::builder()
+            .tls_config(tls)?
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .add_service(AgentServiceServer::new(AgentApi(self.clone())))
+            .add_service(PlatformServiceServer::new(PlatformApi(self)))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+            .await
+    }
+}
+
+/// The hub's TLS material, PEM-encoded.
+pub struct HubTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
+    let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let first = certs.first().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    identity_of(first).map_err(|e| Status::unauthenticated(e.to_string()))
+}
+
+struct AgentApi(Arc<Hub>);
+
+const CHUNK: usize = flotilla_proto::MAX_CHUNK_BYTES;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type SessionStream = ReceiverStream<Result<pb::HubMessage, Status>>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let cluster = match caller(&req)? {
+            Identity::Cluster(c) => c,
+            other => return Err(Status::permission_denied(format!("{other} may not open an agent session"))),
+        };
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+            Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(h)) }))) => h,
+            _ => return Err(Status::invalid_argument("the first message of a session must be a Hello")),
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let hub = self.0.clone();
+        let span = tracing::info_span!("agent-session", %cluster);
+        tokio::spawn(
+            async move {
+                info!(version = %hello.agent_version, applied = hello.applied.len(), "agent connected");
+                hub.write().connected.insert(cluster.clone());
+                let held: BTreeSet<String> = hello.applied.iter().map(|a| a.digest.clone()).collect();
+                let result = run_session(&hub, &cluster, held, inbound, &tx).await;
+                hub.write().connected.remove(&cluster);
+                match result {
+                    Ok(()) => info!("agent disconnected"),
+                    Err(e) => warn!(error = %e, "agent session ended"),
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+type Tx = mpsc::Sender<Result<pb::HubMessage, Status>>;
+
+async fn send(tx: &Tx, msg: pb::hub_message::Msg) -> Result<(), String> {
+    tx.send(Ok(pb::HubMessage { msg: Some(msg) })).await.map_err(|_| "the agent went away".to_string())
+}
+
+async fn run_session(
+    hub: &Arc<Hub>,
+    cluster: &str,
+    mut held: BTreeSet<String>,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: &Tx,
+) -> Result<(), String> {
+    let mut changed = hub.changed.subscribe();
+    let mut sent: Option<BTreeMap<String, DesiredApp>> = None;
+    let mut seq = 0u64;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
+    loop {
+        let (in_inventory, desired, revision) = {
+            let st = hub.read();
+            (
+                st.clusters.contains_key(cluster),
+                st.desired.get(cluster).cloned().unwrap_or_default(),
+                st.revision.clone(),
+            )
+        };
+        // A cluster absent from the inventory receives nothing.
+        if in_inventory && sent.as_ref() != Some(&desired) {
+            seq += 1;
+            let mut apps = Vec::new();
+            let mut to_send = Vec::new();
+            for (app, d) in desired.iter().filter(|(_, d)| !d.digest.is_empty()) {
+                let bytes = hub
+                    .store
+                    .get(&format!("bundles/{}", d.digest))
+                    .map_err(|e| error_chain(&e))?
+                    .ok_or_else(|| format!("bundle {} is missing from the store", d.digest))?;
+                let chunks = if held.contains(&d.digest) { 0 } else { bytes.len().div_ceil(CHUNK).max(1) as u32 };
+                apps.push(pb::DesiredApp {
+                    app: app.clone(),
+                    digest: d.digest.clone(),
+                    revision: d.revision.clone(),
+                    size: bytes.len() as u64,
+                    chunks,
+                });
+                if chunks > 0 && !to_send.iter().any(|(dg, _): &(String, Vec<u8>)| dg == &d.digest) {
+                    to_send.push((d.digest.clone(), bytes));
+                }
+            }
+            send(tx, pb::hub_message::Msg::Desired(pb::DesiredState { seq, revision, apps })).await?;
+            for (digest, bytes) in to_send {
+                let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(CHUNK).collect() };
+                for (i, piece) in pieces.into_iter().enumerate() {
+                    send(
+                        tx,
+                        pb::hub_message::Msg::Chunk(pb::BundleChunk {
+                            digest: digest.clone(),
+                            index: i as u32,
+                            data: piece.to_vec(),
+                        }),
+                    )
+                    .await?;
+                }
+                held.insert(digest);
+            }
+            sent = Some(desired);
+        }
+        tokio::select! {
+            _ = hub.shutdown.cancelled() => return Ok(()),
+            r = changed.changed() => if r.is_err() { return Ok(()) },
+            _ = heartbeat.tick() => send(tx, pb::hub_message::Msg::Heartbeat(pb::Heartbeat { sent_unix_ms: now_ms() })).await?,
+            m = inbound.message() => match m {
+                Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Status(report)) })) => {
+                    for a in &report.apps {
+                        if a.phase == pb::Phase::Applied as i32 {
+                            held.insert(a.digest.clone());
+                        }
+                    }
+                    hub.record_report(cluster, &report);
+                }
+                Ok(Some(_)) => {
+                    let mut st = hub.write();
+                    st.reports.entry(cluster.to_string()).or_default().last_seen_unix_ms = now_ms();
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(format!("receiving from the agent failed: {e}")),
+            },
+        }
+    }
+}
+
+struct PlatformApi(Arc<Hub>);
+
+fn operator<T>(req: &Request<T>) -> Result<String, Status> {
+    match caller(req)? {
+        Identity::Operator(o) => Ok(o),
+        other => Err(Status::permission_denied(format!(
+            "{other} may not use the platform API; an operator certificate is required"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl PlatformService for PlatformApi {
+    async fn list_clusters(
+        &self,
+        req: Request<api::ListClustersRequest>,
+    ) -> Result<Response<api::ListClustersResponse>, Status> {
+        operator(&req)?;
+        let names: Vec<String> = self.0.read().clusters.keys().cloned().collect();
+        let clusters = names.iter().filter_map(|n| self.0.cluster_view(n)).collect();
+        let st = self.0.read();
+        Ok(Response::new(api::ListClustersResponse {
+            clusters,
+            revision: st.revision.clone(),
+            source_error: st.source_error.clone().unwrap_or_default(),
+        }))
+    }
+
+    async fn get_cluster(&self, req: Request<api::GetClusterRequest>) -> Result<Response<api::Cluster>, Status> {
+        operator(&req)?;
+        let name = req.into_inner().name;
+        self.0
+            .cluster_view(&name)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("cluster {name:?} is not in the fleet inventory")))
+    }
+
+    async fn refresh(&self, req: Request<api::RefreshRequest>) -> Result<Response<api::RefreshResponse>, Status> {
+        let who = operator(&req)?;
+        info!(operator = %who, "refresh requested");
+        self.0.refresh();
+        Ok(Response::new(api::RefreshResponse { revision: self.0.read().revision.clone() }))
+    }
+}
+
+/// Everything the hub binary needs.
+pub struct HubConfig {
+    pub listen: SocketAddr,
+    pub repo: String,
+    pub branch: String,
+    pub poll: Duration,
+    pub data_dir: std::path::PathBuf,
+    pub tls: HubTls,
+}
+
+/// Runs a hub until `shutdown` is cancelled. Returns the bound address through `bound`.
+pub async fn run(
+    cfg: HubConfig,
+    shutdown: CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    let store: Arc<dyn Store> = Arc::new(crate::store::RedbStore::open(&cfg.data_dir.join("hub.redb"))?);
+    let follower = Follower::new(cfg.repo.clone(), cfg.branch.clone(), cfg.data_dir.join("repo.git"));
+    let hub = Hub::new(store, follower, shutdown.clone())?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    info!(%addr, repo = %cfg.repo, branch = %cfg.branch, "hub listening");
+    if let Some(b) = bound {
+        let _ = b.send(addr);
+    }
+    let follow = tokio::spawn(hub.clone().follow(cfg.poll).instrument(tracing::info_span!("git-follow")));
+    let served = hub.serve(listener, &cfg.tls).await;
+    shutdown.cancel();
+    let _ = follow.await;
+    served?;
+    Ok(())
+}

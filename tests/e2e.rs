@@ -1,0 +1,235 @@
+//! Commit → hub → mTLS gRPC stream → agent → cluster, with real processes: a fleet repository served by
+//! `git daemon`, the hub, a simulator with three clusters (and one the inventory does not list), and one
+//! agent process per cluster.
+
+use flotilla_e2e::{commit, eventually, free_port, git, git_daemon, spawn, wait_for_port, Proc};
+use flotilla_proto::platform::v1::platform_service_client::PlatformServiceClient;
+use flotilla_proto::platform::v1::ListClustersRequest;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use std::path::Path;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const CLUSTERS: [&str; 3] = ["eu-1", "eu-2", "us-1"];
+
+fn shop(greeting: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shop-config\ndata:\n  greeting: {greeting}\n"
+    )
+}
+
+fn eu_only(value: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: eu-config\n  namespace: default\ndata:\n  value: {value}\n")
+}
+
+async fn kube(kubeconfigs: &Path, cluster: &str) -> kube::Client {
+    let kc = Kubeconfig::read_from(kubeconfigs.join(format!("{cluster}.kubeconfig"))).expect("kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
+    kube::Client::try_from(cfg).expect("client")
+}
+
+async fn value(client: &kube::Client, ns: &str, name: &str, key: &str) -> Option<String> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    api.get_opt(name).await.ok().flatten().and_then(|c| c.data).and_then(|d| d.get(key).cloned())
+}
+
+async fn operator_client(certs: &Path, port: u16) -> PlatformServiceClient<Channel> {
+    let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("cert");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(read("operators/alice.pem"), read("operators/alice-key.pem")))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect as operator");
+    PlatformServiceClient::new(channel)
+}
+
+fn start_hub(tmp: &Path, port: u16, repo_url: &str) -> Proc {
+    let args: Vec<String> = vec![
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--repo".into(),
+        repo_url.into(),
+        "--poll-seconds".into(),
+        "1".into(),
+        "--data-dir".into(),
+        tmp.join("hub-data").display().to_string(),
+        "--certs".into(),
+        tmp.join("certs").display().to_string(),
+    ];
+    let p = spawn("flotilla-hub", &args, &tmp.join(format!("hub-{}.log", std::process::id())));
+    wait_for_port(port, "flotilla-hub");
+    p
+}
+
+fn start_agent(tmp: &Path, hub_port: u16, cluster: &str, cert_name: &str) -> Proc {
+    let certs = tmp.join("certs");
+    let args: Vec<String> = vec![
+        "--hub".into(),
+        format!("https://localhost:{hub_port}"),
+        "--ca".into(),
+        certs.join("ca.pem").display().to_string(),
+        "--cert".into(),
+        certs.join(format!("clusters/{cert_name}.pem")).display().to_string(),
+        "--key".into(),
+        certs.join(format!("clusters/{cert_name}-key.pem")).display().to_string(),
+        "--kubeconfig".into(),
+        tmp.join("kc").join(format!("{cluster}.kubeconfig")).display().to_string(),
+    ];
+    spawn("flotilla-agent", &args, &tmp.join(format!("agent-{cluster}-as-{cert_name}.log")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
+    flotilla_common::install_crypto_provider();
+    let tmp_dir = tempfile::tempdir().unwrap();
+    let tmp = tmp_dir.path();
+    eprintln!("e2e work directory (logs): {}", tmp.display());
+    // Certificates for the hub, the three clusters, a cluster missing from the inventory, and an operator.
+    let out = std::process::Command::new(flotilla_e2e::binary("flotilla"))
+        .args(["certs", "--dir"])
+        .arg(tmp.join("certs"))
+        .args(["--cluster", "eu-1,eu-2,us-1,ghost", "--operator", "alice"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The fleet repository, served by git daemon.
+    let served = tmp.join("served");
+    let repo = served.join("fleet.git");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    let all = "namespace: shop\ntargets:\n- selector:\n    matchExpressions: [{key: region, operator: In, values: [eu, us]}]\n";
+    commit(
+        &repo,
+        &[
+            ("clusters/eu-1.yaml", Some("labels: {region: eu}\n")),
+            ("clusters/eu-2.yaml", Some("labels: {region: eu}\n")),
+            ("clusters/us-1.yaml", Some("labels: {region: us}\n")),
+            ("apps/shop/app.yaml", Some(all)),
+            ("apps/shop/manifests.yaml", Some(&shop("hello"))),
+            ("apps/eu-only/app.yaml", Some("namespace: default\ntargets:\n- selector: {matchLabels: {region: eu}}\n")),
+            ("apps/eu-only/cm.yaml", Some(&eu_only("one"))),
+        ],
+        "first",
+    );
+    let (_daemon, git_port) = git_daemon(&served);
+    let repo_url = format!("git://127.0.0.1:{git_port}/fleet.git");
+
+    // Simulated clusters, including "ghost", which the inventory does not list.
+    let sim_args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--cluster".into(),
+        "eu-1,eu-2,us-1,ghost".into(),
+        "--kubeconfig-dir".into(),
+        tmp.join("kc").display().to_string(),
+    ];
+    let _sim = spawn("flotilla-sim", &sim_args, &tmp.join("sim.log"));
+    eventually(20, "the simulator", || async { tmp.join("kc/server").exists().then_some(()) }).await;
+
+    let hub_port = free_port();
+    let mut hub = start_hub(tmp, hub_port, &repo_url);
+    let mut agents: Vec<Proc> = CLUSTERS.iter().map(|c| start_agent(tmp, hub_port, c, c)).collect();
+    // The ghost agent has a valid certificate but no place in the inventory.
+    agents.push(start_agent(tmp, hub_port, "ghost", "ghost"));
+
+    let mut clients = Vec::new();
+    for c in CLUSTERS {
+        clients.push(kube(&tmp.join("kc"), c).await);
+    }
+    let ghost = kube(&tmp.join("kc"), "ghost").await;
+
+    // The first commit reaches every targeted cluster, and only those.
+    for (c, client) in CLUSTERS.iter().zip(&clients) {
+        eventually(60, &format!("shop on {c}"), || async {
+            (value(client, "shop", "shop-config", "greeting").await.as_deref() == Some("hello")).then_some(())
+        })
+        .await;
+    }
+    for (c, client) in CLUSTERS.iter().zip(&clients) {
+        let eu = value(client, "default", "eu-config", "value").await;
+        if c.starts_with("eu") {
+            eventually(30, &format!("eu-only on {c}"), || async {
+                (value(client, "default", "eu-config", "value").await.as_deref() == Some("one")).then_some(())
+            })
+            .await;
+        } else {
+            assert_eq!(eu, None, "eu-only must not reach {c}");
+        }
+    }
+
+    // A new commit reaches the targeted clusters; eu-2 is relabelled out of every target.
+    commit(
+        &repo,
+        &[
+            ("apps/shop/manifests.yaml", Some(&shop("bonjour"))),
+            ("clusters/eu-2.yaml", Some("labels: {region: retired}\n")),
+        ],
+        "second",
+    );
+    for (c, client) in [("eu-1", &clients[0]), ("us-1", &clients[2])] {
+        eventually(60, &format!("the second commit on {c}"), || async {
+            (value(client, "shop", "shop-config", "greeting").await.as_deref() == Some("bonjour")).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        value(&clients[1], "shop", "shop-config", "greeting").await.as_deref(),
+        Some("hello"),
+        "eu-2 left the target"
+    );
+
+    // A removed target stops receiving updates.
+    commit(&repo, &[("apps/eu-only/cm.yaml", Some(&eu_only("two")))], "third");
+    eventually(60, "eu-only two on eu-1", || async {
+        (value(&clients[0], "default", "eu-config", "value").await.as_deref() == Some("two")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        value(&clients[1], "default", "eu-config", "value").await.as_deref(),
+        Some("one"),
+        "eu-2 gets no update"
+    );
+
+    // The cluster missing from the inventory received nothing.
+    let ghost_cms: Api<ConfigMap> = Api::all(ghost.clone());
+    assert!(ghost_cms.list(&Default::default()).await.unwrap().items.is_empty());
+
+    // The fleet view, through the platform API with an operator certificate.
+    let mut op = operator_client(&tmp.join("certs"), hub_port).await;
+    let view = eventually(30, "eu-1 in sync", || {
+        let mut op = op.clone();
+        async move {
+            let v = op.list_clusters(ListClustersRequest {}).await.ok()?.into_inner();
+            let eu1 = v.clusters.iter().find(|c| c.name == "eu-1")?;
+            (eu1.connected && eu1.apps_in_sync == eu1.apps_total && eu1.apps_total == 2).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(view.clusters.len(), 3, "the inventory has three clusters");
+    assert!(view.source_error.is_empty());
+
+    // Restart: kill -9 the hub and start it again; agents reconnect and the view is as before.
+    hub.kill();
+    let before: Vec<(String, u32)> = view.clusters.iter().map(|c| (c.name.clone(), c.apps_total)).collect();
+    let _hub2 = start_hub(tmp, hub_port, &repo_url);
+    op = operator_client(&tmp.join("certs"), hub_port).await;
+    let after = eventually(60, "agents reconnected after the restart", || {
+        let mut op = op.clone();
+        async move {
+            let v = op.list_clusters(ListClustersRequest {}).await.ok()?.into_inner();
+            v.clusters.iter().all(|c| c.connected).then_some(v)
+        }
+    })
+    .await;
+    let after_totals: Vec<(String, u32)> = after.clusters.iter().map(|c| (c.name.clone(), c.apps_total)).collect();
+    assert_eq!(after_totals, before);
+    drop(agents);
+}
