@@ -119,7 +119,8 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
         ],
         "first",
     );
-    let (_daemon, git_port) = git_daemon(&served);
+    let (daemon, git_port) = git_daemon(&served);
+    let _daemon = daemon;
     let repo_url = format!("git://127.0.0.1:{git_port}/fleet.git");
 
     // Simulated clusters, including "ghost", which the inventory does not list.
@@ -127,7 +128,7 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--cluster".into(),
-        "eu-1,eu-2,us-1,ghost".into(),
+        "eu-1,eu-2,us-1,ghost,spy".into(),
         "--kubeconfig-dir".into(),
         tmp.join("kc").display().to_string(),
     ];
@@ -139,6 +140,8 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
     let mut agents: Vec<Proc> = CLUSTERS.iter().map(|c| start_agent(tmp, hub_port, c, c)).collect();
     // The ghost agent has a valid certificate but no place in the inventory.
     agents.push(start_agent(tmp, hub_port, "ghost", "ghost"));
+    // An agent holding us-1's certificate serves us-1's state, whatever cluster it runs in.
+    agents.push(start_agent(tmp, hub_port, "spy", "us-1"));
 
     let mut clients = Vec::new();
     for c in CLUSTERS {
@@ -202,6 +205,58 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
     let ghost_cms: Api<ConfigMap> = Api::all(ghost.clone());
     assert!(ghost_cms.list(&Default::default()).await.unwrap().items.is_empty());
 
+    // The certificate decides what an agent receives: the agent with us-1's certificate got us-1's state
+    // (shop) and never eu-1's (eu-only).
+    let spy = kube(&tmp.join("kc"), "spy").await;
+    eventually(30, "us-1's state on the spy cluster", || async {
+        value(&spy, "shop", "shop-config", "greeting").await.map(|_| ())
+    })
+    .await;
+    assert_eq!(value(&spy, "default", "eu-config", "value").await, None);
+
+    // The platform API refuses a caller without an operator certificate.
+    let read = |f: &str| std::fs::read_to_string(tmp.join("certs").join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(read("clusters/eu-1.pem"), read("clusters/eu-1-key.pem")))
+        .domain_name("localhost");
+    let ch = Channel::from_shared(format!("https://localhost:{hub_port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let denied = PlatformServiceClient::new(ch).list_clusters(ListClustersRequest {}).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    // A certificate from another CA is refused at the TLS handshake.
+    let other = tmp.join("other-ca");
+    let out = std::process::Command::new(flotilla_e2e::binary("flotilla"))
+        .args(["certs", "--dir"])
+        .arg(&other)
+        .args(["--operator", "alice"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(
+            std::fs::read_to_string(other.join("operators/alice.pem")).unwrap(),
+            std::fs::read_to_string(other.join("operators/alice-key.pem")).unwrap(),
+        ))
+        .domain_name("localhost");
+    let refused = match Channel::from_shared(format!("https://localhost:{hub_port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+    {
+        Err(_) => true,
+        Ok(ch) => PlatformServiceClient::new(ch).list_clusters(ListClustersRequest {}).await.is_err(),
+    };
+    assert!(refused, "a foreign CA's certificate must not get through");
+
     // The fleet view, through the platform API with an operator certificate.
     let mut op = operator_client(&tmp.join("certs"), hub_port).await;
     let view = eventually(30, "eu-1 in sync", || {
@@ -215,6 +270,49 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
     .await;
     assert_eq!(view.clusters.len(), 3, "the inventory has three clusters");
     assert!(view.source_error.is_empty());
+
+    // The CLI shows the same view.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(flotilla_e2e::binary("flotilla"))
+            .args(args)
+            .args(["--hub", &format!("https://localhost:{hub_port}"), "--operator", "alice", "--certs"])
+            .arg(tmp.join("certs"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "flotilla {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = cli(&["clusters"]);
+    assert!(table.contains("CLUSTER") && table.contains("eu-1") && table.contains("2/2"), "{table}");
+    let one = cli(&["cluster", "eu-1", "-o", "json"]);
+    assert!(one.contains("\"appsInSync\": 2"), "{one}");
+
+    // A malformed manifest marks the app with file and line, and the previous good state stays applied.
+    commit(
+        &repo,
+        &[("apps/shop/manifests.yaml", Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: [broken\n"))],
+        "broken",
+    );
+    let marked = eventually(30, "the broken commit reported on eu-1", || async {
+        let j = cli(&["cluster", "eu-1", "-o", "json"]);
+        j.contains("apps/shop/manifests.yaml:").then_some(j)
+    })
+    .await;
+    assert!(marked.contains("apps/shop/manifests.yaml:"), "{marked}");
+    assert_eq!(
+        value(&clients[0], "shop", "shop-config", "greeting").await.as_deref(),
+        Some("bonjour"),
+        "nothing half-applied"
+    );
+
+    // An unreachable repository shows as an error, and the hub keeps serving.
+    drop(_daemon);
+    let errors = eventually(30, "the fetch error in the view", || async {
+        let t = cli(&["clusters"]);
+        t.contains("error following the fleet repository").then_some(t)
+    })
+    .await;
+    assert!(errors.contains("eu-1"), "{errors}");
 
     // Restart: kill -9 the hub and start it again; agents reconnect and the view is as before.
     hub.kill();

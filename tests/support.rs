@@ -98,8 +98,11 @@ pub fn commit(repo: &Path, files: &[(&str, Option<&str>)], msg: &str) -> String 
 /// `git daemon` exporting every repository under `base`.
 pub fn git_daemon(base: &Path) -> (Proc, u16) {
     let port = free_port();
-    let child = Command::new("git")
-        .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
+    // Run git-daemon itself: `git daemon` forks it as a child that outlives a killed parent.
+    let exec_path = Command::new("git").arg("--exec-path").output().expect("git (apt-get install -y git)");
+    let daemon = std::path::PathBuf::from(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
+    let child = Command::new(daemon)
+        .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
         .arg(format!("--base-path={}", base.display()))
         .arg(base)
         .stdout(Stdio::null())

@@ -1,6 +1,7 @@
 //! `flotilla`: the operator's command line.
 
 use clap::{Parser, Subcommand};
+use flotilla_cli::view::{self, Output};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -10,10 +11,37 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args, Debug)]
+struct HubFlags {
+    /// The hub, https://HOST:PORT.
+    #[arg(long, env = "FLOTILLA_HUB", default_value = "https://localhost:7443")]
+    hub: String,
+    /// The name in the hub's certificate.
+    #[arg(long, env = "FLOTILLA_HUB_NAME", default_value = "localhost")]
+    hub_name: String,
+    /// Directory made by `flotilla certs`.
+    #[arg(long, env = "FLOTILLA_CERTS_DIR", default_value = "flotilla-certs")]
+    certs: PathBuf,
+    /// Operator whose certificate (CERTS/operators/NAME.pem) authenticates the call.
+    #[arg(long, env = "FLOTILLA_OPERATOR", default_value = "admin")]
+    operator: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create the fleet CA (unless DIR already has one) and certificates for the hub, clusters and operators.
     Certs(Certs),
+    /// Every cluster: connected, revision, apps in sync, last seen.
+    Clusters(HubFlags),
+    /// One cluster with its apps.
+    Cluster {
+        name: String,
+        #[command(flatten)]
+        hub: HubFlags,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -35,7 +63,9 @@ struct Certs {
     operators: Vec<String>,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    flotilla_common::install_crypto_provider();
     match Cli::parse().command {
         Command::Certs(c) => {
             let files =
@@ -44,6 +74,14 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", f.display());
             }
             Ok(())
+        }
+        Command::Clusters(h) => {
+            let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
+            view::clusters(&mut client, h.output).await
+        }
+        Command::Cluster { name, hub: h } => {
+            let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
+            view::cluster(&mut client, &name, h.output).await
         }
     }
 }

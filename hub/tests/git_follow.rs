@@ -52,8 +52,11 @@ impl Drop for Daemon {
 
 fn git_daemon(base: &Path) -> (Daemon, u16) {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new("git")
-        .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
+    // Run git-daemon itself: `git daemon` forks it as a child that outlives a killed parent.
+    let exec_path = Command::new("git").arg("--exec-path").output().expect("git (apt-get install -y git)");
+    let daemon = std::path::PathBuf::from(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
+    let child = Command::new(daemon)
+        .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
         .arg(format!("--base-path={}", base.display()))
         .arg(base)
         .stdout(std::process::Stdio::null())

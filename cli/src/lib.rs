@@ -1,0 +1,3 @@
+//! The `flotilla` command's building blocks, kept in a library so tests and the demo use them directly.
+
+pub mod view;

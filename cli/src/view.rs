@@ -1,0 +1,191 @@
+//! `flotilla clusters` and `flotilla cluster NAME`: the fleet view from the hub's platform API.
+
+use anyhow::Context;
+use flotilla_proto::agent::v1::Phase;
+use flotilla_proto::platform::v1::platform_service_client::PlatformServiceClient;
+use flotilla_proto::platform::v1::{Cluster, GetClusterRequest, ListClustersRequest, ListClustersResponse};
+use serde_json::{json, Value};
+use std::path::Path;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Connects to the hub as an operator (certificate `CERTS/operators/NAME.pem`).
+pub async fn connect(
+    hub: &str,
+    hub_name: &str,
+    certs: &Path,
+    operator: &str,
+) -> anyhow::Result<PlatformServiceClient<Channel>> {
+    let read = |f: &str| {
+        let p = certs.join(f);
+        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+        .identity(Identity::from_pem(
+            read(&format!("operators/{operator}.pem"))?,
+            read(&format!("operators/{operator}-key.pem"))?,
+        ))
+        .domain_name(hub_name);
+    let channel = Channel::from_shared(hub.to_string())
+        .with_context(|| format!("invalid hub URL {hub}"))?
+        .tls_config(tls)?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the hub at {hub}"))?;
+    Ok(PlatformServiceClient::new(channel))
+}
+
+fn phase(p: i32) -> &'static str {
+    match Phase::try_from(p).unwrap_or(Phase::Unspecified) {
+        Phase::Unspecified => "Unknown",
+        Phase::Pending => "Pending",
+        Phase::Applying => "Applying",
+        Phase::Applied => "Applied",
+        Phase::Failed => "Failed",
+    }
+}
+
+fn ago(ms: i64) -> String {
+    if ms <= 0 {
+        return "never".into();
+    }
+    let secs = (chrono::Utc::now().timestamp_millis() - ms).max(0) / 1000;
+    match secs {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s => format!("{}h ago", s / 3600),
+    }
+}
+
+fn short(rev: &str) -> &str {
+    rev.get(..12).unwrap_or(rev)
+}
+
+pub fn cluster_json(c: &Cluster) -> Value {
+    json!({
+        "name": c.name,
+        "labels": c.labels,
+        "connected": c.connected,
+        "revision": c.revision,
+        "appsInSync": c.apps_in_sync,
+        "appsTotal": c.apps_total,
+        "lastSeenUnixMs": c.last_seen_unix_ms,
+        "apps": c.apps.iter().map(|a| json!({
+            "app": a.app,
+            "desiredDigest": a.desired_digest,
+            "desiredRevision": a.desired_revision,
+            "applied": a.applied.as_ref().map(|s| json!({
+                "digest": s.digest, "revision": s.revision, "phase": phase(s.phase),
+                "objects": s.objects, "objectsApplied": s.objects_applied, "message": s.message,
+            })),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print(v: &Value, out: Output) -> anyhow::Result<()> {
+    match out {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        _ => print!("{}", serde_yaml::to_string(v)?),
+    }
+    Ok(())
+}
+
+pub fn render_clusters(r: &ListClustersResponse, out: Output) -> anyhow::Result<String> {
+    if out != Output::Table {
+        let v = json!({"revision": r.revision, "sourceError": r.source_error, "clusters": r.clusters.iter().map(cluster_json).collect::<Vec<_>>()});
+        print(&v, out)?;
+        return Ok(String::new());
+    }
+    let mut s = format!("{:<20} {:<10} {:<13} {:<8} {}\n", "CLUSTER", "CONNECTED", "REVISION", "IN SYNC", "LAST SEEN");
+    for c in &r.clusters {
+        let rev = if c.revision.is_empty() { "-" } else { short(&c.revision) };
+        s.push_str(&format!(
+            "{:<20} {:<10} {:<13} {:<8} {}\n",
+            c.name,
+            if c.connected { "yes" } else { "no" },
+            rev,
+            format!("{}/{}", c.apps_in_sync, c.apps_total),
+            ago(c.last_seen_unix_ms)
+        ));
+    }
+    s.push_str(&format!(
+        "\nfleet repository at {}",
+        if r.revision.is_empty() { "(not fetched yet)" } else { short(&r.revision) }
+    ));
+    if !r.source_error.is_empty() {
+        s.push_str(&format!("\nerror following the fleet repository: {}", r.source_error));
+    }
+    s.push('\n');
+    Ok(s)
+}
+
+pub fn render_cluster(c: &Cluster, out: Output) -> anyhow::Result<String> {
+    if out != Output::Table {
+        print(&cluster_json(c), out)?;
+        return Ok(String::new());
+    }
+    let labels: Vec<String> = c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut s = format!(
+        "Cluster:    {}\nLabels:     {}\nConnected:  {}\nRevision:   {}\nIn sync:    {}/{}\nLast seen:  {}\n\n",
+        c.name,
+        labels.join(","),
+        if c.connected { "yes" } else { "no" },
+        if c.revision.is_empty() { "-" } else { &c.revision },
+        c.apps_in_sync,
+        c.apps_total,
+        ago(c.last_seen_unix_ms)
+    );
+    s.push_str(&format!(
+        "{:<20} {:<13} {:<13} {:<9} {:<8} {}\n",
+        "APP", "DESIRED", "APPLIED", "PHASE", "OBJECTS", "MESSAGE"
+    ));
+    for a in &c.apps {
+        let (applied, ph, objs, msg) = match &a.applied {
+            Some(s) => (
+                short(&s.revision).to_string(),
+                phase(s.phase),
+                format!("{}/{}", s.objects_applied, s.objects),
+                s.message.clone(),
+            ),
+            None => ("-".into(), "Pending", "-".into(), String::new()),
+        };
+        s.push_str(&format!(
+            "{:<20} {:<13} {:<13} {:<9} {:<8} {}\n",
+            a.app,
+            short(&a.desired_revision),
+            applied,
+            ph,
+            objs,
+            msg
+        ));
+    }
+    Ok(s)
+}
+
+pub async fn clusters(client: &mut PlatformServiceClient<Channel>, out: Output) -> anyhow::Result<()> {
+    let r = client
+        .list_clusters(ListClustersRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    print!("{}", render_clusters(&r, out)?);
+    Ok(())
+}
+
+pub async fn cluster(client: &mut PlatformServiceClient<Channel>, name: &str, out: Output) -> anyhow::Result<()> {
+    let c = client
+        .get_cluster(GetClusterRequest { name: name.to_string() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    print!("{}", render_cluster(&c, out)?);
+    Ok(())
+}
