@@ -168,36 +168,41 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
         }
     }
 
-    // A new commit reaches the targeted clusters; eu-2 is relabelled out of every target.
-    commit(
-        &repo,
-        &[
-            ("apps/shop/manifests.yaml", Some(&shop("bonjour"))),
-            ("clusters/eu-2.yaml", Some("labels: {region: retired}\n")),
-        ],
-        "second",
-    );
-    for (c, client) in [("eu-1", &clients[0]), ("us-1", &clients[2])] {
+    // A new commit reaches all three.
+    commit(&repo, &[("apps/shop/manifests.yaml", Some(&shop("bonjour")))], "second");
+    for (c, client) in CLUSTERS.iter().zip(&clients) {
         eventually(60, &format!("the second commit on {c}"), || async {
             (value(client, "shop", "shop-config", "greeting").await.as_deref() == Some("bonjour")).then_some(())
         })
         .await;
     }
-    assert_eq!(
-        value(&clients[1], "shop", "shop-config", "greeting").await.as_deref(),
-        Some("hello"),
-        "eu-2 left the target"
-    );
 
-    // A removed target stops receiving updates.
-    commit(&repo, &[("apps/eu-only/cm.yaml", Some(&eu_only("two")))], "third");
-    eventually(60, "eu-only two on eu-1", || async {
+    // A removed target stops receiving updates: eu-2 is relabelled out of every target.
+    commit(
+        &repo,
+        &[
+            ("clusters/eu-2.yaml", Some("labels: {region: retired}\n")),
+            ("apps/eu-only/cm.yaml", Some(&eu_only("two"))),
+            ("apps/shop/manifests.yaml", Some(&shop("hallo"))),
+        ],
+        "third",
+    );
+    eventually(60, "the third commit on eu-1", || async {
         (value(&clients[0], "default", "eu-config", "value").await.as_deref() == Some("two")).then_some(())
+    })
+    .await;
+    eventually(60, "the third commit on us-1", || async {
+        (value(&clients[2], "shop", "shop-config", "greeting").await.as_deref() == Some("hallo")).then_some(())
     })
     .await;
     assert_eq!(
         value(&clients[1], "default", "eu-config", "value").await.as_deref(),
         Some("one"),
+        "eu-2 gets no update"
+    );
+    assert_eq!(
+        value(&clients[1], "shop", "shop-config", "greeting").await.as_deref(),
+        Some("bonjour"),
         "eu-2 gets no update"
     );
 
@@ -301,7 +306,7 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
     assert!(marked.contains("apps/shop/manifests.yaml:"), "{marked}");
     assert_eq!(
         value(&clients[0], "shop", "shop-config", "greeting").await.as_deref(),
-        Some("bonjour"),
+        Some("hallo"),
         "nothing half-applied"
     );
 
@@ -314,7 +319,15 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
     .await;
     assert!(errors.contains("eu-1"), "{errors}");
 
-    // Restart: kill -9 the hub and start it again; agents reconnect and the view is as before.
+    // Restart: kill -9 the hub and start it again; agents reconnect, nothing they applied is applied again,
+    // and the view is as before.
+    let applies = |c: &str| {
+        std::fs::read_to_string(tmp.join(format!("agent-{c}-as-{c}.log")))
+            .unwrap_or_default()
+            .matches(" applied ")
+            .count()
+    };
+    let applied_before: Vec<usize> = CLUSTERS.iter().map(|c| applies(c)).collect();
     hub.kill();
     let before: Vec<(String, u32)> = view.clusters.iter().map(|c| (c.name.clone(), c.apps_total)).collect();
     let _hub2 = start_hub(tmp, hub_port, &repo_url);
@@ -329,5 +342,8 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
     .await;
     let after_totals: Vec<(String, u32)> = after.clusters.iter().map(|c| (c.name.clone(), c.apps_total)).collect();
     assert_eq!(after_totals, before);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let applied_after: Vec<usize> = CLUSTERS.iter().map(|c| applies(c)).collect();
+    assert_eq!(applied_after, applied_before, "a reconnecting agent re-applies nothing");
     drop(agents);
 }

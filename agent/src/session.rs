@@ -161,7 +161,12 @@ async fn apply_desired(applier: &Applier, state: &mut AgentState, desired: &pb::
     for app in &desired.apps {
         let done =
             state.applied.get(&app.app).is_some_and(|a| a.digest == app.digest && a.phase == pb::Phase::Applied as i32);
-        if !done {
+        if done {
+            // Same content at a newer commit: nothing to apply, but the cluster now runs that commit.
+            if let Some(a) = state.applied.get_mut(&app.app) {
+                a.revision = app.revision.clone();
+            }
+        } else {
             let result = match state.bundles.get(&app.digest).map(|b| Bundle::parse(b)) {
                 Some(Ok(objects)) => {
                     let total = objects.len() as u32;

@@ -36,6 +36,16 @@ enum Command {
     Certs(Certs),
     /// Every cluster: connected, revision, apps in sync, last seen.
     Clusters(HubFlags),
+    /// Run the whole path on this machine: certificates, a fleet repository, the hub, simulated clusters and
+    /// their agents; then commit a change and watch it propagate.
+    Demo {
+        /// Exit 0 once every cluster runs the second commit, non-zero with the reason otherwise.
+        #[arg(long)]
+        once: bool,
+        /// Seconds to wait for each commit to reach every cluster.
+        #[arg(long, default_value_t = 120)]
+        timeout_seconds: u64,
+    },
     /// One cluster with its apps.
     Cluster {
         name: String,
@@ -74,6 +84,9 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", f.display());
             }
             Ok(())
+        }
+        Command::Demo { once, timeout_seconds } => {
+            flotilla_cli::demo::run(once, std::time::Duration::from_secs(timeout_seconds)).await
         }
         Command::Clusters(h) => {
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;

@@ -1,0 +1,221 @@
+//! `flotilla demo`: the whole path on one machine with embedded defaults: certificates, a local fleet
+//! repository from `examples/fleet`, the hub (embedded store), a simulator with the fleet's clusters, and one
+//! agent per cluster; then a commit that propagates.
+
+use crate::view;
+use anyhow::{bail, Context};
+use flotilla_agent::apply::Applier;
+use flotilla_agent::session::AgentConfig;
+use flotilla_hub::server::{HubConfig, HubTls};
+use flotilla_proto::platform::v1::{ListClustersRequest, ListClustersResponse, RefreshRequest};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The example fleet, embedded so the demo runs from any directory.
+const FLEET: &[(&str, &str)] = &[
+    ("apps/shop/app.yaml", include_str!("../../examples/fleet/apps/shop/app.yaml")),
+    ("apps/shop/shop.yaml", include_str!("../../examples/fleet/apps/shop/shop.yaml")),
+    ("apps/monitoring/app.yaml", include_str!("../../examples/fleet/apps/monitoring/app.yaml")),
+    ("apps/monitoring/agent.yaml", include_str!("../../examples/fleet/apps/monitoring/agent.yaml")),
+    ("apps/eu-compliance/app.yaml", include_str!("../../examples/fleet/apps/eu-compliance/app.yaml")),
+    ("apps/eu-compliance/residency.yaml", include_str!("../../examples/fleet/apps/eu-compliance/residency.yaml")),
+    ("clusters/eu-1.yaml", include_str!("../../examples/fleet/clusters/eu-1.yaml")),
+    ("clusters/eu-2.yaml", include_str!("../../examples/fleet/clusters/eu-2.yaml")),
+    ("clusters/eu-3.yaml", include_str!("../../examples/fleet/clusters/eu-3.yaml")),
+    ("clusters/eu-4.yaml", include_str!("../../examples/fleet/clusters/eu-4.yaml")),
+    ("clusters/us-1.yaml", include_str!("../../examples/fleet/clusters/us-1.yaml")),
+    ("clusters/us-2.yaml", include_str!("../../examples/fleet/clusters/us-2.yaml")),
+    ("clusters/us-3.yaml", include_str!("../../examples/fleet/clusters/us-3.yaml")),
+    ("clusters/us-4.yaml", include_str!("../../examples/fleet/clusters/us-4.yaml")),
+    ("clusters/ap-1.yaml", include_str!("../../examples/fleet/clusters/ap-1.yaml")),
+    ("clusters/ap-2.yaml", include_str!("../../examples/fleet/clusters/ap-2.yaml")),
+    ("clusters/ap-3.yaml", include_str!("../../examples/fleet/clusters/ap-3.yaml")),
+    ("clusters/ap-4.yaml", include_str!("../../examples/fleet/clusters/ap-4.yaml")),
+];
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Flotilla demo")
+        .env("GIT_AUTHOR_EMAIL", "demo@flotilla.invalid")
+        .env("GIT_COMMITTER_NAME", "Flotilla demo")
+        .env("GIT_COMMITTER_EMAIL", "demo@flotilla.invalid")
+        .output()
+        .context("running git (install it with: apt-get install -y git)")?;
+    if !out.status.success() {
+        bail!("git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn commit_all(repo: &Path, msg: &str) -> anyhow::Result<String> {
+    git(repo, &["add", "-A"])?;
+    git(repo, &["commit", "-q", "-m", msg])?;
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+/// Waits until every cluster runs `revision` with all apps in sync, printing the fleet view as it changes.
+async fn converge(
+    client: &mut flotilla_proto::platform::v1::platform_service_client::PlatformServiceClient<
+        tonic::transport::Channel,
+    >,
+    revision: &str,
+    timeout: Duration,
+) -> anyhow::Result<ListClustersResponse> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_shown = String::new();
+    loop {
+        let view = client
+            .list_clusters(ListClustersRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        let table = view::render_clusters(&view, view::Output::Table)?;
+        let summary: Vec<(String, u32, u32, String)> =
+            view.clusters.iter().map(|c| (c.name.clone(), c.apps_in_sync, c.apps_total, c.revision.clone())).collect();
+        let key = format!("{summary:?}");
+        if key != last_shown {
+            println!("{table}");
+            last_shown = key;
+        }
+        let done = !view.clusters.is_empty()
+            && view.clusters.iter().all(|c| c.revision == revision && c.apps_in_sync == c.apps_total && c.connected);
+        if done {
+            return Ok(view);
+        }
+        if tokio::time::Instant::now() > deadline {
+            let behind: Vec<String> = view
+                .clusters
+                .iter()
+                .filter(|c| c.revision != revision || c.apps_in_sync != c.apps_total)
+                .map(|c| {
+                    let why: Vec<String> = c
+                        .apps
+                        .iter()
+                        .filter_map(|a| {
+                            a.applied
+                                .as_ref()
+                                .filter(|s| !s.message.is_empty())
+                                .map(|s| format!("{}: {}", a.app, s.message))
+                        })
+                        .collect();
+                    format!(
+                        "{} ({}/{} apps in sync{}{})",
+                        c.name,
+                        c.apps_in_sync,
+                        c.apps_total,
+                        if why.is_empty() { "" } else { "; " },
+                        why.join("; ")
+                    )
+                })
+                .collect();
+            bail!("not every cluster runs {revision} after {}s: {}", timeout.as_secs(), behind.join(", "));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub async fn run(once: bool, timeout: Duration) -> anyhow::Result<()> {
+    let work = tempfile::Builder::new().prefix("flotilla-demo-").tempdir().context("creating a work directory")?;
+    let dir = work.path();
+    println!("== work directory {}", dir.display());
+    let clusters: Vec<String> = FLEET
+        .iter()
+        .filter_map(|(p, _)| p.strip_prefix("clusters/")?.strip_suffix(".yaml"))
+        .map(str::to_string)
+        .collect();
+
+    println!("== certificates: a fleet CA, the hub, {} clusters, operator admin", clusters.len());
+    let certs = dir.join("certs");
+    flotilla_common::identity::write_fleet(
+        &certs,
+        "demo",
+        &["localhost".into(), "127.0.0.1".into()],
+        &clusters,
+        &["admin".into()],
+    )?;
+
+    println!("== fleet repository from examples/fleet");
+    let repo = dir.join("fleet");
+    for (path, content) in FLEET {
+        let p = repo.join(path);
+        std::fs::create_dir_all(p.parent().context("path")?)?;
+        std::fs::write(&p, content)?;
+    }
+    git(&repo, &["init", "-q", "-b", "main"])?;
+    let first = commit_all(&repo, "Fleet: shop 1.0, monitoring, EU data residency")?;
+
+    println!("== {} simulated clusters", clusters.len());
+    let sim_cfg = flotilla_sim::SimConfig {
+        behaviour: flotilla_sim::Behaviour { ready_after_ms: 300, ..Default::default() },
+        ..flotilla_sim::SimConfig::with_clusters(clusters.clone())
+    };
+    let sim = flotilla_sim::Simulator::start(sim_cfg).await?;
+    sim.write_kubeconfigs(&dir.join("kubeconfigs"))?;
+
+    let shutdown = CancellationToken::new();
+    let read = |f: &str| std::fs::read_to_string(certs.join(f)).with_context(|| format!("reading {f}"));
+    let tls = HubTls { ca_pem: read("ca.pem")?, cert_pem: read("hub.pem")?, key_pem: read("hub-key.pem")? };
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let hub_cfg = HubConfig {
+        listen: "127.0.0.1:0".parse()?,
+        repo: format!("file://{}", repo.display()),
+        branch: "main".into(),
+        poll: Duration::from_secs(5),
+        data_dir: dir.join("hub"),
+        tls,
+    };
+    let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
+    let addr = bound_rx.await.context("the hub did not start")?;
+    let hub_url = format!("https://localhost:{}", addr.port());
+    println!("== hub on {hub_url}; starting {} agents", clusters.len());
+    let mut agents = Vec::new();
+    for c in &clusters {
+        let kc = kube::config::Kubeconfig::from_yaml(&sim.kubeconfig(c))?;
+        let kube_cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        let client = kube::Client::try_from(kube_cfg)?;
+        let cfg = AgentConfig {
+            hub: hub_url.clone(),
+            hub_name: Some("localhost".into()),
+            ca_pem: read("ca.pem")?,
+            cert_pem: read(&format!("clusters/{c}.pem"))?,
+            key_pem: read(&format!("clusters/{c}-key.pem"))?,
+        };
+        agents.push(tokio::spawn(flotilla_agent::session::run(cfg, Applier::new(client), shutdown.clone())));
+    }
+
+    let mut op = view::connect(&hub_url, "localhost", &certs, "admin").await?;
+    println!("== waiting for every cluster to run {}", &first[..12]);
+    let result = async {
+        converge(&mut op, &first, timeout).await?;
+        println!("== committing shop 1.1 with a new banner");
+        let shop = repo.join("apps/shop/shop.yaml");
+        let text =
+            std::fs::read_to_string(&shop)?.replace("shop:1.0", "shop:1.1").replace("\"Welcome\"", "\"Welcome back\"");
+        std::fs::write(&shop, text)?;
+        let second = commit_all(&repo, "shop 1.1")?;
+        op.refresh(RefreshRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        println!("== waiting for every cluster to run {}", &second[..12]);
+        converge(&mut op, &second, timeout).await?;
+        println!("== every cluster runs {}", &second[..12]);
+        anyhow::Ok(())
+    }
+    .await;
+    if result.is_ok() && !once {
+        println!("The fleet keeps running. Look around:");
+        println!("  KUBECONFIG={}/kubeconfigs/eu-1.kubeconfig kubectl get all -n shop", dir.display());
+        println!("  flotilla clusters --hub {hub_url} --certs {} --operator admin", certs.display());
+        println!("Ctrl-C stops it.");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    shutdown.cancel();
+    for a in agents {
+        let _ = a.await;
+    }
+    let _ = hub.await;
+    sim.shutdown().await;
+    result
+}
