@@ -122,3 +122,44 @@ fn errors_name_the_url_or_branch() {
     assert!(e.to_string().contains(&url), "{e}");
     assert!(!tmp.path().join("cache2/HEAD").exists(), "a failed clone leaves nothing behind");
 }
+
+/// Smart HTTP: `git http-backend` behind Python's CGI server.
+#[test]
+fn follows_a_branch_over_smart_http() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    // The CGI server runs scripts as nobody when started as root: let it read the repository.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let served = tmp.path().join("served");
+    let repo = served.join("fleet.git");
+    let first = fleet_repo(&repo);
+    let cgi = tmp.path().join("www/cgi-bin");
+    std::fs::create_dir_all(&cgi).unwrap();
+    std::fs::write(
+        cgi.join("git"),
+        format!(
+            "#!/bin/sh\nexport GIT_PROJECT_ROOT={}\nexport GIT_HTTP_EXPORT_ALL=1\nexport GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'\nexec git http-backend\n",
+            served.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(cgi.join("git"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("python3")
+        .args(["-m", "http.server", "--cgi", "--bind", "127.0.0.1", &port.to_string()])
+        .current_dir(tmp.path().join("www"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 (apt-get install -y python3)");
+    let _server = Daemon(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the HTTP server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let f = Follower::new(format!("http://127.0.0.1:{port}/cgi-bin/git/fleet.git"), "main", tmp.path().join("cache"));
+    assert_eq!(f.fetch().unwrap().revision, first);
+    let second = commit(&repo, &[("apps/web/app.yaml", "namespace: web\n")], "second");
+    assert_eq!(f.fetch().unwrap().revision, second);
+}
