@@ -82,6 +82,7 @@ pub fn cluster_json(c: &Cluster) -> Value {
             "app": a.app,
             "desiredDigest": a.desired_digest,
             "desiredRevision": a.desired_revision,
+            "error": a.error,
             "applied": a.applied.as_ref().map(|s| json!({
                 "digest": s.digest, "revision": s.revision, "phase": phase(s.phase),
                 "objects": s.objects, "objectsApplied": s.objects_applied, "message": s.message,
@@ -157,6 +158,8 @@ pub fn render_cluster(c: &Cluster, out: Output) -> anyhow::Result<String> {
             ),
             None => ("-".into(), "Pending", "-".into(), String::new()),
         };
+        // A rendering error of the newest commit comes first: it says why the cluster is not on it.
+        let msg = if a.error.is_empty() { msg } else { a.error.clone() };
         s.push_str(&format!(
             "{:<20} {:<13} {:<13} {:<9} {:<8} {}\n",
             a.app,

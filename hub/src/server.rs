@@ -232,11 +232,9 @@ impl Hub {
                         phase: a.phase,
                         objects: a.objects,
                         objects_applied: a.objects_applied,
-                        message: match (&d.error, a.message.is_empty()) {
-                            (Some(e), _) => e.clone(),
-                            (None, _) => a.message.clone(),
-                        },
+                        message: a.message.clone(),
                     }),
+                    error: d.error.clone().unwrap_or_default(),
                 }
             })
             .collect();
