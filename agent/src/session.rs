@@ -23,20 +23,10 @@ pub struct AgentConfig {
     pub key_pem: String,
 }
 
-/// What the agent has applied, per app.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Applied {
-    digest: String,
-    revision: String,
-    phase: i32,
-    objects: u32,
-    objects_applied: u32,
-    message: String,
-}
-
 #[derive(Default)]
 struct AgentState {
-    applied: BTreeMap<String, Applied>,
+    /// What the agent has applied, per app, as it reports it.
+    applied: BTreeMap<String, pb::AppStatus>,
     /// Bundles held, by digest.
     bundles: HashMap<String, Vec<u8>>,
 }
@@ -186,7 +176,8 @@ async fn apply_desired(applier: &Applier, state: &mut AgentState, desired: &pb::
                         }
                     }
                     let phase = if error.is_none() { pb::Phase::Applied } else { pb::Phase::Failed };
-                    Applied {
+                    pb::AppStatus {
+                        app: app.app.clone(),
                         digest: app.digest.clone(),
                         revision: app.revision.clone(),
                         phase: phase as i32,
@@ -195,34 +186,27 @@ async fn apply_desired(applier: &Applier, state: &mut AgentState, desired: &pb::
                         message: error.unwrap_or_default(),
                     }
                 }
-                Some(Err(e)) => Applied {
+                Some(Err(e)) => pb::AppStatus {
+                    app: app.app.clone(),
                     digest: app.digest.clone(),
                     revision: app.revision.clone(),
                     phase: pb::Phase::Failed as i32,
                     message: format!("the bundle is corrupt: {e}"),
-                    ..Applied::default()
+                    ..Default::default()
                 },
-                None => Applied {
+                None => pb::AppStatus {
+                    app: app.app.clone(),
                     digest: app.digest.clone(),
                     revision: app.revision.clone(),
                     phase: pb::Phase::Failed as i32,
                     message: "the bundle never arrived".into(),
-                    ..Applied::default()
+                    ..Default::default()
                 },
             };
             info!(app = %app.app, revision = %app.revision, phase = result.phase, objects = result.objects_applied, "applied");
             state.applied.insert(app.app.clone(), result);
         }
-        let a = &state.applied[&app.app];
-        report.apps.push(pb::AppStatus {
-            app: app.app.clone(),
-            digest: a.digest.clone(),
-            revision: a.revision.clone(),
-            phase: a.phase,
-            objects: a.objects,
-            objects_applied: a.objects_applied,
-            message: a.message.clone(),
-        });
+        report.apps.push(state.applied[&app.app].clone());
     }
     // Apps that left the desired state are no longer reported (pruning their objects comes with the
     // agent's inventory).

@@ -5,6 +5,7 @@
 
 pub mod fleet;
 pub mod identity;
+pub mod process;
 pub mod selector;
 
 pub use identity::{identity_of, FleetCa, Identity, IdentityError};

@@ -33,27 +33,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     flotilla_common::install_crypto_provider();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    flotilla_common::process::init_tracing();
     let args = Args::parse();
     let read = |f: &str| {
         let p = args.certs.join(f);
         std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
     };
     let tls = HubTls { ca_pem: read("ca.pem")?, cert_pem: read("hub.pem")?, key_pem: read("hub-key.pem")? };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let s2 = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-        s2.cancel();
-    });
+    let shutdown = flotilla_common::process::shutdown_on_signal();
     let cfg = HubConfig {
         listen: args.listen,
         repo: args.repo,

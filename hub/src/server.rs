@@ -33,6 +33,33 @@ pub struct AppReport {
     pub message: String,
 }
 
+impl From<&pb::AppStatus> for AppReport {
+    fn from(a: &pb::AppStatus) -> Self {
+        AppReport {
+            digest: a.digest.clone(),
+            revision: a.revision.clone(),
+            phase: a.phase,
+            objects: a.objects,
+            objects_applied: a.objects_applied,
+            message: a.message.clone(),
+        }
+    }
+}
+
+impl AppReport {
+    fn to_proto(&self, app: &str) -> pb::AppStatus {
+        pb::AppStatus {
+            app: app.to_string(),
+            digest: self.digest.clone(),
+            revision: self.revision.clone(),
+            phase: self.phase,
+            objects: self.objects,
+            objects_applied: self.objects_applied,
+            message: self.message.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterReport {
     pub last_seen_unix_ms: i64,
@@ -185,17 +212,7 @@ impl Hub {
         let r = st.reports.entry(cluster.to_string()).or_default();
         r.last_seen_unix_ms = now_ms();
         for a in &report.apps {
-            r.apps.insert(
-                a.app.clone(),
-                AppReport {
-                    digest: a.digest.clone(),
-                    revision: a.revision.clone(),
-                    phase: a.phase,
-                    objects: a.objects,
-                    objects_applied: a.objects_applied,
-                    message: a.message.clone(),
-                },
-            );
+            r.apps.insert(a.app.clone(), AppReport::from(a));
         }
         let bytes = serde_json::to_vec(&*r).unwrap_or_default();
         drop(st);
@@ -225,15 +242,7 @@ impl Hub {
                     app: app.clone(),
                     desired_digest: d.digest.clone(),
                     desired_revision: d.revision.clone(),
-                    applied: applied.map(|a| pb::AppStatus {
-                        app: app.clone(),
-                        digest: a.digest.clone(),
-                        revision: a.revision.clone(),
-                        phase: a.phase,
-                        objects: a.objects,
-                        objects_applied: a.objects_applied,
-                        message: a.message.clone(),
-                    }),
+                    applied: applied.map(|a| a.to_proto(app)),
                     error: d.error.clone().unwrap_or_default(),
                 }
             })
