@@ -310,6 +310,18 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
         "nothing half-applied"
     );
 
+    // A document without a kind is reported the same way.
+    commit(
+        &repo,
+        &[("apps/shop/manifests.yaml", Some("apiVersion: v1\nmetadata:\n  name: nameless-kind\n"))],
+        "no kind",
+    );
+    eventually(30, "the missing kind reported on eu-1", || async {
+        cli(&["cluster", "eu-1"]).contains("apps/shop/manifests.yaml:1: the document has no kind").then_some(())
+    })
+    .await;
+    assert_eq!(value(&clients[0], "shop", "shop-config", "greeting").await.as_deref(), Some("hallo"));
+
     // An unreachable repository shows as an error, and the hub keeps serving.
     drop(_daemon);
     let errors = eventually(30, "the fetch error in the view", || async {

@@ -374,7 +374,6 @@ fn preserve(res: &ResourceDef, sub: Sub, old: &Value, new: &mut Value) {
         },
         Sub::Status => {
             let status = new.get("status").cloned();
-            let meta_labels = new.pointer("/metadata").cloned();
             *new = old.clone();
             match status {
                 Some(s) => new["status"] = s,
@@ -384,7 +383,6 @@ fn preserve(res: &ResourceDef, sub: Sub, old: &Value, new: &mut Value) {
                     }
                 }
             }
-            let _ = meta_labels;
         }
         _ => {}
     }
