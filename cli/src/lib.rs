@@ -1,4 +1,5 @@
 //! The `flotilla` command's building blocks, kept in a library so tests and the demo use them directly.
 
 pub mod demo;
+pub mod render;
 pub mod view;

@@ -46,6 +46,18 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         timeout_seconds: u64,
     },
+    /// Print what a cluster would receive from a fleet repository checkout, offline.
+    Render {
+        /// The checkout (a directory with clusters/ and apps/).
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+        /// The cluster.
+        #[arg(long)]
+        cluster: String,
+        /// Only this app.
+        #[arg(long)]
+        app: Option<String>,
+    },
     /// One cluster with its apps.
     Cluster {
         name: String,
@@ -87,6 +99,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo { once, timeout_seconds } => {
             flotilla_cli::demo::run(once, std::time::Duration::from_secs(timeout_seconds)).await
+        }
+        Command::Render { repo, cluster, app } => {
+            let tree = flotilla_cli::render::read_checkout(&repo)?;
+            print!("{}", flotilla_cli::render::render(&tree, &cluster, app.as_deref())?);
+            Ok(())
         }
         Command::Clusters(h) => {
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
