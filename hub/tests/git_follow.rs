@@ -1,34 +1,15 @@
 //! The Git follower against real repositories made with the git CLI, over file:// and git:// (git daemon).
 
+use flotilla_e2e::{self as support, git, git_daemon, Proc};
 use flotilla_hub::git::{Follower, GitError};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "Fleet")
-        .env("GIT_AUTHOR_EMAIL", "fleet@example.invalid")
-        .env("GIT_COMMITTER_NAME", "Fleet")
-        .env("GIT_COMMITTER_EMAIL", "fleet@example.invalid")
-        .output()
-        .unwrap_or_else(|e| panic!("git is not installed ({e}); install it with: apt-get install -y git"));
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn commit(repo: &Path, files: &[(&str, &str)], msg: &str) -> String {
-    for (p, c) in files {
-        let path = repo.join(p);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, c).unwrap();
-    }
-    git(repo, &["add", "-A"]);
-    git(repo, &["commit", "-q", "-m", msg]);
-    git(repo, &["rev-parse", "HEAD"])
+    let files: Vec<(&str, Option<&str>)> = files.iter().map(|(p, c)| (*p, Some(*c))).collect();
+    support::commit(repo, &files, msg)
 }
 
 fn fleet_repo(dir: &Path) -> String {
@@ -39,36 +20,6 @@ fn fleet_repo(dir: &Path) -> String {
         &[("clusters/eu-1.yaml", "labels: {region: eu}\n"), ("apps/shop/app.yaml", "namespace: shop\n")],
         "first",
     )
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn git_daemon(base: &Path) -> (Daemon, u16) {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    // Run git-daemon itself: `git daemon` forks it as a child that outlives a killed parent.
-    let exec_path = Command::new("git").arg("--exec-path").output().expect("git (apt-get install -y git)");
-    let daemon = std::path::PathBuf::from(String::from_utf8_lossy(&exec_path.stdout).trim()).join("git-daemon");
-    let child = Command::new(daemon)
-        .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
-        .arg(format!("--base-path={}", base.display()))
-        .arg(base)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("git daemon (apt-get install -y git)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "git daemon did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Daemon(child), port)
 }
 
 #[test]
@@ -152,7 +103,7 @@ fn follows_a_branch_over_smart_http() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("python3 (apt-get install -y python3)");
-    let _server = Daemon(child);
+    let _server = Proc { name: "http-server".into(), child };
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "the HTTP server did not start");

@@ -1,6 +1,7 @@
 //! kube-rs against the simulator: typed and dynamic `Api`, `Discovery`, server-side apply with conflicts,
 //! kube-runtime's `watcher` across a restarted watch, pagination, subresources, and bad input.
 
+use flotilla_e2e::eventually;
 use flotilla_sim::{Behaviour, Faults, SimConfig, Simulator};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -44,22 +45,6 @@ fn api_err(e: kube::Error) -> Box<kube::core::Status> {
 
 fn cm(name: &str, labels: serde_json::Value) -> ConfigMap {
     serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}, "data": {"k": "v"}})).unwrap()
-}
-
-/// Polls `f` every 50 ms until it returns Some, for at most `secs` seconds.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
