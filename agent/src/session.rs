@@ -2,7 +2,7 @@
 //! receive desired state and bundle chunks, apply each app whose digest changed, report status.
 
 use crate::apply::Applier;
-use flotilla_common::fleet::Bundle;
+use flotilla_common::fleet::{digest_of, Bundle};
 use flotilla_proto::agent::v1 as pb;
 use flotilla_proto::agent::v1::agent_service_client::AgentServiceClient;
 use std::collections::{BTreeMap, HashMap};
@@ -29,6 +29,10 @@ struct AgentState {
     applied: BTreeMap<String, pb::AppStatus>,
     /// Bundles held, by digest.
     bundles: HashMap<String, Vec<u8>>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Runs until `shutdown`, reconnecting with jittered exponential backoff (0.5 s doubling to 30 s).
@@ -98,12 +102,16 @@ async fn session(
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = heartbeat.tick() => {
-                let hb = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { sent_unix_ms: 0 })) };
+                let hb = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { sent_unix_ms: now_ms() })) };
                 tx.send(hb).await.map_err(|e| e.to_string())?;
             }
             m = inbound.message() => match m {
                 Ok(Some(pb::HubMessage { msg: Some(msg) })) => match msg {
-                    pb::hub_message::Msg::Desired(d) => pending = Some(d),
+                    pb::hub_message::Msg::Desired(d) => {
+                        // Chunks of digests the new state no longer wants are dropped.
+                        chunks.retain(|digest, _| d.apps.iter().any(|a| &a.digest == digest));
+                        pending = Some(d);
+                    }
                     pb::hub_message::Msg::Chunk(c) => {
                         chunks.entry(c.digest).or_default().insert(c.index, c.data);
                     }
@@ -124,6 +132,10 @@ async fn session(
                 if app.chunks > 0 && parts.len() as u32 == app.chunks {
                     let bytes: Vec<u8> = parts.values().flatten().copied().collect();
                     chunks.remove(&app.digest);
+                    // Content addressing: a bundle that does not hash to its digest is never applied.
+                    if digest_of(&bytes) != app.digest {
+                        return Err(format!("bundle {} arrived corrupted; reconnecting", app.digest));
+                    }
                     state.bundles.insert(app.digest.clone(), bytes);
                 }
             }

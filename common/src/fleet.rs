@@ -57,6 +57,11 @@ struct TargetFile {
     selector: LabelSelector,
 }
 
+/// The content address of a bundle: `sha256:<hex>`.
+pub fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
 /// The rendered, canonical content of one app: what an agent applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
@@ -75,7 +80,7 @@ impl Bundle {
             bytes.extend_from_slice(canonical_json(o).as_bytes());
             bytes.push(b'\n');
         }
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+        let digest = digest_of(&bytes);
         Bundle { bytes, digest, objects: objects.len() }
     }
 

@@ -371,20 +371,30 @@ async fn run_session(
             let mut apps = Vec::new();
             let mut to_send = Vec::new();
             for (app, d) in desired.iter().filter(|(_, d)| !d.digest.is_empty()) {
-                let bytes = hub
-                    .store
-                    .get(&format!("bundles/{}", d.digest))
-                    .map_err(|e| error_chain(&e))?
-                    .ok_or_else(|| format!("bundle {} is missing from the store", d.digest))?;
-                let chunks = if held.contains(&d.digest) { 0 } else { bytes.len().div_ceil(CHUNK).max(1) as u32 };
+                // Bundles are read from the store only for digests the agent does not hold yet.
+                let missing = !held.contains(&d.digest);
+                let chunks = if missing { (d.size as usize).div_ceil(CHUNK).max(1) as u32 } else { 0 };
                 apps.push(pb::DesiredApp {
                     app: app.clone(),
                     digest: d.digest.clone(),
                     revision: d.revision.clone(),
-                    size: bytes.len() as u64,
+                    size: d.size,
                     chunks,
                 });
-                if chunks > 0 && !to_send.iter().any(|(dg, _): &(String, Vec<u8>)| dg == &d.digest) {
+                if missing && !to_send.iter().any(|(dg, _): &(String, Vec<u8>)| dg == &d.digest) {
+                    let bytes = hub
+                        .store
+                        .get(&format!("bundles/{}", d.digest))
+                        .map_err(|e| error_chain(&e))?
+                        .ok_or_else(|| format!("bundle {} is missing from the store", d.digest))?;
+                    if bytes.len() as u64 != d.size {
+                        return Err(format!(
+                            "bundle {} in the store has {} bytes, expected {}",
+                            d.digest,
+                            bytes.len(),
+                            d.size
+                        ));
+                    }
                     to_send.push((d.digest.clone(), bytes));
                 }
             }

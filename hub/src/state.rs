@@ -18,6 +18,9 @@ pub struct DesiredApp {
     pub digest: String,
     /// The commit the bundle was rendered from.
     pub revision: String,
+    /// The bundle's size in bytes, so a session can announce it without reading the bundle.
+    #[serde(default)]
+    pub size: u64,
     /// Why the newest commit could not be used for this app, if it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -43,11 +46,21 @@ pub fn advance(prev: &Desired, fleet: &Fleet, revision: &str) -> Advance {
             let d = match &app.bundle {
                 Ok(b) => {
                     out.bundles.entry(b.digest.clone()).or_insert_with(|| b.clone());
-                    DesiredApp { digest: b.digest.clone(), revision: revision.to_string(), error: None }
+                    DesiredApp {
+                        digest: b.digest.clone(),
+                        revision: revision.to_string(),
+                        size: b.bytes.len() as u64,
+                        error: None,
+                    }
                 }
                 Err(e) => match before {
                     Some(b) => DesiredApp { error: Some(e.to_string()), ..b.clone() },
-                    None => DesiredApp { digest: String::new(), revision: String::new(), error: Some(e.to_string()) },
+                    None => DesiredApp {
+                        digest: String::new(),
+                        revision: String::new(),
+                        size: 0,
+                        error: Some(e.to_string()),
+                    },
                 },
             };
             apps.insert(app.name.clone(), d);

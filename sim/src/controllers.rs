@@ -473,28 +473,23 @@ pub fn after_delete(c: &Arc<Cluster>, st: &mut ClusterState, res: &ResourceDef, 
             }
         }
     }
-    let has_dependents = st.objects.values().flatten().any(|(_, o)| o.contains(&uid) && owned_by(&o.value(), &uid));
-    if has_dependents {
+    if st.has_dependents(&uid) {
         let c2 = c.clone();
         spawn("gc", c, &uid.clone(), async move { collect_dependents(c2, uid).await });
     }
 }
 
-fn owned_by(o: &Value, uid: &str) -> bool {
-    o.pointer("/metadata/ownerReferences")
-        .and_then(Value::as_array)
-        .is_some_and(|refs| refs.iter().any(|r| s(r, "/uid") == Some(uid)))
-}
-
 /// Removes the owner reference `uid` from every dependent (delete with propagationPolicy=Orphan).
 pub fn orphan_dependents(st: &mut ClusterState, uid: &str) {
+    if !st.has_dependents(uid) {
+        return;
+    }
     let found: Vec<(String, String, String, Value)> = st
         .objects
         .iter()
         .flat_map(|(key, m)| m.iter().map(move |((ns, n), o)| (key, ns, n, o)))
-        .filter(|(_, _, _, o)| o.contains(uid))
+        .filter(|(_, _, _, o)| o.owner_uids().iter().any(|u| u == uid))
         .map(|(k, ns, n, o)| (k.clone(), ns.clone(), n.clone(), o.value()))
-        .filter(|(_, _, _, o)| owned_by(o, uid))
         .collect();
     for (key, ns, n, mut o) in found {
         if let Some(refs) = o.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) {
@@ -507,8 +502,8 @@ pub fn orphan_dependents(st: &mut ClusterState, uid: &str) {
 }
 
 fn def_for_key(st: &ClusterState, key: &str) -> Option<Arc<ResourceDef>> {
-    if let Some(d) = resources::builtins().into_iter().find(|d| d.storage_key() == key) {
-        return Some(d);
+    if let Some(d) = resources::catalogue().iter().find(|d| d.storage_key() == key) {
+        return Some(d.clone());
     }
     st.crds.values().flatten().find(|d| d.storage_key() == key).cloned()
 }
@@ -548,7 +543,7 @@ fn delete_matching(c: &Arc<Cluster>, pred: impl Fn(&str, &str, &Stored) -> bool)
 
 async fn collect_dependents(c: Arc<Cluster>, uid: String) {
     for attempt in 0..600u32 {
-        if delete_matching(&c, |_, _, o| o.contains(&uid) && owned_by(&o.value(), &uid)) == 0 {
+        if !c.state().has_dependents(&uid) || delete_matching(&c, |_, _, o| o.owner_uids().contains(&uid)) == 0 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10) + 1))).await;
@@ -579,7 +574,7 @@ pub fn foreground_delete(c: &Arc<Cluster>, res: Arc<ResourceDef>, ns: String, na
 pub fn finalize_namespace(c: &Arc<Cluster>, ns: String) {
     let c2 = c.clone();
     spawn("namespace", c, &ns.clone(), async move {
-        let nsdef = resources::builtins().into_iter().find(|d| d.kind == "Namespace").expect("built-in kind");
+        let nsdef = resources::catalogue().iter().find(|d| d.kind == "Namespace").cloned().expect("built-in kind");
         for attempt in 0..3600u32 {
             let remaining = delete_matching(&c2, |key, ons, _| key != "/namespaces" && ons == ns);
             if remaining == 0 {

@@ -160,6 +160,16 @@ const BUILTINS: &[Row] = &[
 
 /// The built-in kinds, in discovery order (preferred versions first within a group).
 pub fn builtins() -> Vec<Arc<ResourceDef>> {
+    catalogue().to_vec()
+}
+
+/// The built-in kinds, built once per process.
+pub fn catalogue() -> &'static [Arc<ResourceDef>] {
+    static CATALOGUE: std::sync::OnceLock<Vec<Arc<ResourceDef>>> = std::sync::OnceLock::new();
+    CATALOGUE.get_or_init(build)
+}
+
+fn build() -> Vec<Arc<ResourceDef>> {
     BUILTINS
         .iter()
         .map(|&(group, version, kind, plural, namespaced, short, status, scale, all)| {

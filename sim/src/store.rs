@@ -150,6 +150,23 @@ pub struct ClusterState {
     pub watch_tx: Option<broadcast::Sender<Signal>>,
     /// Resources served because a CustomResourceDefinition is Established (CRD name → versions).
     pub crds: BTreeMap<String, Vec<Arc<ResourceDef>>>,
+    /// owner uid → number of objects whose ownerReferences name it; lets deletions find out whether there is
+    /// anything to garbage-collect without scanning the cluster.
+    owners: HashMap<String, usize>,
+}
+
+impl Stored {
+    /// The uids this object's ownerReferences name.
+    pub fn owner_uids(&self) -> Vec<String> {
+        if !self.contains("ownerReferences") {
+            return Vec::new();
+        }
+        self.value()
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .map(|refs| refs.iter().filter_map(|r| r.get("uid")?.as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    }
 }
 
 impl ClusterState {
@@ -162,6 +179,22 @@ impl ClusterState {
             compacted_rv: 0,
             watch_tx: None,
             crds: BTreeMap::new(),
+            owners: HashMap::new(),
+        }
+    }
+
+    /// Whether any object names `uid` among its owners.
+    pub fn has_dependents(&self, uid: &str) -> bool {
+        self.owners.contains_key(uid)
+    }
+
+    fn count_owners(&mut self, o: &Stored, delta: isize) {
+        for uid in o.owner_uids() {
+            let n = self.owners.entry(uid.clone()).or_insert(0);
+            *n = n.saturating_add_signed(delta);
+            if *n == 0 {
+                self.owners.remove(&uid);
+            }
         }
     }
 
@@ -178,6 +211,10 @@ impl ClusterState {
     pub fn put(&mut self, key: &str, ns: &str, name: &str, obj: Obj, rv: u64) {
         let old =
             self.objects.entry(key.to_string()).or_default().insert((ns.to_string(), name.to_string()), obj.clone());
+        if let Some(o) = &old {
+            self.count_owners(o, -1);
+        }
+        self.count_owners(&obj, 1);
         let typ = if old.is_some() { EventType::Modified } else { EventType::Added };
         self.publish(Event { rv, typ, key: key.to_string(), obj, old });
     }
@@ -188,6 +225,9 @@ impl ClusterState {
         let old = map.and_then(|m| m.remove(&(ns.to_string(), name.to_string())));
         if self.objects.get(key).is_some_and(BTreeMap::is_empty) {
             self.objects.remove(key);
+        }
+        if let Some(o) = &old {
+            self.count_owners(o, -1);
         }
         self.publish(Event { rv, typ: EventType::Deleted, key: key.to_string(), obj: last, old });
     }
@@ -311,6 +351,19 @@ mod tests {
         assert!(matches!(rx.try_recv(), Ok(Signal::Event(e)) if e.typ == EventType::Added));
         c.set_faults(Faults { offline: true, ..Default::default() });
         assert!(matches!(rx.try_recv(), Ok(Signal::Disconnect)));
+    }
+
+    #[test]
+    fn owner_references_are_indexed() {
+        let c = Cluster::new("a".into(), Arc::new(Settings::new(Behaviour::default()).unwrap()), 10);
+        let mut s = c.state();
+        let child = |owner: &str| Stored::new(&json!({"metadata": {"ownerReferences": [{"uid": owner}]}}));
+        s.put("/configmaps", "default", "c", child("u1"), 1);
+        assert!(s.has_dependents("u1"));
+        s.put("/configmaps", "default", "c", child("u2"), 2);
+        assert!(!s.has_dependents("u1") && s.has_dependents("u2"));
+        s.remove("/configmaps", "default", "c", Stored::new(&json!({})), 3);
+        assert!(!s.has_dependents("u2"));
     }
 
     #[test]
