@@ -128,3 +128,171 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Smart HTTP Git: `git http-backend` (CGI) behind a small loopback HTTP/1.1 server that demands Basic
+/// credentials when `credentials` is `Some(("user", "password"))`. Serves every repository under `root` at
+/// `http://127.0.0.1:PORT/<name>.git`. The server thread ends with the test process.
+pub fn git_http_server(root: &Path, credentials: Option<(&str, &str)>) -> u16 {
+    serve_git(root, credentials, None)
+}
+
+/// [`git_http_server`] over TLS, with a server certificate for 127.0.0.1 from a fresh fleet CA. Returns the
+/// port and the CA certificate's PEM: clients trust it through `SSL_CERT_FILE`, as they would a private CA.
+pub fn git_https_server(root: &Path, credentials: Option<(&str, &str)>) -> (u16, String) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    flotilla_common::install_crypto_provider();
+    let ca = flotilla_common::FleetCa::generate("git-test").expect("CA");
+    let issued = ca
+        .issue(&flotilla_common::Identity::Hub, &["127.0.0.1".to_string(), "localhost".to_string()])
+        .expect("server certificate");
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes()).collect::<Result<_, _>>().expect("cert pem");
+    let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).expect("key pem");
+    let config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).expect("tls");
+    (serve_git(root, credentials, Some(std::sync::Arc::new(config))), ca.cert_pem().to_string())
+}
+
+fn serve_git(root: &Path, credentials: Option<(&str, &str)>, tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let root = root.to_path_buf();
+    let expected = credentials.map(|(u, p)| format!("Basic {}", base64_encode(format!("{u}:{p}").as_bytes())));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (root, expected, tls) = (root.clone(), expected.clone(), tls.clone());
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let _ = match tls {
+                    Some(config) => match rustls::ServerConnection::new(config) {
+                        Ok(conn) => serve_git_http(rustls::StreamOwned::new(conn, stream), &root, expected.as_deref()),
+                        Err(_) => Ok(()),
+                    },
+                    None => serve_git_http(stream, &root, expected.as_deref()),
+                };
+            });
+        }
+    });
+    port
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn serve_git_http<S: std::io::Read + std::io::Write>(
+    stream: S,
+    root: &Path,
+    expected: Option<&str>,
+) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("/").to_string());
+    let mut headers = std::collections::HashMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let mut body = Vec::new();
+    if let Some(len) = headers.get("content-length").and_then(|l| l.parse::<usize>().ok()) {
+        body.resize(len, 0);
+        reader.read_exact(&mut body)?;
+    } else if headers.get("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
+            let mut chunk = vec![0; n + 2];
+            reader.read_exact(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    if let Some(want) = expected {
+        if headers.get("authorization").map(String::as_str) != Some(want) {
+            let msg = "authentication required\n";
+            let out = reader.get_mut();
+            write!(
+                out,
+                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"fleet\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}",
+                msg.len()
+            )?;
+            return out.flush();
+        }
+    }
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let mut cmd = Command::new("git");
+    cmd.arg("http-backend")
+        .env("GIT_PROJECT_ROOT", root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("REQUEST_METHOD", &method)
+        .env("PATH_INFO", path)
+        .env("QUERY_STRING", query)
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("REMOTE_USER", "fleet")
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "safe.directory")
+        .env("GIT_CONFIG_VALUE_0", "*");
+    for (h, env) in [
+        ("content-type", "CONTENT_TYPE"),
+        ("content-encoding", "HTTP_CONTENT_ENCODING"),
+        ("git-protocol", "GIT_PROTOCOL"),
+    ] {
+        if let Some(v) = headers.get(h) {
+            cmd.env(env, v);
+        }
+    }
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&body);
+    });
+    let output = child.wait_with_output()?;
+    let _ = writer.join();
+    let raw = output.stdout;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+    let split = split.or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
+    let (head, content) = match split {
+        Some((i, n)) => (String::from_utf8_lossy(&raw[..i]).to_string(), &raw[i + n..]),
+        None => (String::new(), &raw[..]),
+    };
+    let mut status = "200 OK".to_string();
+    let mut response = Vec::new();
+    for h in head.lines() {
+        match h.split_once(':') {
+            Some((k, v)) if k.eq_ignore_ascii_case("status") => status = v.trim().to_string(),
+            Some(_) => response.extend_from_slice(format!("{h}\r\n").as_bytes()),
+            None => {}
+        }
+    }
+    let out = reader.get_mut();
+    write!(out, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", content.len())?;
+    out.write_all(&response)?;
+    out.write_all(b"\r\n")?;
+    out.write_all(content)?;
+    out.flush()
+}

@@ -58,6 +58,23 @@ enum Command {
         #[arg(long)]
         app: Option<String>,
     },
+    /// Which clusters and apps change between two revisions of a fleet repository, offline: the blast radius
+    /// of a pull request before it merges. Exits 1 when the newer revision fails to render anywhere.
+    Diff {
+        /// The repository (a checkout or a bare repository).
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+        /// The older revision (commit, branch, tag).
+        from: String,
+        /// The newer revision.
+        to: String,
+        /// Print a unified diff of the rendered objects for each change.
+        #[arg(short = 'p', long)]
+        patch: bool,
+        /// Output format (table or json).
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// One cluster with its apps.
     Cluster {
         name: String,
@@ -102,7 +119,25 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Render { repo, cluster, app } => {
             let tree = flotilla_cli::render::read_checkout(&repo)?;
-            print!("{}", flotilla_cli::render::render(&tree, &cluster, app.as_deref())?);
+            let tools = flotilla_common::tools::SystemTools::detect();
+            print!("{}", flotilla_cli::render::render(&tree, &cluster, app.as_deref(), &tools)?);
+            Ok(())
+        }
+        Command::Diff { repo, from, to, patch, output } => {
+            use flotilla_cli::render::{blast_radius, format_blast_radius};
+            let a = flotilla_hub::git::snapshot_at(&repo, &from)?;
+            let b = flotilla_hub::git::snapshot_at(&repo, &to)?;
+            let tools = flotilla_common::tools::SystemTools::detect();
+            let r = blast_radius((&a.revision, &a.tree), (&b.revision, &b.tree), patch, &tools)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                Output::Yaml => print!("{}", serde_yaml::to_string(&r)?),
+                Output::Table => print!("{}", format_blast_radius(&r)),
+            }
+            let failing: usize = r.changes.iter().filter(|c| c.change == "error").map(|c| c.clusters.len()).sum();
+            if failing > 0 {
+                anyhow::bail!("{failing} cluster apps fail to render at {to}");
+            }
             Ok(())
         }
         Command::Clusters(h) => {

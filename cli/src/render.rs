@@ -1,7 +1,11 @@
-//! `flotilla render`: what one cluster would receive from a fleet repository checkout, offline.
+//! Offline commands on a fleet repository checkout: `flotilla render` (what one cluster would receive) and
+//! `flotilla diff` (which clusters and apps a change touches, the blast radius of a pull request).
 
 use anyhow::{bail, Context};
-use flotilla_common::fleet::{self, Bundle, Tree};
+use flotilla_common::fleet::render::{render_fleet, RenderCache, Rendered, Tools};
+use flotilla_common::fleet::{self, Bundle, Fleet, Tree};
+use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Reads every file under `root` (skipping `.git`) into a [`Tree`].
@@ -27,30 +31,48 @@ pub fn read_checkout(root: &Path) -> anyhow::Result<Tree> {
     Ok(tree)
 }
 
+/// A bundle as multi-document YAML, each object headed by its app and digest.
+fn bundle_yaml(app: &str, b: &Bundle) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for obj in Bundle::parse(&b.bytes)? {
+        out.push_str(&format!("---\n# app: {app} ({})\n", b.digest));
+        out.push_str(&serde_yaml::to_string(&obj)?);
+    }
+    Ok(out)
+}
+
 /// The multi-document YAML a cluster would receive, app by app in name order.
-pub fn render(tree: &Tree, cluster: &str, app: Option<&str>) -> anyhow::Result<String> {
-    let fleet = fleet::parse(tree);
+pub fn render(tree: &Tree, cluster: &str, app: Option<&str>, tools: &dyn Tools) -> anyhow::Result<String> {
+    let mut fleet = fleet::parse(tree);
+    if let Some(e) = fleet.broken_clusters.get(cluster) {
+        bail!("{e}");
+    }
     let Some(apps) = fleet.apps_for(cluster) else {
         bail!("cluster {cluster:?} is not in the inventory (clusters/{cluster}.yaml): it receives nothing");
     };
     if let Some(name) = app {
-        if !fleet.apps.contains_key(name) {
-            bail!("there is no app {name:?} (apps/{name}/app.yaml)");
-        }
-        if !apps.iter().any(|a| a.name == name) {
-            bail!("app {name:?} does not target cluster {cluster:?}");
+        match fleet.apps.get(name) {
+            None => bail!("there is no app {name:?} (apps/{name}/app.yaml)"),
+            Some(a) if a.spec.is_err() => {
+                bail!("{}", a.spec.as_ref().err().map(ToString::to_string).unwrap_or_default())
+            }
+            Some(_) if !apps.iter().any(|(a, ..)| a.name == name) => {
+                bail!("app {name:?} does not target cluster {cluster:?}")
+            }
+            Some(_) => {}
         }
     }
+    // Render this one cluster only.
+    fleet.clusters.retain(|c, _| c == cluster);
+    let rendered = render_fleet(&fleet, tools, &mut RenderCache::default());
     let mut out = String::new();
     let mut errors = Vec::new();
-    for a in apps.into_iter().filter(|a| app.is_none_or(|n| n == a.name)) {
-        match &a.bundle {
-            Ok(b) => {
-                for obj in Bundle::parse(&b.bytes)? {
-                    out.push_str(&format!("---\n# app: {} ({})\n", a.name, b.digest));
-                    out.push_str(&serde_yaml::to_string(&obj)?);
-                }
-            }
+    for (name, result) in &rendered.clusters[cluster] {
+        if app.is_some_and(|a| a != name) {
+            continue;
+        }
+        match result {
+            Ok(b) => out.push_str(&bundle_yaml(name, b)?),
             Err(e) => errors.push(e.to_string()),
         }
     }
@@ -60,9 +82,150 @@ pub fn render(tree: &Tree, cluster: &str, app: Option<&str>) -> anyhow::Result<S
     Ok(out)
 }
 
+/// How one app changes on a set of clusters between two revisions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub app: String,
+    /// `added`, `removed`, `changed`, or `error` (the app cannot be rendered at the newer revision).
+    pub change: &'static str,
+    pub clusters: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub from_digest: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub to_digest: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// A unified diff of the rendered objects, when asked for.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub patch: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BlastRadius {
+    pub from: String,
+    pub to: String,
+    pub clusters_total: usize,
+    pub clusters_changed: usize,
+    pub changes: Vec<Change>,
+    /// Problems of the newer revision outside rendering (broken files, untargeted apps).
+    pub problems: Vec<String>,
+}
+
+fn render_all(tree: &Tree, tools: &dyn Tools) -> (Fleet, Rendered) {
+    let fleet = fleet::parse(tree);
+    let rendered = render_fleet(&fleet, tools, &mut RenderCache::default());
+    (fleet, rendered)
+}
+
+/// Compares the desired state of every cluster between two trees.
+pub fn blast_radius(
+    from: (&str, &Tree),
+    to: (&str, &Tree),
+    patch: bool,
+    tools: &dyn Tools,
+) -> anyhow::Result<BlastRadius> {
+    let (_, before) = render_all(from.1, tools);
+    let (fleet, after) = render_all(to.1, tools);
+    type Key = (String, &'static str, String, String, String);
+    let mut groups: BTreeMap<Key, Vec<String>> = BTreeMap::new();
+    let mut bundles: BTreeMap<String, (String, std::sync::Arc<Bundle>)> = BTreeMap::new();
+    let empty = BTreeMap::new();
+    let clusters: std::collections::BTreeSet<&String> = before.clusters.keys().chain(after.clusters.keys()).collect();
+    let mut changed_clusters = std::collections::BTreeSet::new();
+    for cluster in &clusters {
+        let a = before.clusters.get(*cluster).unwrap_or(&empty);
+        let b = after.clusters.get(*cluster).unwrap_or(&empty);
+        let apps: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        for app in apps {
+            let digest = |r: Option<&fleet::render::AppResult>| match r {
+                Some(Ok(b)) => b.digest.clone(),
+                _ => String::new(),
+            };
+            for r in [a.get(app), b.get(app)].into_iter().flatten().flatten() {
+                bundles.entry(r.digest.clone()).or_insert_with(|| (app.clone(), r.clone()));
+            }
+            let (fd, td) = (digest(a.get(app)), digest(b.get(app)));
+            let key: Option<Key> = match (a.get(app), b.get(app)) {
+                (_, Some(Err(e))) => Some((app.clone(), "error", fd, String::new(), e.to_string())),
+                (None, Some(Ok(_))) => Some((app.clone(), "added", String::new(), td, String::new())),
+                (Some(_), None) => Some((app.clone(), "removed", fd, String::new(), String::new())),
+                (Some(_), Some(Ok(_))) if fd != td => Some((app.clone(), "changed", fd, td, String::new())),
+                _ => None,
+            };
+            if let Some(k) = key {
+                changed_clusters.insert((*cluster).clone());
+                groups.entry(k).or_default().push((*cluster).clone());
+            }
+        }
+    }
+    let text = |d: &str| -> anyhow::Result<String> {
+        match bundles.get(d) {
+            Some((app, b)) if !d.is_empty() => bundle_yaml(app, b),
+            _ => Ok(String::new()),
+        }
+    };
+    let mut changes = Vec::new();
+    for ((app, change, from_digest, to_digest, error), clusters) in groups {
+        let patch = if patch && change != "error" {
+            similar::TextDiff::from_lines(&text(&from_digest)?, &text(&to_digest)?)
+                .unified_diff()
+                .context_radius(3)
+                .header(&format!("{}/apps/{app}", short(from.0)), &format!("{}/apps/{app}", short(to.0)))
+                .to_string()
+        } else {
+            String::new()
+        };
+        changes.push(Change { app, change, clusters, from_digest, to_digest, error, patch });
+    }
+    Ok(BlastRadius {
+        from: from.0.to_string(),
+        to: to.0.to_string(),
+        clusters_total: clusters.len(),
+        clusters_changed: changed_clusters.len(),
+        changes,
+        problems: fleet.problems(),
+    })
+}
+
+fn short(rev: &str) -> &str {
+    if rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()) {
+        &rev[..10]
+    } else {
+        rev
+    }
+}
+
+/// The blast radius as text: a summary line, one line per app and change with its clusters, patches on request.
+pub fn format_blast_radius(r: &BlastRadius) -> String {
+    let apps: std::collections::BTreeSet<&str> = r.changes.iter().map(|c| c.app.as_str()).collect();
+    let mut out = format!(
+        "{}..{}: {} of {} clusters change, {} app{}\n",
+        short(&r.from),
+        short(&r.to),
+        r.clusters_changed,
+        r.clusters_total,
+        apps.len(),
+        if apps.len() == 1 { "" } else { "s" }
+    );
+    for c in &r.changes {
+        out.push_str(&format!("{:<8} {:<20} {}\n", c.change, c.app, c.clusters.join(" ")));
+        if !c.error.is_empty() {
+            out.push_str(&format!("         {}\n", c.error));
+        }
+    }
+    for p in &r.problems {
+        out.push_str(&format!("problem  {p}\n"));
+    }
+    for c in r.changes.iter().filter(|c| !c.patch.is_empty()) {
+        out.push_str(&format!("\n# {} on {}\n{}", c.app, c.clusters.join(", "), c.patch));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_common::tools::SystemTools;
 
     fn example() -> Tree {
         let root: std::path::PathBuf = [env!("CARGO_MANIFEST_DIR"), "..", "examples", "fleet"].iter().collect();
@@ -72,25 +235,47 @@ mod tests {
     #[test]
     fn renders_what_a_cluster_receives() {
         let t = example();
-        let eu = render(&t, "eu-1", None).unwrap();
+        let tools = SystemTools::detect();
+        let eu = render(&t, "eu-1", None, &tools).unwrap();
         assert!(eu.contains("# app: eu-compliance") && eu.contains("# app: shop") && eu.contains("# app: monitoring"));
-        let us = render(&t, "us-1", None).unwrap();
+        let us = render(&t, "us-1", None, &tools).unwrap();
         assert!(!us.contains("eu-compliance"));
-        let shop = render(&t, "us-1", Some("shop")).unwrap();
+        let shop = render(&t, "us-1", Some("shop"), &tools).unwrap();
         assert!(shop.contains("namespace: shop") && !shop.contains("monitoring"));
     }
 
     #[test]
     fn errors_say_what_is_wrong() {
         let t = example();
-        assert!(render(&t, "nowhere", None).unwrap_err().to_string().contains("not in the inventory"));
-        assert!(render(&t, "us-1", Some("eu-compliance")).unwrap_err().to_string().contains("does not target"));
-        assert!(render(&t, "us-1", Some("nope")).unwrap_err().to_string().contains("there is no app"));
+        let tools = SystemTools::detect();
+        assert!(render(&t, "nowhere", None, &tools).unwrap_err().to_string().contains("not in the inventory"));
+        assert!(render(&t, "us-1", Some("eu-compliance"), &tools).unwrap_err().to_string().contains("does not target"));
+        assert!(render(&t, "us-1", Some("nope"), &tools).unwrap_err().to_string().contains("there is no app"));
         let mut broken = t.clone();
         broken.insert("apps/shop/shop.yaml".into(), b"kind: ConfigMap\n".to_vec());
         assert_eq!(
-            render(&broken, "us-1", None).unwrap_err().to_string(),
+            render(&broken, "us-1", None, &tools).unwrap_err().to_string(),
             "apps/shop/shop.yaml:1: the document has no apiVersion"
         );
+    }
+
+    #[test]
+    fn the_blast_radius_of_a_regional_change() {
+        let from = example();
+        let mut to = from.clone();
+        let residency = String::from_utf8(to["apps/eu-compliance/residency.yaml"].clone()).unwrap();
+        to.insert("apps/eu-compliance/residency.yaml".into(), format!("{residency}\n# changed\n").into_bytes());
+        assert_eq!(blast_radius(("a", &from), ("b", &to), false, &SystemTools::detect()).unwrap().changes, vec![]);
+        let changed = residency.replacen("data:", "data:\n  extra: \"1\"", 1);
+        assert_ne!(changed, residency, "the example has a data section");
+        to.insert("apps/eu-compliance/residency.yaml".into(), changed.into_bytes());
+        let r = blast_radius(("a", &from), ("b", &to), true, &SystemTools::detect()).unwrap();
+        assert_eq!(r.clusters_changed, 4);
+        assert_eq!(r.changes.len(), 1);
+        assert_eq!(r.changes[0].clusters, vec!["eu-1", "eu-2", "eu-3", "eu-4"]);
+        assert_eq!(r.changes[0].change, "changed");
+        assert!(r.changes[0].patch.contains("+  extra: '1'"), "{}", r.changes[0].patch);
+        let text = format_blast_radius(&r);
+        assert!(text.starts_with("a..b: 4 of 12 clusters change, 1 app\nchanged  eu-compliance"), "{text}");
     }
 }

@@ -1,12 +1,11 @@
-//! Shared by Flotilla's hub, agent and CLI: fleet identity and TLS.
-//!
-//! Domain types (cluster identity, revisions, bundle digests, health and drift) join this crate as the hub
-//! and agent land; it has no tonic or kube dependency.
+//! Shared by Flotilla's hub, agent and CLI: the fleet repository model and its rendering, fleet identity and
+//! TLS. It has no tonic or kube dependency; `tools` is its one module that runs processes (kustomize, helm).
 
 pub mod fleet;
 pub mod identity;
 pub mod process;
 pub mod selector;
+pub mod tools;
 
 pub use identity::{identity_of, FleetCa, Identity, IdentityError};
 

@@ -4,8 +4,10 @@
 use crate::git::Follower;
 use crate::state::{advance, Desired, DesiredApp};
 use crate::store::{Batch, Store};
+use flotilla_common::fleet::render::{render_fleet, RenderCache, RenderStats};
 use flotilla_common::fleet::{parse, ClusterSpec};
 use flotilla_common::identity::{identity_of, Identity};
+use flotilla_common::tools::SystemTools;
 use flotilla_proto::agent::v1 as pb;
 use flotilla_proto::agent::v1::agent_service_server::{AgentService, AgentServiceServer};
 use flotilla_proto::platform::v1 as api;
@@ -66,11 +68,38 @@ pub struct ClusterReport {
     pub apps: BTreeMap<String, AppReport>,
 }
 
+/// How the current commit was rendered (see [`RenderStats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rendering {
+    pub cluster_apps: u64,
+    pub renders: u64,
+    pub rendered: u64,
+    pub tool_runs: u64,
+    pub bundles: u64,
+    pub millis: u64,
+}
+
+impl Rendering {
+    fn new(s: RenderStats, millis: u64) -> Self {
+        Rendering {
+            cluster_apps: s.cluster_apps as u64,
+            renders: s.renders as u64,
+            rendered: s.rendered as u64,
+            tool_runs: s.tool_runs as u64,
+            bundles: s.bundles as u64,
+            millis,
+        }
+    }
+}
+
 /// The hub's view of the fleet; mirrored in the store so a restart loses nothing.
 #[derive(Debug, Default)]
 pub struct HubState {
     pub revision: String,
     pub source_error: Option<String>,
+    /// Problems of the current commit outside rendering (broken files, untargeted apps).
+    pub problems: Vec<String>,
+    pub rendering: Rendering,
     pub clusters: BTreeMap<String, ClusterSpec>,
     pub desired: Desired,
     pub reports: BTreeMap<String, ClusterReport>,
@@ -80,11 +109,19 @@ pub struct HubState {
 pub struct Hub {
     store: Arc<dyn Store>,
     follower: Follower,
+    tools: Arc<SystemTools>,
+    /// Renders of the previous commit, reused for apps that did not change.
+    cache: Arc<std::sync::Mutex<RenderCache>>,
+    /// One fetch at a time: a fetch that outlives its time limit keeps the repository until it ends.
+    fetching: Arc<std::sync::Mutex<()>>,
     state: RwLock<HubState>,
     changed: watch::Sender<u64>,
     refresh: Notify,
     shutdown: CancellationToken,
 }
+
+/// How long the follow loop waits for one fetch before reporting the repository as unreachable.
+const FETCH_LIMIT: Duration = Duration::from_secs(120);
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -113,6 +150,12 @@ impl Hub {
         if let Some(c) = store.get("fleet/clusters")? {
             st.clusters = serde_json::from_slice(&c)?;
         }
+        if let Some(p) = store.get("fleet/problems")? {
+            st.problems = serde_json::from_slice(&p)?;
+        }
+        if let Some(r) = store.get("fleet/rendering")? {
+            st.rendering = serde_json::from_slice(&r)?;
+        }
         for (k, v) in store.scan("desired/")? {
             st.desired.insert(k.trim_start_matches("desired/").to_string(), serde_json::from_slice(&v)?);
         }
@@ -120,7 +163,17 @@ impl Hub {
             st.reports.insert(k.trim_start_matches("reports/").to_string(), serde_json::from_slice(&v)?);
         }
         let (changed, _) = watch::channel(0);
-        Ok(Arc::new(Hub { store, follower, state: RwLock::new(st), changed, refresh: Notify::new(), shutdown }))
+        Ok(Arc::new(Hub {
+            store,
+            follower,
+            tools: Arc::new(SystemTools::detect()),
+            cache: Arc::default(),
+            fetching: Arc::default(),
+            state: RwLock::new(st),
+            changed,
+            refresh: Notify::new(),
+            shutdown,
+        }))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HubState> {
@@ -131,22 +184,32 @@ impl Hub {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Fetches once and, on a new commit, advances every cluster's desired state.
+    fn source_failed(&self, msg: String) {
+        warn!(error = %msg, "following the fleet repository failed; serving the last good state");
+        let _ = self.store.commit(Batch::default().put("source/error", msg.clone()));
+        self.write().source_error = Some(msg);
+    }
+
+    /// Fetches once and, on a new commit, renders it and advances every cluster's desired state.
     pub async fn sync_once(&self) {
         let f = self.follower.clone();
-        let fetched = tokio::task::spawn_blocking(move || f.fetch()).await;
-        let snap = match fetched {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let msg = error_chain(&e);
-                warn!(error = %msg, "following the fleet repository failed; serving the last good state");
-                let _ = self.store.commit(Batch::default().put("source/error", msg.clone()));
-                self.write().source_error = Some(msg);
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "the fetch task failed");
-                return;
+        let lock = self.fetching.clone();
+        let fetched = tokio::task::spawn_blocking(move || {
+            let Ok(_held) = lock.try_lock() else {
+                return Err("the previous fetch has not finished yet".to_string());
+            };
+            f.fetch().map_err(|e| error_chain(&e))
+        });
+        let snap = match tokio::time::timeout(FETCH_LIMIT, fetched).await {
+            Ok(Ok(Ok(s))) => s,
+            Ok(Ok(Err(msg))) => return self.source_failed(msg),
+            Ok(Err(e)) => return self.source_failed(format!("the fetch task failed: {e}")),
+            Err(_) => {
+                return self.source_failed(format!(
+                    "fetching {} took longer than {} s; retrying at the next poll",
+                    self.follower.url(),
+                    FETCH_LIMIT.as_secs()
+                ))
             }
         };
         if snap.revision == self.read().revision {
@@ -156,25 +219,55 @@ impl Hub {
             }
             return;
         }
-        let fleet = parse(&snap.tree);
-        for e in &fleet.errors {
-            warn!(revision = %snap.revision, error = %e, "fleet repository error");
+        let revision = snap.revision.clone();
+        let (tools, cache) = (self.tools.clone(), self.cache.clone());
+        let started = std::time::Instant::now();
+        let rendered = tokio::task::spawn_blocking(move || {
+            let fleet = parse(&snap.tree);
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            let rendered = render_fleet(&fleet, &*tools, &mut cache);
+            (fleet, rendered)
+        })
+        .instrument(tracing::info_span!("render", %revision))
+        .await;
+        let (fleet, rendered) = match rendered {
+            Ok(r) => r,
+            Err(e) => return self.source_failed(format!("rendering {revision} failed: {e}")),
+        };
+        let rendering = Rendering::new(rendered.stats, started.elapsed().as_millis() as u64);
+        let problems = fleet.problems();
+        for p in &problems {
+            warn!(%revision, problem = %p, "fleet repository problem");
         }
         let prev = self.read().desired.clone();
-        let adv = advance(&prev, &fleet, &snap.revision);
+        let adv = advance(&prev, &fleet, &rendered, &revision);
+        // A cluster whose file is broken stays in the inventory with its previous labels.
+        let mut clusters = fleet.clusters.clone();
+        {
+            let st = self.read();
+            for name in fleet.broken_clusters.keys() {
+                if let Some(spec) = st.clusters.get(name) {
+                    clusters.insert(name.clone(), spec.clone());
+                }
+            }
+        }
         let mut batch = Batch::default();
         for (digest, bundle) in &adv.bundles {
             batch = batch.put(format!("bundles/{digest}"), bundle.bytes.clone());
         }
         for (cluster, apps) in &adv.desired {
-            batch = batch.put(format!("desired/{cluster}"), serde_json::to_vec(apps).unwrap_or_default());
+            if prev.get(cluster) != Some(apps) {
+                batch = batch.put(format!("desired/{cluster}"), serde_json::to_vec(apps).unwrap_or_default());
+            }
         }
         for gone in prev.keys().filter(|c| !adv.desired.contains_key(*c)) {
             batch = batch.delete(format!("desired/{gone}"));
         }
         batch = batch
-            .put("fleet/clusters", serde_json::to_vec(&fleet.clusters).unwrap_or_default())
-            .put("source/revision", snap.revision.clone())
+            .put("fleet/clusters", serde_json::to_vec(&clusters).unwrap_or_default())
+            .put("fleet/problems", serde_json::to_vec(&problems).unwrap_or_default())
+            .put("fleet/rendering", serde_json::to_vec(&rendering).unwrap_or_default())
+            .put("source/revision", revision.clone())
             .delete("source/error");
         if let Err(e) = self.store.commit(batch) {
             warn!(error = %error_chain(&e), "storing the new fleet state failed; keeping the previous one");
@@ -182,12 +275,25 @@ impl Hub {
         }
         {
             let mut st = self.write();
-            st.revision = snap.revision.clone();
+            st.revision = revision.clone();
             st.source_error = None;
-            st.clusters = fleet.clusters.clone();
+            st.clusters = clusters;
             st.desired = adv.desired;
+            st.problems = problems;
+            st.rendering = rendering;
         }
-        info!(revision = %snap.revision, clusters = fleet.clusters.len(), apps = fleet.apps.len(), bundles = adv.bundles.len(), "fleet advanced");
+        info!(
+            %revision,
+            clusters = fleet.clusters.len(),
+            apps = fleet.apps.len(),
+            cluster_apps = rendering.cluster_apps,
+            renders = rendering.renders,
+            rendered = rendering.rendered,
+            tool_runs = rendering.tool_runs,
+            bundles = rendering.bundles,
+            millis = rendering.millis,
+            "fleet advanced"
+        );
         self.changed.send_modify(|g| *g += 1);
     }
 
@@ -461,10 +567,20 @@ impl PlatformService for PlatformApi {
         let names: Vec<String> = self.0.read().clusters.keys().cloned().collect();
         let clusters = names.iter().filter_map(|n| self.0.cluster_view(n)).collect();
         let st = self.0.read();
+        let r = st.rendering;
         Ok(Response::new(api::ListClustersResponse {
             clusters,
             revision: st.revision.clone(),
             source_error: st.source_error.clone().unwrap_or_default(),
+            problems: st.problems.clone(),
+            render_stats: Some(api::RenderStats {
+                cluster_apps: r.cluster_apps,
+                renders: r.renders,
+                rendered: r.rendered,
+                tool_runs: r.tool_runs,
+                bundles: r.bundles,
+                render_millis: r.millis,
+            }),
         }))
     }
 

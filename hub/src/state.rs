@@ -1,15 +1,20 @@
-//! What each cluster should run, computed from a new commit and what was desired before; free of I/O.
+//! What each cluster should run, computed from a new commit's renders and what was desired before; free of
+//! I/O.
 //!
 //! Rules:
 //! - a cluster not in the inventory gets nothing;
-//! - an app targeting a cluster gets the bundle rendered at the new commit;
-//! - an app whose manifests are broken at the new commit keeps its previous good bundle on every cluster
-//!   that had one, and carries the error (file and line) until a commit fixes it; nothing is half-applied;
+//! - an app targeting a cluster gets the bundle rendered for that cluster at the new commit;
+//! - an app that cannot be rendered for a cluster at the new commit (broken manifests or app.yaml, an unset
+//!   variable, a failed kustomize build, an object another app claims) keeps its previous good bundle on that
+//!   cluster and carries the error until a commit fixes it; nothing is half-applied;
+//! - a cluster whose inventory file is broken keeps its previous desired state, with the error on every app;
 //! - an app that stops targeting a cluster leaves that cluster's desired state.
 
+use flotilla_common::fleet::render::Rendered;
 use flotilla_common::fleet::{Bundle, Fleet};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One app's desired state on one cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,16 +39,23 @@ pub type Desired = BTreeMap<String, BTreeMap<String, DesiredApp>>;
 pub struct Advance {
     pub desired: Desired,
     /// Bundles rendered at this commit, by digest (each stored once however many clusters share it).
-    pub bundles: BTreeMap<String, Bundle>,
+    pub bundles: BTreeMap<String, Arc<Bundle>>,
 }
 
-pub fn advance(prev: &Desired, fleet: &Fleet, revision: &str) -> Advance {
+fn kept(before: Option<&DesiredApp>, error: String) -> DesiredApp {
+    match before {
+        Some(b) => DesiredApp { error: Some(error), ..b.clone() },
+        None => DesiredApp { digest: String::new(), revision: String::new(), size: 0, error: Some(error) },
+    }
+}
+
+pub fn advance(prev: &Desired, fleet: &Fleet, rendered: &Rendered, revision: &str) -> Advance {
     let mut out = Advance::default();
-    for cluster in fleet.clusters.keys() {
-        let mut apps = BTreeMap::new();
-        for app in fleet.apps_for(cluster).unwrap_or_default() {
-            let before = prev.get(cluster).and_then(|a| a.get(&app.name));
-            let d = match &app.bundle {
+    for (cluster, apps) in &rendered.clusters {
+        let before = prev.get(cluster);
+        let mut next = BTreeMap::new();
+        for (app, result) in apps {
+            let d = match result {
                 Ok(b) => {
                     out.bundles.entry(b.digest.clone()).or_insert_with(|| b.clone());
                     DesiredApp {
@@ -53,19 +65,23 @@ pub fn advance(prev: &Desired, fleet: &Fleet, revision: &str) -> Advance {
                         error: None,
                     }
                 }
-                Err(e) => match before {
-                    Some(b) => DesiredApp { error: Some(e.to_string()), ..b.clone() },
-                    None => DesiredApp {
-                        digest: String::new(),
-                        revision: String::new(),
-                        size: 0,
-                        error: Some(e.to_string()),
-                    },
-                },
+                Err(e) => kept(before.and_then(|b| b.get(app)), e.to_string()),
             };
-            apps.insert(app.name.clone(), d);
+            next.insert(app.clone(), d);
         }
-        out.desired.insert(cluster.clone(), apps);
+        // An app whose app.yaml is broken: its targets are unknown, so every cluster that had it keeps it.
+        for (app, a) in &fleet.apps {
+            if let (Err(e), Some(b)) = (&a.spec, before.and_then(|b| b.get(app))) {
+                next.insert(app.clone(), kept(Some(b), e.to_string()));
+            }
+        }
+        out.desired.insert(cluster.clone(), next);
+    }
+    for (cluster, e) in &fleet.broken_clusters {
+        if let Some(before) = prev.get(cluster) {
+            let apps = before.iter().map(|(a, d)| (a.clone(), kept(Some(d), e.to_string()))).collect();
+            out.desired.insert(cluster.clone(), apps);
+        }
     }
     out
 }
@@ -73,14 +89,16 @@ pub fn advance(prev: &Desired, fleet: &Fleet, revision: &str) -> Advance {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_common::fleet::render::{render_fleet, RenderCache};
     use flotilla_common::fleet::{parse, Tree};
+    use flotilla_common::tools::SystemTools;
 
     fn tree(files: &[(&str, &str)]) -> Tree {
         files.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect()
     }
 
-    fn fleet(cm_value: &str, target_tier: &str) -> Fleet {
-        parse(&tree(&[
+    fn files(cm_value: &str, target_tier: &str) -> Tree {
+        tree(&[
             ("clusters/eu-1.yaml", "labels: {tier: prod}\n"),
             ("clusters/eu-2.yaml", "labels: {tier: prod}\n"),
             ("clusters/lab.yaml", "labels: {tier: dev}\n"),
@@ -92,12 +110,18 @@ mod tests {
                 "apps/shop/cm.yaml",
                 &format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\ndata: {{v: {cm_value}}}\n"),
             ),
-        ]))
+        ])
+    }
+
+    fn step(prev: &Desired, t: &Tree, rev: &str) -> Advance {
+        let fleet = parse(t);
+        let rendered = render_fleet(&fleet, &SystemTools::detect(), &mut RenderCache::default());
+        advance(prev, &fleet, &rendered, rev)
     }
 
     #[test]
     fn identical_inputs_share_one_bundle() {
-        let a = advance(&Desired::new(), &fleet("one", "prod"), "r1");
+        let a = step(&Desired::new(), &files("one", "prod"), "r1");
         assert_eq!(a.bundles.len(), 1);
         assert_eq!(a.desired["eu-1"]["shop"], a.desired["eu-2"]["shop"]);
         assert!(a.desired["lab"].is_empty());
@@ -105,23 +129,45 @@ mod tests {
 
     #[test]
     fn a_broken_commit_keeps_the_previous_good_bundle_with_its_error() {
-        let a = advance(&Desired::new(), &fleet("one", "prod"), "r1");
-        let broken = fleet("[unclosed", "prod");
-        let b = advance(&a.desired, &broken, "r2");
+        let a = step(&Desired::new(), &files("one", "prod"), "r1");
+        let b = step(&a.desired, &files("[unclosed", "prod"), "r2");
         let d = &b.desired["eu-1"]["shop"];
         assert_eq!(d.digest, a.desired["eu-1"]["shop"].digest);
         assert_eq!(d.revision, "r1");
         assert!(d.error.as_deref().unwrap().starts_with("apps/shop/cm.yaml:"), "{d:?}");
         assert!(b.bundles.is_empty(), "nothing new to send");
-        let fixed = advance(&b.desired, &fleet("two", "prod"), "r3");
+        let fixed = step(&b.desired, &files("two", "prod"), "r3");
         assert_eq!(fixed.desired["eu-1"]["shop"].revision, "r3");
         assert_eq!(fixed.desired["eu-1"]["shop"].error, None);
     }
 
     #[test]
+    fn a_broken_app_file_or_cluster_file_keeps_what_was_there() {
+        let a = step(&Desired::new(), &files("one", "prod"), "r1");
+        let mut t = files("two", "prod");
+        t.insert(
+            "apps/shop/app.yaml".into(),
+            b"namespace: shop\ntargets: [{selector: {matchLabels: {tier: prod}}}]\nprune: maybe\n".to_vec(),
+        );
+        let b = step(&a.desired, &t, "r2");
+        let d = &b.desired["eu-1"]["shop"];
+        assert_eq!((d.digest.as_str(), d.revision.as_str()), (a.desired["eu-1"]["shop"].digest.as_str(), "r1"));
+        assert!(d.error.as_deref().unwrap().starts_with("apps/shop/app.yaml:3: unknown field `prune`"), "{d:?}");
+        assert!(b.desired["lab"].is_empty(), "a cluster that never had the app does not get it");
+
+        let mut t = files("two", "prod");
+        t.insert("clusters/eu-2.yaml".into(), b"labels: {tier: prod\n".to_vec());
+        let c = step(&a.desired, &t, "r3");
+        assert_eq!(c.desired["eu-1"]["shop"].revision, "r3");
+        let kept = &c.desired["eu-2"]["shop"];
+        assert_eq!(kept.revision, "r1", "a broken cluster file keeps the cluster where it was");
+        assert!(kept.error.as_deref().unwrap().starts_with("clusters/eu-2.yaml:"), "{kept:?}");
+    }
+
+    #[test]
     fn a_removed_target_leaves_the_cluster() {
-        let a = advance(&Desired::new(), &fleet("one", "prod"), "r1");
-        let b = advance(&a.desired, &fleet("one", "dev"), "r2");
+        let a = step(&Desired::new(), &files("one", "prod"), "r1");
+        let b = step(&a.desired, &files("one", "dev"), "r2");
         assert!(b.desired["eu-1"].is_empty());
         assert_eq!(b.desired["lab"]["shop"].revision, "r2");
     }

@@ -1,11 +1,10 @@
-//! The Git follower against real repositories made with the git CLI, over file:// and git:// (git daemon).
+//! The Git follower against real repositories made with the git CLI, over file://, git:// (git daemon) and
+//! smart HTTP with and without credentials.
 
-use flotilla_e2e::{self as support, git, git_daemon, Proc};
-use flotilla_hub::git::{Follower, GitError};
+use flotilla_e2e::{self as support, git, git_daemon, git_http_server, git_https_server};
+use flotilla_hub::git::{Follower, GitAuth, GitError, Secret};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 fn commit(repo: &Path, files: &[(&str, &str)], msg: &str) -> String {
     let files: Vec<(&str, Option<&str>)> = files.iter().map(|(p, c)| (*p, Some(*c))).collect();
@@ -74,43 +73,91 @@ fn errors_name_the_url_or_branch() {
     assert!(!tmp.path().join("cache2/HEAD").exists(), "a failed clone leaves nothing behind");
 }
 
-/// Smart HTTP: `git http-backend` behind Python's CGI server.
+/// Smart HTTP: `git http-backend` behind a loopback server.
 #[test]
 fn follows_a_branch_over_smart_http() {
-    use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
-    // The CGI server runs scripts as nobody when started as root: let it read the repository.
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let served = tmp.path().join("served");
     let repo = served.join("fleet.git");
     let first = fleet_repo(&repo);
-    let cgi = tmp.path().join("www/cgi-bin");
-    std::fs::create_dir_all(&cgi).unwrap();
-    std::fs::write(
-        cgi.join("git"),
-        format!(
-            "#!/bin/sh\nexport GIT_PROJECT_ROOT={}\nexport GIT_HTTP_EXPORT_ALL=1\nexport GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'\nexec git http-backend\n",
-            served.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(cgi.join("git"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new("python3")
-        .args(["-m", "http.server", "--cgi", "--bind", "127.0.0.1", &port.to_string()])
-        .current_dir(tmp.path().join("www"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("python3 (apt-get install -y python3)");
-    let _server = Proc { name: "http-server".into(), child };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the HTTP server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let f = Follower::new(format!("http://127.0.0.1:{port}/cgi-bin/git/fleet.git"), "main", tmp.path().join("cache"));
+    let port = git_http_server(&served, None);
+    let f = Follower::new(format!("http://127.0.0.1:{port}/fleet.git"), "main", tmp.path().join("cache"));
     assert_eq!(f.fetch().unwrap().revision, first);
     let second = commit(&repo, &[("apps/web/app.yaml", "namespace: web\n")], "second");
     assert_eq!(f.fetch().unwrap().revision, second);
+}
+
+/// A private repository over HTTPS: basic credentials, and a token read from a file at every fetch. The
+/// server's certificate comes from a private CA, trusted through `SSL_CERT_FILE` as an operator would.
+#[test]
+fn private_repositories_over_https_need_credentials() {
+    let tmp = tempfile::tempdir().unwrap();
+    let served = tmp.path().join("served");
+    let repo = served.join("fleet.git");
+    let first = fleet_repo(&repo);
+    let (port, ca_pem) = git_https_server(&served, Some(("x-access-token", "s3cret-token")));
+    std::fs::write(tmp.path().join("ca.pem"), ca_pem).unwrap();
+    // nextest runs each test in its own process: this affects this test alone.
+    std::env::set_var("SSL_CERT_FILE", tmp.path().join("ca.pem"));
+    let url = format!("https://127.0.0.1:{port}/fleet.git");
+
+    let anonymous = Follower::new(url.clone(), "main", tmp.path().join("anon"));
+    let e = error_chain(&anonymous.fetch().unwrap_err());
+    assert!(e.starts_with(&format!("cloning {url} failed")), "{e}");
+    assert!(!tmp.path().join("anon/HEAD").exists());
+
+    let wrong = Follower::new(url.clone(), "main", tmp.path().join("wrong"))
+        .with_auth(GitAuth::Basic { username: "x-access-token".into(), password: Secret::Literal("nope".into()) });
+    assert!(wrong.fetch().is_err());
+
+    // Credentials are never sent in clear text.
+    let plain_port = git_http_server(&served, Some(("x-access-token", "s3cret-token")));
+    let plain =
+        Follower::new(format!("http://127.0.0.1:{plain_port}/fleet.git"), "main", tmp.path().join("plain")).with_auth(
+            GitAuth::Basic { username: "x-access-token".into(), password: Secret::Literal("s3cret-token".into()) },
+        );
+    let e = error_chain(&plain.fetch().unwrap_err());
+    assert!(e.contains("Will not send credentials in clear text over http"), "{e}");
+
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let f = Follower::new(url.clone(), "main", tmp.path().join("cache"))
+        .with_auth(GitAuth::Basic { username: "x-access-token".into(), password: Secret::File(token_file.clone()) });
+    assert_eq!(f.fetch().unwrap().revision, first);
+    let second = commit(&repo, &[("apps/web/app.yaml", "namespace: web\n")], "second");
+    assert_eq!(f.fetch().unwrap().revision, second, "incremental fetch with credentials");
+
+    // A revoked token fails the next fetch with the reason; the clone stays for when it is fixed.
+    std::fs::write(&token_file, "revoked\n").unwrap();
+    let e = error_chain(&f.fetch().unwrap_err());
+    assert!(e.starts_with(&format!("fetching {url} failed")), "{e}");
+    std::fs::remove_file(&token_file).unwrap();
+    let e = error_chain(&f.fetch().unwrap_err());
+    assert!(e.contains("reading the Git password or token"), "{e}");
+}
+
+#[test]
+fn ssh_uses_the_key_file_and_pins_host_keys() {
+    let auth = GitAuth::Ssh { key_file: "/etc/flotilla/id_ed25519".into(), known_hosts: None };
+    assert_eq!(
+        auth.config_overrides(std::path::Path::new("/data/repo.git")),
+        vec!["core.sshCommand=ssh -i '/etc/flotilla/id_ed25519' -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile='/data/repo.known_hosts' -o StrictHostKeyChecking=accept-new"]
+    );
+    let pinned = GitAuth::Ssh { key_file: "/k".into(), known_hosts: Some("/etc/ssh/known".into()) };
+    assert!(pinned
+        .config_overrides(std::path::Path::new("/d"))
+        .join(" ")
+        .ends_with("UserKnownHostsFile='/etc/ssh/known' -o StrictHostKeyChecking=yes"));
+    assert_eq!(format!("{:?}", Secret::Literal("hunter2".into())), "Secret(<redacted>)");
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -1,0 +1,456 @@
+//! The fleet repository as data, free of I/O: the hub hands over the files of one commit (path → bytes) and
+//! gets the cluster inventory and the apps with their sources, values and targets. [`render`] turns them into
+//! each cluster's content-addressed bundles. The format is documented in `docs/fleet-repo.md`.
+//!
+//! ```text
+//! fleet.yaml              optional repository-wide defaults: namespace, values
+//! clusters/<name>.yaml    labels: {region: eu, tier: prod}
+//!                         values: {replicas: 3}
+//! apps/<app>/app.yaml     namespace, source (manifests | kustomize | helm), values, targets
+//! apps/<app>/**           the app's manifests, kustomizations or chart
+//! ```
+//!
+//! Problems name file, line and field. A broken app or cluster file affects that app or cluster alone: the hub
+//! keeps its previous desired state and shows the error.
+
+pub mod objects;
+pub mod render;
+pub mod vars;
+
+pub use objects::{canonical_json, digest_of, Bundle};
+
+use crate::selector::LabelSelector;
+use objects::yaml_error;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The files of one commit: path (relative to the repository root, `/`-separated) → contents.
+pub type Tree = BTreeMap<String, Vec<u8>>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    #[error("{file}:{line}: {message}")]
+    Yaml { file: String, line: usize, message: String },
+    #[error("{file}:{line}: {field}: {message}")]
+    Field { file: String, line: usize, field: String, message: String },
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("{origin}: the document has no {field}")]
+    MissingField { origin: String, field: &'static str },
+    #[error("{origin}: {message}")]
+    Object { origin: String, message: String },
+    #[error("{origin}: {object} is defined twice in this app (also at {other})")]
+    DuplicateObject { origin: String, object: String, other: String },
+    #[error("{origin}: {message} (cluster {cluster})")]
+    Variable { origin: String, cluster: String, message: String },
+    #[error("apps/{app}: {message}")]
+    Render { app: String, message: String },
+    #[error("{object} is claimed by apps {first} and {second} on cluster {cluster}; an object belongs to one app")]
+    Conflict { object: String, first: String, second: String, cluster: String },
+}
+
+/// A cluster of the inventory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub values: Map<String, Value>,
+}
+
+/// `fleet.yaml`: repository-wide defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// The namespace of apps that name none.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Values every cluster starts from (lowest precedence).
+    #[serde(default)]
+    pub values: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AppFile {
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    manifests: Option<PathSpec>,
+    #[serde(default)]
+    kustomize: Option<PathSpec>,
+    #[serde(default)]
+    helm: Option<HelmFile>,
+    #[serde(default)]
+    values: Map<String, Value>,
+    #[serde(default)]
+    targets: Vec<TargetFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathSpec {
+    #[serde(default = "dot")]
+    path: String,
+}
+
+fn dot() -> String {
+    ".".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HelmFile {
+    chart: String,
+    #[serde(default)]
+    release_name: Option<String>,
+    #[serde(default)]
+    values_files: Vec<String>,
+    #[serde(default)]
+    values: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TargetFile {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    selector: LabelSelector,
+    #[serde(default)]
+    values: Map<String, Value>,
+    #[serde(default)]
+    kustomize: Option<PathSpec>,
+    #[serde(default)]
+    helm: Option<HelmTargetFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HelmTargetFile {
+    #[serde(default)]
+    values_files: Vec<String>,
+    #[serde(default)]
+    values: Map<String, Value>,
+}
+
+/// Where an app's objects come from. Paths are relative to the app's directory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// Plain manifests: every `.yaml`, `.yml` and `.json` file under `path`, recursively.
+    Manifests {
+        path: String,
+    },
+    /// A kustomization at `path` (a target may name an overlay instead).
+    Kustomize {
+        path: String,
+    },
+    Helm(HelmSource),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HelmSource {
+    /// The chart's directory.
+    pub chart: String,
+    pub release_name: String,
+    pub values_files: Vec<String>,
+    pub values: Map<String, Value>,
+}
+
+/// One target of an app: which clusters, and how the app differs there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub name: String,
+    pub selector: LabelSelector,
+    pub values: Map<String, Value>,
+    /// A Kustomize overlay used on these clusters instead of the source's path.
+    pub kustomize_path: Option<String>,
+    pub helm_values_files: Vec<String>,
+    pub helm_values: Map<String, Value>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppSpec {
+    pub namespace: String,
+    pub source: Source,
+    pub values: Map<String, Value>,
+    /// A cluster takes its customization from the first target that selects it.
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone)]
+pub struct App {
+    pub name: String,
+    /// The app's files, paths relative to `apps/<app>/`.
+    pub files: Arc<Tree>,
+    /// sha256 over the app's files: part of every render's content address.
+    pub tree_digest: String,
+    /// A broken app.yaml (or fleet.yaml) is an error on the app; clusters keep its previous state.
+    pub spec: Result<AppSpec, FleetError>,
+}
+
+/// The fleet at one commit.
+#[derive(Debug, Clone, Default)]
+pub struct Fleet {
+    pub defaults: Defaults,
+    pub clusters: BTreeMap<String, ClusterSpec>,
+    /// Cluster files that could not be read: those clusters keep their previous desired state.
+    pub broken_clusters: BTreeMap<String, FleetError>,
+    pub apps: BTreeMap<String, App>,
+}
+
+/// The line of the first occurrence of `needle` in `text` (1 when absent): for errors found after parsing.
+fn line_of(text: &[u8], needle: &str) -> usize {
+    let text = String::from_utf8_lossy(text);
+    text.lines().position(|l| l.contains(needle)).map_or(1, |i| i + 1)
+}
+
+fn parse_yaml<T: for<'de> Deserialize<'de> + Default>(file: &str, bytes: &[u8]) -> Result<T, FleetError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_yaml::from_slice(bytes).map_err(|e| yaml_error(file, &e))
+}
+
+/// A relative path inside the app: no `..`, not absolute.
+fn clean_path(p: &str) -> Option<String> {
+    if p.starts_with('/') || p.split('/').any(|s| s == "..") {
+        return None;
+    }
+    let parts: Vec<&str> = p.split('/').filter(|s| !s.is_empty() && *s != ".").collect();
+    Some(parts.join("/"))
+}
+
+fn has_file(files: &Tree, dir: &str, names: &[&str]) -> bool {
+    names.iter().any(|n| files.contains_key(&if dir.is_empty() { n.to_string() } else { format!("{dir}/{n}") }))
+}
+
+fn has_dir(files: &Tree, dir: &str) -> bool {
+    dir.is_empty() || files.keys().any(|k| k.starts_with(&format!("{dir}/")))
+}
+
+fn app_spec(app: &str, files: &Tree, defaults: &Defaults) -> Result<AppSpec, FleetError> {
+    let file = format!("apps/{app}/app.yaml");
+    let bytes = files
+        .get("app.yaml")
+        .ok_or_else(|| FleetError::Invalid { file: format!("apps/{app}/"), message: "app.yaml is missing".into() })?;
+    let spec: AppFile = serde_yaml::from_slice(bytes).map_err(|e| yaml_error(&file, &e))?;
+    let field = |field: &str, needle: &str, message: String| FleetError::Field {
+        file: file.clone(),
+        line: line_of(bytes, needle),
+        field: field.to_string(),
+        message,
+    };
+    let namespace =
+        spec.namespace.clone().or_else(|| defaults.namespace.clone()).ok_or_else(|| FleetError::Invalid {
+            file: file.clone(),
+            message: "namespace is missing (set it here or as the default in fleet.yaml)".into(),
+        })?;
+    if !crate::identity::valid_name(&namespace) || namespace.contains('.') {
+        return Err(field("namespace", "namespace", format!("{namespace:?} is not a valid namespace name")));
+    }
+    let path_in = |f: &str, p: &str| {
+        clean_path(p).ok_or_else(|| field(f, p, format!("{p:?} must be a relative path inside apps/{app}/")))
+    };
+    let kustomization = |f: &str, p: &str| -> Result<String, FleetError> {
+        let dir = path_in(f, p)?;
+        if !has_file(files, &dir, &["kustomization.yaml", "kustomization.yml", "Kustomization"]) {
+            return Err(field(f, p, format!("apps/{app}/{p} has no kustomization.yaml")));
+        }
+        Ok(dir)
+    };
+    let values_files = |f: &str, list: &[String]| -> Result<Vec<String>, FleetError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let clean = path_in(&format!("{f}[{i}]"), p)?;
+                if !files.contains_key(&clean) {
+                    return Err(field(&format!("{f}[{i}]"), p, format!("apps/{app}/{p} does not exist")));
+                }
+                Ok(clean)
+            })
+            .collect()
+    };
+    let source = match (&spec.manifests, &spec.kustomize, &spec.helm) {
+        (None, None, None) => Source::Manifests { path: String::new() },
+        (Some(m), None, None) => {
+            let path = path_in("manifests.path", &m.path)?;
+            if !has_dir(files, &path) {
+                return Err(field("manifests.path", &m.path, format!("apps/{app}/{} does not exist", m.path)));
+            }
+            Source::Manifests { path }
+        }
+        (None, Some(k), None) => Source::Kustomize { path: kustomization("kustomize.path", &k.path)? },
+        (None, None, Some(h)) => {
+            let chart = path_in("helm.chart", &h.chart)?;
+            if !has_file(files, &chart, &["Chart.yaml"]) {
+                return Err(field("helm.chart", &h.chart, format!("apps/{app}/{} has no Chart.yaml", h.chart)));
+            }
+            Source::Helm(HelmSource {
+                chart,
+                release_name: h.release_name.clone().unwrap_or_else(|| app.to_string()),
+                values_files: values_files("helm.valuesFiles", &h.values_files)?,
+                values: h.values.clone(),
+            })
+        }
+        _ => {
+            return Err(FleetError::Invalid {
+                file,
+                message: "an app has one source: manifests, kustomize or helm, not several".into(),
+            })
+        }
+    };
+    let mut targets = Vec::new();
+    for (i, t) in spec.targets.iter().enumerate() {
+        let name = t.name.clone().unwrap_or_else(|| format!("targets[{i}]"));
+        if let Err(e) = t.selector.validate() {
+            let text = e.to_string();
+            let (expr, message) = text.split_once(": ").unwrap_or((&text, ""));
+            return Err(field(&format!("targets[{i}].selector.{expr}"), "matchExpressions", message.to_string()));
+        }
+        let kustomize_path = match (&t.kustomize, &source) {
+            (None, _) => None,
+            (Some(k), Source::Kustomize { .. }) => {
+                Some(kustomization(&format!("targets[{i}].kustomize.path"), &k.path)?)
+            }
+            (Some(_), _) => {
+                return Err(field(
+                    &format!("targets[{i}].kustomize"),
+                    "kustomize",
+                    "a Kustomize overlay needs an app with a kustomize source".into(),
+                ))
+            }
+        };
+        let (helm_values_files, helm_values) = match (&t.helm, &source) {
+            (None, _) => (Vec::new(), Map::new()),
+            (Some(h), Source::Helm(_)) => {
+                (values_files(&format!("targets[{i}].helm.valuesFiles"), &h.values_files)?, h.values.clone())
+            }
+            (Some(_), _) => {
+                return Err(field(
+                    &format!("targets[{i}].helm"),
+                    "helm",
+                    "Helm values need an app with a helm source".into(),
+                ))
+            }
+        };
+        targets.push(Target {
+            name,
+            selector: t.selector.clone(),
+            values: t.values.clone(),
+            kustomize_path,
+            helm_values_files,
+            helm_values,
+        });
+    }
+    Ok(AppSpec { namespace, source, values: spec.values, targets })
+}
+
+fn tree_digest(files: &Tree) -> String {
+    let mut h = Sha256::new();
+    for (p, c) in files {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+        h.update((c.len() as u64).to_le_bytes());
+        h.update(c);
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// Reads the fleet from the files of one commit.
+pub fn parse(tree: &Tree) -> Fleet {
+    let mut fleet = Fleet::default();
+    let defaults = match tree.get("fleet.yaml") {
+        Some(bytes) => parse_yaml::<Defaults>("fleet.yaml", bytes),
+        None => Ok(Defaults::default()),
+    };
+    fleet.defaults = defaults.clone().unwrap_or_default();
+    for (path, bytes) in tree.range("clusters/".to_string()..) {
+        let Some(file) = path.strip_prefix("clusters/") else { break };
+        let Some(name) = file.strip_suffix(".yaml").or_else(|| file.strip_suffix(".yml")) else { continue };
+        if name.contains('/') {
+            continue;
+        }
+        if !crate::identity::valid_name(name) {
+            fleet.broken_clusters.insert(
+                name.to_string(),
+                FleetError::Invalid {
+                    file: path.clone(),
+                    message: format!("cluster name {name:?} is invalid: use lowercase letters, digits, '-' and '.'"),
+                },
+            );
+            continue;
+        }
+        match parse_yaml::<ClusterSpec>(path, bytes) {
+            Ok(s) => {
+                fleet.clusters.insert(name.to_string(), s);
+            }
+            Err(e) => {
+                fleet.broken_clusters.insert(name.to_string(), e);
+            }
+        }
+    }
+    let mut app_files: BTreeMap<&str, Tree> = BTreeMap::new();
+    for (path, bytes) in tree.range("apps/".to_string()..) {
+        let Some(rest) = path.strip_prefix("apps/") else { break };
+        let Some((app, file)) = rest.split_once('/') else { continue };
+        app_files.entry(app).or_default().insert(file.to_string(), bytes.clone());
+    }
+    for (app, files) in app_files {
+        let spec = match &defaults {
+            Ok(d) => app_spec(app, &files, d),
+            Err(e) => Err(e.clone()),
+        };
+        let tree_digest = tree_digest(&files);
+        fleet.apps.insert(app.to_string(), App { name: app.to_string(), files: Arc::new(files), tree_digest, spec });
+    }
+    fleet
+}
+
+impl Fleet {
+    /// The apps a cluster receives, each with the target that selected it, or None when the cluster is not in
+    /// the inventory (it gets nothing). Apps with a broken spec are not listed.
+    pub fn apps_for(&self, cluster: &str) -> Option<Vec<(&App, &AppSpec, &Target)>> {
+        let labels = &self.clusters.get(cluster)?.labels;
+        Some(
+            self.apps
+                .values()
+                .filter_map(|a| {
+                    let spec = a.spec.as_ref().ok()?;
+                    spec.targets.iter().find(|t| t.selector.matches(labels)).map(|t| (a, spec, t))
+                })
+                .collect(),
+        )
+    }
+
+    /// Apps whose targets match no cluster: reported, never silently ignored.
+    pub fn untargeted_apps(&self) -> Vec<&str> {
+        self.apps
+            .values()
+            .filter(|a| {
+                a.spec.as_ref().is_ok_and(|s| {
+                    !self.clusters.values().any(|c| s.targets.iter().any(|t| t.selector.matches(&c.labels)))
+                })
+            })
+            .map(|a| a.name.as_str())
+            .collect()
+    }
+
+    /// Everything wrong with this commit outside rendering, for the fleet view: broken files and untargeted apps.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.broken_clusters.values().map(ToString::to_string).collect();
+        out.extend(self.apps.values().filter_map(|a| a.spec.as_ref().err().map(ToString::to_string)));
+        out.extend(
+            self.untargeted_apps().into_iter().map(|a| format!("apps/{a}/app.yaml: no target matches any cluster")),
+        );
+        out.dedup();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

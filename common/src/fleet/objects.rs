@@ -1,0 +1,212 @@
+//! Kubernetes objects as the fleet renders them: parsing manifests (multi-document YAML, JSON), checking
+//! what every object needs, giving namespaced objects the app's namespace, and the canonical bundle an
+//! agent applies. Free of I/O.
+
+use super::FleetError;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The content address of a bundle: `sha256:<hex>`.
+pub fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// An object with where it came from (`apps/shop/web.yaml:12`, `kustomize build overlays/eu`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sourced {
+    pub origin: String,
+    pub object: Value,
+}
+
+/// The rendered, canonical content of one app: what an agent applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    /// One JSON object per line, keys sorted, objects in apply order.
+    pub bytes: Vec<u8>,
+    /// `sha256:<hex>` of `bytes`.
+    pub digest: String,
+    pub objects: usize,
+    /// `Kind namespace/name` (or `Kind name`) of every object, in bundle order.
+    pub ids: Vec<String>,
+}
+
+impl Bundle {
+    fn new(mut objects: Vec<Value>) -> Bundle {
+        objects.sort_by_key(sort_key);
+        let mut bytes = Vec::new();
+        let mut ids = Vec::with_capacity(objects.len());
+        for o in &objects {
+            bytes.extend_from_slice(canonical_json(o).as_bytes());
+            bytes.push(b'\n');
+            ids.push(object_id(o));
+        }
+        let digest = digest_of(&bytes);
+        Bundle { bytes, digest, objects: objects.len(), ids }
+    }
+
+    /// The objects of a bundle, in apply order.
+    pub fn parse(bytes: &[u8]) -> Result<Vec<Value>, serde_json::Error> {
+        bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(serde_json::from_slice).collect()
+    }
+}
+
+/// Kinds that are not namespaced; everything else gets the app's namespace when it names none, unless a
+/// CustomResourceDefinition in the same app declares its kind cluster-scoped.
+const CLUSTER_SCOPED: &[&str] = &[
+    "Namespace",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+    "StorageClass",
+    "PriorityClass",
+    "IngressClass",
+    "Node",
+    "RuntimeClass",
+    "CSIDriver",
+    "VolumeAttachment",
+    "ValidatingWebhookConfiguration",
+    "MutatingWebhookConfiguration",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+    "APIService",
+];
+
+fn kind_rank(kind: &str) -> u8 {
+    match kind {
+        "CustomResourceDefinition" => 0,
+        "Namespace" => 1,
+        k if CLUSTER_SCOPED.contains(&k) => 2,
+        _ => 3,
+    }
+}
+
+fn str_at<'a>(o: &'a Value, p: &str) -> &'a str {
+    o.pointer(p).and_then(Value::as_str).unwrap_or_default()
+}
+
+fn sort_key(o: &Value) -> (u8, String, String, String, String) {
+    let kind = str_at(o, "/kind");
+    (
+        kind_rank(kind),
+        str_at(o, "/apiVersion").split('/').next().unwrap_or_default().to_string(),
+        kind.to_string(),
+        str_at(o, "/metadata/namespace").to_string(),
+        str_at(o, "/metadata/name").to_string(),
+    )
+}
+
+/// `Kind namespace/name`, or `Kind name` for cluster-scoped objects.
+pub fn object_id(o: &Value) -> String {
+    let (kind, ns, name) = (str_at(o, "/kind"), str_at(o, "/metadata/namespace"), str_at(o, "/metadata/name"));
+    if ns.is_empty() {
+        format!("{kind} {name}")
+    } else {
+        format!("{kind} {ns}/{name}")
+    }
+}
+
+/// JSON with object keys sorted, so equal objects always give equal bytes.
+pub fn canonical_json(v: &Value) -> String {
+    fn sorted(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                let mut out = Map::new();
+                for k in keys {
+                    out.insert(k.clone(), sorted(&m[k]));
+                }
+                Value::Object(out)
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    sorted(v).to_string()
+}
+
+pub(crate) fn yaml_error(file: &str, e: &serde_yaml::Error) -> FleetError {
+    let line = e.location().map_or(1, |l| l.line());
+    FleetError::Yaml { file: file.to_string(), line, message: e.to_string() }
+}
+
+/// Start line (1-based) of each YAML document in `text`.
+fn document_lines(text: &str) -> Vec<usize> {
+    let mut starts = vec![1];
+    for (i, l) in text.lines().enumerate() {
+        if l.starts_with("---") {
+            if i == 0 {
+                starts[0] = 2;
+            } else {
+                starts.push(i + 2);
+            }
+        }
+    }
+    starts
+}
+
+/// Parses one manifest file (or a tool's output, named by `file`) into objects with their origin.
+pub fn parse_manifests(file: &str, bytes: &[u8]) -> Result<Vec<Sourced>, FleetError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| FleetError::Invalid { file: file.to_string(), message: format!("not UTF-8: {e}") })?;
+    let at = |line: usize| format!("{file}:{line}");
+    if file.ends_with(".json") {
+        let v: Value = serde_json::from_str(text).map_err(|e| FleetError::Yaml {
+            file: file.to_string(),
+            line: e.line(),
+            message: e.to_string(),
+        })?;
+        return Ok(match v {
+            Value::Array(items) => items.into_iter().map(|object| Sourced { origin: at(1), object }).collect(),
+            object => vec![Sourced { origin: at(1), object }],
+        });
+    }
+    let lines = document_lines(text);
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let object = Value::deserialize(doc).map_err(|e| yaml_error(file, &e))?;
+        if !object.is_null() {
+            out.push(Sourced { origin: at(lines.get(i).copied().unwrap_or(1)), object });
+        }
+    }
+    Ok(out)
+}
+
+/// Checks every object (apiVersion, kind, metadata.name), fills in the app's namespace where an object is
+/// namespaced and names none, refuses an object defined twice, and builds the canonical bundle.
+pub fn finalize(namespace: &str, objects: Vec<Sourced>) -> Result<Bundle, FleetError> {
+    let custom_cluster_scoped: BTreeSet<String> = objects
+        .iter()
+        .filter(|o| str_at(&o.object, "/kind") == "CustomResourceDefinition")
+        .filter(|o| str_at(&o.object, "/spec/scope") == "Cluster")
+        .map(|o| str_at(&o.object, "/spec/names/kind").to_string())
+        .collect();
+    let mut out = Vec::with_capacity(objects.len());
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for Sourced { origin, mut object } in objects {
+        let missing = |field| FleetError::MissingField { origin: origin.clone(), field };
+        if !object.is_object() {
+            return Err(FleetError::Object { origin, message: "a manifest must be a mapping".into() });
+        }
+        let kind = object.get("kind").and_then(Value::as_str).filter(|k| !k.is_empty()).ok_or(missing("kind"))?;
+        let cluster_scoped = CLUSTER_SCOPED.contains(&kind) || custom_cluster_scoped.contains(kind);
+        if object.get("apiVersion").and_then(Value::as_str).is_none_or(str::is_empty) {
+            return Err(missing("apiVersion"));
+        }
+        if object.pointer("/metadata/name").and_then(Value::as_str).is_none_or(str::is_empty) {
+            return Err(missing("metadata.name"));
+        }
+        if !cluster_scoped && object.pointer("/metadata/namespace").is_none() {
+            object["metadata"]["namespace"] = Value::String(namespace.to_string());
+        }
+        let id = object_id(&object);
+        if let Some(other) = seen.insert(id.clone(), origin.clone()) {
+            return Err(FleetError::DuplicateObject { origin, object: id, other });
+        }
+        out.push(object);
+    }
+    Ok(Bundle::new(out))
+}

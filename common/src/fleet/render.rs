@@ -1,0 +1,470 @@
+//! Each cluster's desired state from the fleet: which apps it gets and, per app, the bundle rendered for it.
+//!
+//! Rendering is content-addressed. The input of a render is the app's files at the commit, the source variant
+//! (a Kustomize overlay, a Helm target) and the values the render actually reads; clusters with identical
+//! inputs share one render and one bundle. Kustomize builds do not depend on values (variables are
+//! substituted in their output), so each overlay is built once per commit however many value sets use it.
+//! A [`RenderCache`] kept between commits reuses what an unchanged app rendered before.
+//!
+//! External tools (kustomize, helm) sit behind [`Tools`]; everything else here is free of I/O.
+
+use super::objects::{finalize, parse_manifests, Bundle, Sourced};
+use super::vars::{self, Context, Resolved, Var};
+use super::{App, AppSpec, Fleet, FleetError, Source, Target, Tree};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Runs the external renderers. Errors are messages meant for the user (what failed, what to install).
+pub trait Tools: Sync {
+    /// Builds the kustomization in `dir` (relative to the app's directory, whose files are `files`).
+    fn kustomize(&self, files: &Tree, dir: &str) -> Result<String, String>;
+    /// Runs `helm template` on the chart in the app's files.
+    fn helm_template(&self, files: &Tree, helm: &HelmInvocation) -> Result<String, String>;
+}
+
+/// One `helm template` call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelmInvocation {
+    pub release: String,
+    pub namespace: String,
+    /// The chart's directory, relative to the app's directory.
+    pub chart: String,
+    /// The merged, substituted values, as YAML.
+    pub values_yaml: String,
+}
+
+impl HelmInvocation {
+    /// The arguments of `helm`, with the chart and the values file where the caller put them.
+    pub fn args(&self, chart_dir: &str, values_file: &str) -> Vec<String> {
+        [
+            "template",
+            &self.release,
+            chart_dir,
+            "--namespace",
+            &self.namespace,
+            "--values",
+            values_file,
+            "--include-crds",
+            "--skip-tests",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}
+
+/// How many renders a commit took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RenderStats {
+    /// (cluster, app) pairs with a desired state.
+    pub cluster_apps: usize,
+    /// Distinct render inputs at this commit.
+    pub renders: usize,
+    /// Of those, rendered now (the rest were reused from the previous commit).
+    pub rendered: usize,
+    /// kustomize and helm processes run.
+    pub tool_runs: usize,
+    /// Distinct bundles.
+    pub bundles: usize,
+}
+
+/// What one app should be on one cluster at this commit.
+pub type AppResult = Result<Arc<Bundle>, FleetError>;
+
+#[derive(Debug, Default)]
+pub struct Rendered {
+    /// cluster → app → bundle or error, for every cluster of the inventory.
+    pub clusters: BTreeMap<String, BTreeMap<String, AppResult>>,
+    pub stats: RenderStats,
+}
+
+/// Renders kept between commits: an app whose files did not change is not rendered again.
+#[derive(Default)]
+pub struct RenderCache {
+    bases: HashMap<String, Arc<Base>>,
+    renders: HashMap<String, AppResult>,
+}
+
+/// What a render starts from before values are applied.
+#[derive(Debug)]
+enum Base {
+    /// Objects (from manifests or a kustomize build) with the variables they use and where each is first used.
+    Objects { objects: Vec<Sourced>, vars: BTreeMap<Var, String> },
+    /// Merged Helm values before substitution.
+    Helm { values: Value, vars: BTreeMap<Var, String> },
+}
+
+impl Base {
+    fn vars(&self) -> &BTreeMap<Var, String> {
+        match self {
+            Base::Objects { vars, .. } | Base::Helm { vars, .. } => vars,
+        }
+    }
+}
+
+/// Which base an app uses on a cluster.
+fn variant(spec: &AppSpec, target_index: usize) -> String {
+    match &spec.source {
+        Source::Manifests { path } => format!("manifests:{path}"),
+        Source::Kustomize { path } => {
+            format!("kustomize:{}", spec.targets[target_index].kustomize_path.as_deref().unwrap_or(path))
+        }
+        Source::Helm(_) => format!("helm:{target_index}"),
+    }
+}
+
+fn base_key(app: &App, spec: &AppSpec, variant: &str) -> String {
+    format!("{}\0{}\0{}\0{}", app.name, app.tree_digest, spec.namespace, variant)
+}
+
+fn collect_vars(objects: &[Sourced]) -> Result<BTreeMap<Var, String>, FleetError> {
+    let mut out = BTreeMap::new();
+    for o in objects {
+        let mut used = std::collections::BTreeSet::new();
+        vars::collect(&o.object, &mut used)
+            .map_err(|message| FleetError::Object { origin: o.origin.clone(), message })?;
+        for v in used {
+            out.entry(v).or_insert_with(|| o.origin.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn parse_values_file(app: &str, files: &Tree, path: &str) -> Result<Value, FleetError> {
+    let file = format!("apps/{app}/{path}");
+    let bytes = files.get(path).ok_or_else(|| FleetError::Invalid { file: file.clone(), message: "missing".into() })?;
+    let v: Value = serde_yaml::from_slice(bytes).map_err(|e| super::objects::yaml_error(&file, &e))?;
+    match v {
+        Value::Null => Ok(Value::Object(Map::new())),
+        Value::Object(_) => Ok(v),
+        _ => Err(FleetError::Invalid { file, message: "Helm values must be a mapping".into() }),
+    }
+}
+
+/// Helm values for one target, merged in order: the app's values files, the app's values, the target's values
+/// files, the target's values (the chart's own values.yaml comes first, applied by helm itself).
+pub fn helm_values(app: &App, spec: &AppSpec, target: &Target) -> Result<(Value, BTreeMap<Var, String>), FleetError> {
+    let Source::Helm(h) = &spec.source else {
+        return Err(FleetError::Render { app: app.name.clone(), message: "not a Helm app".into() });
+    };
+    let app_yaml = format!("apps/{}/app.yaml", app.name);
+    let mut layers: Vec<(String, Value)> = Vec::new();
+    for f in &h.values_files {
+        layers.push((format!("apps/{}/{f}", app.name), parse_values_file(&app.name, &app.files, f)?));
+    }
+    layers.push((format!("{app_yaml}: helm.values"), Value::Object(h.values.clone())));
+    for f in &target.helm_values_files {
+        layers.push((format!("apps/{}/{f}", app.name), parse_values_file(&app.name, &app.files, f)?));
+    }
+    layers.push((format!("{app_yaml}: {}.helm.values", target.name), Value::Object(target.helm_values.clone())));
+    let mut merged = Value::Object(Map::new());
+    let mut used = BTreeMap::new();
+    for (origin, layer) in layers {
+        let mut vs = std::collections::BTreeSet::new();
+        vars::collect(&layer, &mut vs).map_err(|message| FleetError::Object { origin: origin.clone(), message })?;
+        for v in vs {
+            used.entry(v).or_insert_with(|| origin.clone());
+        }
+        vars::merge(&mut merged, &layer);
+    }
+    Ok((merged, used))
+}
+
+fn render_error(app: &App, message: String) -> FleetError {
+    FleetError::Render { app: app.name.clone(), message }
+}
+
+fn make_base(
+    app: &App,
+    spec: &AppSpec,
+    target: &Target,
+    tools: &dyn Tools,
+    runs: &AtomicUsize,
+) -> Result<Base, FleetError> {
+    match &spec.source {
+        Source::Manifests { path } => {
+            let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+            let mut objects = Vec::new();
+            for (file, bytes) in app.files.range(prefix.clone()..) {
+                if !file.starts_with(&prefix) {
+                    break;
+                }
+                let manifest = file.ends_with(".yaml") || file.ends_with(".yml") || file.ends_with(".json");
+                if !manifest || file == "app.yaml" {
+                    continue;
+                }
+                objects.extend(parse_manifests(&format!("apps/{}/{file}", app.name), bytes)?);
+            }
+            let vars = collect_vars(&objects)?;
+            Ok(Base::Objects { objects, vars })
+        }
+        Source::Kustomize { path } => {
+            let dir = target.kustomize_path.as_deref().unwrap_or(path);
+            runs.fetch_add(1, Ordering::Relaxed);
+            let shown = if dir.is_empty() { "." } else { dir };
+            let out = tools
+                .kustomize(&app.files, dir)
+                .map_err(|e| render_error(app, format!("kustomize build {shown} failed: {e}")))?;
+            let origin = format!("apps/{}/{shown} (kustomize output)", app.name);
+            let objects = parse_manifests(&origin, out.as_bytes())?;
+            let vars = collect_vars(&objects)?;
+            Ok(Base::Objects { objects, vars })
+        }
+        Source::Helm(_) => {
+            let (values, vars) = helm_values(app, spec, target)?;
+            Ok(Base::Helm { values, vars })
+        }
+    }
+}
+
+fn render_one(
+    app: &App,
+    spec: &AppSpec,
+    base: &Base,
+    resolved: &Resolved,
+    tools: &dyn Tools,
+    runs: &AtomicUsize,
+) -> Result<Bundle, FleetError> {
+    match base {
+        Base::Objects { objects, .. } => {
+            let mut out = Vec::with_capacity(objects.len());
+            for o in objects {
+                let object = vars::substitute(&o.object, resolved)
+                    .map_err(|message| FleetError::Object { origin: o.origin.clone(), message })?;
+                out.push(Sourced { origin: o.origin.clone(), object });
+            }
+            finalize(&spec.namespace, out)
+        }
+        Base::Helm { values, .. } => {
+            let Source::Helm(h) = &spec.source else { unreachable!("a Helm base comes from a Helm source") };
+            let values = vars::substitute(values, resolved).map_err(|m| render_error(app, m))?;
+            let values_yaml = serde_yaml::to_string(
+                &serde_json::from_str::<Value>(&super::canonical_json(&values)).unwrap_or(values),
+            )
+            .map_err(|e| render_error(app, e.to_string()))?;
+            let inv = HelmInvocation {
+                release: h.release_name.clone(),
+                namespace: spec.namespace.clone(),
+                chart: h.chart.clone(),
+                values_yaml,
+            };
+            runs.fetch_add(1, Ordering::Relaxed);
+            let out = tools
+                .helm_template(&app.files, &inv)
+                .map_err(|e| render_error(app, format!("helm template {} failed: {e}", h.chart)))?;
+            let origin = format!("apps/{}/{} (helm output)", app.name, h.chart);
+            finalize(&spec.namespace, parse_manifests(&origin, out.as_bytes())?)
+        }
+    }
+}
+
+/// Runs `f` over `items` on up to `available_parallelism` threads; results in input order.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len());
+    if threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<(usize, R)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        done.push((i, f(item)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// The values a cluster sees for an app: fleet defaults < app values < cluster values < target values.
+pub fn merged_values(
+    fleet: &Fleet,
+    spec: &AppSpec,
+    cluster: &super::ClusterSpec,
+    target: &Target,
+) -> Map<String, Value> {
+    let mut v = Value::Object(fleet.defaults.values.clone());
+    for layer in [&spec.values, &cluster.values, &target.values] {
+        if !layer.is_empty() {
+            vars::merge(&mut v, &Value::Object(layer.clone()));
+        }
+    }
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn resolve(
+    fleet: &Fleet,
+    cluster: &str,
+    spec: &AppSpec,
+    target: &Target,
+    needed: &BTreeMap<Var, String>,
+) -> Result<Resolved, FleetError> {
+    let cspec = &fleet.clusters[cluster];
+    let values = if needed.keys().any(|v| matches!(v, Var::Value(_))) {
+        merged_values(fleet, spec, cspec, target)
+    } else {
+        Map::new()
+    };
+    let ctx = Context { cluster, labels: &cspec.labels, values: &values };
+    let mut out = Resolved::new();
+    for (var, origin) in needed {
+        let value = ctx.resolve(var).ok_or_else(|| FleetError::Variable {
+            origin: origin.clone(),
+            cluster: cluster.to_string(),
+            message: match var {
+                Var::Label(k) => format!("{var} is not set: clusters/{cluster}.yaml has no label {k:?}"),
+                _ => format!(
+                    "{var} is not set: give it a value in clusters/{cluster}.yaml, the app, its target or fleet.yaml"
+                ),
+            },
+        })?;
+        out.insert(var.clone(), value);
+    }
+    Ok(out)
+}
+
+/// One distinct render: the app, its base and the values it reads.
+type Input<'a> = (&'a App, &'a AppSpec, Arc<Base>, Resolved);
+
+/// Renders every cluster's apps at this commit.
+pub fn render_fleet(fleet: &Fleet, tools: &dyn Tools, cache: &mut RenderCache) -> Rendered {
+    let runs = AtomicUsize::new(0);
+    // 1. The bases each (app, variant) needs: kustomize builds and manifest parsing, once each.
+    let mut pairs: Vec<(&str, &str, &App, &AppSpec, usize)> = Vec::new(); // cluster, app, ..., target index
+    let mut wanted: BTreeMap<String, (&App, &AppSpec, usize)> = BTreeMap::new();
+    for cluster in fleet.clusters.keys() {
+        for (app, spec, target) in fleet.apps_for(cluster).unwrap_or_default() {
+            let t = spec.targets.iter().position(|x| std::ptr::eq(x, target)).unwrap_or(0);
+            wanted.entry(base_key(app, spec, &variant(spec, t))).or_insert((app, spec, t));
+            pairs.push((cluster, &app.name, app, spec, t));
+        }
+    }
+    let missing: Vec<(&String, &(&App, &AppSpec, usize))> =
+        wanted.iter().filter(|(k, _)| !cache.bases.contains_key(*k)).collect();
+    let built = par_map(&missing, |(_, (app, spec, t))| make_base(app, spec, &spec.targets[*t], tools, &runs));
+    let mut bases: HashMap<String, Result<Arc<Base>, FleetError>> = HashMap::new();
+    for ((key, _), b) in missing.iter().zip(built) {
+        bases.insert((*key).clone(), b.map(Arc::new));
+    }
+    for key in wanted.keys() {
+        if let Some(b) = cache.bases.get(key) {
+            bases.insert(key.clone(), Ok(b.clone()));
+        }
+    }
+
+    // 2. Per (cluster, app): resolve the variables the base reads; the render key is base + resolved values.
+    let mut keys: Vec<Result<String, FleetError>> = Vec::with_capacity(pairs.len());
+    let mut inputs: BTreeMap<String, Input> = BTreeMap::new();
+    for (cluster, _, app, spec, t) in &pairs {
+        let bkey = base_key(app, spec, &variant(spec, *t));
+        let key = match &bases[&bkey] {
+            Err(e) => Err(e.clone()),
+            Ok(base) => resolve(fleet, cluster, spec, &spec.targets[*t], base.vars()).map(|resolved| {
+                let key = format!(
+                    "{bkey}\0{}",
+                    super::canonical_json(&serde_json::json!(resolved
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.clone()))
+                        .collect::<BTreeMap<_, _>>()))
+                );
+                inputs.entry(key.clone()).or_insert_with(|| (*app, *spec, base.clone(), resolved));
+                key
+            }),
+        };
+        keys.push(key);
+    }
+
+    // 3. Render each distinct input once (reusing the previous commit's good renders).
+    let todo: Vec<(&String, &Input)> = inputs.iter().filter(|(k, _)| !cache.renders.contains_key(*k)).collect();
+    let done = par_map(&todo, |(_, (app, spec, base, resolved))| {
+        render_one(app, spec, base, resolved, tools, &runs).map(Arc::new)
+    });
+    let mut renders: HashMap<String, AppResult> = HashMap::with_capacity(inputs.len());
+    for ((key, _), r) in todo.iter().zip(done) {
+        renders.insert((*key).clone(), r);
+    }
+    for key in inputs.keys() {
+        if let Some(r) = cache.renders.get(key) {
+            renders.insert(key.clone(), r.clone());
+        }
+    }
+
+    // 4. Assign, then refuse objects claimed by two apps on one cluster.
+    let mut out = Rendered::default();
+    for cluster in fleet.clusters.keys() {
+        out.clusters.insert(cluster.clone(), BTreeMap::new());
+    }
+    for ((cluster, app, ..), key) in pairs.iter().zip(keys) {
+        let r = key.and_then(|k| renders[&k].clone());
+        out.clusters.get_mut(*cluster).map(|apps| apps.insert(app.to_string(), r));
+    }
+    let mut conflicts_seen: HashMap<Vec<(String, String)>, Vec<FleetError>> = HashMap::new();
+    for (cluster, apps) in out.clusters.iter_mut() {
+        let signature: Vec<(String, String)> =
+            apps.iter().filter_map(|(a, r)| r.as_ref().ok().map(|b| (a.clone(), b.digest.clone()))).collect();
+        let found = conflicts_seen.entry(signature).or_insert_with(|| conflicts(apps, "\0")).clone();
+        for c in found {
+            let FleetError::Conflict { object, first, second, .. } = c else { continue };
+            let e =
+                FleetError::Conflict { object, first: first.clone(), second: second.clone(), cluster: cluster.clone() };
+            for a in [&first, &second] {
+                if let Some(r) = apps.get_mut(a) {
+                    if r.is_ok() {
+                        *r = Err(e.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    let mut digests = HashSet::new();
+    for apps in out.clusters.values() {
+        for r in apps.values().flatten() {
+            digests.insert(r.digest.as_str());
+        }
+    }
+    out.stats = RenderStats {
+        cluster_apps: pairs.len(),
+        renders: inputs.len(),
+        rendered: todo.len(),
+        tool_runs: runs.load(Ordering::Relaxed),
+        bundles: digests.len(),
+    };
+    // Keep what this commit used (good results only: an environment problem, such as a missing tool, is retried).
+    cache.bases = bases.into_iter().filter_map(|(k, b)| b.ok().map(|b| (k, b))).collect();
+    cache.renders = renders.into_iter().filter(|(_, r)| r.is_ok()).collect();
+    out
+}
+
+/// Objects claimed by two apps among one cluster's good bundles (cluster left as `placeholder`).
+fn conflicts(apps: &BTreeMap<String, AppResult>, placeholder: &str) -> Vec<FleetError> {
+    let mut owner: HashMap<&str, &str> = HashMap::new();
+    let mut out = Vec::new();
+    for (app, r) in apps {
+        let Ok(bundle) = r else { continue };
+        for id in &bundle.ids {
+            if let Some(first) = owner.insert(id, app) {
+                out.push(FleetError::Conflict {
+                    object: id.clone(),
+                    first: first.to_string(),
+                    second: app.clone(),
+                    cluster: placeholder.to_string(),
+                });
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,465 @@
+//! The fleet model and rendering, with the external tools replaced by a recording fake.
+
+use super::render::{render_fleet, HelmInvocation, RenderCache, Rendered, Tools};
+use super::*;
+use std::sync::Mutex;
+
+fn tree(files: &[(&str, &str)]) -> Tree {
+    files.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect()
+}
+
+/// kustomize: concatenates the YAML files of the directory (except the kustomization) and of `../base`;
+/// helm: one ConfigMap carrying the invocation. Calls are recorded.
+#[derive(Default)]
+struct Fake {
+    calls: Mutex<Vec<String>>,
+    fail_kustomize: Option<String>,
+}
+
+impl Tools for Fake {
+    fn kustomize(&self, files: &Tree, dir: &str) -> Result<String, String> {
+        self.calls.lock().unwrap().push(format!("kustomize {dir}"));
+        if let Some(e) = &self.fail_kustomize {
+            return Err(e.clone());
+        }
+        let base = dir
+            .rsplit_once('/')
+            .map_or(String::new(), |(p, _)| p.rsplit_once('/').map_or("base".into(), |(q, _)| format!("{q}/base")));
+        let mut out = String::new();
+        for d in [dir.to_string(), base] {
+            for (p, c) in files.range(format!("{d}/")..).take_while(|(p, _)| p.starts_with(&format!("{d}/"))) {
+                if !p.ends_with("kustomization.yaml") && p[d.len() + 1..].split('/').count() == 1 {
+                    out.push_str("---\n");
+                    out.push_str(std::str::from_utf8(c).unwrap());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn helm_template(&self, _files: &Tree, h: &HelmInvocation) -> Result<String, String> {
+        self.calls.lock().unwrap().push(format!("helm {} {} {}", h.release, h.namespace, h.chart));
+        let data = serde_json::json!({"values": h.values_yaml});
+        Ok(format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {}-values}}\ndata: {data}\n", h.release))
+    }
+}
+
+fn render(t: &Tree) -> Rendered {
+    render_fleet(&parse(t), &Fake::default(), &mut RenderCache::default())
+}
+
+fn objects(r: &Rendered, cluster: &str, app: &str) -> Vec<serde_json::Value> {
+    let b = r.clusters[cluster][app].as_ref().unwrap_or_else(|e| panic!("{cluster}/{app}: {e}"));
+    Bundle::parse(&b.bytes).unwrap()
+}
+
+fn err(r: &Rendered, cluster: &str, app: &str) -> String {
+    r.clusters[cluster][app].as_ref().expect_err("an error").to_string()
+}
+
+const WEB: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n";
+
+fn example() -> Tree {
+    tree(&[
+        ("clusters/eu-1.yaml", "labels: {region: eu, tier: prod}\n"),
+        ("clusters/us-1.yaml", "labels: {region: us, tier: prod}\n"),
+        ("clusters/lab.yaml", "labels: {tier: dev}\n"),
+        ("apps/shop/app.yaml", "namespace: shop\ntargets:\n- selector: {matchLabels: {tier: prod}}\n"),
+        ("apps/shop/web.yaml", WEB),
+        ("apps/shop/README.md", "not a manifest"),
+        (
+            "apps/eu-only/app.yaml",
+            "namespace: eu\ntargets:\n- selector:\n    matchExpressions: [{key: region, operator: In, values: [eu]}]\n",
+        ),
+        ("apps/eu-only/cm.json", r#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}"#),
+        ("apps/nowhere/app.yaml", "namespace: x\ntargets:\n- selector: {matchLabels: {tier: nope}}\n"),
+    ])
+}
+
+fn app_names(f: &Fleet, c: &str) -> Vec<String> {
+    f.apps_for(c).unwrap().iter().map(|(a, ..)| a.name.clone()).collect()
+}
+
+#[test]
+fn targeting_by_labels_and_expressions() {
+    let f = parse(&example());
+    assert!(f.problems() == vec!["apps/nowhere/app.yaml: no target matches any cluster"], "{:?}", f.problems());
+    assert_eq!(app_names(&f, "eu-1"), vec!["eu-only", "shop"]);
+    assert_eq!(app_names(&f, "us-1"), vec!["shop"]);
+    assert!(app_names(&f, "lab").is_empty());
+    assert!(f.apps_for("not-in-inventory").is_none(), "a cluster not listed gets nothing");
+    assert_eq!(f.untargeted_apps(), vec!["nowhere"]);
+}
+
+#[test]
+fn bundles_are_canonical_and_ordered() {
+    let r = render(&example());
+    let objs = objects(&r, "eu-1", "shop");
+    assert_eq!(objs[0]["kind"], "Namespace", "namespaces before namespaced objects");
+    assert_eq!(objs[1]["metadata"]["namespace"], "shop", "the app's namespace is filled in");
+    assert!(objs[0]["metadata"].get("namespace").is_none());
+    let digest = r.clusters["eu-1"]["shop"].as_ref().unwrap().digest.clone();
+    // The same content in another key order and file layout has the same digest.
+    let reordered = "kind: Namespace\nmetadata: {name: shop}\napiVersion: v1\n---\nspec: {replicas: 1}\nmetadata: {name: web, namespace: shop}\nkind: Deployment\napiVersion: apps/v1\n";
+    let mut t = example();
+    t.insert("apps/shop/web.yaml".into(), reordered.as_bytes().to_vec());
+    assert_eq!(render(&t).clusters["us-1"]["shop"].as_ref().unwrap().digest, digest);
+    t.insert("apps/shop/web.yaml".into(), WEB.replace("replicas: 1", "replicas: 2").into_bytes());
+    assert_ne!(render(&t).clusters["us-1"]["shop"].as_ref().unwrap().digest, digest);
+}
+
+#[test]
+fn a_broken_manifest_names_file_and_line_and_affects_only_its_app() {
+    let mut t = example();
+    t.insert(
+        "apps/shop/web.yaml".into(),
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ok\n---\napiVersion: v1\nmetadata:\n  name: nokind\n"
+            .to_vec(),
+    );
+    let r = render(&t);
+    assert_eq!(err(&r, "eu-1", "shop"), "apps/shop/web.yaml:6: the document has no kind");
+    assert!(r.clusters["eu-1"]["eu-only"].is_ok(), "other apps keep flowing");
+
+    t.insert("apps/shop/web.yaml".into(), b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: [unclosed\n".to_vec());
+    let e = err(&render(&t), "eu-1", "shop");
+    assert!(e.starts_with("apps/shop/web.yaml:") && e.contains("while parsing a flow sequence at line 4"), "{e}");
+
+    t.insert("apps/shop/web.yaml".into(), b"apiVersion: v1\nkind: ConfigMap\n".to_vec());
+    assert_eq!(err(&render(&t), "eu-1", "shop"), "apps/shop/web.yaml:1: the document has no metadata.name");
+
+    t.insert("apps/shop/dup.yaml".into(), b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n".to_vec());
+    t.insert("apps/shop/web.yaml".into(), b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n".to_vec());
+    assert_eq!(
+        err(&render(&t), "eu-1", "shop"),
+        "apps/shop/web.yaml:1: ConfigMap shop/x is defined twice in this app (also at apps/shop/dup.yaml:1)"
+    );
+}
+
+#[test]
+fn inventory_and_app_spec_errors_name_file_line_and_field() {
+    let mut t = example();
+    t.insert("clusters/Bad_Name.yaml".into(), b"labels: {}\n".to_vec());
+    t.insert("clusters/eu-2.yaml".into(), b"labels: {region: eu}\nlabel: typo\n".to_vec());
+    t.insert(
+        "apps/broken/app.yaml".into(),
+        b"namespace: x\ntargets:\n- selector:\n    matchExpressions: [{key: a, operator: In}]\n".to_vec(),
+    );
+    t.insert(
+        "apps/badop/app.yaml".into(),
+        b"namespace: x\ntargets:\n- selector:\n    matchExpressions:\n    - {key: a, operator: Inn, values: [b]}\n"
+            .to_vec(),
+    );
+    t.insert("apps/typo/app.yaml".into(), b"namespace: x\ntarget: []\n".to_vec());
+    t.insert("apps/orphan/cm.yaml".into(), b"kind: ConfigMap\n".to_vec());
+    let f = parse(&t);
+    let errs = f.problems();
+    let has = |s: &str| assert!(errs.iter().any(|e| e.starts_with(s)), "no {s:?} in {errs:#?}");
+    has("clusters/Bad_Name.yaml: cluster name");
+    has("clusters/eu-2.yaml:2: unknown field `label`, expected `labels` or `values`");
+    has("apps/broken/app.yaml:4: targets[0].selector.matchExpressions[0]: operator In needs at least one value");
+    has("apps/badop/app.yaml:5: targets[0].selector.matchExpressions[0].operator: unknown variant `Inn`");
+    has("apps/typo/app.yaml:2: unknown field `target`");
+    has("apps/orphan/: app.yaml is missing");
+    assert!(!f.clusters.contains_key("eu-2") && f.broken_clusters.contains_key("eu-2"));
+}
+
+#[test]
+fn values_and_variables_per_cluster() {
+    let t = tree(&[
+        ("fleet.yaml", "namespace: apps\nvalues: {logLevel: info, replicas: 1}\n"),
+        ("clusters/eu-1.yaml", "labels: {region: eu}\nvalues: {replicas: 3}\n"),
+        ("clusters/eu-2.yaml", "labels: {region: eu}\nvalues: {replicas: 3}\n"),
+        ("clusters/us-1.yaml", "labels: {region: us}\n"),
+        ("clusters/us-2.yaml", "labels: {region: us}\nvalues: {logLevel: debug}\n"),
+        (
+            "apps/web/app.yaml",
+            "values: {replicas: 2}\ntargets:\n- name: eu\n  selector: {matchLabels: {region: eu}}\n  values: {greeting: hallo}\n- selector: {}\n  values: {greeting: hello}\n",
+        ),
+        (
+            "apps/web/web.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, labels: {region: '${cluster.labels.region}'}}\nspec:\n  replicas: ${values.replicas}\n  template: {spec: {containers: [{name: web, image: 'web:1', args: ['--log=${values.logLevel}', '--greet=${values.greeting}', '$${NOT_A_VAR}']}]}}\n",
+        ),
+    ]);
+    let r = render(&t);
+    let get = |c: &str| objects(&r, c, "web").remove(0);
+    let eu1 = get("eu-1");
+    assert_eq!(eu1["metadata"]["namespace"], "apps", "fleet.yaml's default namespace");
+    assert_eq!(eu1["spec"]["replicas"], 3, "cluster values beat app values; typed substitution");
+    assert_eq!(eu1["metadata"]["labels"]["region"], "eu");
+    let args = &eu1["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(args, &serde_json::json!(["--log=info", "--greet=hallo", "${NOT_A_VAR}"]));
+    let us2 = get("us-2");
+    assert_eq!(us2["spec"]["replicas"], 2, "app values beat fleet defaults");
+    assert_eq!(us2["spec"]["template"]["spec"]["containers"][0]["args"][0], "--log=debug");
+    assert_eq!(us2["spec"]["template"]["spec"]["containers"][0]["args"][1], "--greet=hello", "second target");
+    // Identical inputs share one render and one digest; the stats count renders versus clusters.
+    let d = |c: &str| r.clusters[c]["web"].as_ref().unwrap().digest.clone();
+    assert_eq!(d("eu-1"), d("eu-2"));
+    assert_ne!(d("eu-1"), d("us-1"));
+    assert_ne!(d("us-1"), d("us-2"));
+    assert_eq!((r.stats.cluster_apps, r.stats.renders, r.stats.bundles), (4, 3, 3), "{:?}", r.stats);
+}
+
+#[test]
+fn renders_depend_only_on_the_values_they_read() {
+    let mut files = vec![
+        ("apps/a/app.yaml", "namespace: a\ntargets: [{selector: {}}]\n"),
+        (
+            "apps/a/cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {region: '${cluster.labels.region}'}\n",
+        ),
+    ];
+    let clusters: Vec<(String, String)> = (0..20)
+        .map(|i| {
+            (format!("clusters/c-{i}.yaml"), format!("labels: {{region: r{}, n: '{i}'}}\nvalues: {{id: {i}}}\n", i % 2))
+        })
+        .collect();
+    files.extend(clusters.iter().map(|(p, c)| (p.as_str(), c.as_str())));
+    let r = render(&tree(&files));
+    assert_eq!((r.stats.cluster_apps, r.stats.renders, r.stats.bundles), (20, 2, 2), "{:?}", r.stats);
+}
+
+#[test]
+fn unknown_and_unset_variables_are_errors_naming_where() {
+    let mut t = example();
+    t.insert(
+        "apps/shop/web.yaml".into(),
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: '${cluster.region}'}\n".to_vec(),
+    );
+    assert_eq!(
+        err(&render(&t), "eu-1", "shop"),
+        "apps/shop/web.yaml:1: unknown variable ${cluster.region}: use ${cluster.name}, ${cluster.labels.KEY} or ${values.KEY}, or $${...} for a literal"
+    );
+    t.insert(
+        "apps/shop/web.yaml".into(),
+        b"---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: '${values.size}'}\n".to_vec(),
+    );
+    t.insert("clusters/us-1.yaml".into(), b"labels: {region: us, tier: prod}\nvalues: {size: large}\n".to_vec());
+    let r = render(&t);
+    assert_eq!(
+        err(&r, "eu-1", "shop"),
+        "apps/shop/web.yaml:2: ${values.size} is not set: give it a value in clusters/eu-1.yaml, the app, its target or fleet.yaml (cluster eu-1)"
+    );
+    assert_eq!(objects(&r, "us-1", "shop")[0]["data"]["a"], "large", "the cluster that has the value renders");
+}
+
+#[test]
+fn two_apps_claiming_one_object_is_an_error_naming_both() {
+    let mut t = example();
+    t.insert(
+        "apps/other/app.yaml".into(),
+        b"namespace: shop\ntargets: [{selector: {matchLabels: {region: eu}}}]\n".to_vec(),
+    );
+    t.insert("apps/other/web.yaml".into(), b"apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n".to_vec());
+    let r = render(&t);
+    let e = "Deployment shop/web is claimed by apps other and shop on cluster eu-1; an object belongs to one app";
+    assert_eq!(err(&r, "eu-1", "shop"), e);
+    assert_eq!(err(&r, "eu-1", "other"), e);
+    assert!(r.clusters["us-1"]["shop"].is_ok(), "no conflict where only one app claims it");
+    assert!(r.clusters["eu-1"]["eu-only"].is_ok());
+}
+
+fn kustomize_fleet() -> Tree {
+    tree(&[
+        ("clusters/eu-1.yaml", "labels: {region: eu}\nvalues: {replicas: 3}\n"),
+        ("clusters/eu-2.yaml", "labels: {region: eu}\nvalues: {replicas: 4}\n"),
+        ("clusters/us-1.yaml", "labels: {region: us}\n"),
+        (
+            "apps/k/app.yaml",
+            "namespace: k\nkustomize: {path: base}\nvalues: {replicas: 1}\ntargets:\n- selector: {matchLabels: {region: eu}}\n  kustomize: {path: overlays/eu}\n- selector: {}\n",
+        ),
+        ("apps/k/base/kustomization.yaml", "resources: [cm.yaml]\n"),
+        ("apps/k/base/cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: base}\ndata: {replicas: '${values.replicas}'}\n"),
+        ("apps/k/overlays/eu/kustomization.yaml", "resources: [../../base]\n"),
+        ("apps/k/overlays/eu/extra.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: 'eu-${cluster.name}'}\n"),
+    ])
+}
+
+#[test]
+fn kustomize_overlays_build_once_per_commit_and_substitute_per_cluster() {
+    let fake = Fake::default();
+    let mut cache = RenderCache::default();
+    let r = render_fleet(&parse(&kustomize_fleet()), &fake, &mut cache);
+    let mut calls = fake.calls.lock().unwrap().clone();
+    calls.sort();
+    assert_eq!(calls, vec!["kustomize base", "kustomize overlays/eu"], "one build per overlay");
+    let eu1 = objects(&r, "eu-1", "k");
+    assert_eq!(eu1.len(), 2);
+    assert_eq!(eu1[1]["metadata"]["name"], "eu-eu-1");
+    assert_eq!(eu1[0]["data"]["replicas"], 3);
+    assert_eq!(objects(&r, "us-1", "k").len(), 1);
+    assert_eq!(objects(&r, "us-1", "k")[0]["data"]["replicas"], 1);
+    assert_eq!((r.stats.renders, r.stats.rendered, r.stats.tool_runs), (3, 3, 2));
+
+    // The next commit, with the app unchanged, renders nothing again.
+    let again = render_fleet(&parse(&kustomize_fleet()), &fake, &mut cache);
+    assert_eq!((again.stats.renders, again.stats.rendered, again.stats.tool_runs), (3, 0, 0));
+    assert_eq!(fake.calls.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn a_kustomize_error_is_the_apps_alone() {
+    let mut t = kustomize_fleet();
+    t.extend(example());
+    let fake =
+        Fake { fail_kustomize: Some("accumulating resources: missing.yaml: no such file".into()), ..Fake::default() };
+    let r = render_fleet(&parse(&t), &fake, &mut RenderCache::default());
+    assert_eq!(
+        err(&r, "eu-1", "k"),
+        "apps/k: kustomize build overlays/eu failed: accumulating resources: missing.yaml: no such file"
+    );
+    assert!(r.clusters["eu-1"]["shop"].is_ok());
+}
+
+#[test]
+fn a_kustomize_overlay_must_exist_and_sources_are_exclusive() {
+    let mut t = kustomize_fleet();
+    t.insert(
+        "apps/k/app.yaml".into(),
+        b"namespace: k\nkustomize: {path: base}\ntargets:\n- selector: {}\n  kustomize: {path: overlays/nope}\n"
+            .to_vec(),
+    );
+    assert_eq!(
+        parse(&t).apps["k"].spec.as_ref().unwrap_err().to_string(),
+        "apps/k/app.yaml:5: targets[0].kustomize.path: apps/k/overlays/nope has no kustomization.yaml"
+    );
+    t.insert("apps/k/app.yaml".into(), b"namespace: k\nkustomize: {}\nmanifests: {}\n".to_vec());
+    assert!(parse(&t).apps["k"].spec.as_ref().unwrap_err().to_string().contains("an app has one source"));
+    t.insert("apps/k/app.yaml".into(), b"namespace: k\nmanifests: {path: ../other}\n".to_vec());
+    assert!(parse(&t).apps["k"]
+        .spec
+        .as_ref()
+        .unwrap_err()
+        .to_string()
+        .contains("must be a relative path inside apps/k/"));
+}
+
+fn helm_fleet() -> Tree {
+    tree(&[
+        ("clusters/eu-1.yaml", "labels: {region: eu}\nvalues: {domain: eu.example.com}\n"),
+        ("clusters/us-1.yaml", "labels: {region: us}\nvalues: {domain: us.example.com}\n"),
+        (
+            "apps/h/app.yaml",
+            "namespace: web\nhelm:\n  chart: chart\n  releaseName: site\n  valuesFiles: [values-prod.yaml]\n  values: {image: {tag: '1.0'}, host: 'www.${values.domain}'}\ntargets:\n- selector: {matchLabels: {region: eu}}\n  helm:\n    valuesFiles: [values-eu.yaml]\n    values: {image: {tag: '1.1'}}\n- selector: {}\n",
+        ),
+        ("apps/h/chart/Chart.yaml", "apiVersion: v2\nname: site\nversion: 0.1.0\n"),
+        ("apps/h/chart/values.yaml", "replicas: 1\n"),
+        ("apps/h/chart/templates/cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: {{ .Release.Name }}}\n"),
+        ("apps/h/values-prod.yaml", "replicas: 2\nimage: {repository: site, tag: '0.9'}\n"),
+        ("apps/h/values-eu.yaml", "replicas: 5\n"),
+    ])
+}
+
+#[test]
+fn helm_values_merge_app_target_and_cluster_and_pass_release_and_namespace() {
+    let fake = Fake::default();
+    let r = render_fleet(&parse(&helm_fleet()), &fake, &mut RenderCache::default());
+    let values = |c: &str| -> serde_json::Value {
+        let cm = objects(&r, c, "h").remove(0);
+        serde_yaml::from_str(cm["data"]["values"].as_str().unwrap()).unwrap()
+    };
+    assert_eq!(
+        values("eu-1"),
+        serde_json::json!({"replicas": 5, "image": {"repository": "site", "tag": "1.1"}, "host": "www.eu.example.com"})
+    );
+    assert_eq!(
+        values("us-1"),
+        serde_json::json!({"replicas": 2, "image": {"repository": "site", "tag": "1.0"}, "host": "www.us.example.com"})
+    );
+    assert_eq!(objects(&r, "eu-1", "h")[0]["metadata"]["namespace"], "web");
+    let calls = fake.calls.lock().unwrap();
+    assert!(calls.iter().all(|c| c == "helm site web chart"), "{calls:?}");
+    let inv = HelmInvocation {
+        release: "site".into(),
+        namespace: "web".into(),
+        chart: "chart".into(),
+        values_yaml: String::new(),
+    };
+    assert_eq!(
+        inv.args("/tmp/x/chart", "/tmp/x/v.yaml").join(" "),
+        "template site /tmp/x/chart --namespace web --values /tmp/x/v.yaml --include-crds --skip-tests"
+    );
+}
+
+#[test]
+fn helm_errors_name_what_is_wrong() {
+    let mut t = helm_fleet();
+    t.insert("apps/h/app.yaml".into(), b"namespace: web\nhelm: {chart: nochart}\ntargets: [{selector: {}}]\n".to_vec());
+    assert_eq!(
+        parse(&t).apps["h"].spec.as_ref().unwrap_err().to_string(),
+        "apps/h/app.yaml:2: helm.chart: apps/h/nochart has no Chart.yaml"
+    );
+    t.insert(
+        "apps/h/app.yaml".into(),
+        b"namespace: web\nhelm:\n  chart: chart\n  valuesFiles: [nope.yaml]\ntargets: [{selector: {}}]\n".to_vec(),
+    );
+    assert_eq!(
+        parse(&t).apps["h"].spec.as_ref().unwrap_err().to_string(),
+        "apps/h/app.yaml:4: helm.valuesFiles[0]: apps/h/nope.yaml does not exist"
+    );
+    t.insert(
+        "apps/h/app.yaml".into(),
+        b"namespace: web\nhelm: {chart: chart, values: {a: '${values.missing}'}}\ntargets: [{selector: {}}]\n".to_vec(),
+    );
+    let r = render(&t);
+    assert_eq!(
+        err(&r, "eu-1", "h"),
+        "apps/h/app.yaml: helm.values: ${values.missing} is not set: give it a value in clusters/eu-1.yaml, the app, its target or fleet.yaml (cluster eu-1)"
+    );
+    let absent = crate::tools::SystemTools::detect().without_helm();
+    let r = render_fleet(&parse(&helm_fleet()), &absent, &mut RenderCache::default());
+    assert_eq!(
+        err(&r, "eu-1", "h"),
+        "apps/h: helm template chart failed: helm is not installed: install helm to render Helm charts (https://helm.sh/docs/intro/install/)"
+    );
+}
+
+#[test]
+fn a_broken_fleet_yaml_blocks_every_app() {
+    let mut t = example();
+    t.insert("fleet.yaml".into(), b"values: {a: 1}\nnamspace: x\n".to_vec());
+    let f = parse(&t);
+    assert!(f
+        .apps
+        .values()
+        .all(|a| a.spec.as_ref().is_err_and(|e| e.to_string().starts_with("fleet.yaml:2: unknown field `namspace`"))));
+}
+
+use proptest::prelude::*;
+
+proptest! {
+    /// The digest depends on the objects, not on how they are spread over documents and files.
+    #[test]
+    fn digest_ignores_document_order(order in Just((0..6).collect::<Vec<usize>>()).prop_shuffle()) {
+        let docs: Vec<String> = (0..6).map(|i| format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c{i}}}\ndata: {{k: v{i}}}\n")).collect();
+        let shuffled: Vec<String> = order.iter().map(|i| docs[*i].clone()).collect();
+        let (a, b) = shuffled.split_at(3);
+        let mut t1 = example();
+        t1.insert("apps/shop/web.yaml".into(), docs.join("---\n").into_bytes());
+        let mut t2 = example();
+        t2.insert("apps/shop/web.yaml".into(), a.join("---\n").into_bytes());
+        t2.insert("apps/shop/more.yaml".into(), b.join("---\n").into_bytes());
+        let d = |t: &Tree| render(t).clusters["eu-1"]["shop"].as_ref().unwrap().digest.clone();
+        prop_assert_eq!(d(&t1), d(&t2));
+    }
+
+    /// Whatever the cluster labels, an app lands exactly on the clusters one of its targets selects, and
+    /// rendering twice gives the same result.
+    #[test]
+    fn targeting_matches_selectors(regions in proptest::collection::vec("[abc]", 1..12)) {
+        let mut t = tree(&[
+            ("apps/x/app.yaml", "namespace: x\ntargets:\n- selector: {matchExpressions: [{key: r, operator: In, values: [a, b]}]}\n"),
+            ("apps/x/cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {r: '${cluster.labels.r}'}\n"),
+        ]);
+        for (i, r) in regions.iter().enumerate() {
+            t.insert(format!("clusters/c{i}.yaml"), format!("labels: {{r: {r}}}\n").into_bytes());
+        }
+        let first = render(&t);
+        for (i, r) in regions.iter().enumerate() {
+            prop_assert_eq!(first.clusters[&format!("c{i}")].contains_key("x"), r != "c");
+        }
+        let second = render(&t);
+        let digests = |r: &Rendered| r.clusters.iter().map(|(c, a)| (c.clone(), a.get("x").map(|b| b.as_ref().unwrap().digest.clone()))).collect::<Vec<_>>();
+        prop_assert_eq!(digests(&first), digests(&second));
+    }
+}
