@@ -2,13 +2,13 @@
 //! `git daemon`, the hub, a simulator with three clusters (and one the inventory does not list), and one
 //! agent process per cluster.
 
-use flotilla_e2e::{commit, eventually, free_port, git, git_daemon, spawn, wait_for_port, Proc};
+use flotilla_e2e::{
+    commit, eventually, free_port, git, git_daemon, kube, operator_client, spawn, start_agent, start_hub, value, Proc,
+};
 use flotilla_proto::platform::v1::platform_service_client::PlatformServiceClient;
 use flotilla_proto::platform::v1::ListClustersRequest;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use std::path::Path;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const CLUSTERS: [&str; 3] = ["eu-1", "eu-2", "us-1"];
@@ -21,68 +21,6 @@ fn shop(greeting: &str) -> String {
 
 fn eu_only(value: &str) -> String {
     format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: eu-config\n  namespace: default\ndata:\n  value: {value}\n")
-}
-
-async fn kube(kubeconfigs: &Path, cluster: &str) -> kube::Client {
-    let kc = Kubeconfig::read_from(kubeconfigs.join(format!("{cluster}.kubeconfig"))).expect("kubeconfig");
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
-    kube::Client::try_from(cfg).expect("client")
-}
-
-async fn value(client: &kube::Client, ns: &str, name: &str, key: &str) -> Option<String> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    api.get_opt(name).await.ok().flatten().and_then(|c| c.data).and_then(|d| d.get(key).cloned())
-}
-
-async fn operator_client(certs: &Path, port: u16) -> PlatformServiceClient<Channel> {
-    let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("cert");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(read("operators/alice.pem"), read("operators/alice-key.pem")))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://localhost:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect as operator");
-    PlatformServiceClient::new(channel)
-}
-
-fn start_hub(tmp: &Path, port: u16, repo_url: &str) -> Proc {
-    let args: Vec<String> = vec![
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--repo".into(),
-        repo_url.into(),
-        "--poll-seconds".into(),
-        "1".into(),
-        "--data-dir".into(),
-        tmp.join("hub-data").display().to_string(),
-        "--certs".into(),
-        tmp.join("certs").display().to_string(),
-    ];
-    let p = spawn("flotilla-hub", &args, &tmp.join(format!("hub-{}.log", std::process::id())));
-    wait_for_port(port, "flotilla-hub");
-    p
-}
-
-fn start_agent(tmp: &Path, hub_port: u16, cluster: &str, cert_name: &str) -> Proc {
-    let certs = tmp.join("certs");
-    let args: Vec<String> = vec![
-        "--hub".into(),
-        format!("https://localhost:{hub_port}"),
-        "--ca".into(),
-        certs.join("ca.pem").display().to_string(),
-        "--cert".into(),
-        certs.join(format!("clusters/{cert_name}.pem")).display().to_string(),
-        "--key".into(),
-        certs.join(format!("clusters/{cert_name}-key.pem")).display().to_string(),
-        "--kubeconfig".into(),
-        tmp.join("kc").join(format!("{cluster}.kubeconfig")).display().to_string(),
-    ];
-    spawn("flotilla-agent", &args, &tmp.join(format!("agent-{cluster}-as-{cert_name}.log")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,10 +3,15 @@
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`, which `scripts/test.sh` does).
 
+use flotilla_proto::platform::v1::platform_service_client::PlatformServiceClient;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// A child process killed (SIGKILL) when dropped.
 pub struct Proc {
@@ -111,6 +116,78 @@ pub fn git_daemon(base: &Path) -> (Proc, u16) {
         .expect("git daemon (apt-get install -y git)");
     wait_for_port(port, "git daemon");
     (Proc { name: "git-daemon".into(), child }, port)
+}
+
+// The hub, agents, clusters and the platform API, as the end-to-end tests use them.
+
+pub async fn kube(kubeconfigs: &Path, cluster: &str) -> kube::Client {
+    let kc = Kubeconfig::read_from(kubeconfigs.join(format!("{cluster}.kubeconfig"))).expect("kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
+    kube::Client::try_from(cfg).expect("client")
+}
+
+pub async fn value(client: &kube::Client, ns: &str, name: &str, key: &str) -> Option<String> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    api.get_opt(name).await.ok().flatten().and_then(|c| c.data).and_then(|d| d.get(key).cloned())
+}
+
+pub async fn operator_client(certs: &Path, port: u16) -> PlatformServiceClient<Channel> {
+    let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("cert");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(read("operators/alice.pem"), read("operators/alice-key.pem")))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect as operator");
+    PlatformServiceClient::new(channel)
+}
+
+pub fn start_hub(tmp: &Path, port: u16, repo_url: &str) -> Proc {
+    start_hub_with(tmp, port, repo_url, &[])
+}
+
+/// The hub binary on `port`, data in `tmp/hub-data`, certificates from `tmp/certs`, polling every second
+/// unless `extra` says otherwise.
+pub fn start_hub_with(tmp: &Path, port: u16, repo_url: &str, extra: &[String]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--repo".into(),
+        repo_url.into(),
+        "--data-dir".into(),
+        tmp.join("hub-data").display().to_string(),
+        "--certs".into(),
+        tmp.join("certs").display().to_string(),
+    ];
+    if !extra.iter().any(|a| a == "--poll-seconds") {
+        args.extend(["--poll-seconds".to_string(), "1".to_string()]);
+    }
+    args.extend_from_slice(extra);
+    let p = spawn("flotilla-hub", &args, &tmp.join(format!("hub-{}.log", std::process::id())));
+    wait_for_port(port, "flotilla-hub");
+    p
+}
+
+pub fn start_agent(tmp: &Path, hub_port: u16, cluster: &str, cert_name: &str) -> Proc {
+    let certs = tmp.join("certs");
+    let args: Vec<String> = vec![
+        "--hub".into(),
+        format!("https://localhost:{hub_port}"),
+        "--ca".into(),
+        certs.join("ca.pem").display().to_string(),
+        "--cert".into(),
+        certs.join(format!("clusters/{cert_name}.pem")).display().to_string(),
+        "--key".into(),
+        certs.join(format!("clusters/{cert_name}-key.pem")).display().to_string(),
+        "--kubeconfig".into(),
+        tmp.join("kc").join(format!("{cluster}.kubeconfig")).display().to_string(),
+    ];
+    spawn("flotilla-agent", &args, &tmp.join(format!("agent-{cluster}-as-{cert_name}.log")))
 }
 
 /// Polls `f` every 100 ms for at most `secs` seconds.

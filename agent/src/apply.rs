@@ -4,7 +4,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 pub const FIELD_MANAGER: &str = "flotilla-agent";
@@ -21,6 +21,12 @@ pub enum ApplyError {
         #[source]
         source: kube::Error,
     },
+    #[error("Namespace {namespace}: creating it failed")]
+    NamespaceFailed {
+        namespace: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("{object}: server-side apply failed")]
     ApplyFailed {
         object: String,
@@ -33,6 +39,8 @@ pub enum ApplyError {
 pub struct Applier {
     client: Client,
     kinds: Mutex<HashMap<(String, String), (ApiResource, bool)>>,
+    /// Namespaces known to exist.
+    namespaces: Mutex<HashSet<String>>,
 }
 
 fn describe(o: &Value) -> String {
@@ -45,7 +53,7 @@ fn describe(o: &Value) -> String {
 
 impl Applier {
     pub fn new(client: Client) -> Self {
-        Applier { client, kinds: Mutex::new(HashMap::new()) }
+        Applier { client, kinds: Mutex::new(HashMap::new()), namespaces: Mutex::new(HashSet::new()) }
     }
 
     async fn resolve(&self, object: &str, api_version: &str, kind: &str) -> Result<(ApiResource, bool), ApplyError> {
@@ -65,6 +73,31 @@ impl Applier {
         let namespaced = caps.scope == kube::discovery::Scope::Namespaced;
         self.kinds.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (ar.clone(), namespaced));
         Ok((ar, namespaced))
+    }
+
+    /// Creates `namespace` when the cluster lacks it, as a plain create: the agent does not own it, so it is
+    /// never pruned (other apps and people may share it). Labelled `app.kubernetes.io/managed-by: flotilla`.
+    pub async fn ensure_namespace(&self, namespace: &str) -> Result<(), ApplyError> {
+        if self.namespaces.lock().unwrap_or_else(|p| p.into_inner()).contains(namespace) {
+            return Ok(());
+        }
+        let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
+        let failed = |source| ApplyError::NamespaceFailed { namespace: namespace.to_string(), source };
+        if api.get_opt(namespace).await.map_err(failed)?.is_none() {
+            let ns = serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": namespace, "labels": {"app.kubernetes.io/managed-by": "flotilla"}},
+            }))
+            .expect("a valid Namespace");
+            match api.create(&Default::default(), &ns).await {
+                Ok(_) => tracing::info!(%namespace, "created the namespace"),
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        self.namespaces.lock().unwrap_or_else(|p| p.into_inner()).insert(namespace.to_string());
+        Ok(())
     }
 
     /// Applies one object; the object names its own kind, namespace and name.

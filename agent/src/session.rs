@@ -157,6 +157,14 @@ async fn session(
     }
 }
 
+/// An error with its immediate cause (the API server's message).
+fn with_source(e: &dyn std::error::Error) -> String {
+    match e.source() {
+        Some(src) => format!("{e}: {src}"),
+        None => e.to_string(),
+    }
+}
+
 /// Applies every app whose digest is not applied yet (nothing is applied twice) and reports all of them.
 async fn apply_desired(applier: &Applier, state: &mut AgentState, desired: &pb::DesiredState) -> pb::StatusReport {
     let mut report = pb::StatusReport::default();
@@ -174,15 +182,28 @@ async fn apply_desired(applier: &Applier, state: &mut AgentState, desired: &pb::
                     let total = objects.len() as u32;
                     let mut applied = 0;
                     let mut error = None;
-                    for o in &objects {
+                    // The namespaces the app's objects live in, unless the app brings them itself.
+                    let own: std::collections::BTreeSet<&str> = objects
+                        .iter()
+                        .filter(|o| o.get("kind").and_then(|k| k.as_str()) == Some("Namespace"))
+                        .filter_map(|o| o.pointer("/metadata/name").and_then(|n| n.as_str()))
+                        .collect();
+                    let needed: std::collections::BTreeSet<&str> = objects
+                        .iter()
+                        .filter_map(|o| o.pointer("/metadata/namespace").and_then(|n| n.as_str()))
+                        .filter(|ns| !own.contains(ns))
+                        .collect();
+                    for ns in needed {
+                        if let Err(e) = applier.ensure_namespace(ns).await {
+                            error = Some(with_source(&e));
+                            break;
+                        }
+                    }
+                    for o in objects.iter().filter(|_| error.is_none()) {
                         match applier.apply(o).await {
                             Ok(()) => applied += 1,
                             Err(e) => {
-                                let mut msg = e.to_string();
-                                if let Some(src) = std::error::Error::source(&e) {
-                                    msg.push_str(&format!(": {src}"));
-                                }
-                                error = Some(msg);
+                                error = Some(with_source(&e));
                                 break;
                             }
                         }

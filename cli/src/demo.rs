@@ -167,6 +167,8 @@ pub async fn run(once: bool, timeout: Duration) -> anyhow::Result<()> {
         poll: Duration::from_secs(5),
         data_dir: dir.join("hub"),
         tls,
+        auth: flotilla_hub::git::GitAuth::None,
+        webhook: None,
     };
     let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
     let addr = bound_rx.await.context("the hub did not start")?;

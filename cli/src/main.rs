@@ -124,11 +124,16 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Diff { repo, from, to, patch, output } => {
-            use flotilla_cli::render::{blast_radius, format_blast_radius};
+            use flotilla_cli::render::{blast_radius, format_blast_radius, Revision};
             let a = flotilla_hub::git::snapshot_at(&repo, &from)?;
             let b = flotilla_hub::git::snapshot_at(&repo, &to)?;
             let tools = flotilla_common::tools::SystemTools::detect();
-            let r = blast_radius((&a.revision, &a.tree), (&b.revision, &b.tree), patch, &tools)?;
+            let r = blast_radius(
+                Revision { name: &from, commit: &a.revision, tree: &a.tree },
+                Revision { name: &to, commit: &b.revision, tree: &b.tree },
+                patch,
+                &tools,
+            )?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
                 Output::Yaml => print!("{}", serde_yaml::to_string(&r)?),

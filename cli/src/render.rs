@@ -89,12 +89,20 @@ pub struct Change {
     /// `added`, `removed`, `changed`, or `error` (the app cannot be rendered at the newer revision).
     pub change: &'static str,
     pub clusters: Vec<String>,
+    /// The distinct errors, for `error`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    /// One entry per distinct pair of bundles: clusters sharing a render share a patch.
+    pub renders: Vec<RenderChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RenderChange {
+    pub clusters: Vec<String>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub from_digest: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub to_digest: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub error: String,
     /// A unified diff of the rendered objects, when asked for.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub patch: String,
@@ -102,13 +110,23 @@ pub struct Change {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BlastRadius {
+    /// The revisions as given, and the commits they name.
     pub from: String,
     pub to: String,
+    pub from_commit: String,
+    pub to_commit: String,
     pub clusters_total: usize,
     pub clusters_changed: usize,
     pub changes: Vec<Change>,
     /// Problems of the newer revision outside rendering (broken files, untargeted apps).
     pub problems: Vec<String>,
+}
+
+/// A revision: what the user called it, the commit, and the files.
+pub struct Revision<'a> {
+    pub name: &'a str,
+    pub commit: &'a str,
+    pub tree: &'a Tree,
 }
 
 fn render_all(tree: &Tree, tools: &dyn Tools) -> (Fleet, Rendered) {
@@ -117,17 +135,16 @@ fn render_all(tree: &Tree, tools: &dyn Tools) -> (Fleet, Rendered) {
     (fleet, rendered)
 }
 
-/// Compares the desired state of every cluster between two trees.
-pub fn blast_radius(
-    from: (&str, &Tree),
-    to: (&str, &Tree),
-    patch: bool,
-    tools: &dyn Tools,
-) -> anyhow::Result<BlastRadius> {
-    let (_, before) = render_all(from.1, tools);
-    let (fleet, after) = render_all(to.1, tools);
-    type Key = (String, &'static str, String, String, String);
-    let mut groups: BTreeMap<Key, Vec<String>> = BTreeMap::new();
+/// (from digest, to digest): clusters with the same pair share a render and a patch.
+type DigestPair = (String, String);
+
+/// Compares the desired state of every cluster between two revisions.
+pub fn blast_radius(from: Revision, to: Revision, patch: bool, tools: &dyn Tools) -> anyhow::Result<BlastRadius> {
+    let (_, before) = render_all(from.tree, tools);
+    let (fleet, after) = render_all(to.tree, tools);
+    // (app, change) → (from digest, to digest) → clusters; errors per (app) → messages.
+    let mut groups: BTreeMap<(String, &'static str), BTreeMap<DigestPair, Vec<String>>> = BTreeMap::new();
+    let mut errors: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
     let mut bundles: BTreeMap<String, (String, std::sync::Arc<Bundle>)> = BTreeMap::new();
     let empty = BTreeMap::new();
     let clusters: std::collections::BTreeSet<&String> = before.clusters.keys().chain(after.clusters.keys()).collect();
@@ -145,16 +162,20 @@ pub fn blast_radius(
                 bundles.entry(r.digest.clone()).or_insert_with(|| (app.clone(), r.clone()));
             }
             let (fd, td) = (digest(a.get(app)), digest(b.get(app)));
-            let key: Option<Key> = match (a.get(app), b.get(app)) {
-                (_, Some(Err(e))) => Some((app.clone(), "error", fd, String::new(), e.to_string())),
-                (None, Some(Ok(_))) => Some((app.clone(), "added", String::new(), td, String::new())),
-                (Some(_), None) => Some((app.clone(), "removed", fd, String::new(), String::new())),
-                (Some(_), Some(Ok(_))) if fd != td => Some((app.clone(), "changed", fd, td, String::new())),
+            let change = match (a.get(app), b.get(app)) {
+                (_, Some(Err(e))) => {
+                    errors.entry(app.clone()).or_default().insert(e.to_string());
+                    Some("error")
+                }
+                (None, Some(Ok(_))) => Some("added"),
+                (Some(_), None) => Some("removed"),
+                (Some(_), Some(Ok(_))) if fd != td => Some("changed"),
                 _ => None,
             };
-            if let Some(k) = key {
+            if let Some(change) = change {
                 changed_clusters.insert((*cluster).clone());
-                groups.entry(k).or_default().push((*cluster).clone());
+                let pair = if change == "error" { (fd, String::new()) } else { (fd, td) };
+                groups.entry((app.clone(), change)).or_default().entry(pair).or_default().push((*cluster).clone());
             }
         }
     }
@@ -165,21 +186,35 @@ pub fn blast_radius(
         }
     };
     let mut changes = Vec::new();
-    for ((app, change, from_digest, to_digest, error), clusters) in groups {
-        let patch = if patch && change != "error" {
-            similar::TextDiff::from_lines(&text(&from_digest)?, &text(&to_digest)?)
-                .unified_diff()
-                .context_radius(3)
-                .header(&format!("{}/apps/{app}", short(from.0)), &format!("{}/apps/{app}", short(to.0)))
-                .to_string()
+    for ((app, change), pairs) in groups {
+        let mut renders = Vec::new();
+        let mut all = Vec::new();
+        for ((from_digest, to_digest), clusters) in pairs {
+            all.extend(clusters.iter().cloned());
+            let patch = if patch && change != "error" {
+                similar::TextDiff::from_lines(&text(&from_digest)?, &text(&to_digest)?)
+                    .unified_diff()
+                    .context_radius(3)
+                    .header(&format!("{}/apps/{app}", from.name), &format!("{}/apps/{app}", to.name))
+                    .to_string()
+            } else {
+                String::new()
+            };
+            renders.push(RenderChange { clusters, from_digest, to_digest, patch });
+        }
+        all.sort();
+        let errors = if change == "error" {
+            errors.get(&app).cloned().unwrap_or_default().into_iter().collect()
         } else {
-            String::new()
+            Vec::new()
         };
-        changes.push(Change { app, change, clusters, from_digest, to_digest, error, patch });
+        changes.push(Change { app, change, clusters: all, errors, renders });
     }
     Ok(BlastRadius {
-        from: from.0.to_string(),
-        to: to.0.to_string(),
+        from: from.name.to_string(),
+        to: to.name.to_string(),
+        from_commit: from.commit.to_string(),
+        to_commit: to.commit.to_string(),
         clusters_total: clusters.len(),
         clusters_changed: changed_clusters.len(),
         changes,
@@ -187,21 +222,13 @@ pub fn blast_radius(
     })
 }
 
-fn short(rev: &str) -> &str {
-    if rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()) {
-        &rev[..10]
-    } else {
-        rev
-    }
-}
-
 /// The blast radius as text: a summary line, one line per app and change with its clusters, patches on request.
 pub fn format_blast_radius(r: &BlastRadius) -> String {
     let apps: std::collections::BTreeSet<&str> = r.changes.iter().map(|c| c.app.as_str()).collect();
     let mut out = format!(
         "{}..{}: {} of {} clusters change, {} app{}\n",
-        short(&r.from),
-        short(&r.to),
+        r.from,
+        r.to,
         r.clusters_changed,
         r.clusters_total,
         apps.len(),
@@ -209,15 +236,19 @@ pub fn format_blast_radius(r: &BlastRadius) -> String {
     );
     for c in &r.changes {
         out.push_str(&format!("{:<8} {:<20} {}\n", c.change, c.app, c.clusters.join(" ")));
-        if !c.error.is_empty() {
-            out.push_str(&format!("         {}\n", c.error));
+        for e in &c.errors {
+            out.push_str(&format!("         {e}\n"));
         }
     }
     for p in &r.problems {
         out.push_str(&format!("problem  {p}\n"));
     }
-    for c in r.changes.iter().filter(|c| !c.patch.is_empty()) {
-        out.push_str(&format!("\n# {} on {}\n{}", c.app, c.clusters.join(", "), c.patch));
+    for c in &r.changes {
+        for rc in r.changes.iter().filter(|x| std::ptr::eq(*x, c)).flat_map(|c| &c.renders) {
+            if !rc.patch.is_empty() {
+                out.push_str(&format!("\n# {} on {}\n{}", c.app, rc.clusters.join(", "), rc.patch));
+            }
+        }
     }
     out
 }
@@ -259,22 +290,30 @@ mod tests {
         );
     }
 
+    fn rev<'a>(name: &'a str, tree: &'a Tree) -> Revision<'a> {
+        Revision { name, commit: name, tree }
+    }
+
     #[test]
     fn the_blast_radius_of_a_regional_change() {
         let from = example();
         let mut to = from.clone();
         let residency = String::from_utf8(to["apps/eu-compliance/residency.yaml"].clone()).unwrap();
         to.insert("apps/eu-compliance/residency.yaml".into(), format!("{residency}\n# changed\n").into_bytes());
-        assert_eq!(blast_radius(("a", &from), ("b", &to), false, &SystemTools::detect()).unwrap().changes, vec![]);
+        assert_eq!(
+            blast_radius(rev("a", &from), rev("b", &to), false, &SystemTools::detect()).unwrap().changes,
+            vec![]
+        );
         let changed = residency.replacen("data:", "data:\n  extra: \"1\"", 1);
         assert_ne!(changed, residency, "the example has a data section");
         to.insert("apps/eu-compliance/residency.yaml".into(), changed.into_bytes());
-        let r = blast_radius(("a", &from), ("b", &to), true, &SystemTools::detect()).unwrap();
+        let r = blast_radius(rev("a", &from), rev("b", &to), true, &SystemTools::detect()).unwrap();
         assert_eq!(r.clusters_changed, 4);
         assert_eq!(r.changes.len(), 1);
         assert_eq!(r.changes[0].clusters, vec!["eu-1", "eu-2", "eu-3", "eu-4"]);
         assert_eq!(r.changes[0].change, "changed");
-        assert!(r.changes[0].patch.contains("+  extra: '1'"), "{}", r.changes[0].patch);
+        assert_eq!(r.changes[0].renders.len(), 1, "the four clusters share one render");
+        assert!(r.changes[0].renders[0].patch.contains("+  extra: '1'"), "{:?}", r.changes[0].renders);
         let text = format_blast_radius(&r);
         assert!(text.starts_with("a..b: 4 of 12 clusters change, 1 app\nchanged  eu-compliance"), "{text}");
     }

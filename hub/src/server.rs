@@ -313,6 +313,10 @@ impl Hub {
         self.refresh.notify_one();
     }
 
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
     fn record_report(&self, cluster: &str, report: &pb::StatusReport) {
         let mut st = self.write();
         let r = st.reports.entry(cluster.to_string()).or_default();
@@ -609,6 +613,10 @@ pub struct HubConfig {
     pub poll: Duration,
     pub data_dir: std::path::PathBuf,
     pub tls: HubTls,
+    pub auth: crate::git::GitAuth,
+    /// Where to serve the Git webhook (plain HTTP, usually behind the ingress that terminates TLS), and
+    /// the secret events must prove.
+    pub webhook: Option<(SocketAddr, Option<crate::git::Secret>)>,
 }
 
 /// Runs a hub until `shutdown` is cancelled. Returns the bound address through `bound`.
@@ -618,8 +626,22 @@ pub async fn run(
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = Arc::new(crate::store::RedbStore::open(&cfg.data_dir.join("hub.redb"))?);
-    let follower = Follower::new(cfg.repo.clone(), cfg.branch.clone(), cfg.data_dir.join("repo.git"));
+    let follower =
+        Follower::new(cfg.repo.clone(), cfg.branch.clone(), cfg.data_dir.join("repo.git")).with_auth(cfg.auth.clone());
     let hub = Hub::new(store, follower, shutdown.clone())?;
+    let webhook = match &cfg.webhook {
+        Some((addr, secret)) => {
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            let url = crate::webhook::url(l.local_addr()?);
+            if secret.is_none() {
+                warn!(%url, "the webhook has no secret: any caller can trigger a fetch (never content)");
+            }
+            info!(%url, "webhook listening");
+            let task = crate::webhook::serve(hub.clone(), l, secret.clone(), cfg.branch.clone());
+            Some(tokio::spawn(task.instrument(tracing::info_span!("webhook"))))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
     info!(%addr, repo = %cfg.repo, branch = %cfg.branch, "hub listening");
@@ -630,6 +652,9 @@ pub async fn run(
     let served = hub.serve(listener, &cfg.tls).await;
     shutdown.cancel();
     let _ = follow.await;
+    if let Some(w) = webhook {
+        let _ = w.await;
+    }
     served?;
     Ok(())
 }

@@ -1,0 +1,258 @@
+//! The Git webhook: GitHub and GitLab push events trigger a fetch at once instead of waiting for the poll
+//! interval. A push only ever triggers a fetch; the content always comes from Git, so a forged event can do
+//! no more than cause one early fetch. With a secret configured, events must prove it: GitHub's
+//! `X-Hub-Signature-256` (HMAC-SHA256 of the body) or GitLab's `X-Gitlab-Token`.
+//!
+//! `POST /hooks/git`: 202 when a fetch was triggered, 200 when the event is understood but needs no fetch
+//! (a ping, another branch), 401 on a missing or wrong signature, 400 on anything else.
+
+use crate::git::Secret;
+use crate::server::Hub;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{debug, info, warn, Instrument};
+
+/// Bodies larger than this are refused (GitHub caps payloads at 25 MB; pushes are far smaller).
+const MAX_BODY: usize = 5 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A push to the followed branch: fetch now.
+    Fetch { provider: &'static str, git_ref: String },
+    /// Understood, nothing to do.
+    Ignore(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+/// Decides what a webhook request means. `header` looks a header up by lower-case name.
+pub fn classify(
+    header: &dyn Fn(&str) -> Option<String>,
+    body: &[u8],
+    secret: Option<&str>,
+    branch: &str,
+) -> Result<Verdict, Rejection> {
+    let (provider, event) = if let Some(e) = header("x-github-event") {
+        if let Some(secret) = secret {
+            let sig = header("x-hub-signature-256")
+                .ok_or_else(|| Rejection::Unauthorized("X-Hub-Signature-256 is missing".into()))?;
+            let hex_sig = sig
+                .strip_prefix("sha256=")
+                .ok_or_else(|| Rejection::Unauthorized("X-Hub-Signature-256 must start with sha256=".into()))?;
+            let expected =
+                hex::decode(hex_sig).map_err(|_| Rejection::Unauthorized("X-Hub-Signature-256 is not hex".into()))?;
+            let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+                .map_err(|_| Rejection::Unauthorized("unusable secret".into()))?;
+            mac.update(body);
+            mac.verify_slice(&expected)
+                .map_err(|_| Rejection::Unauthorized("X-Hub-Signature-256 does not match the body".into()))?;
+        }
+        ("github", e)
+    } else if let Some(e) = header("x-gitlab-event") {
+        if let Some(secret) = secret {
+            let token =
+                header("x-gitlab-token").ok_or_else(|| Rejection::Unauthorized("X-Gitlab-Token is missing".into()))?;
+            // Compare digests, so the comparison takes the same time wherever the token differs.
+            if Sha256::digest(token.as_bytes()) != Sha256::digest(secret.as_bytes()) {
+                return Err(Rejection::Unauthorized("X-Gitlab-Token is wrong".into()));
+            }
+        }
+        ("gitlab", e)
+    } else {
+        return Err(Rejection::BadRequest(
+            "not a GitHub or GitLab event (no X-GitHub-Event or X-Gitlab-Event header)".into(),
+        ));
+    };
+    match (provider, event.as_str()) {
+        ("github", "ping") => return Ok(Verdict::Ignore("ping".into())),
+        ("github", "push") | ("gitlab", "Push Hook") => {}
+        (_, other) => return Ok(Verdict::Ignore(format!("{provider} event {other:?} is not a push"))),
+    }
+    let payload: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Rejection::BadRequest(format!("the {provider} push payload is not JSON: {e}")))?;
+    let git_ref = payload
+        .get("ref")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| Rejection::BadRequest(format!("the {provider} push payload has no ref")))?
+        .to_string();
+    if git_ref != format!("refs/heads/{branch}") {
+        return Ok(Verdict::Ignore(format!("push to {git_ref}; following refs/heads/{branch}")));
+    }
+    Ok(Verdict::Fetch { provider, git_ref })
+}
+
+type Body = Full<Bytes>;
+
+fn reply(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "message": message }).to_string();
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+async fn handle(hub: Arc<Hub>, secret: Option<Secret>, branch: String, req: Request<Incoming>) -> Response<Body> {
+    if req.uri().path() != "/hooks/git" {
+        return reply(StatusCode::NOT_FOUND, "the webhook is at POST /hooks/git");
+    }
+    if req.method() != Method::POST {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+    }
+    let headers = req.headers().clone();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, &format!("reading the body failed: {e}")),
+    };
+    let secret = match secret.as_ref().map(Secret::read).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "reading the webhook secret failed");
+            return reply(StatusCode::INTERNAL_SERVER_ERROR, "the hub cannot read its webhook secret");
+        }
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    match classify(&header, &body, secret.as_deref(), &branch) {
+        Ok(Verdict::Fetch { provider, git_ref }) => {
+            info!(provider, %git_ref, "push event: fetching now");
+            hub.refresh();
+            reply(StatusCode::ACCEPTED, "fetching")
+        }
+        Ok(Verdict::Ignore(why)) => {
+            debug!(%why, "webhook event needs no fetch");
+            reply(StatusCode::OK, &why)
+        }
+        Err(Rejection::Unauthorized(why)) => {
+            warn!(%why, "webhook event refused");
+            reply(StatusCode::UNAUTHORIZED, &why)
+        }
+        Err(Rejection::BadRequest(why)) => reply(StatusCode::BAD_REQUEST, &why),
+    }
+}
+
+/// Serves the webhook on `listener` until the hub shuts down.
+pub async fn serve(hub: Arc<Hub>, listener: tokio::net::TcpListener, secret: Option<Secret>, branch: String) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let shutdown = hub.shutdown_token();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "webhook accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (hub, secret, branch) = (hub.clone(), secret.clone(), branch.clone());
+                let svc = hyper::service::service_fn(move |req| {
+                    let (hub, secret, branch) = (hub.clone(), secret.clone(), branch.clone());
+                    async move { Ok::<_, std::convert::Infallible>(handle(hub, secret, branch, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), svc);
+                let fut = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = fut.await {
+                        debug!(%peer, error = %e, "webhook connection ended with an error");
+                    }
+                }.instrument(tracing::debug_span!("webhook-conn")));
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    }
+}
+
+/// The address the webhook would be served at, for logs.
+pub fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}/hooks/git")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn sign(secret: &str, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    const PUSH: &[u8] = br#"{"ref": "refs/heads/main", "after": "abc"}"#;
+
+    #[test]
+    fn github_pushes_need_a_valid_signature() {
+        let good = sign("s3cret", PUSH);
+        let h = headers(&[("x-github-event", "push"), ("x-hub-signature-256", &good)]);
+        assert_eq!(
+            classify(&h, PUSH, Some("s3cret"), "main"),
+            Ok(Verdict::Fetch { provider: "github", git_ref: "refs/heads/main".into() })
+        );
+        let forged = sign("guess", PUSH);
+        let h = headers(&[("x-github-event", "push"), ("x-hub-signature-256", &forged)]);
+        assert_eq!(
+            classify(&h, PUSH, Some("s3cret"), "main"),
+            Err(Rejection::Unauthorized("X-Hub-Signature-256 does not match the body".into()))
+        );
+        let h = headers(&[("x-github-event", "push")]);
+        assert!(matches!(classify(&h, PUSH, Some("s3cret"), "main"), Err(Rejection::Unauthorized(_))));
+        // Without a secret configured, the event is taken as it comes (it can only trigger a fetch).
+        assert!(matches!(classify(&h, PUSH, None, "main"), Ok(Verdict::Fetch { .. })));
+    }
+
+    #[test]
+    fn gitlab_pushes_need_the_token() {
+        let h = headers(&[("x-gitlab-event", "Push Hook"), ("x-gitlab-token", "s3cret")]);
+        assert!(matches!(classify(&h, PUSH, Some("s3cret"), "main"), Ok(Verdict::Fetch { provider: "gitlab", .. })));
+        let h = headers(&[("x-gitlab-event", "Push Hook"), ("x-gitlab-token", "nope")]);
+        assert_eq!(
+            classify(&h, PUSH, Some("s3cret"), "main"),
+            Err(Rejection::Unauthorized("X-Gitlab-Token is wrong".into()))
+        );
+    }
+
+    #[test]
+    fn other_events_and_branches_need_no_fetch() {
+        let h = headers(&[("x-github-event", "ping")]);
+        assert_eq!(classify(&h, b"{}", None, "main"), Ok(Verdict::Ignore("ping".into())));
+        let h = headers(&[("x-github-event", "push")]);
+        assert_eq!(
+            classify(&h, br#"{"ref": "refs/heads/dev"}"#, None, "main"),
+            Ok(Verdict::Ignore("push to refs/heads/dev; following refs/heads/main".into()))
+        );
+        let h = headers(&[("x-gitlab-event", "Tag Push Hook")]);
+        assert!(matches!(classify(&h, PUSH, None, "main"), Ok(Verdict::Ignore(_))));
+        let h = headers(&[("x-github-event", "push")]);
+        assert!(matches!(classify(&h, b"not json", None, "main"), Err(Rejection::BadRequest(_))));
+        let h = headers(&[("content-type", "application/json")]);
+        assert!(matches!(classify(&h, PUSH, None, "main"), Err(Rejection::BadRequest(_))));
+    }
+}
