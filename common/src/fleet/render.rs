@@ -286,155 +286,185 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
     results.into_iter().map(|(_, r)| r).collect()
 }
 
-/// The values a cluster sees for an app: fleet defaults < app values < cluster values < target values.
-pub fn merged_values(
-    fleet: &Fleet,
-    spec: &AppSpec,
-    cluster: &super::ClusterSpec,
-    target: &Target,
-) -> Map<String, Value> {
-    let mut v = Value::Object(fleet.defaults.values.clone());
-    for layer in [&spec.values, &cluster.values, &target.values] {
-        if !layer.is_empty() {
-            vars::merge(&mut v, &Value::Object(layer.clone()));
-        }
-    }
-    match v {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    }
+/// The value layers a cluster sees for an app, lowest precedence first: fleet defaults, app values, cluster
+/// values, target values.
+pub fn value_layers<'a>(
+    fleet: &'a Fleet,
+    spec: &'a AppSpec,
+    cluster: &'a super::ClusterSpec,
+    target: &'a Target,
+) -> [&'a Map<String, Value>; 4] {
+    [&fleet.defaults.values, &spec.values, &cluster.values, &target.values]
 }
 
+/// The values of the variables a base reads, in the base's order.
 fn resolve(
     fleet: &Fleet,
     cluster: &str,
     spec: &AppSpec,
     target: &Target,
     needed: &BTreeMap<Var, String>,
-) -> Result<Resolved, FleetError> {
+) -> Result<Vec<Value>, FleetError> {
     let cspec = &fleet.clusters[cluster];
-    let values = if needed.keys().any(|v| matches!(v, Var::Value(_))) {
-        merged_values(fleet, spec, cspec, target)
-    } else {
-        Map::new()
-    };
-    let ctx = Context { cluster, labels: &cspec.labels, values: &values };
-    let mut out = Resolved::new();
-    for (var, origin) in needed {
-        let value = ctx.resolve(var).ok_or_else(|| FleetError::Variable {
-            origin: origin.clone(),
-            cluster: cluster.to_string(),
-            message: match var {
-                Var::Label(k) => format!("{var} is not set: clusters/{cluster}.yaml has no label {k:?}"),
-                _ => format!(
-                    "{var} is not set: give it a value in clusters/{cluster}.yaml, the app, its target or fleet.yaml"
-                ),
-            },
-        })?;
-        out.insert(var.clone(), value);
+    let layers = value_layers(fleet, spec, cspec, target);
+    let ctx = Context { cluster, labels: &cspec.labels, values: &layers };
+    needed
+        .iter()
+        .map(|(var, origin)| {
+            ctx.resolve(var).ok_or_else(|| FleetError::Variable {
+                origin: origin.clone(),
+                cluster: cluster.to_string(),
+                message: match var {
+                    Var::Label(k) => format!("{var} is not set: clusters/{cluster}.yaml has no label {k:?}"),
+                    _ => format!(
+                        "{var} is not set: give it a value in clusters/{cluster}.yaml, the app, its target or fleet.yaml"
+                    ),
+                },
+            })
+        })
+        .collect()
+}
+
+/// Resolved values in a stable text form, for render keys (the base fixes which variable is where).
+fn resolved_key(values: &[Value]) -> String {
+    let mut out = String::new();
+    for v in values {
+        match v {
+            Value::Object(_) | Value::Array(_) => out.push_str(&super::canonical_json(v)),
+            other => out.push_str(&other.to_string()),
+        }
+        out.push('\0');
     }
-    Ok(out)
+    out
 }
 
 /// One distinct render: the app, its base and the values it reads.
-type Input<'a> = (&'a App, &'a AppSpec, Arc<Base>, Resolved);
+struct Input<'a> {
+    app: &'a App,
+    spec: &'a AppSpec,
+    base: Arc<Base>,
+    resolved: Resolved,
+    /// The content address: base key + resolved values.
+    key: String,
+}
 
 /// Renders every cluster's apps at this commit.
 pub fn render_fleet(fleet: &Fleet, tools: &dyn Tools, cache: &mut RenderCache) -> Rendered {
     let runs = AtomicUsize::new(0);
     // 1. The bases each (app, variant) needs: kustomize builds and manifest parsing, once each.
-    let mut pairs: Vec<(&str, &str, &App, &AppSpec, usize)> = Vec::new(); // cluster, app, ..., target index
-    let mut wanted: BTreeMap<String, (&App, &AppSpec, usize)> = BTreeMap::new();
+    struct Pair<'a> {
+        cluster: &'a str,
+        app: &'a App,
+        spec: &'a AppSpec,
+        target: &'a Target,
+        base: usize,
+    }
+    let mut pairs: Vec<Pair> = Vec::new();
+    let mut base_index: HashMap<String, usize> = HashMap::new();
+    let mut wanted: Vec<(String, &App, &AppSpec, &Target)> = Vec::new();
     for cluster in fleet.clusters.keys() {
         for (app, spec, target) in fleet.apps_for(cluster).unwrap_or_default() {
             let t = spec.targets.iter().position(|x| std::ptr::eq(x, target)).unwrap_or(0);
-            wanted.entry(base_key(app, spec, &variant(spec, t))).or_insert((app, spec, t));
-            pairs.push((cluster, &app.name, app, spec, t));
+            let key = base_key(app, spec, &variant(spec, t));
+            let base = match base_index.get(&key) {
+                Some(i) => *i,
+                None => {
+                    base_index.insert(key.clone(), wanted.len());
+                    wanted.push((key, app, spec, target));
+                    wanted.len() - 1
+                }
+            };
+            pairs.push(Pair { cluster, app, spec, target, base });
         }
     }
-    let missing: Vec<(&String, &(&App, &AppSpec, usize))> =
-        wanted.iter().filter(|(k, _)| !cache.bases.contains_key(*k)).collect();
-    let built = par_map(&missing, |(_, (app, spec, t))| make_base(app, spec, &spec.targets[*t], tools, &runs));
-    let mut bases: HashMap<String, Result<Arc<Base>, FleetError>> = HashMap::new();
-    for ((key, _), b) in missing.iter().zip(built) {
-        bases.insert((*key).clone(), b.map(Arc::new));
+    let missing: Vec<usize> = (0..wanted.len()).filter(|i| !cache.bases.contains_key(&wanted[*i].0)).collect();
+    let built = par_map(&missing, |i| {
+        let (_, app, spec, target) = &wanted[*i];
+        make_base(app, spec, target, tools, &runs).map(Arc::new)
+    });
+    let mut bases: Vec<Option<Result<Arc<Base>, FleetError>>> =
+        wanted.iter().map(|(k, ..)| cache.bases.get(k).map(|b| Ok(b.clone()))).collect();
+    for (i, b) in missing.into_iter().zip(built) {
+        bases[i] = Some(b);
     }
-    for key in wanted.keys() {
-        if let Some(b) = cache.bases.get(key) {
-            bases.insert(key.clone(), Ok(b.clone()));
-        }
-    }
+    let bases: Vec<Result<Arc<Base>, FleetError>> = bases.into_iter().flatten().collect();
 
     // 2. Per (cluster, app): resolve the variables the base reads; the render key is base + resolved values.
-    let mut keys: Vec<Result<String, FleetError>> = Vec::with_capacity(pairs.len());
-    let mut inputs: BTreeMap<String, Input> = BTreeMap::new();
-    for (cluster, _, app, spec, t) in &pairs {
-        let bkey = base_key(app, spec, &variant(spec, *t));
-        let key = match &bases[&bkey] {
+    let mut input_index: HashMap<(usize, String), usize> = HashMap::new();
+    let mut inputs: Vec<Input> = Vec::new();
+    let mut assigned: Vec<Result<usize, FleetError>> = Vec::with_capacity(pairs.len());
+    for p in &pairs {
+        let r = match &bases[p.base] {
             Err(e) => Err(e.clone()),
-            Ok(base) => resolve(fleet, cluster, spec, &spec.targets[*t], base.vars()).map(|resolved| {
-                let key = format!(
-                    "{bkey}\0{}",
-                    super::canonical_json(&serde_json::json!(resolved
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.clone()))
-                        .collect::<BTreeMap<_, _>>()))
-                );
-                inputs.entry(key.clone()).or_insert_with(|| (*app, *spec, base.clone(), resolved));
-                key
+            Ok(base) => resolve(fleet, p.cluster, p.spec, p.target, base.vars()).map(|values| {
+                let rkey = resolved_key(&values);
+                *input_index.entry((p.base, rkey)).or_insert_with_key(|(b, rkey)| {
+                    let key = format!("{}\0{rkey}", wanted[*b].0);
+                    let resolved = base.vars().keys().cloned().zip(values).collect();
+                    inputs.push(Input { app: p.app, spec: p.spec, base: base.clone(), resolved, key });
+                    inputs.len() - 1
+                })
             }),
         };
-        keys.push(key);
+        assigned.push(r);
     }
 
     // 3. Render each distinct input once (reusing the previous commit's good renders).
-    let todo: Vec<(&String, &Input)> = inputs.iter().filter(|(k, _)| !cache.renders.contains_key(*k)).collect();
-    let done = par_map(&todo, |(_, (app, spec, base, resolved))| {
-        render_one(app, spec, base, resolved, tools, &runs).map(Arc::new)
+    let todo: Vec<usize> = (0..inputs.len()).filter(|i| !cache.renders.contains_key(&inputs[*i].key)).collect();
+    let done = par_map(&todo, |i| {
+        let input = &inputs[*i];
+        render_one(input.app, input.spec, &input.base, &input.resolved, tools, &runs).map(Arc::new)
     });
-    let mut renders: HashMap<String, AppResult> = HashMap::with_capacity(inputs.len());
-    for ((key, _), r) in todo.iter().zip(done) {
-        renders.insert((*key).clone(), r);
+    let mut renders: Vec<Option<AppResult>> = inputs.iter().map(|i| cache.renders.get(&i.key).cloned()).collect();
+    for (i, r) in todo.iter().zip(done) {
+        renders[*i] = Some(r);
     }
-    for key in inputs.keys() {
-        if let Some(r) = cache.renders.get(key) {
-            renders.insert(key.clone(), r.clone());
+    let renders: Vec<AppResult> = renders.into_iter().flatten().collect();
+
+    // 4. Assign, then refuse objects claimed by two apps on one cluster (checked once per distinct set of
+    //    renders: clusters with the same inputs share the answer).
+    let mut out = Rendered::default();
+    let mut by_cluster: BTreeMap<&str, Vec<(&str, Result<usize, FleetError>)>> =
+        fleet.clusters.keys().map(|c| (c.as_str(), Vec::new())).collect();
+    for (p, r) in pairs.iter().zip(assigned) {
+        if let Some(v) = by_cluster.get_mut(p.cluster) {
+            v.push((p.app.name.as_str(), r));
         }
     }
-
-    // 4. Assign, then refuse objects claimed by two apps on one cluster.
-    let mut out = Rendered::default();
-    for cluster in fleet.clusters.keys() {
-        out.clusters.insert(cluster.clone(), BTreeMap::new());
-    }
-    for ((cluster, app, ..), key) in pairs.iter().zip(keys) {
-        let r = key.and_then(|k| renders[&k].clone());
-        out.clusters.get_mut(*cluster).map(|apps| apps.insert(app.to_string(), r));
-    }
-    let mut conflicts_seen: HashMap<Vec<(String, String)>, Vec<FleetError>> = HashMap::new();
-    for (cluster, apps) in out.clusters.iter_mut() {
-        let signature: Vec<(String, String)> =
-            apps.iter().filter_map(|(a, r)| r.as_ref().ok().map(|b| (a.clone(), b.digest.clone()))).collect();
-        let found = conflicts_seen.entry(signature).or_insert_with(|| conflicts(apps, "\0")).clone();
-        for c in found {
-            let FleetError::Conflict { object, first, second, .. } = c else { continue };
-            let e =
-                FleetError::Conflict { object, first: first.clone(), second: second.clone(), cluster: cluster.clone() };
-            for a in [&first, &second] {
-                if let Some(r) = apps.get_mut(a) {
+    let mut conflicts_seen: HashMap<Vec<usize>, Vec<(String, String, String)>> = HashMap::new();
+    let mut digests = HashSet::new();
+    for (cluster, apps) in by_cluster {
+        let signature: Vec<usize> = apps.iter().filter_map(|(_, r)| r.as_ref().ok().copied()).collect();
+        let found = conflicts_seen.entry(signature).or_insert_with(|| {
+            conflicts(apps.iter().filter_map(|(a, r)| {
+                let b = renders[*r.as_ref().ok()?].as_ref().ok()?;
+                Some((*a, b.as_ref()))
+            }))
+        });
+        let mut results: BTreeMap<String, AppResult> = BTreeMap::new();
+        for (app, r) in apps {
+            let result = r.and_then(|i| renders[i].clone());
+            if let Ok(b) = &result {
+                digests.insert(b.digest.clone());
+            }
+            results.insert(app.to_string(), result);
+        }
+        for (object, first, second) in found.iter() {
+            let e = FleetError::Conflict {
+                object: object.clone(),
+                first: first.clone(),
+                second: second.clone(),
+                cluster: cluster.to_string(),
+            };
+            for a in [first, second] {
+                if let Some(r) = results.get_mut(a) {
                     if r.is_ok() {
                         *r = Err(e.clone());
                     }
                 }
             }
         }
-    }
-
-    let mut digests = HashSet::new();
-    for apps in out.clusters.values() {
-        for r in apps.values().flatten() {
-            digests.insert(r.digest.as_str());
-        }
+        out.clusters.insert(cluster.to_string(), results);
     }
     out.stats = RenderStats {
         cluster_apps: pairs.len(),
@@ -444,25 +474,19 @@ pub fn render_fleet(fleet: &Fleet, tools: &dyn Tools, cache: &mut RenderCache) -
         bundles: digests.len(),
     };
     // Keep what this commit used (good results only: an environment problem, such as a missing tool, is retried).
-    cache.bases = bases.into_iter().filter_map(|(k, b)| b.ok().map(|b| (k, b))).collect();
-    cache.renders = renders.into_iter().filter(|(_, r)| r.is_ok()).collect();
+    cache.bases = wanted.iter().zip(bases).filter_map(|((k, ..), b)| b.ok().map(|b| (k.clone(), b))).collect();
+    cache.renders = inputs.iter().zip(renders).filter(|(_, r)| r.is_ok()).map(|(i, r)| (i.key.clone(), r)).collect();
     out
 }
 
-/// Objects claimed by two apps among one cluster's good bundles (cluster left as `placeholder`).
-fn conflicts(apps: &BTreeMap<String, AppResult>, placeholder: &str) -> Vec<FleetError> {
+/// Objects claimed by two apps among one cluster's bundles: (object, first app, second app).
+fn conflicts<'a>(apps: impl Iterator<Item = (&'a str, &'a Bundle)>) -> Vec<(String, String, String)> {
     let mut owner: HashMap<&str, &str> = HashMap::new();
     let mut out = Vec::new();
-    for (app, r) in apps {
-        let Ok(bundle) = r else { continue };
+    for (app, bundle) in apps {
         for id in &bundle.ids {
             if let Some(first) = owner.insert(id, app) {
-                out.push(FleetError::Conflict {
-                    object: id.clone(),
-                    first: first.to_string(),
-                    second: app.clone(),
-                    cluster: placeholder.to_string(),
-                });
+                out.push((id.clone(), first.to_string(), app.to_string()));
             }
         }
     }

@@ -106,8 +106,8 @@ pub fn collect(v: &Value, out: &mut BTreeSet<Var>) -> Result<(), String> {
 pub struct Context<'a> {
     pub cluster: &'a str,
     pub labels: &'a BTreeMap<String, String>,
-    /// The merged values (see [`merge`]).
-    pub values: &'a Map<String, Value>,
+    /// Value layers, lowest precedence first; `${values.KEY}` sees them deep-merged (see [`merge`]).
+    pub values: &'a [&'a Map<String, Value>],
 }
 
 impl Context<'_> {
@@ -117,8 +117,19 @@ impl Context<'_> {
             Var::Label(k) => self.labels.get(k).map(|v| Value::String(v.clone())),
             Var::Value(path) => {
                 let mut parts = path.split('.');
-                let first = self.values.get(parts.next()?)?;
-                parts.try_fold(first, |cur, p| cur.get(p)).filter(|v| !v.is_null()).cloned()
+                let first = parts.next()?;
+                // Merging is per top-level key, so only this key's layers need merging.
+                let mut merged: Option<Value> = None;
+                for layer in self.values {
+                    if let Some(v) = layer.get(first) {
+                        match &mut merged {
+                            None => merged = Some(v.clone()),
+                            Some(m) => merge(m, v),
+                        }
+                    }
+                }
+                let merged = merged?;
+                parts.try_fold(&merged, |cur, p| cur.get(p)).filter(|v| !v.is_null()).cloned()
             }
         }
     }
@@ -202,7 +213,7 @@ mod tests {
 
     fn resolve_all(v: &Value) -> Result<Value, String> {
         let (labels, values) = ctx_values();
-        let ctx = Context { cluster: "eu-1", labels: &labels, values: &values };
+        let ctx = Context { cluster: "eu-1", labels: &labels, values: &[&values] };
         let mut used = BTreeSet::new();
         collect(v, &mut used)?;
         let mut resolved = Resolved::new();
@@ -244,6 +255,24 @@ mod tests {
         assert!(resolve_all(&json!("${values.a")).unwrap_err().starts_with("unterminated variable"));
         assert!(resolve_all(&json!("${values.}")).unwrap_err().starts_with("unknown variable ${values.}"));
         assert!(resolve_all(&json!("${}")).is_err());
+    }
+
+    #[test]
+    fn layered_values_resolve_as_if_merged() {
+        let labels = BTreeMap::new();
+        let low = json!({"db": {"host": "low", "port": 5432}, "gone": {"a": 1}, "n": 1}).as_object().unwrap().clone();
+        let high = json!({"db": {"host": "high"}, "gone": null, "n": 2}).as_object().unwrap().clone();
+        let layers = [&low, &high];
+        let ctx = Context { cluster: "c", labels: &labels, values: &layers };
+        let mut merged = Value::Object(low.clone());
+        merge(&mut merged, &Value::Object(high.clone()));
+        for path in ["db", "db.host", "db.port", "gone", "gone.a", "n", "missing", "db.missing"] {
+            let whole = merged.as_object().unwrap().clone();
+            let one = [&whole];
+            let expected = Context { cluster: "c", labels: &labels, values: &one }.resolve(&Var::Value(path.into()));
+            assert_eq!(ctx.resolve(&Var::Value(path.into())), expected, "{path}");
+        }
+        assert_eq!(ctx.resolve(&Var::Value("db".into())), Some(json!({"host": "high", "port": 5432})));
     }
 
     #[test]
