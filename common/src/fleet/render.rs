@@ -424,8 +424,9 @@ pub fn render_fleet(fleet: &Fleet, tools: &dyn Tools, cache: &mut RenderCache) -
     // 4. Assign, then refuse objects claimed by two apps on one cluster (checked once per distinct set of
     //    renders: clusters with the same inputs share the answer).
     let mut out = Rendered::default();
-    let mut by_cluster: BTreeMap<&str, Vec<(&str, Result<usize, FleetError>)>> =
-        fleet.clusters.keys().map(|c| (c.as_str(), Vec::new())).collect();
+    // cluster → (app, index of its render or why it has none)
+    type Assigned<'a> = Vec<(&'a str, Result<usize, FleetError>)>;
+    let mut by_cluster: BTreeMap<&str, Assigned> = fleet.clusters.keys().map(|c| (c.as_str(), Vec::new())).collect();
     for (p, r) in pairs.iter().zip(assigned) {
         if let Some(v) = by_cluster.get_mut(p.cluster) {
             v.push((p.app.name.as_str(), r));
