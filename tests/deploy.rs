@@ -51,9 +51,11 @@ async fn deploy_manifests_pass_a_server_side_dry_run() {
             "hub.yaml",
             &[
                 "secret/flotilla-hub-certs",
+                "secret/flotilla-hub-git",
                 "persistentvolumeclaim/flotilla-hub-data",
                 "deployment.apps/flotilla-hub",
                 "service/flotilla-hub",
+                "service/flotilla-hub-webhook",
             ][..],
         ),
         (

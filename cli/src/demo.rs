@@ -15,8 +15,14 @@ use tokio_util::sync::CancellationToken;
 
 /// The example fleet, embedded so the demo runs from any directory.
 const FLEET: &[(&str, &str)] = &[
+    ("fleet.yaml", include_str!("../../examples/fleet/fleet.yaml")),
     ("apps/shop/app.yaml", include_str!("../../examples/fleet/apps/shop/app.yaml")),
-    ("apps/shop/shop.yaml", include_str!("../../examples/fleet/apps/shop/shop.yaml")),
+    ("apps/shop/base/kustomization.yaml", include_str!("../../examples/fleet/apps/shop/base/kustomization.yaml")),
+    ("apps/shop/base/shop.yaml", include_str!("../../examples/fleet/apps/shop/base/shop.yaml")),
+    (
+        "apps/shop/overlays/staging/kustomization.yaml",
+        include_str!("../../examples/fleet/apps/shop/overlays/staging/kustomization.yaml"),
+    ),
     ("apps/monitoring/app.yaml", include_str!("../../examples/fleet/apps/monitoring/app.yaml")),
     ("apps/monitoring/agent.yaml", include_str!("../../examples/fleet/apps/monitoring/agent.yaml")),
     ("apps/eu-compliance/app.yaml", include_str!("../../examples/fleet/apps/eu-compliance/app.yaml")),
@@ -193,11 +199,14 @@ pub async fn run(once: bool, timeout: Duration) -> anyhow::Result<()> {
     println!("== waiting for every cluster to run {}", &first[..12]);
     let result = async {
         converge(&mut op, &first, timeout).await?;
-        println!("== committing shop 1.1 with a new banner");
-        let shop = repo.join("apps/shop/shop.yaml");
-        let text =
-            std::fs::read_to_string(&shop)?.replace("shop:1.0", "shop:1.1").replace("\"Welcome\"", "\"Welcome back\"");
-        std::fs::write(&shop, text)?;
+        println!("== committing shop 1.1 and a new fleet-wide banner");
+        let shop = repo.join("apps/shop/base/shop.yaml");
+        std::fs::write(&shop, std::fs::read_to_string(&shop)?.replace("shop:1.0", "shop:1.1"))?;
+        let defaults = repo.join("fleet.yaml");
+        std::fs::write(
+            &defaults,
+            std::fs::read_to_string(&defaults)?.replace("banner: Welcome", "banner: Welcome back"),
+        )?;
         let second = commit_all(&repo, "shop 1.1")?;
         op.refresh(RefreshRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
         println!("== waiting for every cluster to run {}", &second[..12]);
@@ -220,4 +229,18 @@ pub async fn run(once: bool, timeout: Duration) -> anyhow::Result<()> {
     let _ = hub.await;
     sim.shutdown().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    /// The embedded fleet is exactly examples/fleet.
+    #[test]
+    fn the_embedded_fleet_is_the_example() {
+        let root: std::path::PathBuf = [env!("CARGO_MANIFEST_DIR"), "..", "examples", "fleet"].iter().collect();
+        let on_disk = crate::render::read_checkout(&root).unwrap();
+        let embedded: std::collections::BTreeMap<String, Vec<u8>> =
+            super::FLEET.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect();
+        assert_eq!(on_disk.keys().collect::<Vec<_>>(), embedded.keys().collect::<Vec<_>>());
+        assert_eq!(on_disk, embedded);
+    }
 }

@@ -273,6 +273,12 @@ mod tests {
         assert!(!us.contains("eu-compliance"));
         let shop = render(&t, "us-1", Some("shop"), &tools).unwrap();
         assert!(shop.contains("namespace: shop") && !shop.contains("monitoring"));
+        assert!(shop.contains("currency: USD") && shop.contains("region: us"), "per-cluster values:\n{shop}");
+        let staging = render(&t, "us-4", Some("shop"), &tools).unwrap();
+        assert!(
+            staging.contains("replicas: 1") && staging.contains("log-level: debug"),
+            "the staging overlay:\n{staging}"
+        );
     }
 
     #[test]
@@ -283,10 +289,10 @@ mod tests {
         assert!(render(&t, "us-1", Some("eu-compliance"), &tools).unwrap_err().to_string().contains("does not target"));
         assert!(render(&t, "us-1", Some("nope"), &tools).unwrap_err().to_string().contains("there is no app"));
         let mut broken = t.clone();
-        broken.insert("apps/shop/shop.yaml".into(), b"kind: ConfigMap\n".to_vec());
+        broken.insert("apps/monitoring/agent.yaml".into(), b"kind: ConfigMap\n".to_vec());
         assert_eq!(
             render(&broken, "us-1", None, &tools).unwrap_err().to_string(),
-            "apps/shop/shop.yaml:1: the document has no apiVersion"
+            "apps/monitoring/agent.yaml:1: the document has no apiVersion"
         );
     }
 

@@ -101,7 +101,17 @@ fn print(v: &Value, out: Output) -> anyhow::Result<()> {
 
 pub fn render_clusters(r: &ListClustersResponse, out: Output) -> anyhow::Result<String> {
     if out != Output::Table {
-        let v = json!({"revision": r.revision, "sourceError": r.source_error, "clusters": r.clusters.iter().map(cluster_json).collect::<Vec<_>>()});
+        let stats = r.render_stats.unwrap_or_default();
+        let v = json!({
+            "revision": r.revision,
+            "sourceError": r.source_error,
+            "problems": r.problems,
+            "rendering": {
+                "clusterApps": stats.cluster_apps, "renders": stats.renders, "renderedNow": stats.rendered,
+                "toolRuns": stats.tool_runs, "bundles": stats.bundles, "millis": stats.render_millis,
+            },
+            "clusters": r.clusters.iter().map(cluster_json).collect::<Vec<_>>(),
+        });
         print(&v, out)?;
         return Ok(String::new());
     }
@@ -121,8 +131,17 @@ pub fn render_clusters(r: &ListClustersResponse, out: Output) -> anyhow::Result<
         "\nfleet repository at {}",
         if r.revision.is_empty() { "(not fetched yet)" } else { short(&r.revision) }
     ));
+    if let Some(st) = r.render_stats.filter(|st| st.cluster_apps > 0) {
+        s.push_str(&format!(
+            ": {} cluster apps from {} renders ({} new, {} kustomize/helm runs) in {} ms",
+            st.cluster_apps, st.renders, st.rendered, st.tool_runs, st.render_millis
+        ));
+    }
     if !r.source_error.is_empty() {
         s.push_str(&format!("\nerror following the fleet repository: {}", r.source_error));
+    }
+    for p in &r.problems {
+        s.push_str(&format!("\nproblem: {p}"));
     }
     s.push('\n');
     Ok(s)
