@@ -136,6 +136,76 @@ fn private_repositories_over_https_need_credentials() {
     assert!(e.contains("reading the Git password or token"), "{e}");
 }
 
+/// A private repository over SSH: a real sshd on a loopback port, a key file, the host key pinned on first use.
+#[test]
+fn follows_a_private_repository_over_ssh_with_a_key() {
+    let sshd = std::path::Path::new("/usr/sbin/sshd");
+    assert!(sshd.exists(), "sshd is not installed; install it with: apt-get install -y openssh-server");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let keygen = |name: &str| {
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.join(name))
+            .output()
+            .expect("ssh-keygen (apt-get install -y openssh-client)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    keygen("host_key");
+    keygen("hub_key");
+    keygen("stranger_key");
+    std::fs::copy(dir.join("hub_key.pub"), dir.join("authorized_keys")).unwrap();
+    let port = support::free_port();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nPidFile {d}/sshd.pid\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    // Privilege separation needs this directory when sshd starts as root.
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let child = std::process::Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(dir.join("sshd_config"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+        .spawn()
+        .expect("starting sshd");
+    let _sshd = support::Proc { name: "sshd".into(), child };
+    support::wait_for_port(port, "sshd");
+
+    let repo = dir.join("fleet.git");
+    let first = fleet_repo(&repo);
+    let id = std::process::Command::new("id").arg("-un").output().expect("id");
+    let user = String::from_utf8_lossy(&id.stdout).trim().to_string();
+    let url = format!("ssh://{user}@127.0.0.1:{port}{}", repo.display());
+
+    let stranger = Follower::new(url.clone(), "main", dir.join("stranger"))
+        .with_auth(GitAuth::Ssh { key_file: dir.join("stranger_key"), known_hosts: None });
+    let e = error_chain(&stranger.fetch().unwrap_err());
+    assert!(e.starts_with(&format!("cloning {url} failed")), "{e}");
+
+    let f = Follower::new(url.clone(), "main", dir.join("cache"))
+        .with_auth(GitAuth::Ssh { key_file: dir.join("hub_key"), known_hosts: None });
+    assert_eq!(
+        f.fetch().unwrap().revision,
+        first,
+        "sshd log: {}",
+        std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+    );
+    let pinned = std::fs::read_to_string(dir.join("cache.known_hosts")).expect("the host key is pinned on first use");
+    assert!(pinned.contains("ssh-ed25519"), "{pinned}");
+    let second = commit(&repo, &[("apps/web/app.yaml", "namespace: web\n")], "second");
+    assert_eq!(f.fetch().unwrap().revision, second, "incremental fetch over SSH");
+
+    // A changed host key is refused: the pinned key protects against a server in the middle.
+    let wrong = format!("[127.0.0.1]:{port} {}", std::fs::read_to_string(dir.join("stranger_key.pub")).unwrap());
+    std::fs::write(dir.join("cache.known_hosts"), wrong).unwrap();
+    assert!(f.fetch().is_err(), "a host key other than the pinned one is refused");
+}
+
 #[test]
 fn ssh_uses_the_key_file_and_pins_host_keys() {
     let auth = GitAuth::Ssh { key_file: "/etc/flotilla/id_ed25519".into(), known_hosts: None };
