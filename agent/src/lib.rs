@@ -1,6 +1,9 @@
-//! The agent: one per cluster. It dials the hub (so clusters behind NAT work and the hub holds no cluster
-//! credentials), applies its cluster's desired state with server-side apply, and reports per app the digest
-//! and revision applied, object counts and any error.
+//! The agent of one cluster: [`session`] talks to the hub; [`engine`] keeps the cluster as the last desired
+//! state says (order, pruning, health, drift), with its state kept in the cluster ([`state`]) and a
+//! watch-driven view of what it manages ([`cache`]); [`apply`] talks to the API server.
 
 pub mod apply;
+pub mod cache;
+pub mod engine;
 pub mod session;
+pub mod state;

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use flotilla_agent::apply::Applier;
+use flotilla_agent::engine::{start, EngineConfig};
 use flotilla_agent::session::{run, AgentConfig};
 use std::path::PathBuf;
 
@@ -26,6 +27,12 @@ struct Args {
     /// Kubeconfig of the cluster; without it, KUBECONFIG or the in-cluster configuration.
     #[arg(long, env = "FLOTILLA_AGENT_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// Namespace where the agent keeps its state (the last desired state of each app and its inventory).
+    #[arg(long, env = "FLOTILLA_AGENT_STATE_NAMESPACE", default_value = "flotilla-system")]
+    state_namespace: String,
+    /// Most API calls in flight at once.
+    #[arg(long, env = "FLOTILLA_AGENT_CONCURRENCY", default_value_t = 8)]
+    concurrency: usize,
 }
 
 #[tokio::main]
@@ -51,6 +58,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let client = kube::Client::try_from(kube_cfg)?;
     let shutdown = flotilla_common::process::shutdown_on_signal();
-    run(cfg, Applier::new(client), shutdown).await;
+    let applier = std::sync::Arc::new(Applier::with_concurrency(client, args.concurrency));
+    let engine_cfg = EngineConfig { state_namespace: args.state_namespace, ..EngineConfig::default() };
+    // The state kept in the cluster is enforced before (and without) any hub.
+    let engine = start(applier, engine_cfg, shutdown.clone()).await.context("starting the engine")?;
+    run(cfg, engine, shutdown).await;
     Ok(())
 }

@@ -1,17 +1,22 @@
 //! The agent's side of the stream: dial the hub with jittered exponential backoff, say what is applied,
-//! receive desired state and bundle chunks, apply each app whose digest changed, report status.
+//! receive desired state and bundle chunks, hand complete desired states to the [engine](crate::engine), and
+//! report the engine's status: only what changed, at most once per second (coalesced).
 
-use crate::apply::Applier;
-use flotilla_common::fleet::{digest_of, Bundle};
+use crate::engine::{DesiredApp, EngineHandle, Statuses};
+use flotilla_common::fleet::digest_of;
 use flotilla_proto::agent::v1 as pb;
 use flotilla_proto::agent::v1::agent_service_client::AgentServiceClient;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{info, warn};
+
+/// The least time between two status reports.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct AgentConfig {
     /// `https://HOST:PORT` of the hub.
@@ -23,27 +28,19 @@ pub struct AgentConfig {
     pub key_pem: String,
 }
 
-#[derive(Default)]
-struct AgentState {
-    /// What the agent has applied, per app, as it reports it.
-    applied: BTreeMap<String, pb::AppStatus>,
-    /// Bundles held, by digest.
-    bundles: HashMap<String, Vec<u8>>,
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Runs until `shutdown`, reconnecting with jittered exponential backoff (0.5 s doubling to 30 s).
-pub async fn run(cfg: AgentConfig, applier: Applier, shutdown: CancellationToken) {
-    let mut state = AgentState::default();
+/// Runs until `shutdown`, reconnecting with jittered exponential backoff (0.5 s doubling to 30 s). The engine
+/// keeps enforcing the last desired state meanwhile.
+pub async fn run(cfg: AgentConfig, engine: EngineHandle, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = tokio::time::Instant::now();
-        match session(&cfg, &applier, &mut state, &shutdown).await {
+        match session(&cfg, &engine, &shutdown).await {
             Ok(()) => return,
-            Err(e) => warn!(error = %e, "session with the hub ended"),
+            Err(e) => warn!(error = %e, "session with the hub ended; the cluster keeps its last desired state"),
         }
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(500);
@@ -57,12 +54,13 @@ pub async fn run(cfg: AgentConfig, applier: Applier, shutdown: CancellationToken
     }
 }
 
-async fn session(
-    cfg: &AgentConfig,
-    applier: &Applier,
-    state: &mut AgentState,
-    shutdown: &CancellationToken,
-) -> Result<(), String> {
+type Tx = mpsc::Sender<pb::AgentMessage>;
+
+async fn send(tx: &Tx, msg: pb::agent_message::Msg) -> Result<(), String> {
+    tx.send(pb::AgentMessage { msg: Some(msg) }).await.map_err(|_| "the stream to the hub closed".to_string())
+}
+
+async fn session(cfg: &AgentConfig, engine: &EngineHandle, shutdown: &CancellationToken) -> Result<(), String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&cfg.ca_pem))
         .identity(Identity::from_pem(&cfg.cert_pem, &cfg.key_pem));
@@ -81,35 +79,58 @@ async fn session(
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
     let hello = pb::Hello {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        applied: state
-            .applied
-            .iter()
-            .filter(|(_, a)| a.phase == pb::Phase::Applied as i32)
-            .map(|(app, a)| pb::AppliedApp { app: app.clone(), digest: a.digest.clone(), revision: a.revision.clone() })
+        applied: engine
+            .applied()
+            .into_iter()
+            .map(|(app, (digest, revision))| pb::AppliedApp { app, digest, revision })
             .collect(),
     };
-    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).await.map_err(|e| e.to_string())?;
+    send(&tx, pb::agent_message::Msg::Hello(hello)).await?;
     let mut inbound = AgentServiceClient::new(channel)
         .session(ReceiverStream::new(rx))
         .await
         .map_err(|s| format!("the hub refused the session: {}: {}", s.code(), s.message()))?
         .into_inner();
     info!(hub = %cfg.hub, "connected to the hub");
+    let mut statuses = engine.statuses();
+    // What happened while disconnected: the whole current status first.
+    let mut reported: BTreeMap<String, pb::AppStatus> = BTreeMap::new();
+    let mut last_report = tokio::time::Instant::now() - REPORT_INTERVAL;
+    let mut report_due = true;
     let mut pending: Option<pb::DesiredState> = None;
     let mut chunks: HashMap<String, BTreeMap<u32, Vec<u8>>> = HashMap::new();
+    let mut bundles: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
     loop {
+        let report_at = last_report + REPORT_INTERVAL;
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = heartbeat.tick() => {
-                let hb = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat { sent_unix_ms: now_ms() })) };
-                tx.send(hb).await.map_err(|e| e.to_string())?;
+            _ = heartbeat.tick() => send(&tx, pb::agent_message::Msg::Heartbeat(pb::Heartbeat { sent_unix_ms: now_ms() })).await?,
+            r = statuses.changed() => {
+                if r.is_err() {
+                    return Err("the engine stopped".into());
+                }
+                report_due = true;
+            }
+            _ = tokio::time::sleep_until(report_at), if report_due => {
+                let current: Statuses = statuses.borrow_and_update().clone();
+                let changed: Vec<pb::AppStatus> =
+                    current.values().filter(|s| reported.get(&s.app) != Some(*s)).cloned().collect();
+                if !changed.is_empty() {
+                    for s in &changed {
+                        reported.insert(s.app.clone(), s.clone());
+                    }
+                    send(&tx, pb::agent_message::Msg::Status(pb::StatusReport { apps: changed })).await?;
+                }
+                last_report = tokio::time::Instant::now();
+                report_due = false;
             }
             m = inbound.message() => match m {
                 Ok(Some(pb::HubMessage { msg: Some(msg) })) => match msg {
                     pb::hub_message::Msg::Desired(d) => {
-                        // Chunks of digests the new state no longer wants are dropped.
+                        // Chunks and bundles of digests the new state no longer wants are dropped.
                         chunks.retain(|digest, _| d.apps.iter().any(|a| &a.digest == digest));
+                        bundles.retain(|digest, _| d.apps.iter().any(|a| &a.digest == digest));
                         pending = Some(d);
                     }
                     pb::hub_message::Msg::Chunk(c) => {
@@ -123,127 +144,38 @@ async fn session(
             },
         }
         let Some(desired) = pending.as_ref() else { continue };
-        // Assemble complete bundles.
         for app in &desired.apps {
-            if state.bundles.contains_key(&app.digest) {
+            if bundles.contains_key(&app.digest) || app.chunks == 0 {
                 continue;
             }
             if let Some(parts) = chunks.get(&app.digest) {
-                if app.chunks > 0 && parts.len() as u32 == app.chunks {
+                if parts.len() as u32 == app.chunks {
                     let bytes: Vec<u8> = parts.values().flatten().copied().collect();
                     chunks.remove(&app.digest);
                     // Content addressing: a bundle that does not hash to its digest is never applied.
                     if digest_of(&bytes) != app.digest {
                         return Err(format!("bundle {} arrived corrupted; reconnecting", app.digest));
                     }
-                    state.bundles.insert(app.digest.clone(), bytes);
+                    bundles.insert(app.digest.clone(), Arc::new(bytes));
                 }
             }
         }
-        let ready = desired.apps.iter().all(|a| {
-            state.bundles.contains_key(&a.digest) || state.applied.get(&a.app).is_some_and(|x| x.digest == a.digest)
-        });
-        if !ready {
+        // Wait until every bundle the hub sends has arrived: a desired state is handed over whole.
+        if !desired.apps.iter().all(|a| a.chunks == 0 || bundles.contains_key(&a.digest)) {
             continue;
         }
         let desired = pending.take().unwrap_or_default();
-        let report = apply_desired(applier, state, &desired).await;
-        tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Status(report)) })
-            .await
-            .map_err(|e| e.to_string())?;
-        tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Ack(pb::Ack { seq: desired.seq })) })
-            .await
-            .map_err(|e| e.to_string())?;
+        let apps = desired
+            .apps
+            .iter()
+            .map(|a| DesiredApp {
+                app: a.app.clone(),
+                digest: a.digest.clone(),
+                revision: a.revision.clone(),
+                bundle: bundles.get(&a.digest).cloned(),
+            })
+            .collect();
+        engine.set_desired(apps).await?;
+        send(&tx, pb::agent_message::Msg::Ack(pb::Ack { seq: desired.seq })).await?;
     }
-}
-
-/// An error with its immediate cause (the API server's message).
-fn with_source(e: &dyn std::error::Error) -> String {
-    match e.source() {
-        Some(src) => format!("{e}: {src}"),
-        None => e.to_string(),
-    }
-}
-
-/// Applies every app whose digest is not applied yet (nothing is applied twice) and reports all of them.
-async fn apply_desired(applier: &Applier, state: &mut AgentState, desired: &pb::DesiredState) -> pb::StatusReport {
-    let mut report = pb::StatusReport::default();
-    for app in &desired.apps {
-        let done =
-            state.applied.get(&app.app).is_some_and(|a| a.digest == app.digest && a.phase == pb::Phase::Applied as i32);
-        if done {
-            // Same content at a newer commit: nothing to apply, but the cluster now runs that commit.
-            if let Some(a) = state.applied.get_mut(&app.app) {
-                a.revision = app.revision.clone();
-            }
-        } else {
-            let result = match state.bundles.get(&app.digest).map(|b| Bundle::parse(b)) {
-                Some(Ok(objects)) => {
-                    let total = objects.len() as u32;
-                    let mut applied = 0;
-                    let mut error = None;
-                    // The namespaces the app's objects live in, unless the app brings them itself.
-                    let own: std::collections::BTreeSet<&str> = objects
-                        .iter()
-                        .filter(|o| o.get("kind").and_then(|k| k.as_str()) == Some("Namespace"))
-                        .filter_map(|o| o.pointer("/metadata/name").and_then(|n| n.as_str()))
-                        .collect();
-                    let needed: std::collections::BTreeSet<&str> = objects
-                        .iter()
-                        .filter_map(|o| o.pointer("/metadata/namespace").and_then(|n| n.as_str()))
-                        .filter(|ns| !own.contains(ns))
-                        .collect();
-                    for ns in needed {
-                        if let Err(e) = applier.ensure_namespace(ns).await {
-                            error = Some(with_source(&e));
-                            break;
-                        }
-                    }
-                    for o in objects.iter().filter(|_| error.is_none()) {
-                        match applier.apply(o).await {
-                            Ok(()) => applied += 1,
-                            Err(e) => {
-                                error = Some(with_source(&e));
-                                break;
-                            }
-                        }
-                    }
-                    let phase = if error.is_none() { pb::Phase::Applied } else { pb::Phase::Failed };
-                    pb::AppStatus {
-                        app: app.app.clone(),
-                        digest: app.digest.clone(),
-                        revision: app.revision.clone(),
-                        phase: phase as i32,
-                        objects: total,
-                        objects_applied: applied,
-                        message: error.unwrap_or_default(),
-                    }
-                }
-                Some(Err(e)) => pb::AppStatus {
-                    app: app.app.clone(),
-                    digest: app.digest.clone(),
-                    revision: app.revision.clone(),
-                    phase: pb::Phase::Failed as i32,
-                    message: format!("the bundle is corrupt: {e}"),
-                    ..Default::default()
-                },
-                None => pb::AppStatus {
-                    app: app.app.clone(),
-                    digest: app.digest.clone(),
-                    revision: app.revision.clone(),
-                    phase: pb::Phase::Failed as i32,
-                    message: "the bundle never arrived".into(),
-                    ..Default::default()
-                },
-            };
-            info!(app = %app.app, revision = %app.revision, phase = result.phase, objects = result.objects_applied, "applied");
-            state.applied.insert(app.app.clone(), result);
-        }
-        report.apps.push(state.applied[&app.app].clone());
-    }
-    // Apps that left the desired state are no longer reported (pruning their objects comes with the
-    // agent's inventory).
-    state.applied.retain(|app, _| desired.apps.iter().any(|a| &a.app == app));
-    state.bundles.retain(|digest, _| desired.apps.iter().any(|a| &a.digest == digest));
-    report
 }

@@ -192,7 +192,11 @@ pub async fn run(once: bool, timeout: Duration) -> anyhow::Result<()> {
             cert_pem: read(&format!("clusters/{c}.pem"))?,
             key_pem: read(&format!("clusters/{c}-key.pem"))?,
         };
-        agents.push(tokio::spawn(flotilla_agent::session::run(cfg, Applier::new(client), shutdown.clone())));
+        let applier = std::sync::Arc::new(Applier::new(client));
+        let engine = flotilla_agent::engine::start(applier, Default::default(), shutdown.clone())
+            .await
+            .with_context(|| format!("starting the agent of {c}"))?;
+        agents.push(tokio::spawn(flotilla_agent::session::run(cfg, engine, shutdown.clone())));
     }
 
     let mut op = view::connect(&hub_url, "localhost", &certs, "admin").await?;

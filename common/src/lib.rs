@@ -1,7 +1,9 @@
 //! Shared by Flotilla's hub, agent and CLI: the fleet repository model and its rendering, fleet identity and
 //! TLS. It has no tonic or kube dependency; `tools` is its one module that runs processes (kustomize, helm).
 
+pub mod drift;
 pub mod fleet;
+pub mod health;
 pub mod identity;
 pub mod process;
 pub mod selector;

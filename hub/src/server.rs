@@ -24,45 +24,60 @@ use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsCo
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn, Instrument};
 
-/// What an agent last reported for one app.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppReport {
-    pub digest: String,
-    pub revision: String,
-    pub phase: i32,
-    pub objects: u32,
-    pub objects_applied: u32,
-    pub message: String,
-}
+/// What an agent last reported for one app: the agent's message itself, stored as its protobuf encoding
+/// (base64) so that every field the agent reports survives a restart of the hub.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppReport(pub pb::AppStatus);
 
 impl From<&pb::AppStatus> for AppReport {
     fn from(a: &pb::AppStatus) -> Self {
-        AppReport {
-            digest: a.digest.clone(),
-            revision: a.revision.clone(),
-            phase: a.phase,
-            objects: a.objects,
-            objects_applied: a.objects_applied,
-            message: a.message.clone(),
-        }
+        AppReport(a.clone())
     }
 }
 
 impl AppReport {
     fn to_proto(&self, app: &str) -> pb::AppStatus {
-        pb::AppStatus {
-            app: app.to_string(),
-            digest: self.digest.clone(),
-            revision: self.revision.clone(),
-            phase: self.phase,
-            objects: self.objects,
-            objects_applied: self.objects_applied,
-            message: self.message.clone(),
+        pb::AppStatus { app: app.to_string(), ..self.0.clone() }
+    }
+}
+
+impl Serialize for AppReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(prost::Message::encode_to_vec(&self.0)))
+    }
+}
+
+impl<'de> Deserialize<'de> for AppReport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine;
+        use serde::de::Error;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(b64) => {
+                let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(D::Error::custom)?;
+                let status = <pb::AppStatus as prost::Message>::decode(bytes.as_slice()).map_err(D::Error::custom)?;
+                Ok(AppReport(status))
+            }
+            // Reports stored by an earlier hub: the fields it kept.
+            serde_json::Value::Object(m) => {
+                let s = |k: &str| m.get(k).and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
+                let n = |k: &str| m.get(k).and_then(serde_json::Value::as_u64).unwrap_or_default();
+                Ok(AppReport(pb::AppStatus {
+                    digest: s("digest"),
+                    revision: s("revision"),
+                    phase: n("phase") as i32,
+                    objects: n("objects") as u32,
+                    objects_applied: n("objects_applied") as u32,
+                    message: s("message"),
+                    ..Default::default()
+                }))
+            }
+            other => Err(D::Error::custom(format!("an app report must be a string, not {other}"))),
         }
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterReport {
     pub last_seen_unix_ms: i64,
     pub apps: BTreeMap<String, AppReport>,
@@ -342,11 +357,11 @@ impl Hub {
             .iter()
             .map(|(app, d)| {
                 let applied = report.apps.get(app);
-                if applied.is_some_and(|a| a.digest == d.digest && a.phase == pb::Phase::Applied as i32) {
+                if applied.is_some_and(|a| a.0.digest == d.digest && a.0.phase == pb::Phase::Applied as i32) {
                     in_sync += 1;
                 }
                 if let Some(a) = applied {
-                    revisions.insert(a.revision.clone());
+                    revisions.insert(a.0.revision.clone());
                 }
                 api::ClusterApp {
                     app: app.clone(),

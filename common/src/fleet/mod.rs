@@ -17,7 +17,7 @@ pub mod objects;
 pub mod render;
 pub mod vars;
 
-pub use objects::{canonical_json, digest_of, Bundle};
+pub use objects::{canonical_json, digest_of, Bundle, POLICY_KEY};
 
 use crate::selector::LabelSelector;
 use objects::yaml_error;
@@ -89,6 +89,86 @@ struct AppFile {
     values: Map<String, Value>,
     #[serde(default)]
     targets: Vec<TargetFile>,
+    #[serde(default)]
+    sync: SyncPolicy,
+    #[serde(default)]
+    health: Vec<crate::health::HealthRule>,
+}
+
+/// How the agent keeps an app: pruning, drift handling, fields it leaves to other controllers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SyncPolicy {
+    /// Delete objects that left the app (only objects the agent created; never protected ones).
+    #[serde(default = "yes")]
+    pub prune: bool,
+    #[serde(default)]
+    pub drift: DriftMode,
+    /// Fields other controllers own by design: neither drift nor applied over once the object exists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore: Vec<IgnoreRule>,
+}
+
+impl Default for SyncPolicy {
+    fn default() -> Self {
+        SyncPolicy { prune: true, drift: DriftMode::Correct, ignore: Vec::new() }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftMode {
+    /// Put drifted fields back within seconds.
+    #[default]
+    Correct,
+    /// Report drift with path, desired and live values; change nothing.
+    Report,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IgnoreRule {
+    pub kind: String,
+    /// The API group; absent matches the kind in any group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// One object only; absent matches every object of the kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// JSON pointers (`/spec/replicas`); a path covers everything below it.
+    pub paths: Vec<String>,
+}
+
+impl IgnoreRule {
+    pub fn matches(&self, o: &Value) -> bool {
+        let s = |p: &str| o.pointer(p).and_then(Value::as_str).unwrap_or_default();
+        let group = s("/apiVersion").split_once('/').map_or("", |(g, _)| g);
+        self.kind == s("/kind")
+            && self.group.as_deref().is_none_or(|g| g == group)
+            && self.name.as_deref().is_none_or(|n| n == s("/metadata/name"))
+    }
+}
+
+/// What the agent needs besides the objects: travels in the bundle, so it is content-addressed and kept
+/// with the bundle in the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppPolicy {
+    #[serde(default)]
+    pub sync: SyncPolicy,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<crate::health::HealthRule>,
+}
+
+impl AppPolicy {
+    /// The ignored paths for one object.
+    pub fn ignored_paths(&self, o: &Value) -> Vec<String> {
+        self.sync.ignore.iter().filter(|r| r.matches(o)).flat_map(|r| r.paths.iter().cloned()).collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -176,6 +256,7 @@ pub struct Target {
 #[derive(Debug, Clone)]
 pub struct AppSpec {
     pub namespace: String,
+    pub policy: AppPolicy,
     pub source: Source,
     pub values: Map<String, Value>,
     /// A cluster takes its customization from the first target that selects it.
@@ -347,7 +428,21 @@ fn app_spec(app: &str, files: &Tree, defaults: &Defaults) -> Result<AppSpec, Fle
             helm_values,
         });
     }
-    Ok(AppSpec { namespace, source, values: spec.values, targets })
+    for (i, rule) in spec.sync.ignore.iter().enumerate() {
+        if let Some(p) = rule.paths.iter().find(|p| !p.starts_with('/')) {
+            return Err(field(
+                &format!("sync.ignore[{i}].paths"),
+                p,
+                format!("{p:?} must be a JSON pointer such as /spec/replicas"),
+            ));
+        }
+    }
+    if let Err(e) = crate::health::Rules::new(&spec.health) {
+        let (what, message) = e.split_once(": ").unwrap_or(("health", &e));
+        return Err(field(what, "health", message.to_string()));
+    }
+    let policy = AppPolicy { sync: spec.sync, health: spec.health };
+    Ok(AppSpec { namespace, policy, source, values: spec.values, targets })
 }
 
 fn tree_digest(files: &Tree) -> String {

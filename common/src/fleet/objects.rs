@@ -32,10 +32,16 @@ pub struct Bundle {
     pub ids: Vec<String>,
 }
 
+/// The key of a bundle's first line, which carries the app's policy rather than an object.
+pub const POLICY_KEY: &str = "flotilla.dev/policy";
+
 impl Bundle {
-    fn new(mut objects: Vec<Value>) -> Bundle {
+    fn new(mut objects: Vec<Value>, policy: &super::AppPolicy) -> Bundle {
         objects.sort_by_key(sort_key);
         let mut bytes = Vec::new();
+        let header = serde_json::json!({ POLICY_KEY: policy });
+        bytes.extend_from_slice(canonical_json(&header).as_bytes());
+        bytes.push(b'\n');
         let mut ids = Vec::with_capacity(objects.len());
         for o in &objects {
             bytes.extend_from_slice(canonical_json(o).as_bytes());
@@ -48,7 +54,21 @@ impl Bundle {
 
     /// The objects of a bundle, in apply order.
     pub fn parse(bytes: &[u8]) -> Result<Vec<Value>, serde_json::Error> {
-        bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(serde_json::from_slice).collect()
+        let all: Vec<Value> = bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(serde_json::from_slice)
+            .collect::<Result<_, _>>()?;
+        Ok(all.into_iter().filter(|v| v.get(POLICY_KEY).is_none()).collect())
+    }
+
+    /// The app's policy (the default for a bundle without one).
+    pub fn policy(bytes: &[u8]) -> Result<super::AppPolicy, serde_json::Error> {
+        let first = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+        match serde_json::from_slice::<Value>(first) {
+            Ok(mut v) if v.get(POLICY_KEY).is_some() => serde_json::from_value(v[POLICY_KEY].take()),
+            _ => Ok(super::AppPolicy::default()),
+        }
     }
 }
 
@@ -177,7 +197,7 @@ pub fn parse_manifests(file: &str, bytes: &[u8]) -> Result<Vec<Sourced>, FleetEr
 
 /// Checks every object (apiVersion, kind, metadata.name), fills in the app's namespace where an object is
 /// namespaced and names none, refuses an object defined twice, and builds the canonical bundle.
-pub fn finalize(namespace: &str, objects: Vec<Sourced>) -> Result<Bundle, FleetError> {
+pub fn finalize(namespace: &str, policy: &super::AppPolicy, objects: Vec<Sourced>) -> Result<Bundle, FleetError> {
     let custom_cluster_scoped: BTreeSet<String> = objects
         .iter()
         .filter(|o| str_at(&o.object, "/kind") == "CustomResourceDefinition")
@@ -208,5 +228,5 @@ pub fn finalize(namespace: &str, objects: Vec<Sourced>) -> Result<Bundle, FleetE
         }
         out.push(object);
     }
-    Ok(Bundle::new(out))
+    Ok(Bundle::new(out, policy))
 }

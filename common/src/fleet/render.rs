@@ -234,7 +234,7 @@ fn render_one(
                     .map_err(|message| FleetError::Object { origin: o.origin.clone(), message })?;
                 out.push(Sourced { origin: o.origin.clone(), object });
             }
-            finalize(&spec.namespace, out)
+            finalize(&spec.namespace, &spec.policy, out)
         }
         Base::Helm { values, .. } => {
             let Source::Helm(h) = &spec.source else { unreachable!("a Helm base comes from a Helm source") };
@@ -254,7 +254,7 @@ fn render_one(
                 .helm_template(&app.files, &inv)
                 .map_err(|e| render_error(app, format!("helm template {} failed: {e}", h.chart)))?;
             let origin = format!("apps/{}/{} (helm output)", app.name, h.chart);
-            finalize(&spec.namespace, parse_manifests(&origin, out.as_bytes())?)
+            finalize(&spec.namespace, &spec.policy, parse_manifests(&origin, out.as_bytes())?)
         }
     }
 }

@@ -463,3 +463,50 @@ proptest! {
         prop_assert_eq!(digests(&first), digests(&second));
     }
 }
+
+#[test]
+fn the_sync_policy_travels_in_the_bundle() {
+    let mut t = example();
+    t.insert(
+        "apps/shop/app.yaml".into(),
+        b"namespace: shop\ntargets: [{selector: {}}]\nsync:\n  prune: false\n  drift: report\n  ignore:\n  - {kind: Deployment, group: apps, paths: [/spec/replicas]}\nhealth:\n- kind: Widget\n  healthy: object.status.ready == true\n".to_vec(),
+    );
+    let r = render(&t);
+    let b = r.clusters["eu-1"]["shop"].as_ref().unwrap();
+    let policy = Bundle::policy(&b.bytes).unwrap();
+    assert!(!policy.sync.prune);
+    assert_eq!(policy.sync.drift, DriftMode::Report);
+    assert_eq!(policy.health[0].kind, "Widget");
+    let deploy = Bundle::parse(&b.bytes).unwrap().into_iter().find(|o| o["kind"] == "Deployment").unwrap();
+    assert_eq!(policy.ignored_paths(&deploy), vec!["/spec/replicas"]);
+    assert_eq!(Bundle::parse(&b.bytes).unwrap().len(), b.objects, "the header is not an object");
+    // A policy change is a new bundle.
+    let plain = render(&example());
+    assert_ne!(plain.clusters["eu-1"]["shop"].as_ref().unwrap().digest, b.digest);
+    assert_eq!(Bundle::policy(&plain.clusters["eu-1"]["shop"].as_ref().unwrap().bytes).unwrap(), AppPolicy::default());
+}
+
+#[test]
+fn sync_policy_errors_name_the_field() {
+    let mut t = example();
+    let err = |t: &Tree| parse(t).apps["shop"].spec.as_ref().unwrap_err().to_string();
+    t.insert("apps/shop/app.yaml".into(), b"namespace: shop\nsync: {drift: fix}\n".to_vec());
+    assert!(
+        err(&t).starts_with("apps/shop/app.yaml:2: sync.drift: unknown variant `fix`, expected `correct` or `report`"),
+        "{}",
+        err(&t)
+    );
+    t.insert(
+        "apps/shop/app.yaml".into(),
+        b"namespace: shop\nsync:\n  ignore: [{kind: Deployment, paths: [spec.replicas]}]\n".to_vec(),
+    );
+    assert_eq!(
+        err(&t),
+        "apps/shop/app.yaml:3: sync.ignore[0].paths: \"spec.replicas\" must be a JSON pointer such as /spec/replicas"
+    );
+    t.insert(
+        "apps/shop/app.yaml".into(),
+        b"namespace: shop\nhealth:\n- {kind: Widget, healthy: 'object.status.('}\n".to_vec(),
+    );
+    assert!(err(&t).starts_with("apps/shop/app.yaml:2: health[0].healthy: invalid CEL"), "{}", err(&t));
+}
