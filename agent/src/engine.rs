@@ -161,6 +161,8 @@ struct AppRun {
     fighting: HashMap<usize, Instant>,
     /// An app whose bundle could not be read: the reason.
     broken: Option<String>,
+    /// Why the last attempt could not start (an unknown kind), shown while it backs off.
+    problem: Option<String>,
 }
 
 impl AppRun {
@@ -189,6 +191,7 @@ impl AppRun {
             corrections: HashMap::new(),
             fighting: HashMap::new(),
             broken: None,
+            problem: None,
         };
         let parsed = Bundle::parse(&bundle).map_err(|e| e.to_string()).and_then(|objects| {
             let policy = Bundle::policy(&bundle).map_err(|e| e.to_string())?;
@@ -465,27 +468,33 @@ impl Engine {
         if run.broken.is_some() {
             return;
         }
-        if let Err(e) = self.prepare(run).await {
-            run.waiting = Some(e);
-            run.failures += 1;
-            run.retry_at = Some(Instant::now() + backoff(run.failures));
-            return;
-        }
-        if run.stage == usize::MAX {
-            // Restarted with an applied state: nothing to apply, only enforcement.
-            run.stage = run.stages.len();
-        }
         if let Some(at) = run.retry_at {
             if Instant::now() < at {
-                run.waiting = Some(format!("retrying in {} s", (at - Instant::now()).as_secs().max(1)));
+                let left = (at - Instant::now()).as_secs() + 1;
+                let problem = run.problem.as_deref().map(|p| format!("{p}; ")).unwrap_or_default();
+                run.waiting = Some(format!("{problem}retrying in {left} s (attempt {} failed)", run.failures));
                 self.enforce(run).await;
                 return;
             }
             run.retry_at = None;
-            if run.stage >= run.stages.len() && !run.errors.is_empty() {
-                // A retry of a failed apply starts over (unchanged objects are no-ops under server-side apply).
-                run.stage = 0;
-            }
+        }
+        if let Err(e) = self.prepare(run).await {
+            run.failures += 1;
+            let wait = backoff(run.failures);
+            run.waiting = Some(format!("{e}; retrying in {} s (attempt {} failed)", wait.as_secs() + 1, run.failures));
+            run.problem = Some(e);
+            run.retry_at = Some(Instant::now() + wait);
+            return;
+        }
+        run.problem = None;
+        if run.stage == usize::MAX {
+            // Restarted with an applied state: nothing to apply, only enforcement.
+            run.stage = run.stages.len();
+        }
+        if run.stage >= run.stages.len() && !run.errors.is_empty() {
+            // The backoff of a failed apply is over: start again (unchanged objects are no-ops under
+            // server-side apply).
+            run.stage = 0;
         }
         let mut progressed = false;
         while run.stage < run.stages.len() {
@@ -567,6 +576,16 @@ impl Engine {
             .buffer_unordered(64)
             .collect()
             .await;
+        // Kinds a CRD of this app brought are watched once they exist.
+        let mut kinds = BTreeSet::new();
+        for (i, r) in &results {
+            let o = &run.refs[*i];
+            if r.is_ok() && kinds.insert((o.api_version.clone(), o.kind.clone())) && !self.cache.synced(o) {
+                if let Ok((ar, _)) = self.applier.resource(o).await {
+                    self.cache.watch(&ar);
+                }
+            }
+        }
         let mut transient = false;
         for (i, r) in results {
             match r {
@@ -623,7 +642,8 @@ impl Engine {
 
     /// Drift: correct (re-apply the object) or leave it for the report.
     async fn enforce(&self, run: &mut AppRun) {
-        if run.policy.sync.drift != DriftMode::Correct || run.stage < run.stages.len() {
+        let planned = !run.stages.is_empty();
+        if run.policy.sync.drift != DriftMode::Correct || !planned || run.stage < run.stages.len() {
             return;
         }
         let now = Instant::now();
