@@ -53,6 +53,16 @@ fn phase(p: i32) -> &'static str {
     }
 }
 
+fn health(h: i32) -> &'static str {
+    match flotilla_proto::agent::v1::Health::try_from(h).unwrap_or(flotilla_proto::agent::v1::Health::Unspecified) {
+        flotilla_proto::agent::v1::Health::Unspecified => "-",
+        flotilla_proto::agent::v1::Health::Healthy => "Healthy",
+        flotilla_proto::agent::v1::Health::Progressing => "Progressing",
+        flotilla_proto::agent::v1::Health::Missing => "Missing",
+        flotilla_proto::agent::v1::Health::Degraded => "Degraded",
+    }
+}
+
 fn ago(ms: i64) -> String {
     if ms <= 0 {
         return "never".into();
@@ -86,6 +96,10 @@ pub fn cluster_json(c: &Cluster) -> Value {
             "applied": a.applied.as_ref().map(|s| json!({
                 "digest": s.digest, "revision": s.revision, "phase": phase(s.phase),
                 "objects": s.objects, "objectsApplied": s.objects_applied, "message": s.message,
+                "health": health(s.health), "healthReason": s.health_reason,
+                "ready": s.ready, "notReady": s.not_ready, "drifted": s.drifted, "missing": s.missing,
+                "pruned": s.pruned, "reasons": s.reasons, "driftPolicy": if s.corrects_drift { "correct" } else { "report" },
+                "drift": s.drift.iter().map(|d| json!({"object": d.object, "path": d.path, "desired": d.desired, "live": d.live})).collect::<Vec<_>>(),
             })),
         })).collect::<Vec<_>>(),
     })
@@ -164,30 +178,52 @@ pub fn render_cluster(c: &Cluster, out: Output) -> anyhow::Result<String> {
         ago(c.last_seen_unix_ms)
     );
     s.push_str(&format!(
-        "{:<20} {:<13} {:<13} {:<9} {:<8} {}\n",
-        "APP", "DESIRED", "APPLIED", "PHASE", "OBJECTS", "MESSAGE"
+        "{:<20} {:<13} {:<13} {:<9} {:<12} {:<22} {}\n",
+        "APP", "DESIRED", "APPLIED", "PHASE", "HEALTH", "READY/DRIFT/MISSING", "MESSAGE"
     ));
+    let mut details = String::new();
     for a in &c.apps {
-        let (applied, ph, objs, msg) = match &a.applied {
-            Some(s) => (
-                short(&s.revision).to_string(),
-                phase(s.phase),
-                format!("{}/{}", s.objects_applied, s.objects),
-                s.message.clone(),
+        let (applied, ph, hl, counts, msg) = match &a.applied {
+            Some(st) => (
+                short(&st.revision).to_string(),
+                phase(st.phase),
+                health(st.health),
+                format!("{}/{} {} {}", st.ready, st.objects, st.drifted, st.missing),
+                if !st.message.is_empty() { st.message.clone() } else { st.health_reason.clone() },
             ),
-            None => ("-".into(), "Pending", "-".into(), String::new()),
+            None => ("-".into(), "Pending", "-", "-".into(), String::new()),
         };
         // A rendering error of the newest commit comes first: it says why the cluster is not on it.
         let msg = if a.error.is_empty() { msg } else { a.error.clone() };
         s.push_str(&format!(
-            "{:<20} {:<13} {:<13} {:<9} {:<8} {}\n",
+            "{:<20} {:<13} {:<13} {:<9} {:<12} {:<22} {}\n",
             a.app,
             short(&a.desired_revision),
             applied,
             ph,
-            objs,
+            hl,
+            counts,
             msg
         ));
+        if let Some(st) = &a.applied {
+            for r in st.reasons.iter().filter(|r| **r != msg) {
+                details.push_str(&format!("  {}: {r}\n", a.app));
+            }
+            for d in &st.drift {
+                let verb = if st.corrects_drift { "corrected" } else { "drifted" };
+                details.push_str(&format!(
+                    "  {}: {verb}: {} {}: desired {} live {}\n",
+                    a.app, d.object, d.path, d.desired, d.live
+                ));
+            }
+            if st.pruned > 0 {
+                details.push_str(&format!("  {}: pruned {} objects\n", a.app, st.pruned));
+            }
+        }
+    }
+    if !details.is_empty() {
+        s.push('\n');
+        s.push_str(&details);
     }
     Ok(s)
 }
