@@ -55,7 +55,8 @@ fn app_tree() -> Tree {
     .collect()
 }
 
-/// The child process: a simulator with one cluster; prints its kubeconfig path, runs until stdin closes.
+/// The child process: renders the bundle and starts a simulator with one cluster; prints the kubeconfig and
+/// bundle paths, runs until stdin closes. (Rendering here keeps its memory out of the agent's numbers.)
 fn simulator_child() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
@@ -67,7 +68,11 @@ fn simulator_child() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.kubeconfig");
         std::fs::write(&path, sim.kubeconfig("c")).expect("kubeconfig");
-        println!("{}", path.display());
+        let r = render_fleet(&parse(&app_tree()), &SystemTools::detect(), &mut RenderCache::default());
+        let b = r.clusters["c"]["big"].as_ref().expect("bundle");
+        let bundle = dir.path().join("bundle");
+        std::fs::write(&bundle, &b.bytes).expect("bundle");
+        println!("{} {} {}", path.display(), bundle.display(), b.digest);
         let _ = tokio::task::spawn_blocking(|| {
             let mut s = String::new();
             let _ = std::io::stdin().read_line(&mut s);
@@ -90,15 +95,18 @@ fn main() {
         .expect("simulator child");
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("kubeconfig path");
-    let kubeconfig = line.trim().to_string();
+    let mut parts = line.split_whitespace();
+    let (kubeconfig, bundle_path, digest) = (
+        parts.next().expect("kubeconfig").to_string(),
+        parts.next().expect("bundle").to_string(),
+        parts.next().expect("digest").to_string(),
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async move {
-        let r = render_fleet(&parse(&app_tree()), &SystemTools::detect(), &mut RenderCache::default());
-        let b = r.clusters["c"]["big"].as_ref().expect("bundle").clone();
-        let objects = b.objects;
-        let desired = DesiredApp { app: "big".into(), digest: b.digest.clone(), revision: "r1".into(), bundle: Some(Arc::new(b.bytes.clone())) };
-        drop(r);
+        let bytes = std::fs::read(&bundle_path).expect("bundle");
+        let objects = flotilla_common::fleet::Bundle::parse(&bytes).expect("bundle").len();
+        let desired = DesiredApp { app: "big".into(), digest, revision: "r1".into(), bundle: Some(Arc::new(bytes)) };
         let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
         let client = kube::Client::try_from(cfg).expect("client");

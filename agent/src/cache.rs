@@ -32,7 +32,12 @@ fn key_of_value(o: &Value) -> Key {
 
 pub struct Cache {
     client: Client,
-    objects: RwLock<HashMap<Key, Arc<Value>>>,
+    /// Live objects as compact JSON (managedFields removed): a few times smaller than parsed values.
+    objects: RwLock<HashMap<Key, Arc<str>>>,
+    /// Keys changed since the engine last looked.
+    dirty: Mutex<HashSet<Key>>,
+    /// Bumped when a kind's first list completes (absence of its objects becomes meaningful).
+    synced_generation: std::sync::atomic::AtomicU64,
     /// (group, kind) watched, and whether its first list completed.
     watched: Mutex<HashMap<(String, String), bool>>,
     /// Woken on every change.
@@ -45,14 +50,31 @@ impl Cache {
         Arc::new(Cache {
             client,
             objects: RwLock::default(),
+            dirty: Mutex::default(),
+            synced_generation: Default::default(),
             watched: Mutex::default(),
             changed: Notify::new(),
             shutdown,
         })
     }
 
-    pub fn get(&self, r: &ObjectRef) -> Option<Arc<Value>> {
-        self.objects.read().unwrap_or_else(|p| p.into_inner()).get(&key_of(r)).cloned()
+    /// The live object, parsed.
+    pub fn get(&self, r: &ObjectRef) -> Option<Value> {
+        let text = self.objects.read().unwrap_or_else(|p| p.into_inner()).get(&key_of(r)).cloned()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn contains(&self, r: &ObjectRef) -> bool {
+        self.objects.read().unwrap_or_else(|p| p.into_inner()).contains_key(&key_of(r))
+    }
+
+    /// The keys changed since the last call.
+    pub fn take_dirty(&self) -> HashSet<Key> {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn synced_generation(&self) -> u64 {
+        self.synced_generation.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the kind's watch has listed everything once (before that, absence means nothing).
@@ -104,42 +126,60 @@ impl Cache {
     }
 
     fn on_event(&self, gk: &(String, String), ev: watcher::Event<DynamicObject>, initial: &mut Option<HashSet<Key>>) {
-        let value = |o: DynamicObject| -> Option<Value> {
+        let text = |o: DynamicObject| -> Option<(Key, Arc<str>)> {
             let mut v = serde_json::to_value(o).ok()?;
             // managedFields are large and never read here.
             if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
                 m.remove("managedFields");
             }
-            Some(v)
+            Some((key_of_value(&v), Arc::from(v.to_string())))
         };
+        let mut dirty = Vec::new();
+        let mut synced = false;
         match ev {
             watcher::Event::Init => *initial = Some(HashSet::new()),
             watcher::Event::InitApply(o) | watcher::Event::Apply(o) => {
-                if let Some(v) = value(o) {
-                    let k = key_of_value(&v);
+                if let Some((k, t)) = text(o) {
                     if let Some(seen) = initial.as_mut() {
                         seen.insert(k.clone());
                     }
-                    self.objects.write().unwrap_or_else(|p| p.into_inner()).insert(k, Arc::new(v));
+                    let mut objects = self.objects.write().unwrap_or_else(|p| p.into_inner());
+                    if objects.get(&k).is_none_or(|old| **old != *t) {
+                        objects.insert(k.clone(), t);
+                        dirty.push(k);
+                    }
                 }
             }
             watcher::Event::Delete(o) => {
-                if let Some(v) = value(o) {
-                    self.objects.write().unwrap_or_else(|p| p.into_inner()).remove(&key_of_value(&v));
+                if let Some((k, _)) = text(o) {
+                    self.objects.write().unwrap_or_else(|p| p.into_inner()).remove(&k);
+                    dirty.push(k);
                 }
             }
             watcher::Event::InitDone => {
                 // Objects of this kind not in the new list are gone.
                 if let Some(seen) = initial.take() {
-                    self.objects
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .retain(|k, _| (&k.0, &k.1) != (&gk.0, &gk.1) || seen.contains(k));
+                    self.objects.write().unwrap_or_else(|p| p.into_inner()).retain(|k, _| {
+                        let keep = (&k.0, &k.1) != (&gk.0, &gk.1) || seen.contains(k);
+                        if !keep {
+                            dirty.push(k.clone());
+                        }
+                        keep
+                    });
                 }
-                self.watched.lock().unwrap_or_else(|p| p.into_inner()).insert(gk.clone(), true);
+                let first =
+                    self.watched.lock().unwrap_or_else(|p| p.into_inner()).insert(gk.clone(), true) != Some(true);
+                if first {
+                    self.synced_generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    synced = true;
+                }
                 debug!("initial list complete");
             }
         }
+        if dirty.is_empty() && !synced {
+            return;
+        }
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).extend(dirty);
         self.changed.notify_one();
     }
 }

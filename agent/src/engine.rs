@@ -138,9 +138,16 @@ struct AppRun {
     bundle: Arc<Vec<u8>>,
     policy: AppPolicy,
     rules: Rules,
-    objects: Vec<Value>,
+    /// Each object's line in the bundle: desired objects are parsed when used, not kept parsed.
+    lines: Vec<(usize, usize)>,
     refs: Vec<ObjectRef>,
     ignore: Vec<Vec<String>>,
+    waves: Vec<i64>,
+    /// Namespaces the app brings itself, and the scope of kinds its CRDs define (kind → namespaced).
+    own_namespaces: BTreeSet<String>,
+    crd_kinds: HashMap<String, bool>,
+    /// Health and drift of each object, recomputed when the cache says the object changed.
+    evals: Vec<Option<Eval>>,
     /// Object indices per stage, in order; `gate[i]`: stage i waits for stage i-1 to be healthy.
     stages: Vec<Vec<usize>>,
     gate: Vec<bool>,
@@ -165,6 +172,17 @@ struct AppRun {
     problem: Option<String>,
 }
 
+/// One object's health and drift, as last evaluated.
+#[derive(Debug, Clone)]
+struct Eval {
+    health: Health,
+    drift: Vec<DriftItem>,
+    /// The object exists in the cluster.
+    present: bool,
+    /// Its kind's watch has listed everything once (so absence means missing).
+    synced: bool,
+}
+
 impl AppRun {
     fn new(name: &str, digest: &str, revision: &str, bundle: Arc<Vec<u8>>, inventory: BTreeSet<ObjectRef>) -> AppRun {
         let mut run = AppRun {
@@ -174,9 +192,13 @@ impl AppRun {
             bundle: bundle.clone(),
             policy: AppPolicy::default(),
             rules: Rules::default(),
-            objects: Vec::new(),
+            lines: Vec::new(),
             refs: Vec::new(),
             ignore: Vec::new(),
+            waves: Vec::new(),
+            own_namespaces: BTreeSet::new(),
+            crd_kinds: HashMap::new(),
+            evals: Vec::new(),
             stages: Vec::new(),
             gate: Vec::new(),
             stage: 0,
@@ -193,42 +215,66 @@ impl AppRun {
             broken: None,
             problem: None,
         };
-        let parsed = Bundle::parse(&bundle).map_err(|e| e.to_string()).and_then(|objects| {
-            let policy = Bundle::policy(&bundle).map_err(|e| e.to_string())?;
-            let rules = Rules::new(&policy.health)?;
-            Ok((objects, policy, rules))
-        });
-        match parsed {
-            Ok((mut objects, policy, rules)) => {
-                for o in &mut objects {
-                    if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
-                        let labels = m.entry("labels").or_insert_with(|| Value::Object(Default::default()));
-                        if let Some(l) = labels.as_object_mut() {
-                            l.insert(APP_LABEL.to_string(), Value::String(name.to_string()));
-                        }
-                    }
-                }
-                run.refs = objects.iter().map(ObjectRef::of).collect();
-                run.ignore = objects.iter().map(|o| policy.ignored_paths(o)).collect();
-                run.objects = objects;
-                run.policy = policy;
-                run.rules = rules;
-            }
-            Err(e) => run.broken = Some(format!("the bundle cannot be read: {e}")),
+        if let Err(e) = run.read_bundle() {
+            run.broken = Some(format!("the bundle cannot be read: {e}"));
         }
         run
     }
 
+    /// Indexes the bundle's objects (one pass; nothing parsed is kept).
+    fn read_bundle(&mut self) -> Result<(), String> {
+        let bundle = self.bundle.clone();
+        self.policy = Bundle::policy(&bundle).map_err(|e| e.to_string())?;
+        self.rules = Rules::new(&self.policy.health)?;
+        let wave_pointer = format!("/metadata/annotations/{}", WAVE_ANNOTATION.replace('/', "~1"));
+        let mut start = 0;
+        for line in bundle.split(|b| *b == b'\n') {
+            let range = (start, start + line.len());
+            start += line.len() + 1;
+            if line.is_empty() {
+                continue;
+            }
+            let o: Value = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+            if o.get(flotilla_common::fleet::POLICY_KEY).is_some() {
+                continue;
+            }
+            match str_at(&o, "/kind") {
+                "Namespace" => {
+                    self.own_namespaces.insert(str_at(&o, "/metadata/name").to_string());
+                }
+                "CustomResourceDefinition" => {
+                    self.crd_kinds
+                        .insert(str_at(&o, "/spec/names/kind").to_string(), str_at(&o, "/spec/scope") != "Cluster");
+                }
+                _ => {}
+            }
+            self.lines.push(range);
+            self.refs.push(ObjectRef::of(&o));
+            self.ignore.push(self.policy.ignored_paths(&o));
+            self.waves.push(str_at(&o, &wave_pointer).parse::<i64>().unwrap_or(0));
+        }
+        self.evals = vec![None; self.refs.len()];
+        Ok(())
+    }
+
+    /// Object `i` as the agent applies it: the bundle's object with the app's label.
+    fn desired(&self, i: usize) -> Value {
+        let (a, b) = self.lines[i];
+        let mut o: Value = serde_json::from_slice(&self.bundle[a..b]).unwrap_or(Value::Null);
+        if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+            let labels = m.entry("labels").or_insert_with(|| Value::Object(Default::default()));
+            if let Some(l) = labels.as_object_mut() {
+                l.insert(APP_LABEL.to_string(), Value::String(self.name.clone()));
+            }
+        }
+        o
+    }
+
     /// Splits the objects into stages once kinds are resolved (scope comes from discovery).
     fn plan(&mut self, namespaced: &[bool]) {
-        let wave = |o: &Value| {
-            str_at(o, &format!("/metadata/annotations/{}", WAVE_ANNOTATION.replace('/', "~1")))
-                .parse::<i64>()
-                .unwrap_or(0)
-        };
         let mut keyed: BTreeMap<(i64, u8), Vec<usize>> = BTreeMap::new();
-        for (i, o) in self.objects.iter().enumerate() {
-            keyed.entry((wave(o), kind_rank(str_at(o, "/kind"), namespaced[i]))).or_default().push(i);
+        for (i, r) in self.refs.iter().enumerate() {
+            keyed.entry((self.waves[i], kind_rank(&r.kind, namespaced[i]))).or_default().push(i);
         }
         let mut prev: Option<(i64, u8)> = None;
         self.stages.clear();
@@ -253,21 +299,40 @@ impl AppRun {
     }
 }
 
-/// A health verdict for one object, with its name.
-fn object_health(run: &AppRun, cache: &Cache, i: usize) -> (Health, Option<Arc<Value>>) {
-    let r = &run.refs[i];
-    match cache.get(r) {
-        Some(live) => (run.rules.check(&live), Some(live)),
-        None if cache.synced(r) => (Health::missing(), None),
-        None => (
-            Health {
-                status: Status::Progressing,
-                reason: "NotObserved".into(),
-                message: "waiting for the watch".into(),
+/// Evaluates the objects whose evaluation is stale: health from the live object (or missing), drift of
+/// the fields the desired object sets.
+fn evaluate(run: &mut AppRun, cache: &Cache) {
+    for i in 0..run.evals.len() {
+        if run.evals[i].is_some() {
+            continue;
+        }
+        let r = &run.refs[i];
+        let synced = cache.synced(r);
+        let eval = match cache.get(r) {
+            Some(live) => Eval {
+                health: run.rules.check(&live),
+                drift: drift(&run.desired(i), &live, &run.ignore[i]),
+                present: true,
+                synced,
             },
-            None,
-        ),
+            None if synced => Eval { health: Health::missing(), drift: Vec::new(), present: false, synced },
+            None => Eval {
+                health: Health {
+                    status: Status::Progressing,
+                    reason: "NotObserved".into(),
+                    message: "waiting for the watch".into(),
+                },
+                drift: Vec::new(),
+                present: false,
+                synced,
+            },
+        };
+        run.evals[i] = Some(eval);
     }
+}
+
+fn eval_of(run: &AppRun, i: usize) -> Option<&Eval> {
+    run.evals.get(i).and_then(Option::as_ref)
 }
 
 struct Engine {
@@ -275,6 +340,9 @@ struct Engine {
     cache: Arc<Cache>,
     store: StateStore,
     apps: BTreeMap<String, AppRun>,
+    /// Cache key → (app, object index), to invalidate evaluations when objects change.
+    index: HashMap<crate::cache::Key, (String, usize)>,
+    synced_seen: u64,
     statuses: watch::Sender<Statuses>,
     held: watch::Sender<BTreeMap<String, (String, String)>>,
     cfg: EngineConfig,
@@ -309,7 +377,8 @@ pub async fn start(
     let (statuses, status_rx) = watch::channel(Statuses::default());
     let (held, held_rx) = watch::channel(BTreeMap::new());
     let (tx, rx) = mpsc::channel(8);
-    let mut engine = Engine { applier, cache, store, apps, statuses, held, cfg };
+    let mut engine = Engine { applier, cache, store, apps, index: HashMap::new(), synced_seen: 0, statuses, held, cfg };
+    engine.reindex();
     for run in engine.apps.values_mut() {
         if run.applied {
             // Already applied before the restart: resolve kinds and watch, apply nothing.
@@ -335,6 +404,33 @@ impl Engine {
                 },
                 _ = cache.changed.notified() => tokio::time::sleep(self.cfg.debounce).await,
                 _ = tick => {}
+            }
+        }
+    }
+
+    fn reindex(&mut self) {
+        self.index.clear();
+        for (name, run) in &self.apps {
+            for (i, r) in run.refs.iter().enumerate() {
+                self.index.insert(crate::cache::key_of(r), (name.clone(), i));
+            }
+        }
+    }
+
+    /// Marks evaluations stale for every object the cache saw change.
+    fn invalidate(&mut self) {
+        let generation = self.cache.synced_generation();
+        if generation != self.synced_seen {
+            self.synced_seen = generation;
+            for run in self.apps.values_mut() {
+                run.evals.iter_mut().for_each(|e| *e = None);
+            }
+        }
+        for k in self.cache.take_dirty() {
+            if let Some((app, i)) = self.index.get(&k) {
+                if let Some(e) = self.apps.get_mut(app).and_then(|r| r.evals.get_mut(*i)) {
+                    *e = None;
+                }
             }
         }
     }
@@ -403,15 +499,17 @@ impl Engine {
                     inventory.extend(run.refs.iter().cloned());
                     let run = AppRun { inventory, ..run };
                     self.save(&run).await;
-                    info!(app = %d.app, digest = %d.digest, objects = run.objects.len(), "new desired state");
+                    info!(app = %d.app, digest = %d.digest, objects = run.refs.len(), "new desired state");
                     self.apps.insert(d.app.clone(), run);
                 }
             }
         }
+        self.reindex();
         self.publish_held();
     }
 
     async fn step_all(&mut self) {
+        self.invalidate();
         let names: Vec<String> = self.apps.keys().cloned().collect();
         let mut statuses = BTreeMap::new();
         for name in names {
@@ -428,7 +526,7 @@ impl Engine {
 
     /// Resolves kinds (scope, and a watch for each), then plans stages once.
     async fn prepare(&self, run: &mut AppRun) -> Result<(), String> {
-        if !run.stages.is_empty() || run.objects.is_empty() {
+        if !run.stages.is_empty() || run.refs.is_empty() {
             return Ok(());
         }
         let mut namespaced = Vec::with_capacity(run.refs.len());
@@ -444,17 +542,10 @@ impl Engine {
                         ns
                     }
                     // A kind a CRD of this app will bring: namespaced unless the CRD says otherwise.
-                    Err(ApplyError::UnknownKind { .. }) => {
-                        let crd_scope = run.objects.iter().find(|o| {
-                            str_at(o, "/kind") == "CustomResourceDefinition" && str_at(o, "/spec/names/kind") == r.kind
-                        });
-                        match crd_scope {
-                            Some(crd) => str_at(crd, "/spec/scope") != "Cluster",
-                            None => {
-                                return Err(format!("{r}: the cluster does not serve {} {}", r.api_version, r.kind))
-                            }
-                        }
-                    }
+                    Err(ApplyError::UnknownKind { .. }) => match run.crd_kinds.get(&r.kind) {
+                        Some(namespaced) => *namespaced,
+                        None => return Err(format!("{r}: the cluster does not serve {} {}", r.api_version, r.kind)),
+                    },
                     Err(e) => return Err(e.full()),
                 },
             };
@@ -468,6 +559,7 @@ impl Engine {
         if run.broken.is_some() {
             return;
         }
+        evaluate(run, &self.cache);
         if let Some(at) = run.retry_at {
             if Instant::now() < at {
                 let left = (at - Instant::now()).as_secs() + 1;
@@ -525,26 +617,20 @@ impl Engine {
 
     /// Why stage `s` is not healthy yet, if it is not.
     fn unhealthy(&self, run: &AppRun, s: usize) -> Option<String> {
-        run.stages[s].iter().find_map(|i| {
-            let (h, _) = object_health(run, &self.cache, *i);
-            (h.status != Status::Healthy)
-                .then(|| format!("waiting for {} to become healthy: {}", run.refs[*i], h.describe()))
+        run.stages[s].iter().find_map(|i| match eval_of(run, *i) {
+            Some(e) if e.health.status == Status::Healthy => None,
+            Some(e) => Some(format!("waiting for {} to become healthy: {}", run.refs[*i], e.health.describe())),
+            None => Some(format!("waiting for {}", run.refs[*i])),
         })
     }
 
     /// Applies objects concurrently (the applier bounds API calls). Returns true when a failure is worth a
     /// retry of the whole app later (anything but the API rejecting an object).
     async fn apply_objects(&self, run: &mut AppRun, indices: &[usize]) -> bool {
-        let own: BTreeSet<&str> = run
-            .objects
-            .iter()
-            .filter(|o| str_at(o, "/kind") == "Namespace")
-            .map(|o| str_at(o, "/metadata/name"))
-            .collect();
         let needed: BTreeSet<String> = indices
             .iter()
             .map(|i| run.refs[*i].namespace.clone())
-            .filter(|ns| !ns.is_empty() && !own.contains(ns.as_str()))
+            .filter(|ns| !ns.is_empty() && !run.own_namespaces.contains(ns))
             .collect();
         for ns in needed {
             if let Err(e) = self.applier.ensure_namespace(&ns).await {
@@ -559,9 +645,9 @@ impl Engine {
         let objs: Vec<(usize, Value)> = indices
             .iter()
             .map(|i| {
-                let mut obj = run.objects[*i].clone();
+                let mut obj = run.desired(*i);
                 // Fields other controllers own are set on creation only.
-                if !run.ignore[*i].is_empty() && self.cache.get(&run.refs[*i]).is_some() {
+                if !run.ignore[*i].is_empty() && self.cache.contains(&run.refs[*i]) {
                     strip(&mut obj, &run.ignore[*i]);
                 }
                 (*i, obj)
@@ -649,15 +735,11 @@ impl Engine {
         let now = Instant::now();
         run.fighting.retain(|_, until| *until > now);
         let mut to_fix = Vec::new();
-        for i in 0..run.objects.len() {
+        for i in 0..run.refs.len() {
             if run.errors.contains_key(&i) || run.fighting.contains_key(&i) {
                 continue;
             }
-            let r = &run.refs[i];
-            let drifted = match self.cache.get(r) {
-                Some(live) => !drift(&run.objects[i], &live, &run.ignore[i]).is_empty(),
-                None => self.cache.synced(r),
-            };
+            let drifted = eval_of(run, i).is_some_and(|e| !e.drift.is_empty() || (!e.present && e.synced));
             if drifted {
                 to_fix.push(i);
             }
@@ -688,7 +770,7 @@ impl Engine {
             app: run.name.clone(),
             digest: run.digest.clone(),
             revision: run.revision.clone(),
-            objects: run.objects.len() as u32,
+            objects: run.refs.len() as u32,
             corrects_drift: run.policy.sync.drift == DriftMode::Correct,
             pruned: run.pruned,
             ..Default::default()
@@ -716,26 +798,24 @@ impl Engine {
             let _ = i;
             reasons.push(e.clone());
         }
-        for i in 0..run.objects.len() {
-            let (h, live) = object_health(run, &self.cache, i);
+        for i in 0..run.refs.len() {
+            let Some(e) = eval_of(run, i) else { continue };
+            let h = &e.health;
             match h.status {
                 Status::Healthy => s.ready += 1,
                 Status::Missing => s.missing += 1,
                 _ => s.not_ready += 1,
             }
-            if let Some(live) = &live {
-                let items = drift(&run.objects[i], live, &run.ignore[i]);
-                if !items.is_empty() {
-                    s.drifted += 1;
-                    for DriftItem { path, desired, live } in items {
-                        if s.drift.len() < FIRST * 2 {
-                            s.drift.push(pb::DriftItem {
-                                object: run.refs[i].to_string(),
-                                path,
-                                desired: desired.to_string(),
-                                live: live.to_string(),
-                            });
-                        }
+            if !e.drift.is_empty() {
+                s.drifted += 1;
+                for DriftItem { path, desired, live } in &e.drift {
+                    if s.drift.len() < FIRST * 2 {
+                        s.drift.push(pb::DriftItem {
+                            object: run.refs[i].to_string(),
+                            path: path.clone(),
+                            desired: desired.to_string(),
+                            live: live.to_string(),
+                        });
                     }
                 }
             }
@@ -744,8 +824,8 @@ impl Engine {
                 if reasons.len() < FIRST {
                     reasons.push(text.clone());
                 }
-                if worst.as_ref().is_none_or(|(w, _)| h.status > w.status) {
-                    worst = Some((h, text));
+                if worst.as_ref().is_none_or(|(w, _): &(Health, String)| h.status > w.status) {
+                    worst = Some((h.clone(), text));
                 }
             }
         }
@@ -818,7 +898,7 @@ mod tests {
         run.plan(&[true, true, false, false, true, false]);
         assert_eq!(run.stages, vec![vec![4], vec![2], vec![3], vec![5], vec![0, 1]]);
         assert_eq!(run.gate, vec![false, true, true, false, false], "wave -1 before wave 0; CRDs gate what follows");
-        assert_eq!(run.objects[0]["metadata"]["labels"][APP_LABEL], "shop", "every object carries its app");
+        assert_eq!(run.desired(0)["metadata"]["labels"][APP_LABEL], "shop", "every object carries its app");
     }
 
     #[test]
