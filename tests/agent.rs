@@ -99,8 +99,10 @@ async fn a_restarted_agent_enforces_without_the_hub_and_the_view_shows_the_truth
     let _hub = start_hub(tmp, port, &url);
     let c = eventually(60, "the view after the reconnect", || async {
         let c = cluster(&certs, port).await?;
-        let notes = app(&c, "notes")?;
-        (c.connected && notes.drifted == 1 && app(&c, "shop")?.health == pb::Health::Healthy as i32).then_some(c)
+        let (notes, shop) = (app(&c, "notes")?, app(&c, "shop")?);
+        // The agent's watch may deliver its own correction a moment after the reconnect: wait for the truth.
+        let truth = notes.drifted == 1 && shop.drifted == 0 && shop.health == pb::Health::Healthy as i32;
+        (c.connected && truth).then_some(c)
     })
     .await;
     assert_eq!(c.apps_in_sync, 2, "nothing to re-apply: {c:?}");

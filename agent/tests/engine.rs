@@ -346,3 +346,68 @@ async fn a_restarted_agent_without_a_hub_still_corrects_drift() {
     assert_eq!(s.objects, 2);
     second.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wave_waits_until_the_previous_one_is_healthy() {
+    let env = env(Behaviour { fail_images: Some(":broken$".into()), ready_after_ms: 50, ..Default::default() }).await;
+    let shutdown = CancellationToken::new();
+    let h = env.engine(&shutdown).await;
+    let later = cm("after-web", "  annotations: {flotilla.dev/wave: \"1\"}\n");
+    h.set_desired(vec![bundle("", &format!("{}{later}", deploy("web:broken")))]).await.unwrap();
+    let s = status(&h, "waiting for wave 0", 20, |s| {
+        s.message.starts_with("waiting for Deployment shop/web to become healthy")
+    })
+    .await;
+    assert_eq!(s.phase, pb::Phase::Applying as i32, "{s:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        env.get("configmap/after-web", "{.metadata.name}"),
+        None,
+        "wave 1 is not applied while wave 0 is unhealthy"
+    );
+    // A fixed image lets the next wave go.
+    let fixed = bundle("", &format!("{}{later}", deploy("web:1")));
+    h.set_desired(vec![fixed]).await.unwrap();
+    status(&h, "both waves applied", 30, healthy).await;
+    assert!(env.get("configmap/after-web", "{.metadata.name}").is_some());
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_field_another_controller_keeps_changing_is_not_fought_over() {
+    let env = env(Behaviour::default()).await;
+    let shutdown = CancellationToken::new();
+    let h = env.engine(&shutdown).await;
+    h.set_desired(vec![bundle("", &cm("contested", ""))]).await.unwrap();
+    status(&h, "applied", 30, healthy).await;
+    // Another controller sets the field again and again.
+    let kubeconfig = env.kubeconfig.clone();
+    let rival = std::thread::spawn(move || {
+        for i in 0..20 {
+            let _ = Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args([
+                    "patch",
+                    "-n",
+                    "shop",
+                    "configmap/contested",
+                    "--type=merge",
+                    "-p",
+                    &format!(r#"{{"data":{{"k":"rival-{i}"}}}}"#),
+                ])
+                .output();
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    });
+    let s = status(&h, "the fight detected", 30, |s| s.reasons.iter().any(|r| r.contains("keeps drifting back"))).await;
+    assert!(s.reasons[0].starts_with("ConfigMap shop/contested: keeps drifting back"), "{s:?}");
+    rival.join().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        env.get("configmap/contested", "{.data.k}").as_deref(),
+        Some("rival-19"),
+        "the agent stopped correcting it"
+    );
+    shutdown.cancel();
+}
