@@ -3,7 +3,7 @@
 //! back, the fleet view shows the truth (health, counts, drift reported with path and values).
 
 use flotilla_e2e::{
-    binary, commit, eventually, free_port, git, git_daemon, kube, operator_client, spawn, start_agent, start_hub,
+    binary, commit, eventually, free_port, git_daemon, kube, operator_client, spawn, start_agent, start_hub,
 };
 use flotilla_proto::agent::v1 as pb;
 use flotilla_proto::platform::v1::{Cluster, GetClusterRequest};
@@ -31,17 +31,9 @@ async fn a_restarted_agent_enforces_without_the_hub_and_the_view_shows_the_truth
     let tmp_dir = tempfile::tempdir().unwrap();
     let tmp = tmp_dir.path();
     eprintln!("work directory (logs): {}", tmp.display());
-    let out = Command::new(binary("flotilla"))
-        .args(["certs", "--dir"])
-        .arg(tmp.join("certs"))
-        .args(["--cluster", "eu-1", "--operator", "alice"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    flotilla_e2e::issue_certs(tmp, "eu-1", "alice");
     let served = tmp.join("served");
-    let repo = served.join("fleet.git");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
+    let repo = flotilla_e2e::new_repo(tmp);
     let deploy = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: 'web:1'}]}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {mode: strict}\n";
     commit(
         &repo,

@@ -3,7 +3,7 @@
 //! agent process per cluster.
 
 use flotilla_e2e::{
-    commit, eventually, free_port, git, git_daemon, kube, operator_client, spawn, start_agent, start_hub, value, Proc,
+    commit, eventually, free_port, git_daemon, kube, operator_client, spawn, start_agent, start_hub, value, Proc,
 };
 use flotilla_proto::platform::v1::platform_service_client::PlatformServiceClient;
 use flotilla_proto::platform::v1::ListClustersRequest;
@@ -30,19 +30,11 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
     let tmp = tmp_dir.path();
     eprintln!("e2e work directory (logs): {}", tmp.display());
     // Certificates for the hub, the three clusters, a cluster missing from the inventory, and an operator.
-    let out = std::process::Command::new(flotilla_e2e::binary("flotilla"))
-        .args(["certs", "--dir"])
-        .arg(tmp.join("certs"))
-        .args(["--cluster", "eu-1,eu-2,us-1,ghost", "--operator", "alice"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    flotilla_e2e::issue_certs(tmp, "eu-1,eu-2,us-1,ghost", "alice");
 
     // The fleet repository, served by git daemon.
     let served = tmp.join("served");
-    let repo = served.join("fleet.git");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
+    let repo = flotilla_e2e::new_repo(tmp);
     let all = "namespace: shop\ntargets:\n- selector:\n    matchExpressions: [{key: region, operator: In, values: [eu, us]}]\n";
     commit(
         &repo,

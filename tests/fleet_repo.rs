@@ -100,18 +100,9 @@ async fn per_cluster_rendering_webhooks_and_bad_input_through_the_whole_path() {
     let tmp_dir = tempfile::tempdir().unwrap();
     let tmp = tmp_dir.path();
     eprintln!("work directory (logs): {}", tmp.display());
-    let out = std::process::Command::new(binary("flotilla"))
-        .args(["certs", "--dir"])
-        .arg(tmp.join("certs"))
-        .args(["--cluster", "eu-1,eu-2,us-1", "--operator", "alice"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-
+    flotilla_e2e::issue_certs(tmp, "eu-1,eu-2,us-1", "alice");
     let served = tmp.join("served");
-    let repo = served.join("fleet.git");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
+    let repo = flotilla_e2e::new_repo(tmp);
     commit_files(&repo, &fleet_files(), "first");
     let (_daemon, git_port) = git_daemon(&served);
 

@@ -100,6 +100,25 @@ pub fn commit(repo: &Path, files: &[(&str, Option<&str>)], msg: &str) -> String 
     git(repo, &["rev-parse", "HEAD"])
 }
 
+/// `flotilla certs` into `dir/certs` for `clusters` and `operators` (comma-separated).
+pub fn issue_certs(dir: &Path, clusters: &str, operators: &str) {
+    let out = Command::new(binary("flotilla"))
+        .args(["certs", "--dir"])
+        .arg(dir.join("certs"))
+        .args(["--cluster", clusters, "--operator", operators])
+        .output()
+        .expect("running flotilla certs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A new repository at `dir/served/fleet.git` (branch main), for `git_daemon(dir/served)`.
+pub fn new_repo(dir: &Path) -> PathBuf {
+    let repo = dir.join("served").join("fleet.git");
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    repo
+}
+
 /// `git daemon` exporting every repository under `base`.
 pub fn git_daemon(base: &Path) -> (Proc, u16) {
     let port = free_port();

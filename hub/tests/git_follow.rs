@@ -3,6 +3,7 @@
 
 use flotilla_e2e::{self as support, git, git_daemon, git_http_server, git_https_server};
 use flotilla_hub::git::{Follower, GitAuth, GitError, Secret};
+use flotilla_hub::server::error_chain;
 use std::net::TcpListener;
 use std::path::Path;
 
@@ -219,15 +220,4 @@ fn ssh_uses_the_key_file_and_pins_host_keys() {
         .join(" ")
         .ends_with("UserKnownHostsFile='/etc/ssh/known' -o StrictHostKeyChecking=yes"));
     assert_eq!(format!("{:?}", Secret::Literal("hunter2".into())), "Secret(<redacted>)");
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
