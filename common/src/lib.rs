@@ -6,6 +6,7 @@ pub mod fleet;
 pub mod health;
 pub mod identity;
 pub mod process;
+pub mod rollout;
 pub mod selector;
 pub mod tools;
 
