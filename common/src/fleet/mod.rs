@@ -93,6 +93,8 @@ struct AppFile {
     sync: SyncPolicy,
     #[serde(default)]
     health: Vec<crate::health::HealthRule>,
+    #[serde(default)]
+    rollout: Option<crate::rollout::RolloutSpec>,
 }
 
 /// How the agent keeps an app: pruning, drift handling, fields it leaves to other controllers.
@@ -257,6 +259,8 @@ pub struct Target {
 pub struct AppSpec {
     pub namespace: String,
     pub policy: AppPolicy,
+    /// The app's own waves, replacing rollout.yaml's for this app.
+    pub rollout: Option<crate::rollout::RolloutSpec>,
     pub source: Source,
     pub values: Map<String, Value>,
     /// A cluster takes its customization from the first target that selects it.
@@ -278,6 +282,9 @@ pub struct App {
 #[derive(Debug, Clone, Default)]
 pub struct Fleet {
     pub defaults: Defaults,
+    /// `rollout.yaml`: the fleet-wide waves (none: a commit reaches every cluster at once). A broken file is
+    /// an error here; rollouts of this commit are blocked and running ones continue.
+    pub rollout: Option<Result<crate::rollout::RolloutSpec, FleetError>>,
     pub clusters: BTreeMap<String, ClusterSpec>,
     /// Cluster files that could not be read: those clusters keep their previous desired state.
     pub broken_clusters: BTreeMap<String, FleetError>,
@@ -441,8 +448,14 @@ fn app_spec(app: &str, files: &Tree, defaults: &Defaults) -> Result<AppSpec, Fle
         let (what, message) = e.split_once(": ").unwrap_or(("health", &e));
         return Err(field(what, "health", message.to_string()));
     }
+    if let Some(r) = &spec.rollout {
+        r.validate().map_err(|e| {
+            let (what, message) = e.split_once(": ").unwrap_or(("rollout", &e));
+            field(&format!("rollout.{what}"), "rollout", message.to_string())
+        })?;
+    }
     let policy = AppPolicy { sync: spec.sync, health: spec.health };
-    Ok(AppSpec { namespace, policy, source, values: spec.values, targets })
+    Ok(AppSpec { namespace, policy, rollout: spec.rollout, source, values: spec.values, targets })
 }
 
 fn tree_digest(files: &Tree) -> String {
@@ -464,6 +477,21 @@ pub fn parse(tree: &Tree) -> Fleet {
         None => Ok(Defaults::default()),
     };
     fleet.defaults = defaults.clone().unwrap_or_default();
+    fleet.rollout = tree.get("rollout.yaml").map(|bytes| {
+        let spec: crate::rollout::RolloutSpec =
+            serde_yaml::from_slice(bytes).map_err(|e| yaml_error("rollout.yaml", &e))?;
+        spec.validate().map_err(|e| {
+            let needle = e.split_once(": ").map_or("waves", |(w, _)| w.split('.').next_back().unwrap_or("waves"));
+            let (what, message) = e.split_once(": ").unwrap_or(("waves", &e));
+            FleetError::Field {
+                file: "rollout.yaml".into(),
+                line: line_of(bytes, needle.split('[').next().unwrap_or("waves")),
+                field: what.to_string(),
+                message: message.to_string(),
+            }
+        })?;
+        Ok(spec)
+    });
     for (path, bytes) in tree.range("clusters/".to_string()..) {
         let Some(file) = path.strip_prefix("clusters/") else { break };
         let Some(name) = file.strip_suffix(".yaml").or_else(|| file.strip_suffix(".yml")) else { continue };
@@ -507,6 +535,21 @@ pub fn parse(tree: &Tree) -> Fleet {
 }
 
 impl Fleet {
+    /// The waves an app rolls out through: its own, or rollout.yaml's; None when changes go out at once.
+    /// An error when rollout.yaml is broken (no new rollout may start).
+    pub fn rollout_for(&self, app: &str) -> Result<Option<&crate::rollout::RolloutSpec>, &FleetError> {
+        if let Some(Ok(spec)) = self.apps.get(app).map(|a| a.spec.as_ref()) {
+            if let Some(r) = &spec.rollout {
+                return Ok(Some(r));
+            }
+        }
+        match &self.rollout {
+            None => Ok(None),
+            Some(Ok(r)) => Ok(Some(r)),
+            Some(Err(e)) => Err(e),
+        }
+    }
+
     /// The apps a cluster receives, each with the target that selected it, or None when the cluster is not in
     /// the inventory (it gets nothing). Apps with a broken spec are not listed.
     pub fn apps_for(&self, cluster: &str) -> Option<Vec<(&App, &AppSpec, &Target)>> {
@@ -538,6 +581,9 @@ impl Fleet {
     /// Everything wrong with this commit outside rendering, for the fleet view: broken files and untargeted apps.
     pub fn problems(&self) -> Vec<String> {
         let mut out: Vec<String> = self.broken_clusters.values().map(ToString::to_string).collect();
+        if let Some(Err(e)) = &self.rollout {
+            out.push(e.to_string());
+        }
         out.extend(self.apps.values().filter_map(|a| a.spec.as_ref().err().map(ToString::to_string)));
         out.extend(
             self.untargeted_apps().into_iter().map(|a| format!("apps/{a}/app.yaml: no target matches any cluster")),

@@ -510,3 +510,38 @@ fn sync_policy_errors_name_the_field() {
     );
     assert!(err(&t).starts_with("apps/shop/app.yaml:2: health[0].healthy: invalid CEL"), "{}", err(&t));
 }
+
+#[test]
+fn rollout_specs_fleet_wide_and_per_app() {
+    let mut t = example();
+    t.insert("rollout.yaml".into(), b"waves:\n- name: canary\n  selector: {matchLabels: {region: eu}}\n  maxParallel: 1\n- name: rest-of-prod\n  maxParallel: 50%\n".to_vec());
+    t.insert(
+        "apps/eu-only/app.yaml".into(),
+        b"namespace: eu\ntargets: [{selector: {}}]\nrollout:\n  waves: [{name: all, bakeSeconds: 60}]\n".to_vec(),
+    );
+    let f = parse(&t);
+    assert_eq!(f.rollout_for("shop").unwrap().unwrap().waves[0].name, "canary");
+    assert_eq!(f.rollout_for("eu-only").unwrap().unwrap().waves[0].bake_seconds, 60, "the app's own waves");
+
+    t.insert("rollout.yaml".into(), b"waves:\n- {name: a, maxParallel: 120%}\n".to_vec());
+    let f = parse(&t);
+    let e = f.rollout_for("shop").unwrap_err().to_string();
+    assert!(e.starts_with("rollout.yaml:2: waves[0]: \"120%\": a percentage cannot be over 100%"), "{e}");
+    assert!(f.problems().iter().any(|p| p.starts_with("rollout.yaml:2:")));
+    t.insert("rollout.yaml".into(), b"waves:\n- {name: a}\n- {name: b}\n- {name: a}\n".to_vec());
+    assert_eq!(
+        parse(&t).rollout_for("shop").unwrap_err().to_string(),
+        "rollout.yaml:2: waves[2].name: two waves are named \"a\""
+    );
+    t.insert("rollout.yaml".into(), b"waves:\n- {name: a, bake: 5}\n".to_vec());
+    assert!(parse(&t)
+        .rollout_for("shop")
+        .unwrap_err()
+        .to_string()
+        .starts_with("rollout.yaml:2: waves[0]: unknown field `bake`"));
+    t.insert("apps/shop/app.yaml".into(), b"namespace: shop\nrollout: {waves: [{name: x}, {name: x}]}\n".to_vec());
+    assert_eq!(
+        parse(&t).apps["shop"].spec.as_ref().unwrap_err().to_string(),
+        "apps/shop/app.yaml:2: rollout.waves[1].name: two waves are named \"x\""
+    );
+}
