@@ -160,8 +160,9 @@ impl Applier {
         Ok(())
     }
 
-    /// Server-side applies one object (which names its own kind, namespace and name).
-    pub async fn apply(&self, obj: &Value) -> Result<(), ApplyError> {
+    /// Server-side applies one object (which names its own kind, namespace and name). Returns the
+    /// resourceVersion the cluster gave the result.
+    pub async fn apply(&self, obj: &Value) -> Result<String, ApplyError> {
         let r = ObjectRef::of(obj);
         let object = r.to_string();
         let field = |f: &'static str| ApplyError::Malformed { object: object.clone(), field: f };
@@ -176,10 +177,11 @@ impl Applier {
         }
         let api = self.api(&r).await?;
         let _permit = self.permits.acquire().await;
-        api.patch(&r.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj))
+        let applied = api
+            .patch(&r.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj))
             .await
             .map_err(|source| ApplyError::Api { object: object.clone(), verb: "apply", source })?;
-        Ok(())
+        Ok(applied.metadata.resource_version.unwrap_or_default())
     }
 
     /// Deletes an object the agent created for `app`: only when it carries `flotilla.dev/app: <app>` and is

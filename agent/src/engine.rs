@@ -148,6 +148,9 @@ struct AppRun {
     crd_kinds: HashMap<String, bool>,
     /// Health and drift of each object, recomputed when the cache says the object changed.
     evals: Vec<Option<Eval>>,
+    /// The resourceVersion the last apply of each object returned: an older copy in the cache predates it
+    /// and says nothing about the applied state.
+    applied_rv: HashMap<usize, u64>,
     /// Object indices per stage, in order; `gate[i]`: stage i waits for stage i-1 to be healthy.
     stages: Vec<Vec<usize>>,
     gate: Vec<bool>,
@@ -199,6 +202,7 @@ impl AppRun {
             own_namespaces: BTreeSet::new(),
             crd_kinds: HashMap::new(),
             evals: Vec::new(),
+            applied_rv: HashMap::new(),
             stages: Vec::new(),
             gate: Vec::new(),
             stage: 0,
@@ -308,7 +312,15 @@ fn evaluate(run: &mut AppRun, cache: &Cache) {
         }
         let r = &run.refs[i];
         let synced = cache.synced(r);
-        let eval = match cache.get(r) {
+        let live = cache.get(r);
+        let rv = |o: &Value| str_at(o, "/metadata/resourceVersion").parse::<u64>().ok();
+        if let (Some(l), Some(min)) = (&live, run.applied_rv.get(&i)) {
+            if rv(l).is_some_and(|v| v < *min) {
+                // The watch has not delivered the applied object yet: not evaluated (retried on the event).
+                continue;
+            }
+        }
+        let eval = match live {
             Some(live) => Eval {
                 health: run.rules.check(&live),
                 drift: drift(&run.desired(i), &live, &run.ignore[i]),
@@ -480,6 +492,8 @@ impl Engine {
             }
         }
         for d in desired {
+            // The same content may be held by another app already.
+            let held = self.apps.values().find(|r| r.digest == d.digest).map(|r| r.bundle.clone());
             match self.apps.get_mut(&d.app) {
                 Some(run) if run.digest == d.digest => {
                     if run.revision != d.revision {
@@ -489,7 +503,7 @@ impl Engine {
                     }
                 }
                 existing => {
-                    let Some(bundle) = d.bundle.clone() else {
+                    let Some(bundle) = d.bundle.clone().or(held) else {
                         warn!(app = %d.app, digest = %d.digest, "desired without its bundle; waiting for it");
                         continue;
                     };
@@ -654,7 +668,7 @@ impl Engine {
             })
             .collect();
         let applier = self.applier.clone();
-        let results: Vec<(usize, Result<(), ApplyError>)> = futures::stream::iter(objs)
+        let results: Vec<(usize, Result<String, ApplyError>)> = futures::stream::iter(objs)
             .map(move |(i, obj)| {
                 let applier = applier.clone();
                 async move { (i, applier.apply(&obj).await) }
@@ -675,8 +689,12 @@ impl Engine {
         let mut transient = false;
         for (i, r) in results {
             match r {
-                Ok(()) => {
+                Ok(rv) => {
                     run.errors.remove(&i);
+                    if let Ok(v) = rv.parse::<u64>() {
+                        run.applied_rv.insert(i, v);
+                    }
+                    run.evals[i] = None;
                 }
                 Err(e) => {
                     transient |= !e.is_rejection();
@@ -799,7 +817,21 @@ impl Engine {
             reasons.push(e.clone());
         }
         for i in 0..run.refs.len() {
-            let Some(e) = eval_of(run, i) else { continue };
+            let Some(e) = eval_of(run, i) else {
+                // Applied, and the watch has not shown the result yet.
+                s.not_ready += 1;
+                if worst.is_none() {
+                    worst = Some((
+                        Health {
+                            status: Status::Progressing,
+                            reason: "Applying".into(),
+                            message: "waiting for the cluster to report the applied change".into(),
+                        },
+                        format!("{}: waiting for the cluster to report the applied change", run.refs[i]),
+                    ));
+                }
+                continue;
+            };
             let h = &e.health;
             match h.status {
                 Status::Healthy => s.ready += 1,

@@ -2,4 +2,5 @@
 
 pub mod demo;
 pub mod render;
+pub mod rollout;
 pub mod view;

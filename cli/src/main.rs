@@ -75,9 +75,67 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Rollouts: status, and the controls (pause, resume, approve, abort, rollback).
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+    /// Why a cluster is or is not on the newest revision of its apps.
+    Explain {
+        cluster: String,
+        app: Option<String>,
+        #[command(flatten)]
+        hub: HubFlags,
+    },
     /// One cluster with its apps.
     Cluster {
         name: String,
+        #[command(flatten)]
+        hub: HubFlags,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RolloutCommand {
+    /// Each wave with its progress, counts, timers and why it waits.
+    Status {
+        app: Option<String>,
+        /// Refresh every 2 s until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        hub: HubFlags,
+    },
+    /// No new releases until resumed.
+    Pause {
+        app: String,
+        #[command(flatten)]
+        hub: HubFlags,
+    },
+    Resume {
+        app: String,
+        #[command(flatten)]
+        hub: HubFlags,
+    },
+    /// Let a wave that needs approval start.
+    Approve {
+        app: String,
+        wave: String,
+        #[command(flatten)]
+        hub: HubFlags,
+    },
+    /// Stop the rollout where it is.
+    Abort {
+        app: String,
+        #[command(flatten)]
+        hub: HubFlags,
+    },
+    /// Go back to a revision the hub rendered: through the waves, or with --now on every cluster at once.
+    Rollback {
+        app: String,
+        revision: String,
+        #[arg(long)]
+        now: bool,
         #[command(flatten)]
         hub: HubFlags,
     },
@@ -148,6 +206,28 @@ async fn main() -> anyhow::Result<()> {
         Command::Clusters(h) => {
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
             view::clusters(&mut client, h.output).await
+        }
+        Command::Rollout { command } => {
+            use flotilla_cli::rollout::{self as ro, Control};
+            let (h, app, control) = match command {
+                RolloutCommand::Status { app, watch, hub } => {
+                    let mut client = view::connect(&hub.hub, &hub.hub_name, &hub.certs, &hub.operator).await?;
+                    return ro::status(&mut client, app.as_deref(), watch, hub.output).await;
+                }
+                RolloutCommand::Pause { app, hub } => (hub, app, Control::Pause),
+                RolloutCommand::Resume { app, hub } => (hub, app, Control::Resume),
+                RolloutCommand::Abort { app, hub } => (hub, app, Control::Abort),
+                RolloutCommand::Approve { app, wave, hub } => (hub, app, Control::Approve(wave)),
+                RolloutCommand::Rollback { app, revision, now, hub } => {
+                    (hub, app, Control::Rollback { revision, immediate: now })
+                }
+            };
+            let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
+            ro::control(&mut client, &app, control).await
+        }
+        Command::Explain { cluster, app, hub: h } => {
+            let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
+            flotilla_cli::rollout::explain(&mut client, &cluster, app.as_deref()).await
         }
         Command::Cluster { name, hub: h } => {
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;

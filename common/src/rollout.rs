@@ -438,8 +438,9 @@ pub fn step(r: &mut Rollout, obs: &BTreeMap<String, Observation>, now_ms: i64) -
                     let on_revision = o.revision == revision;
                     let released = c.released_ms.unwrap_or(now_ms);
                     if on_revision && o.health == ObservedHealth::Healthy {
+                        // No event: a timeline of wave transitions and failures reads better than one line per
+                        // cluster (the counts are in the status).
                         c.outcome = ClusterOutcome::Healthy;
-                        actions.push(Action::Event(format!("{} healthy on {}", c.name, short(&revision))));
                     } else if on_revision && o.health == ObservedHealth::Degraded {
                         c.outcome = ClusterOutcome::Failed(if o.reason.is_empty() {
                             "degraded".into()

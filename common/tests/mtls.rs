@@ -31,6 +31,27 @@ impl PlatformService for WhoAmI {
     async fn refresh(&self, _: Request<RefreshRequest>) -> Result<Response<RefreshResponse>, Status> {
         Err(Status::unimplemented("not part of this test"))
     }
+
+    async fn list_rollouts(
+        &self,
+        _: Request<flotilla_proto::platform::v1::ListRolloutsRequest>,
+    ) -> Result<Response<flotilla_proto::platform::v1::ListRolloutsResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
+
+    async fn control_rollout(
+        &self,
+        _: Request<flotilla_proto::platform::v1::ControlRolloutRequest>,
+    ) -> Result<Response<flotilla_proto::platform::v1::ControlRolloutResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
+
+    async fn explain(
+        &self,
+        _: Request<flotilla_proto::platform::v1::ExplainRequest>,
+    ) -> Result<Response<flotilla_proto::platform::v1::ExplainResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
 }
 
 async fn serve(ca: &FleetCa) -> (String, tokio::sync::oneshot::Sender<()>) {

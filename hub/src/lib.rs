@@ -7,6 +7,7 @@
 //! sessions, platform API); [`webhook`] turns GitHub and GitLab push events into immediate fetches.
 
 pub mod git;
+pub mod rollouts;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -119,6 +119,10 @@ pub struct HubState {
     pub desired: Desired,
     pub reports: BTreeMap<String, ClusterReport>,
     pub connected: BTreeSet<String>,
+    /// app → its rollout record.
+    pub rollouts: BTreeMap<String, crate::rollouts::Record>,
+    /// The fleet of the current commit (for rollout specs and labels).
+    pub fleet: Option<Arc<flotilla_common::fleet::Fleet>>,
 }
 
 pub struct Hub {
@@ -177,6 +181,9 @@ impl Hub {
         }
         for (k, v) in store.scan("reports/")? {
             st.reports.insert(k.trim_start_matches("reports/").to_string(), serde_json::from_slice(&v)?);
+        }
+        for (k, v) in store.scan("rollouts/")? {
+            st.rollouts.insert(k.trim_start_matches("rollouts/").to_string(), serde_json::from_slice(&v)?);
         }
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Hub {
@@ -256,7 +263,9 @@ impl Hub {
             warn!(%revision, problem = %p, "fleet repository problem");
         }
         let prev = self.read().desired.clone();
-        let adv = advance(&prev, &fleet, &rendered, &revision);
+        let mut adv = advance(&prev, &fleet, &rendered, &revision);
+        let mut records = self.read().rollouts.clone();
+        let touched = crate::rollouts::gate(&mut records, &fleet, &prev, &mut adv.desired, &revision, now_ms());
         // A cluster whose file is broken stays in the inventory with its previous labels.
         let mut clusters = fleet.clusters.clone();
         {
@@ -279,6 +288,11 @@ impl Hub {
         for gone in prev.keys().filter(|c| !adv.desired.contains_key(*c)) {
             batch = batch.delete(format!("desired/{gone}"));
         }
+        for app in &touched {
+            if let Some(rec) = records.get(app) {
+                batch = batch.put(format!("rollouts/{app}"), serde_json::to_vec(rec).unwrap_or_default());
+            }
+        }
         batch = batch
             .put("fleet/clusters", serde_json::to_vec(&clusters).unwrap_or_default())
             .put("fleet/problems", serde_json::to_vec(&problems).unwrap_or_default())
@@ -297,6 +311,8 @@ impl Hub {
             st.desired = adv.desired;
             st.problems = problems;
             st.rendering = rendering;
+            st.rollouts = records;
+            st.fleet = Some(Arc::new(fleet.clone()));
         }
         info!(
             %revision,
@@ -327,6 +343,100 @@ impl Hub {
 
     pub fn refresh(&self) {
         self.refresh.notify_one();
+    }
+
+    /// What each cluster of a rollout reports for its app.
+    fn observations(
+        st: &HubState,
+        app: &str,
+        r: &flotilla_common::rollout::Rollout,
+    ) -> BTreeMap<String, flotilla_common::rollout::Observation> {
+        use flotilla_common::rollout::{Observation, ObservedHealth};
+        r.waves
+            .iter()
+            .flat_map(|w| &w.clusters)
+            .map(|c| {
+                let report = st.reports.get(&c.name).and_then(|rep| rep.apps.get(app)).map(|a| &a.0);
+                let health = match report {
+                    Some(a) if a.phase == pb::Phase::Failed as i32 => ObservedHealth::Degraded,
+                    // Healthy counts once the whole revision is applied.
+                    Some(a) if a.phase != pb::Phase::Applied as i32 => ObservedHealth::Progressing,
+                    Some(a) => match pb::Health::try_from(a.health).unwrap_or(pb::Health::Unspecified) {
+                        pb::Health::Healthy => ObservedHealth::Healthy,
+                        pb::Health::Degraded => ObservedHealth::Degraded,
+                        pb::Health::Progressing | pb::Health::Missing => ObservedHealth::Progressing,
+                        pb::Health::Unspecified => ObservedHealth::Unknown,
+                    },
+                    None => ObservedHealth::Unknown,
+                };
+                let reason = report
+                    .map(|a| if !a.message.is_empty() { a.message.clone() } else { a.health_reason.clone() })
+                    .unwrap_or_default();
+                let obs = Observation {
+                    online: st.connected.contains(&c.name),
+                    revision: report.map(|a| a.revision.clone()).unwrap_or_default(),
+                    health,
+                    reason,
+                };
+                (c.name.clone(), obs)
+            })
+            .collect()
+    }
+
+    /// One planner step for every active rollout; changes are stored in one batch, then streamed.
+    pub fn drive_rollouts(&self) {
+        let now = now_ms();
+        let mut batch = Batch::default();
+        let mut changed_any = false;
+        {
+            let mut st = self.write();
+            let apps: Vec<String> = st
+                .rollouts
+                .iter()
+                .filter(|(_, r)| r.rollout.as_ref().is_some_and(|r| r.active()))
+                .map(|(a, _)| a.clone())
+                .collect();
+            for app in apps {
+                let Some(mut rec) = st.rollouts.remove(&app) else { continue };
+                let obs = match &rec.rollout {
+                    Some(r) => Self::observations(&st, &app, r),
+                    None => BTreeMap::new(),
+                };
+                let before = rec.clone();
+                let clusters = crate::rollouts::drive(&app, &mut rec, &mut st.desired, &obs, now);
+                for c in &clusters {
+                    if let Some(apps) = st.desired.get(c) {
+                        batch = batch.put(format!("desired/{c}"), serde_json::to_vec(apps).unwrap_or_default());
+                    }
+                }
+                if rec != before {
+                    batch = batch.put(format!("rollouts/{app}"), serde_json::to_vec(&rec).unwrap_or_default());
+                    changed_any = true;
+                }
+                changed_any |= !clusters.is_empty();
+                st.rollouts.insert(app, rec);
+            }
+            if changed_any {
+                // Under the lock, so no other change interleaves between memory and store.
+                if let Err(e) = self.store.commit(batch) {
+                    warn!(error = %error_chain(&e), "storing a rollout step failed");
+                }
+            }
+        }
+        if changed_any {
+            self.changed.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Drives rollouts every second until shutdown.
+    pub async fn run_rollouts(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => self.drive_rollouts(),
+            }
+        }
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -451,7 +561,8 @@ impl AgentService for AgentApi {
             async move {
                 info!(version = %hello.agent_version, applied = hello.applied.len(), "agent connected");
                 hub.write().connected.insert(cluster.clone());
-                let held: BTreeSet<String> = hello.applied.iter().map(|a| a.digest.clone()).collect();
+                let held: BTreeMap<String, String> =
+                    hello.applied.iter().map(|a| (a.app.clone(), a.digest.clone())).collect();
                 let result = run_session(&hub, &cluster, held, inbound, &tx).await;
                 hub.write().connected.remove(&cluster);
                 match result {
@@ -474,7 +585,8 @@ async fn send(tx: &Tx, msg: pb::hub_message::Msg) -> Result<(), String> {
 async fn run_session(
     hub: &Arc<Hub>,
     cluster: &str,
-    mut held: BTreeSet<String>,
+    // app → the digest the agent holds for it now (it keeps one bundle per app).
+    mut held: BTreeMap<String, String>,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: &Tx,
 ) -> Result<(), String> {
@@ -496,9 +608,10 @@ async fn run_session(
             seq += 1;
             let mut apps = Vec::new();
             let mut to_send = Vec::new();
+            let mut sent_to = Vec::new();
             for (app, d) in desired.iter().filter(|(_, d)| !d.digest.is_empty()) {
                 // Bundles are read from the store only for digests the agent does not hold yet.
-                let missing = !held.contains(&d.digest);
+                let missing = held.get(app) != Some(&d.digest);
                 let chunks = if missing { (d.size as usize).div_ceil(CHUNK).max(1) as u32 } else { 0 };
                 apps.push(pb::DesiredApp {
                     app: app.clone(),
@@ -523,6 +636,9 @@ async fn run_session(
                     }
                     to_send.push((d.digest.clone(), bytes));
                 }
+                if missing {
+                    sent_to.push((app.clone(), d.digest.clone()));
+                }
             }
             send(tx, pb::hub_message::Msg::Desired(pb::DesiredState { seq, revision, apps })).await?;
             for (digest, bytes) in to_send {
@@ -538,8 +654,8 @@ async fn run_session(
                     )
                     .await?;
                 }
-                held.insert(digest);
             }
+            held.extend(sent_to);
             sent = Some(desired);
         }
         tokio::select! {
@@ -548,10 +664,9 @@ async fn run_session(
             _ = heartbeat.tick() => send(tx, pb::hub_message::Msg::Heartbeat(pb::Heartbeat { sent_unix_ms: now_ms() })).await?,
             m = inbound.message() => match m {
                 Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Status(report)) })) => {
-                    for a in &report.apps {
-                        if a.phase == pb::Phase::Applied as i32 {
-                            held.insert(a.digest.clone());
-                        }
+                    // The agent holds the bundle of every digest it reports, applied or not.
+                    for a in report.apps.iter().filter(|a| !a.digest.is_empty()) {
+                        held.insert(a.app.clone(), a.digest.clone());
                     }
                     hub.record_report(cluster, &report);
                 }
@@ -619,6 +734,206 @@ impl PlatformService for PlatformApi {
         self.0.refresh();
         Ok(Response::new(api::RefreshResponse { revision: self.0.read().revision.clone() }))
     }
+
+    async fn list_rollouts(
+        &self,
+        req: Request<api::ListRolloutsRequest>,
+    ) -> Result<Response<api::ListRolloutsResponse>, Status> {
+        operator(&req)?;
+        let app = req.into_inner().app;
+        let st = self.0.read();
+        if !app.is_empty() && !st.rollouts.contains_key(&app) {
+            return Err(Status::not_found(format!(
+                "app {app:?} has no rollout (no waves, or no change since they were set)"
+            )));
+        }
+        let now = now_ms();
+        let rollouts = st
+            .rollouts
+            .iter()
+            .filter(|(a, _)| app.is_empty() || **a == app)
+            .map(|(a, rec)| rollout_view(a, rec, now))
+            .collect();
+        Ok(Response::new(api::ListRolloutsResponse { rollouts }))
+    }
+
+    async fn control_rollout(
+        &self,
+        req: Request<api::ControlRolloutRequest>,
+    ) -> Result<Response<api::ControlRolloutResponse>, Status> {
+        use crate::rollouts::Control;
+        use api::control_rollout_request::Action as A;
+        let who = operator(&req)?;
+        let r = req.into_inner();
+        let action = match A::try_from(r.action).unwrap_or(A::Unspecified) {
+            A::Pause => Control::Pause,
+            A::Resume => Control::Resume,
+            A::Approve if !r.wave.is_empty() => Control::Approve(r.wave.clone()),
+            A::Approve => return Err(Status::invalid_argument("approve needs the wave")),
+            A::Abort => Control::Abort,
+            A::Rollback if !r.revision.is_empty() => {
+                Control::Rollback { revision: r.revision.clone(), immediate: r.immediate }
+            }
+            A::Rollback => return Err(Status::invalid_argument("rollback needs the revision to go back to")),
+            A::Unspecified => return Err(Status::invalid_argument("no action")),
+        };
+        let hub = &self.0;
+        let now = now_ms();
+        let result = {
+            let mut st = hub.write();
+            let labels: BTreeMap<String, BTreeMap<String, String>> =
+                st.clusters.iter().map(|(c, s)| (c.clone(), s.labels.clone())).collect();
+            let fleet = st.fleet.clone();
+            let spec = fleet.as_ref().and_then(|f| f.rollout_for(&r.app).ok().flatten().cloned());
+            let mut rec = st.rollouts.remove(&r.app).unwrap_or_default();
+            let ctx = crate::rollouts::ControlContext { labels: &labels, spec: spec.as_ref(), who: &who, now_ms: now };
+            let result = crate::rollouts::control(&r.app, &mut rec, &mut st.desired, &ctx, &action);
+            let mut batch = Batch::default();
+            if let Ok((_, clusters)) = &result {
+                for c in clusters {
+                    if let Some(apps) = st.desired.get(c) {
+                        batch = batch.put(format!("desired/{c}"), serde_json::to_vec(apps).unwrap_or_default());
+                    }
+                }
+                batch = batch.put(format!("rollouts/{}", r.app), serde_json::to_vec(&rec).unwrap_or_default());
+            }
+            // Every control is recorded, refused ones too: who, what, when, and the answer.
+            let audit = serde_json::json!({
+                "at_unix_ms": now, "operator": who, "app": r.app, "action": format!("{action:?}"),
+                "result": match &result { Ok((m, _)) => m.clone(), Err(e) => format!("refused: {e}") },
+            });
+            batch = batch.put(format!("audit/{now:016}-{}", uuid::Uuid::new_v4()), audit.to_string());
+            if rec != crate::rollouts::Record::default() {
+                st.rollouts.insert(r.app.clone(), rec);
+            }
+            hub.store
+                .commit(batch)
+                .map_err(|e| Status::internal(format!("storing the control failed: {}", error_chain(&e))))?;
+            result
+        };
+        info!(operator = %who, app = %r.app, ?action, result = ?result.as_ref().map(|(m, _)| m), "rollout control");
+        match result {
+            Ok((message, _)) => {
+                hub.changed.send_modify(|g| *g += 1);
+                hub.drive_rollouts();
+                Ok(Response::new(api::ControlRolloutResponse { message }))
+            }
+            Err(e) => Err(Status::failed_precondition(e)),
+        }
+    }
+
+    async fn explain(&self, req: Request<api::ExplainRequest>) -> Result<Response<api::ExplainResponse>, Status> {
+        operator(&req)?;
+        let r = req.into_inner();
+        let st = self.0.read();
+        if !st.clusters.contains_key(&r.cluster) {
+            return Err(Status::not_found(format!("cluster {:?} is not in the fleet inventory", r.cluster)));
+        }
+        let desired = st.desired.get(&r.cluster).cloned().unwrap_or_default();
+        let mut apps: BTreeSet<String> = desired.keys().cloned().collect();
+        apps.extend(
+            st.rollouts.iter().filter(|(_, rec)| rec.candidates.contains_key(&r.cluster)).map(|(a, _)| a.clone()),
+        );
+        if !r.app.is_empty() {
+            if !apps.contains(&r.app) {
+                return Err(Status::not_found(format!("app {:?} does not target cluster {:?}", r.app, r.cluster)));
+            }
+            apps.retain(|a| *a == r.app);
+        }
+        let mut lines = Vec::new();
+        for app in apps {
+            let applied = st.reports.get(&r.cluster).and_then(|rep| rep.apps.get(&app)).map(|a| a.0.revision.clone());
+            let d = desired.get(&app);
+            let mut line = match (d, applied.as_deref()) {
+                (Some(d), Some(a)) if a == d.revision => {
+                    format!("{app}: runs {}", &d.revision.get(..12).unwrap_or(&d.revision))
+                }
+                (Some(d), Some(a)) => format!(
+                    "{app}: desired {}, runs {}",
+                    d.revision.get(..12).unwrap_or(&d.revision),
+                    a.get(..12).unwrap_or(a)
+                ),
+                (Some(d), None) => {
+                    format!("{app}: desired {}, not reported yet", d.revision.get(..12).unwrap_or(&d.revision))
+                }
+                (None, _) => format!("{app}: not on this cluster yet"),
+            };
+            if let Some(e) = d.and_then(|d| d.error.clone()) {
+                line.push_str(&format!("; the newest commit cannot be used: {e}"));
+            }
+            if let Some(rollout) = st.rollouts.get(&app).and_then(|rec| rec.rollout.as_ref()) {
+                if rollout.wave_of(&r.cluster).is_some() {
+                    line.push_str(&format!("; {}", flotilla_common::rollout::explain(rollout, &r.cluster)));
+                }
+            }
+            if let Some(b) = st.rollouts.get(&app).and_then(|rec| rec.blocked.clone()) {
+                line.push_str(&format!("; blocked: {b}"));
+            }
+            lines.push(line);
+        }
+        Ok(Response::new(api::ExplainResponse { lines }))
+    }
+}
+
+/// A rollout as the platform API shows it.
+fn rollout_view(app: &str, rec: &crate::rollouts::Record, now: i64) -> api::Rollout {
+    use flotilla_common::rollout::{ClusterOutcome as O, WavePhase};
+    let Some(r) = &rec.rollout else {
+        return api::Rollout {
+            app: app.to_string(),
+            phase: "none".into(),
+            timeline: rec.timeline.iter().cloned().collect(),
+            blocked: rec.blocked.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+    };
+    let mut earlier_open: Option<String> = None;
+    let waves = r
+        .waves
+        .iter()
+        .map(|w| {
+            let count = |f: &dyn Fn(&O) -> bool| w.clusters.iter().filter(|c| f(&c.outcome)).count() as u32;
+            let n = w.clusters.len();
+            let waiting = match (&w.phase, &earlier_open) {
+                (WavePhase::AwaitingApproval, _) => "awaits approval".to_string(),
+                (WavePhase::Pending, Some(e)) => format!("waits for wave {e}"),
+                _ => String::new(),
+            };
+            if !matches!(w.phase, WavePhase::Passed) && earlier_open.is_none() {
+                earlier_open = Some(w.spec.name.clone());
+            }
+            api::Wave {
+                name: w.spec.name.clone(),
+                phase: w.phase.to_string(),
+                clusters: n as u32,
+                updating: count(&|o| *o == O::Updating),
+                healthy: count(&|o| *o == O::Healthy),
+                failed: count(&|o| matches!(o, O::Failed(_))),
+                pending: count(&|o| *o == O::Pending),
+                skipped: count(&|o| matches!(o, O::Skipped | O::RolledBack)),
+                max_parallel: w.spec.max_parallel.map_or(n, |m| m.of(n)).max(1) as u32,
+                failure_budget: w.spec.failure_budget.of(n) as u32,
+                bake_remaining_s: match w.phase {
+                    WavePhase::Baking { until_ms } => ((until_ms - now).max(0) + 999) / 1000,
+                    _ => 0,
+                },
+                progress_deadline_s: w.spec.progress_deadline_seconds,
+                approval: w.spec.approval,
+                approved_by: w.approved_by.clone().unwrap_or_default(),
+                waiting,
+            }
+        })
+        .collect();
+    api::Rollout {
+        app: app.to_string(),
+        revision: r.revision.clone(),
+        previous: r.previous.clone().unwrap_or_default(),
+        phase: r.phase.to_string(),
+        waves,
+        timeline: rec.timeline.iter().cloned().collect(),
+        started_unix_ms: r.started_ms,
+        blocked: rec.blocked.clone().unwrap_or_default(),
+    }
 }
 
 /// Everything the hub binary needs.
@@ -665,9 +980,12 @@ pub async fn run(
         let _ = b.send(addr);
     }
     let follow = tokio::spawn(hub.clone().follow(cfg.poll).instrument(tracing::info_span!("git-follow")));
+    let rollouts =
+        tokio::spawn(hub.clone().run_rollouts(Duration::from_secs(1)).instrument(tracing::info_span!("rollouts")));
     let served = hub.serve(listener, &cfg.tls).await;
     shutdown.cancel();
     let _ = follow.await;
+    let _ = rollouts.await;
     if let Some(w) = webhook {
         let _ = w.await;
     }
