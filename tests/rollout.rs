@@ -288,6 +288,21 @@ async fn five_waves_over_200_clusters_with_failure_halt_restart_and_controls() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let all = images(&clients).await;
     assert!(all[&5].keys().all(|k| k.as_deref() == Some("web:2")), "{all:?}");
+
+    // A newer commit mid-rollout supersedes it: clusters released keep what they got until the new rollout
+    // reaches them; nobody goes backwards; everyone ends on the newest.
+    commit(&repo, &[("apps/web/web.yaml", Some(&web("web:5")))], "web 5");
+    let rev5 = flotilla_e2e::git(&repo, &["rev-parse", "HEAD"]);
+    eventually(60, "web:5 past its canary", || async {
+        rollout(&certs, port, "web").await.filter(|r| r.revision == rev5 && r.waves[0].phase == "passed")
+    })
+    .await;
+    commit(&repo, &[("apps/web/web.yaml", Some(&web("web:6")))], "web 6");
+    let rev6 = flotilla_e2e::git(&repo, &["rev-parse", "HEAD"]);
+    let done = wait_phase(&certs, port, "web", &rev6, "complete", 180).await;
+    assert!(done.timeline.iter().any(|e| e.contains(&format!("superseded by {}", &rev6[..12]))), "{:#?}", done.timeline);
+    let all = images(&clients).await;
+    assert!(all.values().all(|m| m.keys().all(|k| k.as_deref() == Some("web:6"))), "{all:?}");
     shutdown.cancel();
     drop(hub);
 }
