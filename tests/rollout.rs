@@ -300,7 +300,11 @@ async fn five_waves_over_200_clusters_with_failure_halt_restart_and_controls() {
     commit(&repo, &[("apps/web/web.yaml", Some(&web("web:6")))], "web 6");
     let rev6 = flotilla_e2e::git(&repo, &["rev-parse", "HEAD"]);
     let done = wait_phase(&certs, port, "web", &rev6, "complete", 180).await;
-    assert!(done.timeline.iter().any(|e| e.contains(&format!("superseded by {}", &rev6[..12]))), "{:#?}", done.timeline);
+    assert!(
+        done.timeline.iter().any(|e| e.contains(&format!("superseded by {}", &rev6[..12]))),
+        "{:#?}",
+        done.timeline
+    );
     let all = images(&clients).await;
     assert!(all.values().all(|m| m.keys().all(|k| k.as_deref() == Some("web:6"))), "{all:?}");
     shutdown.cancel();

@@ -125,7 +125,13 @@ pub struct HubState {
     pub fleet: Option<Arc<flotilla_common::fleet::Fleet>>,
 }
 
+/// The hub's clock for rollouts (Unix ms): the system's, or a test's.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
 pub struct Hub {
+    clock: Clock,
+    /// Orders audit records written within one millisecond.
+    audit_seq: std::sync::atomic::AtomicU64,
     store: Arc<dyn Store>,
     follower: Follower,
     tools: Arc<SystemTools>,
@@ -187,6 +193,8 @@ impl Hub {
         }
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Hub {
+            clock: Arc::new(now_ms),
+            audit_seq: Default::default(),
             store,
             follower,
             tools: Arc::new(SystemTools::detect()),
@@ -197,6 +205,85 @@ impl Hub {
             refresh: Notify::new(),
             shutdown,
         }))
+    }
+
+    /// The same hub with another clock for rollouts (tests drive it with paused tokio time).
+    pub fn with_clock(self: Arc<Self>, clock: Clock) -> Arc<Hub> {
+        let mut hub = Arc::into_inner(self).expect("with_clock before the hub is shared");
+        hub.clock = clock;
+        Arc::new(hub)
+    }
+
+    /// An app's rollout, as the hub keeps it.
+    pub fn rollout(&self, app: &str) -> Option<flotilla_common::rollout::Rollout> {
+        self.read().rollouts.get(app).and_then(|r| r.rollout.clone())
+    }
+
+    /// The desired state of one app on one cluster.
+    pub fn desired(&self, cluster: &str, app: &str) -> Option<DesiredApp> {
+        self.read().desired.get(cluster).and_then(|a| a.get(app)).cloned()
+    }
+
+    /// An operator's control of an app's rollout, recorded (who, what, when, and the answer) whether it
+    /// applies or not. Returns what happened, or why it cannot.
+    pub fn control(&self, app: &str, action: &crate::rollouts::Control, who: &str) -> Result<String, String> {
+        let now = (self.clock)();
+        let result = {
+            let mut st = self.write();
+            let labels: BTreeMap<String, BTreeMap<String, String>> =
+                st.clusters.iter().map(|(c, s)| (c.clone(), s.labels.clone())).collect();
+            let fleet = st.fleet.clone();
+            let spec = fleet.as_ref().and_then(|f| f.rollout_for(app).ok().flatten().cloned());
+            let mut rec = st.rollouts.remove(app).unwrap_or_default();
+            let ctx = crate::rollouts::ControlContext { labels: &labels, spec: spec.as_ref(), who, now_ms: now };
+            let result = crate::rollouts::control(app, &mut rec, &mut st.desired, &ctx, action);
+            let mut batch = Batch::default();
+            if let Ok((_, clusters)) = &result {
+                for c in clusters {
+                    if let Some(apps) = st.desired.get(c) {
+                        batch = batch.put(format!("desired/{c}"), serde_json::to_vec(apps).unwrap_or_default());
+                    }
+                }
+                batch = batch.put(format!("rollouts/{app}"), serde_json::to_vec(&rec).unwrap_or_default());
+            }
+            let audit = serde_json::json!({
+                "at_unix_ms": now, "operator": who, "app": app, "action": format!("{action:?}"),
+                "result": match &result { Ok((m, _)) => m.clone(), Err(e) => format!("refused: {e}") },
+            });
+            let seq = self.audit_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            batch =
+                batch.put(format!("audit/{now:016}-{seq:010}-{}", uuid::Uuid::new_v4().simple()), audit.to_string());
+            if rec != crate::rollouts::Record::default() {
+                st.rollouts.insert(app.to_string(), rec);
+            }
+            self.store.commit(batch).map_err(|e| format!("storing the control failed: {}", error_chain(&e)))?;
+            result
+        };
+        info!(operator = %who, %app, ?action, result = ?result.as_ref().map(|(m, _)| m), "rollout control");
+        let (message, _) = result?;
+        self.changed.send_modify(|g| *g += 1);
+        self.drive_rollouts();
+        Ok(message)
+    }
+
+    /// The audit records, oldest first.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.store
+            .scan("audit/")
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    /// Marks a cluster's agent connected or not (sessions do this; tests too).
+    pub fn set_connected(&self, cluster: &str, connected: bool) {
+        let mut st = self.write();
+        if connected {
+            st.connected.insert(cluster.to_string());
+        } else {
+            st.connected.remove(cluster);
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HubState> {
@@ -265,7 +352,7 @@ impl Hub {
         let prev = self.read().desired.clone();
         let mut adv = advance(&prev, &fleet, &rendered, &revision);
         let mut records = self.read().rollouts.clone();
-        let touched = crate::rollouts::gate(&mut records, &fleet, &prev, &mut adv.desired, &revision, now_ms());
+        let touched = crate::rollouts::gate(&mut records, &fleet, &prev, &mut adv.desired, &revision, (self.clock)());
         // A cluster whose file is broken stays in the inventory with its previous labels.
         let mut clusters = fleet.clusters.clone();
         {
@@ -385,7 +472,7 @@ impl Hub {
 
     /// One planner step for every active rollout; changes are stored in one batch, then streamed.
     pub fn drive_rollouts(&self) {
-        let now = now_ms();
+        let now = (self.clock)();
         let mut batch = Batch::default();
         let mut changed_any = false;
         {
@@ -443,7 +530,8 @@ impl Hub {
         self.shutdown.clone()
     }
 
-    fn record_report(&self, cluster: &str, report: &pb::StatusReport) {
+    /// Records an agent's status report (merged per app) and persists it.
+    pub fn record_report(&self, cluster: &str, report: &pb::StatusReport) {
         let mut st = self.write();
         let r = st.reports.entry(cluster.to_string()).or_default();
         r.last_seen_unix_ms = now_ms();
@@ -777,47 +865,8 @@ impl PlatformService for PlatformApi {
             A::Rollback => return Err(Status::invalid_argument("rollback needs the revision to go back to")),
             A::Unspecified => return Err(Status::invalid_argument("no action")),
         };
-        let hub = &self.0;
-        let now = now_ms();
-        let result = {
-            let mut st = hub.write();
-            let labels: BTreeMap<String, BTreeMap<String, String>> =
-                st.clusters.iter().map(|(c, s)| (c.clone(), s.labels.clone())).collect();
-            let fleet = st.fleet.clone();
-            let spec = fleet.as_ref().and_then(|f| f.rollout_for(&r.app).ok().flatten().cloned());
-            let mut rec = st.rollouts.remove(&r.app).unwrap_or_default();
-            let ctx = crate::rollouts::ControlContext { labels: &labels, spec: spec.as_ref(), who: &who, now_ms: now };
-            let result = crate::rollouts::control(&r.app, &mut rec, &mut st.desired, &ctx, &action);
-            let mut batch = Batch::default();
-            if let Ok((_, clusters)) = &result {
-                for c in clusters {
-                    if let Some(apps) = st.desired.get(c) {
-                        batch = batch.put(format!("desired/{c}"), serde_json::to_vec(apps).unwrap_or_default());
-                    }
-                }
-                batch = batch.put(format!("rollouts/{}", r.app), serde_json::to_vec(&rec).unwrap_or_default());
-            }
-            // Every control is recorded, refused ones too: who, what, when, and the answer.
-            let audit = serde_json::json!({
-                "at_unix_ms": now, "operator": who, "app": r.app, "action": format!("{action:?}"),
-                "result": match &result { Ok((m, _)) => m.clone(), Err(e) => format!("refused: {e}") },
-            });
-            batch = batch.put(format!("audit/{now:016}-{}", uuid::Uuid::new_v4()), audit.to_string());
-            if rec != crate::rollouts::Record::default() {
-                st.rollouts.insert(r.app.clone(), rec);
-            }
-            hub.store
-                .commit(batch)
-                .map_err(|e| Status::internal(format!("storing the control failed: {}", error_chain(&e))))?;
-            result
-        };
-        info!(operator = %who, app = %r.app, ?action, result = ?result.as_ref().map(|(m, _)| m), "rollout control");
-        match result {
-            Ok((message, _)) => {
-                hub.changed.send_modify(|g| *g += 1);
-                hub.drive_rollouts();
-                Ok(Response::new(api::ControlRolloutResponse { message }))
-            }
+        match self.0.control(&r.app, &action, &who) {
+            Ok(message) => Ok(Response::new(api::ControlRolloutResponse { message })),
             Err(e) => Err(Status::failed_precondition(e)),
         }
     }
