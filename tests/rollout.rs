@@ -310,3 +310,56 @@ async fn five_waves_over_200_clusters_with_failure_halt_restart_and_controls() {
     shutdown.cancel();
     drop(hub);
 }
+
+/// `flotilla rehearse` on a real repository: the change from one revision to the next, over simulated
+/// clusters that take the inventory's labels, with its timeline and a failure rule.
+#[test]
+fn the_rehearsal_prints_the_timeline_of_a_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("fleet");
+    std::fs::create_dir_all(&repo).unwrap();
+    flotilla_e2e::git(&repo, &["init", "-q", "-b", "main"]);
+    commit(
+        &repo,
+        &[
+            ("clusters/eu-1.yaml", Some("labels: {region: eu, tier: staging}\n")),
+            ("clusters/eu-2.yaml", Some("labels: {region: eu, tier: prod}\n")),
+            ("clusters/us-1.yaml", Some("labels: {region: us, tier: prod}\n")),
+            ("rollout.yaml", Some("waves:\n- {name: staging, selector: {matchLabels: {tier: staging}}, progressDeadlineSeconds: 30}\n- {name: eu, selector: {matchLabels: {region: eu}}, progressDeadlineSeconds: 30}\n")),
+            ("apps/web/app.yaml", Some("namespace: web\ntargets: [{selector: {}}]\n")),
+            ("apps/web/web.yaml", Some(&web("web:1"))),
+        ],
+        "one",
+    );
+    commit(&repo, &[("apps/web/web.yaml", Some(&web("web:2")))], "two");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(binary("flotilla"))
+            .args(["rehearse", "--repo"])
+            .arg(&repo)
+            .args(["--clusters", "12", "--from", "HEAD~1", "--to", "HEAD", "--timeout-seconds", "120"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = run(&[]);
+    assert!(ok, "{out}\n{err}");
+    let waves: Vec<&str> = out.lines().filter(|l| l.contains(" started (")).collect();
+    assert_eq!(waves.len(), 3, "{out}");
+    assert!(
+        waves[0].contains("wave staging started (4 clusters)")
+            && waves[1].contains("wave eu started (4 clusters)")
+            && waves[2].contains("wave rest started (4 clusters)"),
+        "{out}"
+    );
+    assert!(out.contains("web: complete"), "{out}");
+    // With web:2 failing everywhere, the rehearsal shows where it would stop.
+    let (ok, out, err) = run(&["--fail-images", ":2$"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("web: failed: wave staging failed: sim-0"), "{out}");
+    assert!(!out.contains("wave eu started"), "{out}");
+}

@@ -2,20 +2,16 @@
 //! repository from `examples/fleet`, the hub (embedded store), a simulator with the fleet's clusters, and one
 //! agent per cluster; then a commit that propagates.
 
+use crate::local::{commit_all, git, LocalFleet};
 use crate::view;
 use anyhow::{bail, Context};
-use flotilla_agent::apply::Applier;
-use flotilla_agent::session::AgentConfig;
-use flotilla_hub::server::{HubConfig, HubTls};
 use flotilla_proto::platform::v1::{ListClustersRequest, ListClustersResponse, RefreshRequest};
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// The example fleet, embedded so the demo runs from any directory.
 const FLEET: &[(&str, &str)] = &[
     ("fleet.yaml", include_str!("../../examples/fleet/fleet.yaml")),
+    ("rollout.yaml", include_str!("../../examples/fleet/rollout.yaml")),
     ("apps/shop/app.yaml", include_str!("../../examples/fleet/apps/shop/app.yaml")),
     ("apps/shop/base/kustomization.yaml", include_str!("../../examples/fleet/apps/shop/base/kustomization.yaml")),
     ("apps/shop/base/shop.yaml", include_str!("../../examples/fleet/apps/shop/base/shop.yaml")),
@@ -40,28 +36,6 @@ const FLEET: &[(&str, &str)] = &[
     ("clusters/ap-3.yaml", include_str!("../../examples/fleet/clusters/ap-3.yaml")),
     ("clusters/ap-4.yaml", include_str!("../../examples/fleet/clusters/ap-4.yaml")),
 ];
-
-fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "Flotilla demo")
-        .env("GIT_AUTHOR_EMAIL", "demo@flotilla.invalid")
-        .env("GIT_COMMITTER_NAME", "Flotilla demo")
-        .env("GIT_COMMITTER_EMAIL", "demo@flotilla.invalid")
-        .output()
-        .context("running git (install it with: apt-get install -y git)")?;
-    if !out.status.success() {
-        bail!("git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn commit_all(repo: &Path, msg: &str) -> anyhow::Result<String> {
-    git(repo, &["add", "-A"])?;
-    git(repo, &["commit", "-q", "-m", msg])?;
-    git(repo, &["rev-parse", "HEAD"])
-}
 
 /// Waits until every cluster runs `revision` with all apps in sync, printing the fleet view as it changes.
 async fn converge(
@@ -134,16 +108,6 @@ pub async fn run(once: bool, timeout: Duration) -> anyhow::Result<()> {
         .map(str::to_string)
         .collect();
 
-    println!("== certificates: a fleet CA, the hub, {} clusters, operator admin", clusters.len());
-    let certs = dir.join("certs");
-    flotilla_common::identity::write_fleet(
-        &certs,
-        "demo",
-        &["localhost".into(), "127.0.0.1".into()],
-        &clusters,
-        &["admin".into()],
-    )?;
-
     println!("== fleet repository from examples/fleet");
     let repo = dir.join("fleet");
     for (path, content) in FLEET {
@@ -154,51 +118,14 @@ pub async fn run(once: bool, timeout: Duration) -> anyhow::Result<()> {
     git(&repo, &["init", "-q", "-b", "main"])?;
     let first = commit_all(&repo, "Fleet: shop 1.0, monitoring, EU data residency")?;
 
-    println!("== {} simulated clusters", clusters.len());
-    let sim_cfg = flotilla_sim::SimConfig {
-        behaviour: flotilla_sim::Behaviour { ready_after_ms: 300, ..Default::default() },
-        ..flotilla_sim::SimConfig::with_clusters(clusters.clone())
-    };
-    let sim = flotilla_sim::Simulator::start(sim_cfg).await?;
-    sim.write_kubeconfigs(&dir.join("kubeconfigs"))?;
-
-    let shutdown = CancellationToken::new();
-    let read = |f: &str| std::fs::read_to_string(certs.join(f)).with_context(|| format!("reading {f}"));
-    let tls = HubTls { ca_pem: read("ca.pem")?, cert_pem: read("hub.pem")?, key_pem: read("hub-key.pem")? };
-    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-    let hub_cfg = HubConfig {
-        listen: "127.0.0.1:0".parse()?,
-        repo: format!("file://{}", repo.display()),
-        branch: "main".into(),
-        poll: Duration::from_secs(5),
-        data_dir: dir.join("hub"),
-        tls,
-        auth: flotilla_hub::git::GitAuth::None,
-        webhook: None,
-    };
-    let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
-    let addr = bound_rx.await.context("the hub did not start")?;
-    let hub_url = format!("https://localhost:{}", addr.port());
-    println!("== hub on {hub_url}; starting {} agents", clusters.len());
-    let mut agents = Vec::new();
-    for c in &clusters {
-        let kc = kube::config::Kubeconfig::from_yaml(&sim.kubeconfig(c))?;
-        let kube_cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-        let client = kube::Client::try_from(kube_cfg)?;
-        let cfg = AgentConfig {
-            hub: hub_url.clone(),
-            hub_name: Some("localhost".into()),
-            ca_pem: read("ca.pem")?,
-            cert_pem: read(&format!("clusters/{c}.pem"))?,
-            key_pem: read(&format!("clusters/{c}-key.pem"))?,
-        };
-        let applier = std::sync::Arc::new(Applier::new(client));
-        let engine = flotilla_agent::engine::start(applier, Default::default(), shutdown.clone())
-            .await
-            .with_context(|| format!("starting the agent of {c}"))?;
-        agents.push(tokio::spawn(flotilla_agent::session::run(cfg, engine, shutdown.clone())));
-    }
-
+    println!(
+        "== certificates (a fleet CA, the hub, {} clusters, operator admin), simulated clusters, hub, agents",
+        clusters.len()
+    );
+    let behaviour = flotilla_sim::Behaviour { ready_after_ms: 300, ..Default::default() };
+    let fleet = LocalFleet::start(dir, &repo, &clusters, behaviour, Duration::from_secs(5)).await?;
+    let (hub_url, certs) = (fleet.hub_url.clone(), fleet.certs.clone());
+    println!("== hub on {hub_url}; {} agents", clusters.len());
     let mut op = view::connect(&hub_url, "localhost", &certs, "admin").await?;
     println!("== waiting for every cluster to run {}", &first[..12]);
     let result = async {
@@ -226,12 +153,7 @@ pub async fn run(once: bool, timeout: Duration) -> anyhow::Result<()> {
         println!("Ctrl-C stops it.");
         let _ = tokio::signal::ctrl_c().await;
     }
-    shutdown.cancel();
-    for a in agents {
-        let _ = a.await;
-    }
-    let _ = hub.await;
-    sim.shutdown().await;
+    fleet.stop().await;
     result
 }
 

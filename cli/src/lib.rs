@@ -1,6 +1,8 @@
 //! The `flotilla` command's building blocks, kept in a library so tests and the demo use them directly.
 
 pub mod demo;
+pub mod local;
+pub mod rehearse;
 pub mod render;
 pub mod rollout;
 pub mod view;

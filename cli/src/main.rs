@@ -80,6 +80,27 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Rehearse a rollout of a fleet repository against N simulated clusters (on this machine) and print its
+    /// timeline. Waves needing approval are approved as they come.
+    Rehearse {
+        /// The repository (a checkout or bare repository).
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+        /// Simulated clusters; they take the inventory's labels in turn.
+        #[arg(long, default_value_t = 50)]
+        clusters: usize,
+        /// Rehearse the change from this revision (default: rolling TO out to an empty fleet).
+        #[arg(long)]
+        from: Option<String>,
+        /// The revision to roll out.
+        #[arg(long, default_value = "HEAD")]
+        to: String,
+        /// Simulated failure: containers whose image matches this regular expression never become ready.
+        #[arg(long)]
+        fail_images: Option<String>,
+        #[arg(long, default_value_t = 600)]
+        timeout_seconds: u64,
+    },
     /// Why a cluster is or is not on the newest revision of its apps.
     Explain {
         cluster: String,
@@ -224,6 +245,16 @@ async fn main() -> anyhow::Result<()> {
             };
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
             ro::control(&mut client, &app, control).await
+        }
+        Command::Rehearse { repo, clusters, from, to, fail_images, timeout_seconds } => {
+            let o = flotilla_cli::rehearse::Options {
+                clusters,
+                from,
+                to,
+                fail_images,
+                timeout: std::time::Duration::from_secs(timeout_seconds),
+            };
+            flotilla_cli::rehearse::run(&repo, o).await
         }
         Command::Explain { cluster, app, hub: h } => {
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;

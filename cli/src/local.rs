@@ -1,0 +1,141 @@
+//! A whole fleet on this machine, in one process: certificates, simulated clusters, the hub (embedded store)
+//! following a local Git repository, and one agent per cluster. The demo and the rehearsal run on it.
+
+use anyhow::{bail, Context};
+use flotilla_agent::apply::Applier;
+use flotilla_agent::session::AgentConfig;
+use flotilla_hub::server::{HubConfig, HubTls};
+use flotilla_proto::platform::v1::platform_service_client::PlatformServiceClient;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Flotilla")
+        .env("GIT_AUTHOR_EMAIL", "flotilla@flotilla.invalid")
+        .env("GIT_COMMITTER_NAME", "Flotilla")
+        .env("GIT_COMMITTER_EMAIL", "flotilla@flotilla.invalid")
+        .output()
+        .context("running git (install it with: apt-get install -y git)")?;
+    if !out.status.success() {
+        bail!("git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+pub fn commit_all(repo: &Path, msg: &str) -> anyhow::Result<String> {
+    git(repo, &["add", "-A"])?;
+    git(repo, &["commit", "-q", "--allow-empty", "-m", msg])?;
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+/// Replaces the repository's files with `tree` (everything but .git) and commits.
+pub fn commit_tree(repo: &Path, tree: &flotilla_common::fleet::Tree, msg: &str) -> anyhow::Result<String> {
+    for entry in std::fs::read_dir(repo)? {
+        let entry = entry?;
+        if entry.file_name() != ".git" {
+            let p = entry.path();
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&p)?;
+            } else {
+                std::fs::remove_file(&p)?;
+            }
+        }
+    }
+    for (path, content) in tree {
+        let p = repo.join(path);
+        std::fs::create_dir_all(p.parent().context("path")?)?;
+        std::fs::write(&p, content)?;
+    }
+    commit_all(repo, msg)
+}
+
+pub struct LocalFleet {
+    pub dir: PathBuf,
+    pub certs: PathBuf,
+    pub hub_url: String,
+    pub sim: flotilla_sim::Simulator,
+    shutdown: CancellationToken,
+    hub: tokio::task::JoinHandle<anyhow::Result<()>>,
+    agents: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl LocalFleet {
+    /// Starts everything for `clusters`, the hub following `repo` (a local Git repository, branch main).
+    pub async fn start(
+        dir: &Path,
+        repo: &Path,
+        clusters: &[String],
+        behaviour: flotilla_sim::Behaviour,
+        poll: Duration,
+    ) -> anyhow::Result<LocalFleet> {
+        let certs = dir.join("certs");
+        flotilla_common::identity::write_fleet(
+            &certs,
+            "local",
+            &["localhost".into(), "127.0.0.1".into()],
+            clusters,
+            &["admin".into()],
+        )?;
+        let sim_cfg =
+            flotilla_sim::SimConfig { behaviour, ..flotilla_sim::SimConfig::with_clusters(clusters.to_vec()) };
+        let sim = flotilla_sim::Simulator::start(sim_cfg).await?;
+        sim.write_kubeconfigs(&dir.join("kubeconfigs"))?;
+        let shutdown = CancellationToken::new();
+        let read = |f: &str| std::fs::read_to_string(certs.join(f)).with_context(|| format!("reading {f}"));
+        let tls = HubTls { ca_pem: read("ca.pem")?, cert_pem: read("hub.pem")?, key_pem: read("hub-key.pem")? };
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let hub_cfg = HubConfig {
+            listen: "127.0.0.1:0".parse()?,
+            repo: format!("file://{}", repo.display()),
+            branch: "main".into(),
+            poll,
+            data_dir: dir.join("hub"),
+            tls,
+            auth: flotilla_hub::git::GitAuth::None,
+            webhook: None,
+        };
+        let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
+        let addr = bound_rx.await.context("the hub did not start")?;
+        let hub_url = format!("https://localhost:{}", addr.port());
+        let mut agents = Vec::new();
+        for c in clusters {
+            let kc = kube::config::Kubeconfig::from_yaml(&sim.kubeconfig(c))?;
+            let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?)?;
+            let cfg = AgentConfig {
+                hub: hub_url.clone(),
+                hub_name: Some("localhost".into()),
+                ca_pem: read("ca.pem")?,
+                cert_pem: read(&format!("clusters/{c}.pem"))?,
+                key_pem: read(&format!("clusters/{c}-key.pem"))?,
+            };
+            let engine = flotilla_agent::engine::start(
+                std::sync::Arc::new(Applier::new(client)),
+                Default::default(),
+                shutdown.clone(),
+            )
+            .await
+            .with_context(|| format!("starting the agent of {c}"))?;
+            agents.push(tokio::spawn(flotilla_agent::session::run(cfg, engine, shutdown.clone())));
+        }
+        Ok(LocalFleet { dir: dir.to_path_buf(), certs, hub_url, sim, shutdown, hub, agents })
+    }
+
+    pub async fn operator(&self) -> anyhow::Result<PlatformServiceClient<Channel>> {
+        crate::view::connect(&self.hub_url, "localhost", &self.certs, "admin").await
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for a in self.agents {
+            let _ = a.await;
+        }
+        let _ = self.hub.await;
+        self.sim.shutdown().await;
+    }
+}
