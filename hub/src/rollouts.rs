@@ -26,7 +26,8 @@ const HISTORY: usize = 5;
 /// cluster → the app's desired state there.
 pub type PerCluster = BTreeMap<String, DesiredApp>;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Stored in two parts (see [`Record::progress_json`] and [`Record::data_json`]), never whole.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Record {
     pub rollout: Option<Rollout>,
     /// The app at the rollout's revision, per cluster.
@@ -40,6 +41,91 @@ pub struct Record {
     pub good: Option<(String, PerCluster)>,
     /// Revisions rendered for the app, newest last, for rollbacks.
     pub history: Vec<(String, PerCluster)>,
+}
+
+/// What a rollout step changes: stored under `rollouts/<app>` at every step.
+#[derive(Serialize)]
+struct ProgressRef<'a> {
+    rollout: &'a Option<Rollout>,
+    timeline: &'a VecDeque<String>,
+    blocked: &'a Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Progress {
+    #[serde(default)]
+    rollout: Option<Rollout>,
+    #[serde(default)]
+    timeline: VecDeque<String>,
+    #[serde(default)]
+    blocked: Option<String>,
+}
+
+/// The bulky part, per cluster: stored under `rollout-data/<app>` only when a rollout starts, completes or is
+/// controlled, never at every step.
+#[derive(Serialize)]
+struct DataRef<'a> {
+    candidates: &'a PerCluster,
+    before: &'a PerCluster,
+    good: &'a Option<(String, PerCluster)>,
+    history: &'a Vec<(String, PerCluster)>,
+}
+
+#[derive(Deserialize, Default)]
+struct Data {
+    #[serde(default)]
+    candidates: PerCluster,
+    #[serde(default)]
+    before: PerCluster,
+    #[serde(default)]
+    good: Option<(String, PerCluster)>,
+    #[serde(default)]
+    history: Vec<(String, PerCluster)>,
+}
+
+impl Record {
+    /// The per-step part, as stored.
+    pub fn progress_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&ProgressRef { rollout: &self.rollout, timeline: &self.timeline, blocked: &self.blocked })
+            .unwrap_or_default()
+    }
+
+    /// The bulky part, as stored.
+    pub fn data_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&DataRef {
+            candidates: &self.candidates,
+            before: &self.before,
+            good: &self.good,
+            history: &self.history,
+        })
+        .unwrap_or_default()
+    }
+
+    /// A record from its stored parts.
+    pub fn from_stored(progress: Option<&[u8]>, data: Option<&[u8]>) -> Result<Record, serde_json::Error> {
+        let p: Progress = progress.map(serde_json::from_slice).transpose()?.unwrap_or_default();
+        let d: Data = data.map(serde_json::from_slice).transpose()?.unwrap_or_default();
+        Ok(Record {
+            rollout: p.rollout,
+            timeline: p.timeline,
+            blocked: p.blocked,
+            candidates: d.candidates,
+            before: d.before,
+            good: d.good,
+            history: d.history,
+        })
+    }
+}
+
+/// What one planner step did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Stepped {
+    /// Clusters whose desired state changed.
+    pub clusters: Vec<String>,
+    /// The rollout's state changed (store the progress).
+    pub progressed: bool,
+    /// The rollout completed: the bulky part changed too (the good revision).
+    pub completed: bool,
 }
 
 fn stamp(now_ms: i64, text: &str) -> String {
@@ -178,18 +264,19 @@ pub fn gate(
     touched
 }
 
-/// Runs the planner for one app and applies its decisions to `desired`. Returns the clusters whose desired
-/// state changed.
+/// Runs the planner for one app and applies its decisions to `desired`.
 pub fn drive(
     app: &str,
     rec: &mut Record,
     desired: &mut Desired,
     obs: &BTreeMap<String, Observation>,
     now_ms: i64,
-) -> Vec<String> {
-    let Some(r) = rec.rollout.as_mut() else { return Vec::new() };
+) -> Stepped {
+    let Some(r) = rec.rollout.as_mut() else { return Stepped::default() };
+    let before = r.clone();
     let actions = rollout::step(r, obs, now_ms);
-    let complete = r.phase == RolloutPhase::Complete;
+    let progressed = *r != before;
+    let completed = r.phase == RolloutPhase::Complete && before.phase != RolloutPhase::Complete;
     let revision = r.revision.clone();
     let mut clusters = Vec::new();
     for a in actions {
@@ -205,10 +292,10 @@ pub fn drive(
             Action::Event(e) => rec.event(now_ms, &e),
         }
     }
-    if complete {
+    if completed {
         rec.good = Some((revision, rec.candidates.clone()));
     }
-    clusters
+    Stepped { clusters, progressed, completed }
 }
 
 /// An operator's control, applied to the record (and, for an immediate rollback, to `desired`). Returns what
@@ -356,7 +443,7 @@ mod tests {
         let mut order = Vec::new();
         while rec.rollout.as_ref().unwrap().active() && now < 100_000 {
             let obs = healthy_on(&d);
-            order.extend(drive("shop", rec, &mut d, &obs, now));
+            order.extend(drive("shop", rec, &mut d, &obs, now).clusters);
             now += 1_000;
         }
         assert_eq!(order, vec!["c0", "c1", "c2", "c3"]);

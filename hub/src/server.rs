@@ -188,8 +188,15 @@ impl Hub {
         for (k, v) in store.scan("reports/")? {
             st.reports.insert(k.trim_start_matches("reports/").to_string(), serde_json::from_slice(&v)?);
         }
+        let data: BTreeMap<String, Vec<u8>> = store
+            .scan("rollout-data/")?
+            .into_iter()
+            .map(|(k, v)| (k.trim_start_matches("rollout-data/").to_string(), v))
+            .collect();
         for (k, v) in store.scan("rollouts/")? {
-            st.rollouts.insert(k.trim_start_matches("rollouts/").to_string(), serde_json::from_slice(&v)?);
+            let app = k.trim_start_matches("rollouts/").to_string();
+            let rec = crate::rollouts::Record::from_stored(Some(&v), data.get(&app).map(Vec::as_slice))?;
+            st.rollouts.insert(app, rec);
         }
         let (changed, _) = watch::channel(0);
         Ok(Arc::new(Hub {
@@ -244,7 +251,9 @@ impl Hub {
                         batch = batch.put(format!("desired/{c}"), serde_json::to_vec(apps).unwrap_or_default());
                     }
                 }
-                batch = batch.put(format!("rollouts/{app}"), serde_json::to_vec(&rec).unwrap_or_default());
+                batch = batch
+                    .put(format!("rollouts/{app}"), rec.progress_json())
+                    .put(format!("rollout-data/{app}"), rec.data_json());
             }
             let audit = serde_json::json!({
                 "at_unix_ms": now, "operator": who, "app": app, "action": format!("{action:?}"),
@@ -377,7 +386,9 @@ impl Hub {
         }
         for app in &touched {
             if let Some(rec) = records.get(app) {
-                batch = batch.put(format!("rollouts/{app}"), serde_json::to_vec(rec).unwrap_or_default());
+                batch = batch
+                    .put(format!("rollouts/{app}"), rec.progress_json())
+                    .put(format!("rollout-data/{app}"), rec.data_json());
             }
         }
         batch = batch
@@ -489,18 +500,19 @@ impl Hub {
                     Some(r) => Self::observations(&st, &app, r),
                     None => BTreeMap::new(),
                 };
-                let before = rec.clone();
-                let clusters = crate::rollouts::drive(&app, &mut rec, &mut st.desired, &obs, now);
-                for c in &clusters {
+                let stepped = crate::rollouts::drive(&app, &mut rec, &mut st.desired, &obs, now);
+                for c in &stepped.clusters {
                     if let Some(apps) = st.desired.get(c) {
                         batch = batch.put(format!("desired/{c}"), serde_json::to_vec(apps).unwrap_or_default());
                     }
                 }
-                if rec != before {
-                    batch = batch.put(format!("rollouts/{app}"), serde_json::to_vec(&rec).unwrap_or_default());
+                if stepped.progressed || !stepped.clusters.is_empty() {
+                    batch = batch.put(format!("rollouts/{app}"), rec.progress_json());
                     changed_any = true;
                 }
-                changed_any |= !clusters.is_empty();
+                if stepped.completed {
+                    batch = batch.put(format!("rollout-data/{app}"), rec.data_json());
+                }
                 st.rollouts.insert(app, rec);
             }
             if changed_any {
