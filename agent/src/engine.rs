@@ -299,6 +299,7 @@ impl AppRun {
             applied: self.applied,
             bundle: self.bundle.to_vec(),
             inventory: self.inventory.clone(),
+            leaving: false,
         }
     }
 }
@@ -347,11 +348,19 @@ fn eval_of(run: &AppRun, i: usize) -> Option<&Eval> {
     run.evals.get(i).and_then(Option::as_ref)
 }
 
+/// An app that left the cluster with objects still to delete (a delete failed): retried with backoff.
+struct Leaving {
+    state: AppState,
+    failures: u32,
+    retry_at: Instant,
+}
+
 struct Engine {
     applier: Arc<Applier>,
     cache: Arc<Cache>,
     store: StateStore,
     apps: BTreeMap<String, AppRun>,
+    leaving: BTreeMap<String, Leaving>,
     /// Cache key → (app, object index), to invalidate evaluations when objects change.
     index: HashMap<crate::cache::Key, (String, usize)>,
     synced_seen: u64,
@@ -380,7 +389,13 @@ pub async fn start(
     store.ensure_namespace(client.clone()).await?;
     let cache = Cache::new(client, shutdown.clone());
     let mut apps = BTreeMap::new();
+    let mut leaving = BTreeMap::new();
     for s in store.load_all().await? {
+        if s.leaving {
+            info!(app = %s.app, objects = s.inventory.len(), "an app that left still has objects to delete");
+            leaving.insert(s.app.clone(), Leaving { state: s, failures: 0, retry_at: Instant::now() });
+            continue;
+        }
         info!(app = %s.app, digest = %s.digest, applied = s.applied, "enforcing the state kept in the cluster");
         let mut run = AppRun::new(&s.app, &s.digest, &s.revision, Arc::new(s.bundle), s.inventory);
         run.applied = s.applied;
@@ -389,7 +404,8 @@ pub async fn start(
     let (statuses, status_rx) = watch::channel(Statuses::default());
     let (held, held_rx) = watch::channel(BTreeMap::new());
     let (tx, rx) = mpsc::channel(8);
-    let mut engine = Engine { applier, cache, store, apps, index: HashMap::new(), synced_seen: 0, statuses, held, cfg };
+    let mut engine =
+        Engine { applier, cache, store, apps, leaving, index: HashMap::new(), synced_seen: 0, statuses, held, cfg };
     engine.reindex();
     for run in engine.apps.values_mut() {
         if run.applied {
@@ -469,28 +485,26 @@ impl Engine {
         let gone: Vec<String> = self.apps.keys().filter(|a| !wanted.contains(*a)).cloned().collect();
         for app in gone {
             if let Some(run) = self.apps.remove(&app) {
-                let mut kept = 0;
+                let state = AppState { leaving: true, ..run.state() };
+                let leaving = Leaving { state, failures: 0, retry_at: Instant::now() };
                 if run.policy.sync.prune {
-                    for r in &run.inventory {
-                        match self.applier.prune(&app, r).await {
-                            Ok(Pruned::Kept(why)) => {
-                                kept += 1;
-                                info!(%app, %why, "left in place");
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                kept += 1;
-                                warn!(%app, error = %e.full(), "pruning failed");
-                            }
-                        }
+                    self.leaving.insert(app.clone(), leaving);
+                } else {
+                    info!(%app, objects = run.inventory.len(), "app removed from this cluster; pruning is off, its objects stay");
+                    if let Err(e) = self.store.remove(&app).await {
+                        warn!(%app, error = %e, "forgetting the app's state failed");
                     }
-                }
-                info!(%app, objects = run.inventory.len(), kept, prune = run.policy.sync.prune, "app removed from this cluster");
-                if let Err(e) = self.store.remove(&app).await {
-                    warn!(%app, error = %e, "forgetting the app's state failed");
                 }
             }
         }
+        // An app that comes back takes over what its leaving self still had to delete.
+        let mut returning: BTreeMap<String, BTreeSet<ObjectRef>> = BTreeMap::new();
+        for app in &wanted {
+            if let Some(l) = self.leaving.remove(app) {
+                returning.insert(app.clone(), l.state.inventory);
+            }
+        }
+        self.prune_leaving().await;
         for d in desired {
             // The same content may be held by another app already.
             let held = self.apps.values().find(|r| r.digest == d.digest).map(|r| r.bundle.clone());
@@ -508,6 +522,7 @@ impl Engine {
                         continue;
                     };
                     let mut inventory = existing.map(|r| r.inventory.clone()).unwrap_or_default();
+                    inventory.extend(returning.remove(&d.app).unwrap_or_default());
                     let run = AppRun::new(&d.app, &d.digest, &d.revision, bundle, BTreeSet::new());
                     // Record every object before it is applied: a crash never loses track of what was created.
                     inventory.extend(run.refs.iter().cloned());
@@ -522,7 +537,43 @@ impl Engine {
         self.publish_held();
     }
 
+    /// Deletes what apps that left the cluster still have; forgets an app once everything is gone. Failed
+    /// deletes are retried with backoff, and the list is kept in the cluster meanwhile.
+    async fn prune_leaving(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self.leaving.iter().filter(|(_, l)| l.retry_at <= now).map(|(a, _)| a.clone()).collect();
+        for app in due {
+            let Some(mut l) = self.leaving.remove(&app) else { continue };
+            let mut remaining = BTreeSet::new();
+            for r in &l.state.inventory {
+                match self.applier.prune(&app, r).await {
+                    Ok(Pruned::Kept(why)) => info!(%app, %why, "left in place"),
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(%app, error = %e.full(), "pruning failed; retrying later");
+                        remaining.insert(r.clone());
+                    }
+                }
+            }
+            if remaining.is_empty() {
+                info!(%app, objects = l.state.inventory.len(), "app removed from this cluster");
+                if let Err(e) = self.store.remove(&app).await {
+                    warn!(%app, error = %e, "forgetting the app's state failed");
+                }
+                continue;
+            }
+            l.state.inventory = remaining;
+            l.failures += 1;
+            l.retry_at = Instant::now() + backoff(l.failures);
+            if let Err(e) = self.store.save(&l.state).await {
+                warn!(%app, error = %e, "keeping what is left to delete failed");
+            }
+            self.leaving.insert(app, l);
+        }
+    }
+
     async fn step_all(&mut self) {
+        self.prune_leaving().await;
         self.invalidate();
         let names: Vec<String> = self.apps.keys().cloned().collect();
         let mut statuses = BTreeMap::new();

@@ -104,6 +104,8 @@ pub struct AppState {
     pub applied: bool,
     pub bundle: Vec<u8>,
     pub inventory: BTreeSet<ObjectRef>,
+    /// The app left the cluster and these objects still have to be deleted.
+    pub leaving: bool,
 }
 
 pub struct StateStore {
@@ -193,6 +195,7 @@ impl StateStore {
             "applied": s.applied.to_string(),
             "chunks": chunks.join("\n"),
             "inventory": inventory.join("\n"),
+            "leaving": s.leaving.to_string(),
         }});
         self.put(&index, [(STATE_LABEL, "index"), (APP_LABEL, s.app.as_str())].into(), data).await?;
         for old in old_chunks.iter().filter(|c| !chunks.contains(c)) {
@@ -234,6 +237,7 @@ impl StateStore {
                     .get("inventory")
                     .map(|i| i.lines().filter_map(ObjectRef::decode).collect())
                     .unwrap_or_default(),
+                leaving: data.get("leaving").map(String::as_str) == Some("true"),
             });
         }
         Ok(out)

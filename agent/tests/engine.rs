@@ -411,3 +411,24 @@ async fn a_field_another_controller_keeps_changing_is_not_fought_over() {
     );
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_app_that_leaves_while_the_api_fails_is_pruned_once_it_recovers() {
+    let env = env(Behaviour::default()).await;
+    let shutdown = CancellationToken::new();
+    let h = env.engine(&shutdown).await;
+    h.set_desired(vec![bundle("", &cm("doomed", ""))]).await.unwrap();
+    status(&h, "applied", 30, healthy).await;
+    let cluster = env.sim.cluster("c").unwrap();
+    cluster.set_faults(flotilla_sim::Faults { error_rate: 1.0, ..Default::default() });
+    h.set_desired(vec![]).await.unwrap();
+    // Longer than the client's own retries: the engine's delete fails and is kept for later.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(cluster.faults().error_rate, 1.0);
+    cluster.set_faults(flotilla_sim::Faults::default());
+    eventually(30, "the object deleted by a retry", || async {
+        env.get("configmap/doomed", "{.metadata.name}").is_none().then_some(())
+    })
+    .await;
+    shutdown.cancel();
+}
