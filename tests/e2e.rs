@@ -147,19 +147,9 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
     assert_eq!(value(&spy, "default", "eu-config", "value").await, None);
 
     // The platform API refuses a caller without an operator certificate.
+    let mut as_cluster = flotilla_e2e::platform_client_as(&tmp.join("certs"), hub_port, "clusters/eu-1").await;
+    let denied = as_cluster.list_clusters(ListClustersRequest {}).await.unwrap_err();
     let read = |f: &str| std::fs::read_to_string(tmp.join("certs").join(f)).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(read("clusters/eu-1.pem"), read("clusters/eu-1-key.pem")))
-        .domain_name("localhost");
-    let ch = Channel::from_shared(format!("https://localhost:{hub_port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let denied = PlatformServiceClient::new(ch).list_clusters(ListClustersRequest {}).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
     // A certificate from another CA is refused at the TLS handshake.
     let other = tmp.join("other-ca");

@@ -151,10 +151,15 @@ pub async fn value(client: &kube::Client, ns: &str, name: &str, key: &str) -> Op
 }
 
 pub async fn operator_client(certs: &Path, port: u16) -> PlatformServiceClient<Channel> {
+    platform_client_as(certs, port, "operators/alice").await
+}
+
+/// The platform API as whoever holds `certs/<who>.pem` (`operators/alice`, `clusters/eu-1`).
+pub async fn platform_client_as(certs: &Path, port: u16, who: &str) -> PlatformServiceClient<Channel> {
     let read = |f: &str| std::fs::read_to_string(certs.join(f)).expect("cert");
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(read("operators/alice.pem"), read("operators/alice-key.pem")))
+        .identity(Identity::from_pem(read(&format!("{who}.pem")), read(&format!("{who}-key.pem"))))
         .domain_name("localhost");
     let channel = Channel::from_shared(format!("https://localhost:{port}"))
         .unwrap()
@@ -162,7 +167,7 @@ pub async fn operator_client(certs: &Path, port: u16) -> PlatformServiceClient<C
         .unwrap()
         .connect()
         .await
-        .expect("connect as operator");
+        .unwrap_or_else(|e| panic!("connecting as {who}: {e}"));
     PlatformServiceClient::new(channel)
 }
 

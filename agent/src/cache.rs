@@ -83,14 +83,6 @@ impl Cache {
         w.get(&(r.group().to_string(), r.kind.clone())).copied().unwrap_or(false)
     }
 
-    pub fn len(&self) -> usize {
-        self.objects.read().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Starts watching a kind unless it is watched already.
     pub fn watch(self: &Arc<Self>, ar: &ApiResource) {
         let gk = (ar.group.clone(), ar.kind.clone());

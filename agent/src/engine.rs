@@ -100,11 +100,6 @@ impl EngineHandle {
     pub fn applied(&self) -> BTreeMap<String, (String, String)> {
         self.held.borrow().clone()
     }
-
-    /// Digests the engine holds (applied or not): the hub need not send them.
-    pub fn holds(&self, app: &str, digest: &str) -> bool {
-        self.statuses.borrow().get(app).is_some_and(|s| s.digest == digest)
-    }
 }
 
 fn str_at<'a>(o: &'a Value, p: &str) -> &'a str {
