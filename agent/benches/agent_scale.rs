@@ -109,7 +109,7 @@ fn main() {
         let desired = DesiredApp { app: "big".into(), digest, revision: "r1".into(), bundle: Some(Arc::new(bytes)) };
         let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
-        let client = kube::Client::try_from(cfg).expect("client");
+        let client = flotilla_agent::kube_client::client(cfg).expect("client");
         let shutdown = CancellationToken::new();
         let before = proc_status("VmRSS:");
         let engine = start(Arc::new(Applier::new(client)), EngineConfig::default(), shutdown.clone()).await.expect("engine");

@@ -5,5 +5,6 @@
 pub mod apply;
 pub mod cache;
 pub mod engine;
+pub mod kube_client;
 pub mod session;
 pub mod state;

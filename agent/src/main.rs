@@ -56,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => kube::Config::infer().await?,
     };
-    let client = kube::Client::try_from(kube_cfg)?;
+    let client = flotilla_agent::kube_client::client(kube_cfg)?;
     let shutdown = flotilla_common::process::shutdown_on_signal();
     let applier = std::sync::Arc::new(Applier::with_concurrency(client, args.concurrency));
     let engine_cfg = EngineConfig { state_namespace: args.state_namespace, ..EngineConfig::default() };

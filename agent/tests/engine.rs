@@ -34,7 +34,7 @@ impl Env {
     async fn client(&self) -> kube::Client {
         let kc = kube::config::Kubeconfig::from_yaml(&self.sim.kubeconfig("c")).unwrap();
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
-        kube::Client::try_from(cfg).unwrap()
+        flotilla_agent::kube_client::client(cfg).unwrap()
     }
 
     async fn engine(&self, shutdown: &CancellationToken) -> EngineHandle {

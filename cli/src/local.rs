@@ -106,7 +106,9 @@ impl LocalFleet {
         let mut agents = Vec::new();
         for c in clusters {
             let kc = kube::config::Kubeconfig::from_yaml(&sim.kubeconfig(c))?;
-            let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?)?;
+            let client = flotilla_agent::kube_client::client(
+                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+            )?;
             let cfg = AgentConfig {
                 hub: hub_url.clone(),
                 hub_name: Some("localhost".into()),

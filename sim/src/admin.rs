@@ -129,5 +129,6 @@ fn merged<T: serde::Serialize + serde::de::DeserializeOwned>(cur: &T, patch: &Va
 
 fn describe(c: &crate::store::Cluster) -> Value {
     let objects = c.state().object_count();
-    json!({"name": c.name, "objects": objects, "faults": c.faults(), "behaviour": c.settings().behaviour})
+    let connections = c.connections.load(std::sync::atomic::Ordering::Relaxed);
+    json!({"name": c.name, "objects": objects, "connections": connections, "faults": c.faults(), "behaviour": c.settings().behaviour})
 }

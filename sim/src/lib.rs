@@ -1,6 +1,7 @@
 //! `flotilla-sim`: many simulated Kubernetes clusters in one process, each served through the real
-//! Kubernetes REST API under its own path prefix (`http://ADDR/clusters/<name>`), so kubectl, kube-rs and
-//! the Flotilla agent talk to it as to a real API server.
+//! Kubernetes REST API at the root of its own base URL (HTTPS on one shared port, the cluster chosen by the
+//! TLS server name; plain HTTP under a path prefix `http://ADDR/clusters/<name>` stays for scripts), so
+//! kubectl, kube-rs and the Flotilla agent talk to it as to a real API server.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), flotilla_sim::SimError> {
@@ -26,6 +27,7 @@ pub mod selector;
 pub mod server;
 pub mod store;
 pub mod table;
+pub mod tls;
 
 use hyper_util::rt::TokioIo;
 use resources::ResourceDef;
@@ -61,6 +63,8 @@ pub enum SimError {
     },
     #[error("seeding cluster {cluster} failed: {message}")]
     SeedFailed { cluster: String, message: String },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// How to start a simulator.
@@ -72,6 +76,9 @@ pub struct SimConfig {
     /// Events kept per cluster for resuming watches.
     pub history: usize,
     pub bookmark_interval: Duration,
+    /// Kubeconfigs point at HTTPS (the default: HTTP/2, every cluster at the root of its URL) or at plain
+    /// HTTP under `/clusters/<name>`. Both are served on the same port either way.
+    pub tls: bool,
 }
 
 impl Default for SimConfig {
@@ -82,6 +89,7 @@ impl Default for SimConfig {
             behaviour: Behaviour::default(),
             history: 1024,
             bookmark_interval: Duration::from_secs(5),
+            tls: true,
         }
     }
 }
@@ -107,6 +115,10 @@ pub struct Inner {
     pub shutdown: CancellationToken,
     settings: Arc<Settings>,
     history: usize,
+    tls: tls::SimTls,
+    kubeconfig_tls: bool,
+    /// Open client connections (TCP), for the admin API and benchmarks.
+    pub connections: std::sync::atomic::AtomicUsize,
 }
 
 fn valid_cluster_name(n: &str) -> bool {
@@ -144,16 +156,45 @@ impl Inner {
         Ok(c)
     }
 
+    /// The base URL of a cluster's API server in its kubeconfig (for HTTPS, with [`tls::server_name`] as
+    /// the TLS server name).
     pub fn server_url(&self, cluster: &str) -> String {
+        if self.kubeconfig_tls {
+            format!("https://{}", self.addr)
+        } else {
+            self.plain_url(cluster)
+        }
+    }
+
+    /// The cluster's API over plain HTTP, under its path prefix.
+    pub fn plain_url(&self, cluster: &str) -> String {
         format!("http://{}/clusters/{cluster}", self.addr)
+    }
+
+    /// The CA certificate (PEM) that signs the simulator's server certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.tls.ca_pem
     }
 
     /// A kubeconfig for one cluster (context and cluster named after it, namespace `default`).
     pub fn kubeconfig(&self, cluster: &str) -> String {
+        let tls = if self.kubeconfig_tls {
+            use base64::Engine;
+            format!(
+                "    tls-server-name: {}\n    certificate-authority-data: {}\n",
+                tls::server_name(cluster),
+                base64::engine::general_purpose::STANDARD.encode(&self.tls.ca_pem)
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: {c}\n  cluster:\n    server: {url}\ncontexts:\n- name: {c}\n  context:\n    cluster: {c}\n    user: {c}\n    namespace: default\ncurrent-context: {c}\nusers:\n- name: {c}\n  user: {{}}\npreferences: {{}}\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: {c}\n  cluster:\n    server: {url}\n{tls}contexts:\n- name: {c}\n  context:\n    cluster: {c}\n    user: {c}\n    namespace: default\ncurrent-context: {c}\nusers:\n- name: {c}\n  user: {user}\npreferences: {{}}\n",
             c = cluster,
-            url = self.server_url(cluster)
+            url = self.server_url(cluster),
+            // kubectl asks for a user name and password on a terminal when an HTTPS user has no
+            // credentials; the simulator takes any bearer token (it does no authentication).
+            user = if self.kubeconfig_tls { "\n    token: flotilla-sim" } else { "{}" }
         )
     }
 }
@@ -178,6 +219,9 @@ impl Simulator {
             shutdown: CancellationToken::new(),
             settings: Arc::new(settings),
             history: cfg.history.max(1),
+            tls: tls::SimTls::generate(addr.ip())?,
+            kubeconfig_tls: cfg.tls,
+            connections: Default::default(),
         });
         for name in &cfg.clusters {
             inner.add_cluster(name)?;
@@ -197,6 +241,14 @@ impl Simulator {
 
     pub fn server_url(&self, cluster: &str) -> String {
         self.inner.server_url(cluster)
+    }
+
+    pub fn plain_url(&self, cluster: &str) -> String {
+        self.inner.plain_url(cluster)
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        self.inner.ca_pem()
     }
 
     pub fn kubeconfig(&self, cluster: &str) -> String {
@@ -247,6 +299,7 @@ impl Simulator {
 
 async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let acceptor = tokio_rustls::TlsAcceptor::from(inner.tls.config.clone());
     let mut backoff = Duration::from_millis(10);
     loop {
         tokio::select! {
@@ -254,6 +307,7 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
                 let (stream, peer) = match conn {
                     Ok(c) => { backoff = Duration::from_millis(10); c }
                     Err(e) => {
+                        // Out of file descriptors, most often: wait and keep serving the connections we have.
                         warn!(error = %e, "accept failed");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -261,21 +315,8 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let inner2 = inner.clone();
-                let kill = CancellationToken::new();
-                let kill2 = kill.clone();
-                let svc = hyper::service::service_fn(move |req| server::handle(inner2.clone(), req, kill2.clone()));
-                let conn = hyper::server::conn::http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), svc);
-                let fut = graceful.watch(conn);
-                tokio::spawn(async move {
-                    tokio::select! {
-                        r = fut => if let Err(e) = r {
-                            debug!(%peer, error = %e, "connection ended with an error");
-                        },
-                        // Dropping the connection closes the socket without an answer.
-                        _ = kill.cancelled() => debug!(%peer, "connection dropped: cluster offline"),
-                    }
-                }.instrument(tracing::debug_span!("conn")));
+                let task = connection(inner.clone(), stream, acceptor.clone(), graceful.watcher());
+                tokio::spawn(task.instrument(tracing::debug_span!("conn", %peer)));
             }
             _ = inner.shutdown.cancelled() => break,
         }
@@ -284,5 +325,105 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
     tokio::select! {
         _ = graceful.shutdown() => debug!("all connections closed"),
         _ = tokio::time::sleep(Duration::from_secs(5)) => warn!("connections still open after 5s; closing"),
+    }
+}
+
+/// Counts a connection while it is open.
+struct Open<T: AsRef<std::sync::atomic::AtomicUsize>>(T);
+
+impl<T: AsRef<std::sync::atomic::AtomicUsize>> Open<T> {
+    fn new(n: T) -> Self {
+        n.as_ref().fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Open(n)
+    }
+}
+
+impl<T: AsRef<std::sync::atomic::AtomicUsize>> Drop for Open<T> {
+    fn drop(&mut self) {
+        self.0.as_ref().fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+struct InnerConns(Arc<Inner>);
+impl AsRef<std::sync::atomic::AtomicUsize> for InnerConns {
+    fn as_ref(&self) -> &std::sync::atomic::AtomicUsize {
+        &self.0.connections
+    }
+}
+struct ClusterConns(Arc<Cluster>);
+impl AsRef<std::sync::atomic::AtomicUsize> for ClusterConns {
+    fn as_ref(&self) -> &std::sync::atomic::AtomicUsize {
+        &self.0.connections
+    }
+}
+
+/// How long a client may take to send its first bytes and finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One client connection: TLS (first byte 0x16, a handshake record) or plain HTTP on the same port; HTTP/2
+/// or HTTP/1.1 either way. Over TLS the server name picks the cluster for the connection's life.
+async fn connection(
+    inner: Arc<Inner>,
+    stream: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let _open = Open::new(InnerConns(inner.clone()));
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == 0x16,
+        _ => return,
+    };
+    if !is_tls {
+        serve_io(inner, TokioIo::new(stream), None, watcher).await;
+        return;
+    }
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
+        Err(_) => return debug!("TLS handshake timed out"),
+    };
+    let sni = tls.get_ref().1.server_name().map(str::to_string);
+    let bound = match sni.as_deref().and_then(tls::cluster_of) {
+        None => None,
+        Some(name) => match inner.cluster(name) {
+            // An offline cluster is a dead network: the connection closes without an answer.
+            Some(c) if c.faults().offline => return,
+            Some(c) => Some(c),
+            None => return debug!(cluster = name, "TLS server name names no simulated cluster"),
+        },
+    };
+    let _per_cluster = bound.clone().map(|c| Open::new(ClusterConns(c)));
+    serve_io(inner.clone(), TokioIo::new(tls), bound.clone(), watcher).await;
+}
+
+async fn serve_io<I>(
+    inner: Arc<Inner>,
+    io: TokioIo<I>,
+    bound: Option<Arc<Cluster>>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let kill = CancellationToken::new();
+    let kill2 = kill.clone();
+    let svc = hyper::service::service_fn(move |req| server::handle(inner.clone(), req, kill2.clone(), bound.clone()));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        // A client's watches and requests share its connection (the real API server allows 250 streams).
+        .max_concurrent_streams(250)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let conn = builder.serve_connection(io, svc);
+    let fut = watcher.watch(conn.into_owned());
+    tokio::select! {
+        r = fut => if let Err(e) = r {
+            debug!(error = %e, "connection ended with an error");
+        },
+        // Dropping the connection closes the socket without an answer.
+        _ = kill.cancelled() => debug!("connection dropped: cluster offline"),
     }
 }

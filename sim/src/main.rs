@@ -50,6 +50,9 @@ struct Args {
     /// Interval between watch bookmarks, in milliseconds.
     #[arg(long, env = "FLOTILLA_SIM_BOOKMARK_MS", default_value_t = 5000)]
     bookmark_ms: u64,
+    /// Kubeconfigs point at plain HTTP under /clusters/NAME instead of HTTPS (HTTPS is served either way).
+    #[arg(long, env = "FLOTILLA_SIM_PLAIN_HTTP")]
+    plain_http: bool,
     /// Log format: plain or json.
     #[arg(long, env = "FLOTILLA_SIM_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
@@ -79,14 +82,27 @@ async fn main() -> anyhow::Result<()> {
         },
         history: args.history,
         bookmark_interval: Duration::from_millis(args.bookmark_ms.max(10)),
+        tls: !args.plain_http,
     };
     let sim = Simulator::start(cfg).await.context("starting the simulator")?;
     if let Some(dir) = &args.kubeconfig_dir {
         let files = sim.write_kubeconfigs(dir)?;
         std::fs::write(dir.join("server"), format!("http://{}\n", sim.addr())).context("writing DIR/server")?;
-        println!("flotilla-sim: {} clusters on http://{}; kubeconfigs in {}", files.len(), sim.addr(), dir.display());
+        std::fs::write(dir.join("ca.pem"), sim.ca_pem()).context("writing DIR/ca.pem")?;
+        println!(
+            "flotilla-sim: {} clusters on https://{} and http://{}; kubeconfigs in {}",
+            files.len(),
+            sim.addr(),
+            sim.addr(),
+            dir.display()
+        );
     } else {
-        println!("flotilla-sim: {} clusters on http://{}", sim.cluster_names().len(), sim.addr());
+        println!(
+            "flotilla-sim: {} clusters on https://{} and http://{}",
+            sim.cluster_names().len(),
+            sim.addr(),
+            sim.addr()
+        );
     }
     println!("admin API: {}/clusters", sim.admin_url());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -48,28 +48,44 @@ fn error_response(e: &ApiError) -> Response<Body> {
 
 /// Entry point for every request. `kill` closes the request's connection at once (an offline cluster
 /// must look like a dead network, not like an error answer).
+/// `bound` is the cluster a TLS connection's server name chose: its API is served at the root, as a real
+/// API server's. Without one (plain HTTP, or TLS to the bare address) clusters are under `/clusters/<name>`
+/// and the admin API under `/admin`.
 pub async fn handle(
     inner: Arc<Inner>,
     req: Request<Incoming>,
     kill: tokio_util::sync::CancellationToken,
+    bound: Option<Arc<Cluster>>,
 ) -> Result<Response<Body>, Offline> {
     let path = req.uri().path().to_string();
-    if let Some(rest) = path.strip_prefix("/admin") {
-        return Ok(admin::handle(&inner, req, rest).await);
-    }
-    if path == "/healthz" || path == "/readyz" || path == "/livez" {
-        return Ok(Response::new(full("ok")));
-    }
-    let Some(rest) = path.strip_prefix("/clusters/") else {
-        return Ok(error_response(&ApiError::no_route()));
+    let (cluster, prefix, rest) = match bound {
+        Some(c) => {
+            if path == "/healthz" || path == "/readyz" || path == "/livez" {
+                return Ok(Response::new(full("ok")));
+            }
+            (c, String::new(), path)
+        }
+        None => {
+            if let Some(rest) = path.strip_prefix("/admin") {
+                return Ok(admin::handle(&inner, req, rest).await);
+            }
+            if path == "/healthz" || path == "/readyz" || path == "/livez" {
+                return Ok(Response::new(full("ok")));
+            }
+            let Some(rest) = path.strip_prefix("/clusters/") else {
+                return Ok(error_response(&ApiError::no_route()));
+            };
+            let (name, rest) = rest.split_once('/').unwrap_or((rest, ""));
+            let Some(cluster) = inner.cluster(name) else {
+                return Ok(json_response(
+                    404,
+                    &ApiError::bad_request(format!("no simulated cluster named {name:?}")).to_status(),
+                ));
+            };
+            (cluster, format!("/clusters/{name}"), rest.to_string())
+        }
     };
-    let (name, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    let Some(cluster) = inner.cluster(name) else {
-        return Ok(json_response(
-            404,
-            &ApiError::bad_request(format!("no simulated cluster named {name:?}")).to_status(),
-        ));
-    };
+    let name = cluster.name.as_str();
     let faults = cluster.faults();
     if faults.offline {
         kill.cancel();
@@ -84,10 +100,9 @@ pub async fn handle(
         r.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
         return Ok(r);
     }
-    let prefix = format!("/clusters/{name}");
     let method = req.method().clone();
     let span = tracing::debug_span!("api", cluster = %name, %method, path = %rest);
-    let resp = serve(&inner, &cluster, &prefix, rest.to_string(), req).instrument(span).await;
+    let resp = serve(&inner, &cluster, &prefix, rest, req).instrument(span).await;
     Ok(resp.unwrap_or_else(|e| error_response(&e)))
 }
 
@@ -530,7 +545,6 @@ fn watch(
     Ok(Response::builder()
         .status(200)
         .header(header::CONTENT_TYPE, "application/json")
-        .header(header::TRANSFER_ENCODING, "chunked")
         .body(BodyExt::boxed(StreamBody::new(ReceiverStream::new(rx))))
         .unwrap_or_else(|_| Response::new(full(""))))
 }

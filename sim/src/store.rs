@@ -281,6 +281,8 @@ pub struct Cluster {
     state: Mutex<ClusterState>,
     faults: Mutex<Faults>,
     settings: Mutex<Arc<Settings>>,
+    /// Open TLS connections whose server name chose this cluster.
+    pub connections: std::sync::atomic::AtomicUsize,
 }
 
 impl Cluster {
@@ -290,6 +292,7 @@ impl Cluster {
             state: Mutex::new(ClusterState::new(log_cap)),
             faults: Mutex::new(Faults::default()),
             settings: Mutex::new(settings),
+            connections: Default::default(),
         }
     }
 
