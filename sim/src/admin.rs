@@ -7,11 +7,13 @@
 //! | `GET /admin/clusters/NAME` | one cluster |
 //! | `PUT` or `PATCH /admin/clusters/NAME/faults` `{"latency_ms", "error_rate", "offline"}` | sets faults |
 //! | `PUT` or `PATCH /admin/clusters/NAME/behaviour` `{"ready_after_ms", "fail_images", ...}` | sets controller behaviour |
+//! | `PUT` or `PATCH /admin/clusters/NAME/admission` `{"rules": [...]}` | admission rules (see `admission`) |
 //! | `POST /admin/clusters/NAME/compact` | forgets watch history: older watches get 410 Gone |
 //! | `GET /admin/kubeconfig/NAME` | the cluster's kubeconfig |
 //!
 //! NAME `*` addresses every cluster. PUT replaces the whole setting; PATCH merges the given fields.
 
+use crate::admission::Admission;
 use crate::server::{json_response, Body};
 use crate::store::{Behaviour, Faults, Settings};
 use crate::Inner;
@@ -59,6 +61,25 @@ pub async fn handle(inner: &Arc<Inner>, req: Request<Incoming>, path: &str) -> R
                 .unwrap_or_else(|_| err(500, "response")),
             None => err(404, format!("no simulated cluster named {name:?}")),
         },
+        (m @ (Method::PUT | Method::PATCH), ["clusters", name, "admission"]) => {
+            let targets = match targets(inner, name) {
+                Ok(t) => t,
+                Err(r) => return *r,
+            };
+            let given: Admission = match serde_json::from_slice(&body) {
+                Ok(a) => a,
+                Err(e) => return err(400, format!("invalid admission rules: {e}")),
+            };
+            if let Err(e) = given.validate() {
+                return err(400, e);
+            }
+            for c in &targets {
+                let mut a = if m == Method::PATCH { (*c.admission()).clone() } else { Admission::default() };
+                a.rules.extend(given.rules.iter().cloned());
+                c.set_admission(a);
+            }
+            json_response(200, &json!({"clusters": targets.iter().map(|c| describe(c)).collect::<Vec<_>>()}))
+        }
         (m @ (Method::PUT | Method::PATCH), ["clusters", name, what @ ("faults" | "behaviour")]) => {
             let targets = match targets(inner, name) {
                 Ok(t) => t,
@@ -130,5 +151,5 @@ fn merged<T: serde::Serialize + serde::de::DeserializeOwned>(cur: &T, patch: &Va
 fn describe(c: &crate::store::Cluster) -> Value {
     let objects = c.state().object_count();
     let connections = c.connections.load(std::sync::atomic::Ordering::Relaxed);
-    json!({"name": c.name, "objects": objects, "connections": connections, "faults": c.faults(), "behaviour": c.settings().behaviour})
+    json!({"name": c.name, "objects": objects, "connections": connections, "faults": c.faults(), "behaviour": c.settings().behaviour, "admission": *c.admission()})
 }

@@ -10,11 +10,13 @@ pub struct ApiError {
     pub reason: &'static str,
     pub message: String,
     pub details: Option<Value>,
+    /// Wait this long before answering (a webhook that times out).
+    pub delay: Option<std::time::Duration>,
 }
 
 impl ApiError {
     fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        ApiError { code, reason, message: message.into(), details: None }
+        ApiError { code, reason, message: message.into(), details: None, delay: None }
     }
 
     fn with_details(mut self, d: Value) -> Self {

@@ -145,6 +145,7 @@ pub fn apply_defaults(res: &ResourceDef, obj: &mut Value, old: Option<&Value>) {
         "PersistentVolumeClaim" => set_default(obj, &["status", "phase"], json!("Pending")),
         _ => {}
     }
+    crate::normalize::normalize(&res.kind, obj);
 }
 
 /// The pod defaults the API server adds, which show up in every live object and so in every drift check.
@@ -275,6 +276,78 @@ pub fn validate(res: &ResourceDef, obj: &Value) -> Vec<(String, String)> {
                 let s = e.to_string();
                 let (f, m) = s.split_once(": ").unwrap_or(("spec", &s));
                 errs.push((f.to_string(), m.to_string()));
+            }
+        }
+        _ => {}
+    }
+    errs
+}
+
+/// Fields the API server refuses to change once set, as (field path, message) pairs.
+pub fn immutable(res: &ResourceDef, old: &Value, new: &Value) -> Vec<(String, String)> {
+    let mut errs = Vec::new();
+    if !res.builtin {
+        return errs;
+    }
+    let mut same = |path: &str, field: &str| {
+        let (o, n) = (old.pointer(path), new.pointer(path));
+        if o != n {
+            let shown = n.map_or_else(|| "null".to_string(), Value::to_string);
+            errs.push((field.to_string(), format!("Invalid value: {shown}: field is immutable")));
+        }
+    };
+    match res.kind.as_str() {
+        "Deployment" | "ReplicaSet" | "DaemonSet" => same("/spec/selector", "spec.selector"),
+        "Job" => {
+            same("/spec/selector", "spec.selector");
+            same("/spec/template", "spec.template");
+            same("/spec/completionMode", "spec.completionMode");
+        }
+        "Service" => {
+            let ip = |v: &Value| v.pointer("/spec/clusterIP").cloned();
+            if ip(old).is_some() && ip(old) != ip(new) && old.pointer("/spec/type") != Some(&json!("ExternalName")) {
+                same("/spec/clusterIP", "spec.clusterIP");
+            }
+        }
+        "StatefulSet" => {
+            const MUTABLE: &[&str] = &[
+                "replicas",
+                "ordinals",
+                "template",
+                "updateStrategy",
+                "persistentVolumeClaimRetentionPolicy",
+                "minReadySeconds",
+            ];
+            let rest = |v: &Value| -> Map<String, Value> {
+                let mut m = v.get("spec").and_then(Value::as_object).cloned().unwrap_or_default();
+                m.retain(|k, _| !MUTABLE.contains(&k.as_str()));
+                m
+            };
+            if rest(old) != rest(new) {
+                errs.push(("spec".into(), "Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden".into()));
+            }
+        }
+        "PersistentVolumeClaim" => {
+            let rest = |v: &Value| -> Map<String, Value> {
+                let mut m = v.get("spec").and_then(Value::as_object).cloned().unwrap_or_default();
+                // The binder fills volumeName; requests may grow (expansion).
+                for k in ["resources", "volumeName", "volumeAttributesClassName"] {
+                    m.shift_remove(k);
+                }
+                m
+            };
+            if rest(old) != rest(new) {
+                errs.push(("spec".into(), "Forbidden: spec is immutable after creation except resources.requests and volumeAttributesClassName for bound claims".into()));
+            }
+        }
+        "ConfigMap" | "Secret" if old.get("immutable") == Some(&json!(true)) => {
+            for f in ["data", "binaryData"] {
+                if old.get(f) != new.get(f) {
+                    errs.push((f.into(), "Forbidden: field is immutable when `immutable` is set".into()));
+                }
+            }
+            if new.get("immutable") != Some(&json!(true)) {
+                errs.push(("immutable".into(), "Forbidden: field is immutable when `immutable` is set".into()));
             }
         }
         _ => {}

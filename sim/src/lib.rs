@@ -15,11 +15,13 @@
 //! See `docs/sim.md` for what is simulated and how faithfully.
 
 pub mod admin;
+pub mod admission;
 pub mod controllers;
 pub mod discovery;
 pub mod error;
 pub mod fields;
 pub mod kinds;
+pub mod normalize;
 pub mod ops;
 pub mod patch;
 pub mod resources;
@@ -405,7 +407,9 @@ async fn serve_io<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let kill = CancellationToken::new();
+    // A bound connection closes when its cluster goes offline; any connection when a request finds its
+    // cluster offline.
+    let kill = bound.as_ref().map(|c| c.cut_token().child_token()).unwrap_or_default();
     let kill2 = kill.clone();
     let svc = hyper::service::service_fn(move |req| server::handle(inner.clone(), req, kill2.clone(), bound.clone()));
     let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());

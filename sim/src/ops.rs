@@ -1,6 +1,7 @@
 //! The verbs of the Kubernetes API on one simulated cluster, free of HTTP: get, list, create, update, patch
 //! (JSON, merge, strategic, apply), delete with finalizers and propagation, and the start of a watch.
 
+use crate::admission::Operation;
 use crate::error::ApiError;
 use crate::fields::{self, Ctx, Scope};
 use crate::kinds;
@@ -258,7 +259,14 @@ fn namespace_admits(st: &ClusterState, res: &ResourceDef, ns: &str, name: &str) 
 }
 
 /// Fills system metadata and checks the result; returns false when nothing changed.
-fn finalize(res: &ResourceDef, ns: &str, old: Option<&Value>, new: &mut Value) -> Result<bool, ApiError> {
+fn finalize(
+    c: &Cluster,
+    res: &ResourceDef,
+    ns: &str,
+    old: Option<&Value>,
+    new: &mut Value,
+    sub: Sub,
+) -> Result<bool, ApiError> {
     let name = meta_str(new, "name").unwrap_or_default().to_string();
     let meta = new
         .as_object_mut()
@@ -305,9 +313,25 @@ fn finalize(res: &ResourceDef, ns: &str, old: Option<&Value>, new: &mut Value) -
             new["metadata"]["generation"] = json!(g);
         }
     }
-    let errs = kinds::validate(res, new);
+    if res.builtin {
+        if let Some(msg) = crate::normalize::bad_quantity(&res.kind, new) {
+            return Err(ApiError::bad_request(format!(
+                "{kind} in version \"{v}\" cannot be handled as a {kind}: {msg}",
+                kind = res.kind,
+                v = res.version
+            )));
+        }
+    }
+    let mut errs = kinds::validate(res, new);
+    if let Some(o) = old {
+        errs.extend(kinds::immutable(res, o, new));
+    }
     if !errs.is_empty() {
         return Err(ApiError::invalid(res, &name, errs));
+    }
+    if sub == Sub::Main {
+        let op = if old.is_some() { Operation::Update } else { Operation::Create };
+        c.admission().admit(op, res, new)?;
     }
     if let Some(o) = old {
         let norm = |v: &Value| {
@@ -419,7 +443,7 @@ pub fn create(
     }
     body["metadata"]["namespace"] = json!(ns);
     kinds::apply_defaults(res, &mut body, None);
-    finalize(res, &ns, None, &mut body)?;
+    finalize(c, res, &ns, None, &mut body, Sub::Main)?;
     let ctx = Ctx { builtin: res.builtin, scope: Scope::All };
     fields::record_update(None, &mut body, &opts.field_manager, &res.api_version(), ctx, None, &now());
     let obj = commit(c, &mut st, res, &ns, &name, body, opts.dry_run);
@@ -476,7 +500,7 @@ fn write_changed(
     opts: &WriteOpts,
 ) -> Result<Written, ApiError> {
     kinds::apply_defaults(res, &mut new, Some(old));
-    if !finalize(res, ns, Some(old), &mut new)? {
+    if !finalize(c, res, ns, Some(old), &mut new, sub)? {
         return Ok(Written { obj: present(res, old), created: false });
     }
     let ctx = Ctx { builtin: res.builtin, scope: scope_for(res, sub) };
@@ -707,7 +731,7 @@ fn apply(
                 preserve_for_apply(res, sub, o, &mut new);
             }
             kinds::apply_defaults(res, &mut new, Some(&old));
-            if !finalize(res, &nsk, Some(&old), &mut new)? {
+            if !finalize(c, res, &nsk, Some(&old), &mut new, sub)? {
                 return Ok(Written { obj: present(res, &old), created: false });
             }
             let obj = commit(c, &mut st, res, &nsk, name, new, opts.dry_run);
@@ -719,7 +743,7 @@ fn apply(
         }
         None => {
             kinds::apply_defaults(res, &mut new, None);
-            finalize(res, &nsk, None, &mut new)?;
+            finalize(c, res, &nsk, None, &mut new, sub)?;
             let obj = commit(c, &mut st, res, &nsk, name, new, opts.dry_run);
             drop(st);
             if !opts.dry_run {
@@ -759,6 +783,7 @@ pub fn delete(
             return Err(ApiError::stale(res, name));
         }
     }
+    c.admission().admit(Operation::Delete, res, &old)?;
     if opts.dry_run {
         return Ok(present(res, &old));
     }

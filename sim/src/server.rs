@@ -103,7 +103,15 @@ pub async fn handle(
     let method = req.method().clone();
     let span = tracing::debug_span!("api", cluster = %name, %method, path = %rest);
     let resp = serve(&inner, &cluster, &prefix, rest, req).instrument(span).await;
-    Ok(resp.unwrap_or_else(|e| error_response(&e)))
+    match resp {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            if let Some(d) = e.delay {
+                tokio::time::sleep(d).await;
+            }
+            Ok(error_response(&e))
+        }
+    }
 }
 
 fn query(req: &Request<Incoming>) -> HashMap<String, String> {
@@ -271,6 +279,7 @@ async fn read_body(req: Request<Incoming>) -> Result<(String, Bytes), ApiError> 
                     reason: "RequestEntityTooLarge",
                     message: "the request body is too large".into(),
                     details: None,
+                    delay: None,
                 }
             } else {
                 ApiError::bad_request(format!("reading the request body failed: {e}"))

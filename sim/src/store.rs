@@ -283,6 +283,9 @@ pub struct Cluster {
     settings: Mutex<Arc<Settings>>,
     /// Open TLS connections whose server name chose this cluster.
     pub connections: std::sync::atomic::AtomicUsize,
+    admission: Mutex<Arc<crate::admission::Admission>>,
+    /// Cancelled when the cluster goes offline: its connections close at once.
+    cut: Mutex<tokio_util::sync::CancellationToken>,
 }
 
 impl Cluster {
@@ -293,6 +296,8 @@ impl Cluster {
             faults: Mutex::new(Faults::default()),
             settings: Mutex::new(settings),
             connections: Default::default(),
+            admission: Default::default(),
+            cut: Default::default(),
         }
     }
 
@@ -310,7 +315,23 @@ impl Cluster {
         *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = f;
         if offline {
             self.state().disconnect_watchers();
+            let mut cut = self.cut.lock().unwrap_or_else(|p| p.into_inner());
+            cut.cancel();
+            *cut = tokio_util::sync::CancellationToken::new();
         }
+    }
+
+    /// Cancelled when the cluster next goes offline.
+    pub fn cut_token(&self) -> tokio_util::sync::CancellationToken {
+        self.cut.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn admission(&self) -> Arc<crate::admission::Admission> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_admission(&self, a: crate::admission::Admission) {
+        *self.admission.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(a);
     }
 
     pub fn settings(&self) -> Arc<Settings> {

@@ -218,6 +218,113 @@ set -e
 expect_contains "$out" 'the server doesn'"'"'t have a resource type "gizmos"' "unknown kind"
 ok "nameless objects and unknown kinds are rejected"
 
+step "raw requests at the root of the cluster's URL"
+out="$(kubectl get --raw /version)"
+expect_contains "$out" '"gitVersion"' "get --raw /version"
+out="$(kubectl get --raw /api/v1/namespaces/shop/configmaps/web-config)"
+expect_contains "$out" '"name":"web-config"' "get --raw of an object"
+out="$(printf '{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"raw-made"},"data":{"a":"b"}}' | kubectl create --raw /api/v1/namespaces/shop/configmaps -f -)"
+expect_contains "$out" '"name":"raw-made"' "create --raw"
+kubectl get configmap raw-made -n shop >/dev/null
+ok "get --raw and create --raw reach the cluster without a path prefix"
+
+step "normalization as the API server stores objects"
+kubectl apply --server-side -f - >/dev/null <<'YAML'
+apiVersion: v1
+kind: Secret
+metadata: {name: creds, namespace: shop}
+stringData: {password: hunter2}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: sized, namespace: shop}
+spec:
+  selector: {matchLabels: {app: sized}}
+  template:
+    metadata: {labels: {app: sized}}
+    spec:
+      containers:
+      - name: c
+        image: nginx:1.27
+        resources: {limits: {cpu: 1000m, memory: 1024Mi}, requests: {cpu: "0.5", memory: 0.5Gi}}
+YAML
+out="$(kubectl get secret creds -n shop -o json)"
+expect_contains "$out" '"password": "aHVudGVyMg=="' "stringData merged into data"
+if grep -q stringData <<<"$out"; then fail "stringData is stored: $out"; fi
+res="$(kubectl get deployment sized -n shop -o jsonpath='{.spec.template.spec.containers[0].resources}')"
+expect_contains "$res" '"limits":{"cpu":"1","memory":"1Gi"}' "canonical limits"
+expect_contains "$res" '"requests":{"cpu":"500m","memory":"512Mi"}' "canonical requests"
+before="$(rv -n shop deployment/sized)"
+kubectl patch deployment sized -n shop --type merge -p '{"spec":{"template":{"spec":{"containers":[{"name":"c","image":"nginx:1.27","resources":{"limits":{"cpu":"1","memory":"1Gi"},"requests":{"cpu":"500m","memory":"512Mi"}}}]}}}}' >/dev/null
+[ "$before" = "$(rv -n shop deployment/sized)" ] || fail "the canonical form of the same quantities counted as a change"
+set +e
+out="$(kubectl patch deployment sized -n shop --type merge -p '{"spec":{"template":{"spec":{"containers":[{"name":"c","resources":{"limits":{"cpu":"lots"}}}]}}}}' 2>&1)"
+code=$?
+set -e
+[ "$code" != 0 ] || fail "an invalid quantity was accepted"
+expect_contains "$out" "quantities must match the regular expression" "invalid quantity"
+ok "Secret stringData is merged into data, quantities are canonical, invalid ones are refused"
+
+step "immutable fields"
+set +e
+out="$(kubectl patch deployment sized -n shop --type merge -p '{"spec":{"selector":{"matchLabels":{"app":"other"}},"template":{"metadata":{"labels":{"app":"other"}}}}}' 2>&1)"
+code=$?
+set -e
+[ "$code" != 0 ] || fail "a Deployment's selector changed"
+expect_contains "$out" 'spec.selector: Invalid value' "deployment selector"
+expect_contains "$out" 'field is immutable' "deployment selector"
+kubectl apply --server-side -f - >/dev/null <<'YAML'
+apiVersion: batch/v1
+kind: Job
+metadata: {name: once, namespace: shop}
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: c, image: busybox:1.36, command: [echo, one]}]
+YAML
+set +e
+out="$(kubectl apply --server-side -f - 2>&1 <<'YAML'
+apiVersion: batch/v1
+kind: Job
+metadata: {name: once, namespace: shop}
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: c, image: busybox:1.37, command: [echo, two]}]
+YAML
+)"
+code=$?
+set -e
+[ "$code" != 0 ] || fail "a Job's template changed"
+expect_contains "$out" 'spec.template: Invalid value' "job template"
+expect_contains "$out" 'field is immutable' "job template"
+ip="$(kubectl get service web -n shop -o jsonpath='{.spec.clusterIP}')"
+set +e
+out="$(kubectl patch service web -n shop --type merge -p '{"spec":{"clusterIP":"198.18.9.9","clusterIPs":["198.18.9.9"]}}' 2>&1)"
+code=$?
+set -e
+[ "$code" != 0 ] || fail "a Service's cluster IP changed"
+expect_contains "$out" 'spec.clusterIP: Invalid value' "service clusterIP"
+[ "$ip" = "$(kubectl get service web -n shop -o jsonpath='{.spec.clusterIP}')" ] || fail "the cluster IP moved"
+ok "Deployment selector, Job template and Service clusterIP are immutable"
+
+step "admission rules deny writes"
+admin PUT "/clusters/$SIM_CLUSTER/admission" '{"rules": [{"kinds": ["ConfigMap"], "labels": {"policy": "deny"}, "deny": "configmaps labelled policy=deny are not allowed"}]}' >/dev/null
+set +e
+out="$(kubectl create configmap denied -n shop --from-literal=a=b --dry-run=client -o yaml | kubectl label --local -f - policy=deny -o yaml | kubectl apply --server-side -f - 2>&1)"
+code=$?
+set -e
+[ "$code" != 0 ] || fail "a denied ConfigMap was accepted"
+expect_contains "$out" 'admission webhook "policy.flotilla-sim.internal" denied the request: configmaps labelled policy=deny are not allowed' "admission denial"
+set +e
+kubectl get configmap denied -n shop >/dev/null 2>&1 && fail "the denied ConfigMap was stored"
+set -e
+kubectl create configmap allowed -n shop --from-literal=a=b --dry-run=client -o yaml | kubectl apply --server-side -f - >/dev/null
+admin PUT "/clusters/$SIM_CLUSTER/admission" '{"rules": []}' >/dev/null
+ok "an admission rule denies matching objects with 403 and its reason, and lets others through"
+
 step "kubectl delete namespace removes what it held"
 kubectl delete namespace shop --timeout=60s
 set +e
