@@ -20,7 +20,6 @@ use crate::resources::ResourceDef;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 /// The name the simulated webhook goes by in error messages.
 pub const WEBHOOK: &str = "policy.flotilla-sim.internal";
@@ -111,7 +110,7 @@ impl Admission {
                     "Internal error occurred: failed calling webhook \"{WEBHOOK}\": failed to call webhook: Post \"https://{WEBHOOK}:443/validate?timeout={}s\": context deadline exceeded",
                     ms.div_ceil(1000)
                 ));
-                e.delay = Some(Duration::from_millis(ms));
+                e.delay_ms = ms.min(u32::MAX.into()) as u32;
                 return Err(e);
             }
         }
@@ -145,7 +144,7 @@ mod tests {
         let s = json!({"metadata": {"name": "s", "namespace": "default"}});
         assert!(a.admit(Operation::Update, &def("Secret"), &s).is_ok());
         let e = a.admit(Operation::Delete, &def("Secret"), &s).unwrap_err();
-        assert_eq!((e.code, e.delay), (500, Some(Duration::from_millis(1500))));
+        assert_eq!((e.code, e.delay_ms), (500, 1500));
     }
 
     #[test]

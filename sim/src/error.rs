@@ -10,13 +10,13 @@ pub struct ApiError {
     pub reason: &'static str,
     pub message: String,
     pub details: Option<Value>,
-    /// Wait this long before answering (a webhook that times out).
-    pub delay: Option<std::time::Duration>,
+    /// Milliseconds to wait before answering (a webhook that times out); 0 answers at once.
+    pub delay_ms: u32,
 }
 
 impl ApiError {
     fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        ApiError { code, reason, message: message.into(), details: None, delay: None }
+        ApiError { code, reason, message: message.into(), details: None, delay_ms: 0 }
     }
 
     fn with_details(mut self, d: Value) -> Self {

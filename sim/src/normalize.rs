@@ -44,6 +44,25 @@ pub const KIND_QUANTITIES: &[(&str, &[&str])] = &[
     ("StatefulSet", &["spec.volumeClaimTemplates.*.spec.resources.requests.*"]),
 ];
 
+/// Status counters with `omitempty`: a zero is not written (a Deployment with no ready replica has no
+/// `readyReplicas`, and clients must read the absence as 0).
+pub const STATUS_OMITEMPTY_COUNTS: &[(&str, &[&str])] = &[
+    (
+        "Deployment",
+        &[
+            "replicas",
+            "updatedReplicas",
+            "readyReplicas",
+            "availableReplicas",
+            "unavailableReplicas",
+            "observedGeneration",
+        ],
+    ),
+    ("ReplicaSet", &["fullyLabeledReplicas", "readyReplicas", "availableReplicas", "observedGeneration"]),
+    ("StatefulSet", &["readyReplicas", "currentReplicas", "updatedReplicas", "observedGeneration"]),
+    ("Job", &["active", "succeeded", "failed"]),
+];
+
 /// Where each kind keeps its pod spec.
 pub fn pod_spec_path(kind: &str) -> Option<&'static str> {
     match kind {
@@ -127,6 +146,13 @@ pub fn normalize(kind: &str, obj: &mut Value) {
                 *q = Value::String(c);
             }
         });
+    }
+    for (k, fields) in STATUS_OMITEMPTY_COUNTS {
+        if *k == kind {
+            if let Some(st) = obj.get_mut("status").and_then(Value::as_object_mut) {
+                st.retain(|f, v| !(fields.contains(&f.as_str()) && v.as_i64() == Some(0)));
+            }
+        }
     }
     drop_empty(obj);
 }

@@ -106,8 +106,8 @@ pub async fn handle(
     match resp {
         Ok(r) => Ok(r),
         Err(e) => {
-            if let Some(d) = e.delay {
-                tokio::time::sleep(d).await;
+            if e.delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(e.delay_ms.into())).await;
             }
             Ok(error_response(&e))
         }
@@ -279,7 +279,7 @@ async fn read_body(req: Request<Incoming>) -> Result<(String, Bytes), ApiError> 
                     reason: "RequestEntityTooLarge",
                     message: "the request body is too large".into(),
                     details: None,
-                    delay: None,
+                    delay_ms: 0,
                 }
             } else {
                 ApiError::bad_request(format!("reading the request body failed: {e}"))
