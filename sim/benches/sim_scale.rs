@@ -84,7 +84,7 @@ async fn loaded(n: usize, objects: usize) {
             .expect("start");
     let defs = &sim.inner().builtins;
     let def = |kind: &str| defs.iter().find(|d| d.kind == kind).cloned().expect("kind");
-    let opts = ops::WriteOpts { dry_run: false, field_manager: "bench".into(), force: false };
+    let opts = ops::WriteOpts { dry_run: false, field_manager: "bench".into(), ..Default::default() };
     let t = Instant::now();
     for name in sim.cluster_names() {
         let c = sim.cluster(&name).expect("cluster");

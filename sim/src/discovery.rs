@@ -1,6 +1,6 @@
 //! Discovery documents: `/version`, `/api`, `/apis`, group and group-version resource lists, and the
-//! OpenAPI v3 index kubectl reads to learn that the server validates fields itself (so kubectl's default
-//! `--validate=strict` works without downloading full schemas).
+//! OpenAPI v3 index and documents (real schemas: `kubectl explain` works, and kubectl's default
+//! `--validate=strict` leaves field validation to the server, which refuses unknown fields).
 
 use crate::resources::ResourceDef;
 use serde_json::{json, Value};
@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub const MAJOR: &str = "1";
-pub const MINOR: &str = "32";
+/// The version reported; the schemas of [`crate::openapi`] are this version's (k8s-openapi `v1_33`).
+pub const MINOR: &str = "33";
 
 pub fn version() -> Value {
     json!({
@@ -130,11 +131,17 @@ fn fnv(s: &str) -> u64 {
     h
 }
 
-/// A group-version's OpenAPI v3 document: the paths and the operations with their GVK and parameters
-/// (schemas are left open: the simulator does not validate against them).
+/// `example.com` → `com.example`, as the API server names custom resource schemas.
+fn reverse_domain(group: &str) -> String {
+    group.split('.').rev().collect::<Vec<_>>().join(".")
+}
+
+/// A group-version's OpenAPI v3 document: the paths and the operations with their GVK and parameters,
+/// and the schemas of its kinds (with every schema they reach) as the API server publishes them.
 pub fn openapi_v3_gv(defs: &[Arc<ResourceDef>], gvpath: &str) -> Option<Value> {
     let mut paths = serde_json::Map::new();
     let mut schemas = serde_json::Map::new();
+    let mut roots: Vec<String> = Vec::new();
     for d in defs.iter().filter(|d| gv_path(&d.group, &d.version) == gvpath) {
         let gvk = json!({"group": d.group, "version": d.version, "kind": d.kind});
         let params = json!([
@@ -146,7 +153,10 @@ pub fn openapi_v3_gv(defs: &[Arc<ResourceDef>], gvpath: &str) -> Option<Value> {
         let ns = if d.namespaced { "/namespaces/{namespace}" } else { "" };
         let base = format!("/{gvpath}{ns}/{}", d.plural);
         let schema_name =
-            format!("{}.{}.{}", if d.group.is_empty() { "io.k8s.api.core" } else { &d.group }, d.version, d.kind);
+            match crate::openapi::catalogue().kinds.get(&(d.group.clone(), d.version.clone(), d.kind.clone())) {
+                Some(n) if d.builtin => n.clone(),
+                _ => format!("{}.{}.{}", reverse_domain(&d.group), d.version, d.kind),
+            };
         let ok = json!({"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema_name}")}}}}});
         paths.insert(
             base.clone(),
@@ -164,10 +174,28 @@ pub fn openapi_v3_gv(defs: &[Arc<ResourceDef>], gvpath: &str) -> Option<Value> {
                 "delete": {"x-kubernetes-action": "delete", "x-kubernetes-group-version-kind": gvk, "parameters": params, "responses": ok},
             }),
         );
-        schemas.insert(
-            schema_name,
-            json!({"type": "object", "x-kubernetes-group-version-kind": [gvk], "x-kubernetes-preserve-unknown-fields": true}),
-        );
+        match (&d.crd_schema, d.builtin) {
+            (_, true) => roots.push(schema_name),
+            (Some(s), false) => {
+                let mut s = (**s).clone();
+                s["x-kubernetes-group-version-kind"] = json!([gvk]);
+                schemas.insert(schema_name, s);
+            }
+            (None, false) => {
+                schemas.insert(
+                    schema_name,
+                    json!({"type": "object", "x-kubernetes-group-version-kind": [gvk], "x-kubernetes-preserve-unknown-fields": true}),
+                );
+            }
+        }
+    }
+    let cat = crate::openapi::catalogue();
+    let lists: Vec<String> = roots.iter().map(|r| format!("{r}List")).filter(|l| cat.schemas.contains_key(l)).collect();
+    roots.extend(lists);
+    for name in crate::openapi::closure(&roots, &cat.schemas) {
+        if let Some(s) = cat.schemas.get(&name) {
+            schemas.insert(name, s.clone());
+        }
     }
     if paths.is_empty() {
         return None;

@@ -22,9 +22,11 @@ pub mod error;
 pub mod fields;
 pub mod kinds;
 pub mod normalize;
+pub mod openapi;
 pub mod ops;
 pub mod patch;
 pub mod resources;
+pub mod schema;
 pub mod selector;
 pub mod server;
 pub mod store;
@@ -149,7 +151,7 @@ impl Inner {
             map.insert(name.to_string(), c.clone());
         }
         let ns = self.builtins.iter().find(|d| d.kind == "Namespace").cloned().expect("built-in kind");
-        let opts = ops::WriteOpts { dry_run: false, field_manager: "kube-apiserver".into(), force: false };
+        let opts = ops::WriteOpts { dry_run: false, field_manager: "kube-apiserver".into(), ..Default::default() };
         for n in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let body = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}});
             ops::create(&c, &ns, None, body, &opts)

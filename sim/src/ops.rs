@@ -7,6 +7,7 @@ use crate::fields::{self, Ctx, Scope};
 use crate::kinds;
 use crate::patch;
 use crate::resources::ResourceDef;
+use crate::schema::FieldValidation;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{Cluster, ClusterState, EventType, Signal, Stored};
 use base64::Engine;
@@ -41,6 +42,56 @@ pub struct WriteOpts {
     pub dry_run: bool,
     pub field_manager: String,
     pub force: bool,
+    pub validation: crate::schema::FieldValidation,
+}
+
+/// Drops what `obj`'s schema does not declare; refuses wrong types, and unknown fields under Strict.
+/// `apply` words the errors as server-side apply does.
+fn check_schema(res: &ResourceDef, obj: &mut Value, validation: FieldValidation, apply: bool) -> Result<(), ApiError> {
+    let cat = crate::openapi::catalogue();
+    let schema = match &res.crd_schema {
+        Some(s) => s.as_ref(),
+        None if res.builtin => match crate::openapi::schema_of(&res.group, &res.version, &res.kind) {
+            Some(s) => s,
+            None => return Ok(()),
+        },
+        None => return Ok(()),
+    };
+    let f = crate::schema::check(schema, &cat.schemas, obj);
+    let name = meta_str(obj, "name").unwrap_or_default().to_string();
+    let ns = meta_str(obj, "namespace").unwrap_or_default().to_string();
+    if !f.wrong_type.is_empty() {
+        if !res.builtin {
+            let causes = f
+                .wrong_type
+                .iter()
+                .map(|(p, t, _)| {
+                    (p.clone(), format!("Invalid value: \"{}\": {p} in body must be of type {t}", f.wrong_type[0].2))
+                })
+                .collect();
+            return Err(ApiError::invalid(res, &name, causes));
+        }
+        let (p, t, got) = &f.wrong_type[0];
+        return Err(ApiError::bad_request(format!(
+            "{kind} in version \"{v}\" cannot be handled as a {kind}: json: cannot unmarshal {got} into Go struct field .{p} of type {t}",
+            kind = res.kind,
+            v = res.version
+        )));
+    }
+    if validation == FieldValidation::Strict && !f.unknown.is_empty() {
+        if apply {
+            let fields: Vec<String> = f.unknown.iter().map(|p| format!(".{p}: field not declared in schema")).collect();
+            return Err(ApiError::bad_request(format!(
+                "failed to create typed patch object ({ns}/{name}; {}, Kind={}): {}",
+                res.api_version(),
+                res.kind,
+                fields.join(", ")
+            )));
+        }
+        let fields: Vec<String> = f.unknown.iter().map(|p| format!("unknown field \"{p}\"")).collect();
+        return Err(ApiError::bad_request(format!("strict decoding error: {}", fields.join(", "))));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,6 +317,7 @@ fn finalize(
     old: Option<&Value>,
     new: &mut Value,
     sub: Sub,
+    validation: FieldValidation,
 ) -> Result<bool, ApiError> {
     let name = meta_str(new, "name").unwrap_or_default().to_string();
     let meta = new
@@ -313,6 +365,7 @@ fn finalize(
             new["metadata"]["generation"] = json!(g);
         }
     }
+    check_schema(res, new, validation, false)?;
     if res.builtin {
         if let Some(msg) = crate::normalize::bad_quantity(&res.kind, new) {
             return Err(ApiError::bad_request(format!(
@@ -443,7 +496,7 @@ pub fn create(
     }
     body["metadata"]["namespace"] = json!(ns);
     kinds::apply_defaults(res, &mut body, None);
-    finalize(c, res, &ns, None, &mut body, Sub::Main)?;
+    finalize(c, res, &ns, None, &mut body, Sub::Main, opts.validation)?;
     let ctx = Ctx { builtin: res.builtin, scope: Scope::All };
     fields::record_update(None, &mut body, &opts.field_manager, &res.api_version(), ctx, None, &now());
     let obj = commit(c, &mut st, res, &ns, &name, body, opts.dry_run);
@@ -500,7 +553,7 @@ fn write_changed(
     opts: &WriteOpts,
 ) -> Result<Written, ApiError> {
     kinds::apply_defaults(res, &mut new, Some(old));
-    if !finalize(c, res, ns, Some(old), &mut new, sub)? {
+    if !finalize(c, res, ns, Some(old), &mut new, sub, opts.validation)? {
         return Ok(Written { obj: present(res, old), created: false });
     }
     let ctx = Ctx { builtin: res.builtin, scope: scope_for(res, sub) };
@@ -709,6 +762,7 @@ fn apply(
         namespace_admits(&st, res, &nsk, name)?;
     }
     let mut applied = applied;
+    check_schema(res, &mut applied, opts.validation, true)?;
     if sub == Sub::Main && res.status {
         if let Some(m) = applied.as_object_mut() {
             m.shift_remove("status");
@@ -731,7 +785,7 @@ fn apply(
                 preserve_for_apply(res, sub, o, &mut new);
             }
             kinds::apply_defaults(res, &mut new, Some(&old));
-            if !finalize(c, res, &nsk, Some(&old), &mut new, sub)? {
+            if !finalize(c, res, &nsk, Some(&old), &mut new, sub, opts.validation)? {
                 return Ok(Written { obj: present(res, &old), created: false });
             }
             let obj = commit(c, &mut st, res, &nsk, name, new, opts.dry_run);
@@ -743,7 +797,7 @@ fn apply(
         }
         None => {
             kinds::apply_defaults(res, &mut new, None);
-            finalize(c, res, &nsk, None, &mut new, sub)?;
+            finalize(c, res, &nsk, None, &mut new, sub, opts.validation)?;
             let obj = commit(c, &mut st, res, &nsk, name, new, opts.dry_run);
             drop(st);
             if !opts.dry_run {

@@ -48,6 +48,8 @@ pub struct ResourceDef {
     /// False for kinds defined by a CustomResourceDefinition.
     pub builtin: bool,
     pub printer_columns: Vec<PrinterColumn>,
+    /// A custom resource's `openAPIV3Schema` for this version (built-in kinds: [`crate::openapi`]).
+    pub crd_schema: Option<Arc<Value>>,
 }
 
 impl ResourceDef {
@@ -186,6 +188,7 @@ fn build() -> Vec<Arc<ResourceDef>> {
                 scale: scale.then(ScaleSpec::standard),
                 builtin: true,
                 printer_columns: vec![],
+                crd_schema: None,
             })
         })
         .collect()
@@ -292,6 +295,7 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceDef>, CrdError> {
             scale,
             builtin: false,
             printer_columns,
+            crd_schema: v.pointer("/schema/openAPIV3Schema").cloned().map(Arc::new),
         });
     }
     Ok(out)

@@ -349,6 +349,8 @@ async fn resource(
         dry_run: dry_run(&q)?,
         field_manager: field_manager(&q, &req),
         force: q.get("force").is_some_and(|f| f == "true"),
+        validation: crate::schema::FieldValidation::parse(q.get("fieldValidation").map(String::as_str))
+            .map_err(ApiError::bad_request)?,
     };
     match (method, p.name) {
         (Method::GET, None) if is_watch => watch(inner, c, &res, ns, &q, table, &include),

@@ -27,7 +27,7 @@ fn def(kind: &str) -> Arc<ResourceDef> {
 }
 
 fn opts() -> WriteOpts {
-    WriteOpts { dry_run: false, field_manager: "test".into(), force: false }
+    WriteOpts { dry_run: false, field_manager: "test".into(), ..Default::default() }
 }
 
 fn apply(c: &Arc<Cluster>, kind: &str, obj: Value) -> Value {

@@ -228,6 +228,77 @@ expect_contains "$out" '"name":"raw-made"' "create --raw"
 kubectl get configmap raw-made -n shop >/dev/null
 ok "get --raw and create --raw reach the cluster without a path prefix"
 
+step "kubectl explain and strict field validation (OpenAPI v3 schemas)"
+out="$(kubectl explain deployment.spec.replicas)"
+expect_contains "$out" "FIELD: replicas <integer>" "explain a field"
+expect_contains "$out" "Number of desired pods" "explain shows the real description"
+kubectl apply --server-side -f - >/dev/null <<'YAML'
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: gadgets.example.com}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: gadgets, singular: gadget, kind: Gadget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            description: What the gadget should be.
+            properties:
+              size: {type: integer, description: How big the gadget is.}
+YAML
+kubectl wait --for=condition=Established crd/gadgets.example.com --timeout=30s >/dev/null
+out="$(kubectl explain gadgets.spec.size)"
+expect_contains "$out" "How big the gadget is." "explain a custom resource field"
+set +e
+out="$(printf 'apiVersion: example.com/v1\nkind: Gadget\nmetadata: {name: g, namespace: shop}\nspec: {size: 1, colour: red}\n' | kubectl apply --server-side -f - 2>&1)"; code=$?
+set -e
+[ "$code" != 0 ] || fail "an unknown custom resource field was accepted under Strict"
+expect_contains "$out" ".spec.colour: field not declared in schema" "strict custom resource"
+printf 'apiVersion: example.com/v1\nkind: Gadget\nmetadata: {name: g, namespace: shop}\nspec: {size: 1, colour: red}\n' | kubectl apply --server-side --validate=false -f - >/dev/null
+[ "$(kubectl get gadget g -n shop -o jsonpath='{.spec}')" = '{"size":1}' ] || fail "the unknown custom resource field was not pruned"
+kubectl delete crd gadgets.example.com >/dev/null
+cat > "$work/typo.yaml" <<'YAML'
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: typo, namespace: shop}
+spec:
+  replicass: 2
+  selector: {matchLabels: {app: typo}}
+  template:
+    metadata: {labels: {app: typo}}
+    spec:
+      containers: [{name: c, image: nginx:1.27, imagePullPolice: Always}]
+YAML
+set +e
+out="$(kubectl apply --server-side -f "$work/typo.yaml" 2>&1)"; code=$?
+set -e
+[ "$code" != 0 ] || fail "an unknown field was accepted by apply --server-side"
+expect_contains "$out" ".spec.replicass: field not declared in schema" "strict SSA"
+expect_contains "$out" ".spec.template.spec.containers[0].imagePullPolice: field not declared in schema" "strict SSA"
+set +e
+out="$(kubectl create -f "$work/typo.yaml" 2>&1)"; code=$?
+set -e
+[ "$code" != 0 ] || fail "an unknown field was accepted by create"
+expect_contains "$out" 'strict decoding error: unknown field "spec.replicass"' "strict create"
+kubectl apply --server-side --validate=false -f "$work/typo.yaml" >/dev/null
+out="$(kubectl get deployment typo -n shop -o json)"
+if grep -q replicass <<<"$out"; then fail "an unknown field was stored: $out"; fi
+kubectl delete deployment typo -n shop >/dev/null
+set +e
+out="$(printf 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: typed, namespace: shop}\ndata: {a: 1}\n' | kubectl apply --server-side -f - 2>&1)"; code=$?
+set -e
+[ "$code" != 0 ] || fail "a number in ConfigMap data was accepted"
+expect_contains "$out" "cannot unmarshal number into Go struct field .data.a of type string" "wrong type"
+ok "explain shows real schemas; unknown fields are refused under Strict and dropped otherwise; wrong types are refused"
+
 step "normalization as the API server stores objects"
 kubectl apply --server-side -f - >/dev/null <<'YAML'
 apiVersion: v1
