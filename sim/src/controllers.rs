@@ -49,6 +49,13 @@ pub fn observe(c: &Arc<Cluster>, res: &Arc<ResourceDef>, obj: &Value) {
     let uid = s(obj, "/metadata/uid").unwrap_or_default().to_string();
     let id = format!("{ns}/{name}");
     if !res.builtin {
+        if res.group == "gateway.networking.k8s.io"
+            && res.kind == "Gateway"
+            && obj.pointer("/status/addresses").is_none()
+        {
+            let (c2, r2) = (c.clone(), res.clone());
+            spawn("gateway", c, &id, async move { ingress(c2, r2, ns, name, uid).await });
+        }
         return;
     }
     match res.kind.as_str() {
@@ -71,12 +78,44 @@ pub fn observe(c: &Arc<Cluster>, res: &Arc<ResourceDef>, obj: &Value) {
             let (c2, r2) = (c.clone(), res.clone());
             spawn("pvc", c, &id, async move { pvc(c2, r2, ns, name, uid).await });
         }
-        "Service"
-            if s(obj, "/spec/type") == Some("LoadBalancer")
-                && obj.pointer("/status/loadBalancer/ingress").is_none() =>
-        {
+        "Ingress" if obj.pointer("/status/loadBalancer/ingress").is_none() => {
             let (c2, r2) = (c.clone(), res.clone());
-            spawn("service", c, &id, async move { load_balancer(c2, r2, ns, name, uid).await });
+            spawn("ingress", c, &id, async move { ingress(c2, r2, ns, name, uid).await });
+        }
+        "APIService" => {
+            let (c2, r2) = (c.clone(), res.clone());
+            spawn("apiservice", c, &id, async move { api_service(c2, r2, name, uid).await });
+        }
+        "Service" => {
+            // An APIService waiting for this Service becomes Available.
+            let waiting: Vec<(String, String)> = {
+                let st = c.state();
+                st.objects
+                    .get("apiregistration.k8s.io/apiservices")
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, o)| o.value())
+                    .filter(|a| {
+                        s(a, "/spec/service/namespace") == Some(&ns) && s(a, "/spec/service/name") == Some(&name)
+                    })
+                    .map(|a| {
+                        (
+                            s(&a, "/metadata/name").unwrap_or_default().to_string(),
+                            s(&a, "/metadata/uid").unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            };
+            if let Some(def) = crate::resources::catalogue().iter().find(|d| d.kind == "APIService") {
+                for (n, u) in waiting {
+                    let (c2, r2) = (c.clone(), def.clone());
+                    spawn("apiservice", c, &n.clone(), async move { api_service(c2, r2, n, u).await });
+                }
+            }
+            if s(obj, "/spec/type") == Some("LoadBalancer") && obj.pointer("/status/loadBalancer/ingress").is_none() {
+                let (c2, r2) = (c.clone(), res.clone());
+                spawn("service", c, &id, async move { load_balancer(c2, r2, ns, name, uid).await });
+            }
         }
         "CustomResourceDefinition" => {
             let (c2, r2) = (c.clone(), res.clone());
@@ -404,6 +443,59 @@ async fn load_balancer(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name:
         }
         let ip = lb_address(s(o, "/metadata/uid").unwrap_or_default());
         Some(set_status(o, json!({"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}})))
+    });
+}
+
+/// An ingress controller gives Ingresses (status.loadBalancer) and Gateways (status.addresses, Accepted
+/// and Programmed) an address, when the cluster has one.
+async fn ingress(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: String, uid: String) {
+    tokio::time::sleep(Duration::from_millis(c.settings().behaviour.lb_after_ms)).await;
+    if !c.settings().behaviour.ingress_controller {
+        return;
+    }
+    controller_write(&c, &res, &ns, &name, &uid, res.status, |o| {
+        let ip = lb_address(s(o, "/metadata/uid").unwrap_or_default());
+        if res.kind == "Ingress" {
+            return Some(set_status(o, json!({"loadBalancer": {"ingress": [{"ip": ip}]}})));
+        }
+        let generation = i(o, "/metadata/generation").unwrap_or(1);
+        let cond = |t: &str| {
+            json!({"type": t, "status": "True", "reason": t, "message": format!("simulated gateway {t}"),
+                   "observedGeneration": generation, "lastTransitionTime": now()})
+        };
+        Some(set_status(
+            o,
+            json!({"addresses": [{"type": "IPAddress", "value": ip}], "conditions": [cond("Accepted"), cond("Programmed")]}),
+        ))
+    });
+}
+
+/// An APIService is Available when it is local or its Service exists.
+async fn api_service(c: Arc<Cluster>, res: Arc<ResourceDef>, name: String, uid: String) {
+    tokio::time::sleep(Duration::from_millis(c.settings().behaviour.crd_after_ms)).await;
+    let services = crate::resources::catalogue().iter().find(|d| d.kind == "Service").map(|d| d.storage_key());
+    let exists = |ns: &str, n: &str| services.as_ref().is_some_and(|k| c.state().get(k, ns, n).is_some());
+    let target = {
+        let st = c.state();
+        st.get(&res.storage_key(), "", &name).map(|o| o.value())
+    };
+    let Some(target) = target else { return };
+    let svc = (
+        s(&target, "/spec/service/namespace").map(str::to_string),
+        s(&target, "/spec/service/name").map(str::to_string),
+    );
+    let (ok, reason, message) = match &svc {
+        (Some(ns), Some(n)) if exists(ns, n) => (true, "Passed", "all checks passed".to_string()),
+        (Some(ns), Some(n)) => (false, "ServiceNotFound", format!("service/{n} in \"{ns}\" is not present")),
+        _ => (true, "Local", "Local APIServices are always available".to_string()),
+    };
+    controller_write(&c, &res, "", &name, &uid, true, |o| {
+        let prev = o.pointer("/status/conditions");
+        let mut cond = condition("Available", ok, reason, &message, prev);
+        if let Some(m) = cond.as_object_mut() {
+            m.shift_remove("lastUpdateTime");
+        }
+        Some(set_status(o, json!({"conditions": [cond]})))
     });
 }
 

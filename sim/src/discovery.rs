@@ -114,10 +114,20 @@ fn gv_path(group: &str, version: &str) -> String {
 
 /// `/openapi/v3`: one entry per group-version; `prefix` is the cluster's path prefix.
 pub fn openapi_v3_root(defs: &[Arc<ResourceDef>], prefix: &str) -> Value {
-    let mut paths = serde_json::Map::new();
+    // The hash changes with the document (kubectl caches documents by it): the kinds served and the
+    // schemas of custom resources.
+    let mut content: BTreeMap<String, String> = BTreeMap::new();
     for d in defs {
         let p = gv_path(&d.group, &d.version);
-        let hash = format!("{:016X}", fnv(&p));
+        let c = content.entry(p).or_default();
+        c.push_str(&d.kind);
+        if let Some(s) = &d.crd_schema {
+            c.push_str(&s.to_string());
+        }
+    }
+    let mut paths = serde_json::Map::new();
+    for (p, c) in content {
+        let hash = format!("{:016X}", fnv(&format!("{p}\n{c}")));
         paths.insert(p.clone(), json!({"serverRelativeURL": format!("{prefix}/openapi/v3/{p}?hash={hash}")}));
     }
     json!({"paths": paths})

@@ -967,3 +967,35 @@ pub fn filter_event(
 pub fn present_obj(res: &ResourceDef, o: &Value) -> Value {
     present(res, o)
 }
+
+/// `POST pods/NAME/eviction`: the pod is deleted unless a PodDisruptionBudget selecting it allows no
+/// disruption now (429, as the API server answers).
+pub fn evict(c: &Arc<Cluster>, pods: &Arc<ResourceDef>, ns: &str, name: &str, dry_run: bool) -> Result<(), ApiError> {
+    let pod = get(c, pods, Some(ns), name)?;
+    let labels = pod.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
+    let blocked = {
+        let st = c.state();
+        st.objects.get("policy/poddisruptionbudgets").into_iter().flatten().any(|((pns, _), o)| {
+            let pdb = o.value();
+            pns == ns
+                && pdb.pointer("/status/disruptionsAllowed").and_then(Value::as_i64) == Some(0)
+                && pdb
+                    .pointer("/spec/selector/matchLabels")
+                    .and_then(Value::as_object)
+                    .is_some_and(|ml| ml.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        })
+    };
+    if blocked {
+        return Err(ApiError {
+            code: 429,
+            reason: "TooManyRequests",
+            message: "Cannot evict pod as it would violate the pod's disruption budget.".into(),
+            details: Some(
+                json!({"causes": [{"reason": "DisruptionBudget", "message": "The disruption budget needs more healthy pods"}]}),
+            ),
+            delay_ms: 0,
+        });
+    }
+    delete(c, pods, Some(ns), name, &DeleteOpts { dry_run, ..Default::default() })?;
+    Ok(())
+}

@@ -100,6 +100,17 @@ impl ResourceDef {
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if self.builtin && self.kind == "Pod" {
+            out.push(json!({
+                "name": "pods/eviction",
+                "singularName": "",
+                "namespaced": true,
+                "group": "policy",
+                "version": "v1",
+                "kind": "Eviction",
+                "verbs": ["create"],
+            }));
+        }
         if self.scale.is_some() {
             out.push(json!({
                 "name": format!("{}/scale", self.plural),
@@ -153,6 +164,8 @@ const BUILTINS: &[Row] = &[
     ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", CL, &[], false, false, false),
     ("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", CL, &["crd", "crds"], true, false, false),
     ("coordination.k8s.io", "v1", "Lease", "leases", NS, &[], false, false, false),
+    ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", NS, &[], false, false, false),
+    ("apiregistration.k8s.io", "v1", "APIService", "apiservices", CL, &[], true, false, false),
     ("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", NS, &["pdb"], true, false, false),
     ("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", NS, &["hpa"], true, false, true),
     ("autoscaling", "v1", "HorizontalPodAutoscaler", "horizontalpodautoscalers", NS, &["hpa"], true, false, true),

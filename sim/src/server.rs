@@ -333,6 +333,28 @@ async fn resource(
     if !res.namespaced && p.ns.is_some() {
         return Err(ApiError::no_route());
     }
+    if p.sub.as_deref() == Some("eviction") && res.builtin && res.kind == "Pod" {
+        let (Some(ns), Some(name)) = (p.ns.as_deref(), p.name.as_deref()) else {
+            return Err(ApiError::no_route());
+        };
+        if req.method() != Method::POST {
+            return Err(ApiError::method_not_allowed());
+        }
+        let q = query(&req);
+        let (ct, body) = read_body(req).await?;
+        let eviction_def = policy_eviction();
+        let eviction = decode_object(&eviction_def, &ct, &body)?;
+        let dry = dry_run(&q)?
+            || eviction
+                .pointer("/deleteOptions/dryRun")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|v| v == "All"));
+        ops::evict(c, &res, ns, name, dry)?;
+        return Ok(json_response(
+            201,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+        ));
+    }
     let sub = match p.sub.as_deref() {
         None => Sub::Main,
         Some("status") if res.status => Sub::Status,
@@ -452,6 +474,18 @@ async fn resource(
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// The Eviction kind a pod's `eviction` subresource takes (not served as a resource of its own).
+fn policy_eviction() -> ResourceDef {
+    let mut d = crate::resources::catalogue()
+        .iter()
+        .find(|d| d.kind == "PodDisruptionBudget")
+        .map(|d| (**d).clone())
+        .unwrap_or_else(|| crate::resources::catalogue()[0].as_ref().clone());
+    d.kind = "Eviction".into();
+    d.plural = "evictions".into();
+    d
 }
 
 fn needs_ns(res: &ResourceDef, ns: Option<&str>) -> Result<(), ApiError> {

@@ -102,6 +102,9 @@ pub struct Behaviour {
     pub fail_images: Option<String>,
     /// Nodes reported for DaemonSet scheduling.
     pub nodes: u32,
+    /// An ingress controller runs: Ingresses and Gateway API Gateways get an address (after `lb_after_ms`).
+    /// Off rehearses a cluster without one, where they never do.
+    pub ingress_controller: bool,
 }
 
 impl Default for Behaviour {
@@ -115,6 +118,7 @@ impl Default for Behaviour {
             progress_deadline_cap_s: None,
             fail_images: None,
             nodes: 1,
+            ingress_controller: true,
         }
     }
 }

@@ -397,6 +397,57 @@ kubectl create configmap allowed -n shop --from-literal=a=b --dry-run=client -o 
 admin PUT "/clusters/$SIM_CLUSTER/admission" '{"rules": []}' >/dev/null
 ok "an admission rule denies matching objects with 403 and its reason, and lets others through"
 
+step "APIService, EndpointSlice, Ingress address, pod eviction"
+kubectl apply --server-side -f - >/dev/null <<'YAML'
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata: {name: v1beta1.metrics.k8s.io}
+spec:
+  group: metrics.k8s.io
+  version: v1beta1
+  groupPriorityMinimum: 100
+  versionPriority: 100
+  insecureSkipTLSVerify: true
+  service: {name: metrics-server, namespace: shop}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [198.18.1.1], conditions: {ready: true}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: web, namespace: shop}
+spec:
+  rules:
+  - host: shop.example.com
+    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: evictee, namespace: shop, labels: {app: evictee}}
+spec: {containers: [{name: c, image: nginx:1.27}]}
+YAML
+sleep 1
+[ "$(kubectl get apiservice v1beta1.metrics.k8s.io -o jsonpath='{.status.conditions[0].status}/{.status.conditions[0].reason}')" = "False/ServiceNotFound" ] || fail "an APIService without its Service is not Available"
+kubectl create service clusterip metrics-server -n shop --tcp=443:4443 --dry-run=client -o yaml | kubectl apply --server-side -f - >/dev/null
+kubectl wait --for=condition=Available apiservice/v1beta1.metrics.k8s.io --timeout=10s >/dev/null
+kubectl get endpointslice web-1 -n shop -o jsonpath='{.endpoints[0].addresses[0]}' | grep -q 198.18.1.1 || fail "EndpointSlice"
+kubectl wait --for=jsonpath='{.status.loadBalancer.ingress[0].ip}' ingress/web -n shop --timeout=10s >/dev/null
+admin PATCH "/clusters/$SIM_CLUSTER/behaviour" '{"ingress_controller": false}' >/dev/null
+kubectl get ingress web -n shop -o yaml | sed 's/name: web$/name: no-controller/' | grep -v 'resourceVersion\|uid:\|creationTimestamp' | kubectl create -f - >/dev/null
+sleep 1
+[ -z "$(kubectl get ingress no-controller -n shop -o jsonpath='{.status.loadBalancer.ingress}')" ] || fail "an Ingress got an address without an ingress controller"
+admin PATCH "/clusters/$SIM_CLUSTER/behaviour" '{"ingress_controller": true}' >/dev/null
+out="$(printf '{"apiVersion":"policy/v1","kind":"Eviction","metadata":{"name":"evictee","namespace":"shop"}}' | kubectl create --raw /api/v1/namespaces/shop/pods/evictee/eviction -f -)"
+expect_contains "$out" '"status":"Success"' "eviction"
+set +e
+kubectl get pod evictee -n shop >/dev/null 2>&1 && fail "the evicted pod is still there"
+set -e
+ok "an APIService is Available once its Service exists; EndpointSlices are served; an Ingress gets an address; a pod can be evicted"
+
 step "kubectl delete namespace removes what it held"
 kubectl delete namespace shop --timeout=60s
 set +e
