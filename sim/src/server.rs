@@ -126,6 +126,7 @@ enum Route {
     GroupVersion(String, String),
     OpenApiV3,
     OpenApiV3Gv(String),
+    OpenApiV2,
     Resource(ResPath),
 }
 
@@ -175,6 +176,7 @@ fn route(rest: &str) -> Option<Route> {
         ["apis", g, v] => Some(Route::GroupVersion(g.to_string(), v.to_string())),
         ["apis", g, v, r @ ..] => res(g, v, r),
         ["openapi", "v3"] => Some(Route::OpenApiV3),
+        ["openapi", "v2"] => Some(Route::OpenApiV2),
         ["openapi", "v3", r @ ..] => Some(Route::OpenApiV3Gv(r.join("/"))),
         _ => None,
     }
@@ -224,6 +226,24 @@ async fn serve(
         Route::OpenApiV3Gv(gv) => {
             get_only(req.method())?;
             discovery::openapi_v3_gv(&served(), &gv).map(|v| json_response(200, &v)).ok_or_else(ApiError::no_route)
+        }
+        Route::OpenApiV2 => {
+            get_only(req.method())?;
+            // OpenAPI v2 carries no schemas here: v3 has them. kubectl reads v2 (as protobuf) only for
+            // kinds v3 has no operations for, such as `ConfigMapList` files, and skips validating those
+            // (their items are validated by the server when they are applied).
+            let proto =
+                req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("protobuf"));
+            if proto {
+                return Ok(Response::builder()
+                    .status(200)
+                    .header(header::CONTENT_TYPE, "application/com.github.proto-openapi.spec.v2.v1.0+protobuf")
+                    .body(full(Bytes::new()))
+                    .unwrap_or_else(|_| Response::new(full(""))));
+            }
+            let info =
+                json!({"title": "Kubernetes", "version": format!("v{}.{}.0", discovery::MAJOR, discovery::MINOR)});
+            Ok(json_response(200, &json!({"swagger": "2.0", "info": info, "paths": {}, "definitions": {}})))
         }
         Route::Resource(p) => resource(inner, c, p, req).await,
     }

@@ -69,3 +69,39 @@ fn kubectl_accepts_the_simulator() {
     assert!(steps >= 20, "the suite has its steps");
     assert!(stdout.contains(&format!("{steps} passed, 0 failed")), "the suite did not run every step:\n{stdout}");
 }
+
+/// Where the kube-prometheus manifests are: `FLOTILLA_KUBE_PROMETHEUS`, or `shared/fixtures/kube-prometheus`
+/// beside the repository.
+fn kube_prometheus() -> PathBuf {
+    if let Ok(p) = std::env::var("FLOTILLA_KUBE_PROMETHEUS") {
+        return PathBuf::from(p);
+    }
+    [env!("CARGO_MANIFEST_DIR"), "..", "..", "shared", "fixtures", "kube-prometheus", "manifests"].iter().collect()
+}
+
+#[test]
+#[ignore = "needs the kube-prometheus manifests: set FLOTILLA_KUBE_PROMETHEUS to their manifests/ directory (docs/sim.md)"]
+fn kube_prometheus_applies_verbatim() {
+    require_tool("kubectl", "see https://kubernetes.io/docs/tasks/tools/ (Debian: apt-get install -y kubectl)");
+    let manifests = kube_prometheus();
+    assert!(
+        manifests.join("setup").is_dir(),
+        "{} is not kube-prometheus' manifests/ directory (set FLOTILLA_KUBE_PROMETHEUS)",
+        manifests.display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_sim, _server) = start_sim(dir.path(), "kube-prometheus");
+    let script: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "kubectl", "kube-prometheus.sh"].iter().collect();
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("KUBECONFIG", dir.path().join("kube-prometheus.kubeconfig"))
+        .env("MANIFESTS", &manifests)
+        .env("HOME", dir.path())
+        .output()
+        .expect("run the kube-prometheus script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(out.status.success(), "kube-prometheus did not apply verbatim:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("objects applied and served"), "{stdout}");
+}
