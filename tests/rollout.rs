@@ -165,6 +165,7 @@ async fn five_waves_over_200_clusters_with_failure_halt_restart_and_controls() {
             ca_pem: read("ca.pem".into()),
             cert_pem: read(format!("clusters/{n}.pem")),
             key_pem: read(format!("clusters/{n}-key.pem")),
+            in_process: None,
         };
         let engine =
             flotilla_agent::engine::start(Arc::new(Applier::new(client)), Default::default(), shutdown.clone())
@@ -356,6 +357,11 @@ fn the_rehearsal_prints_the_timeline_of_a_change() {
             && waves[2].contains("wave rest started (4 clusters)"),
         "{out}"
     );
+    assert!(out.contains("web: complete"), "{out}");
+    // The same rehearsal with agents on in-memory pipes (how thousands of clusters fit one process).
+    let (ok, out, err) = run(&["--transport", "memory"]);
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(out.lines().filter(|l| l.contains(" started (")).count(), 3, "{out}");
     assert!(out.contains("web: complete"), "{out}");
     // With web:2 failing everywhere, the rehearsal shows where it would stop.
     let (ok, out, err) = run(&["--fail-images", ":2$"]);

@@ -52,3 +52,72 @@ pub fn client(config: kube::Config) -> Result<kube::Client, kube::Error> {
         .service(hyper);
     Ok(kube::Client::new(service, default_ns))
 }
+
+/// Opens a new in-memory connection to an API server (a simulated cluster in the same process); `None`
+/// when it refuses (an offline cluster).
+pub type Dial = std::sync::Arc<dyn Fn() -> Option<tokio::io::DuplexStream> + Send + Sync>;
+
+/// An in-memory connection, as hyper's client sees it.
+struct Pipe(hyper_util::rt::TokioIo<tokio::io::DuplexStream>);
+
+impl hyper::rt::Read for Pipe {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Pipe {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for Pipe {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+/// A client whose connections are in-memory HTTP/2 pipes made by `dial` (no file descriptor each), for
+/// thousands of agents and simulated clusters in one process. Otherwise the stack of [`client`].
+pub fn in_process(dial: Dial) -> Result<kube::Client, kube::Error> {
+    let config = kube::Config::new(http::Uri::from_static("http://in-process.invalid"));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        std::future::ready(dial().map(|io| Pipe(hyper_util::rt::TokioIo::new(io))).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "the simulated cluster refused the connection")
+        }))
+    });
+    let hyper = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .http2_only(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .http2_keep_alive_while_idle(true)
+        .build(connector);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .map_err(|e: hyper_util::client::legacy::Error| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
+        .service(hyper);
+    Ok(kube::Client::new(service, config.default_namespace))
+}

@@ -47,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
         ca_pem: read(&args.ca)?,
         cert_pem: read(&args.cert)?,
         key_pem: read(&args.key)?,
+        in_process: None,
     };
     let kube_cfg = match &args.kubeconfig {
         Some(p) => {

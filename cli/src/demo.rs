@@ -2,7 +2,7 @@
 //! repository from `examples/fleet`, the hub (embedded store), a simulator with the fleet's clusters, and one
 //! agent per cluster; then a commit that propagates.
 
-use crate::local::{commit_all, git, LocalFleet};
+use crate::local::{commit_all, git, LocalFleet, Transport};
 use crate::view;
 use anyhow::{bail, Context};
 use flotilla_proto::platform::v1::{ListClustersRequest, ListClustersResponse, RefreshRequest};
@@ -123,7 +123,7 @@ pub async fn run(once: bool, timeout: Duration) -> anyhow::Result<()> {
         clusters.len()
     );
     let behaviour = flotilla_sim::Behaviour { ready_after_ms: 300, ..Default::default() };
-    let fleet = LocalFleet::start(dir, &repo, &clusters, behaviour, Duration::from_secs(5)).await?;
+    let fleet = LocalFleet::start(dir, &repo, &clusters, behaviour, Duration::from_secs(5), Transport::Tcp).await?;
     let (hub_url, certs) = (fleet.hub_url.clone(), fleet.certs.clone());
     println!("== hub on {hub_url}; {} agents", clusters.len());
     let mut op = view::connect(&hub_url, "localhost", &certs, "admin").await?;

@@ -65,6 +65,52 @@ pub struct LocalFleet {
     agents: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// How a local fleet's agents reach their simulated clusters and the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Loopback TCP with TLS, as in a real fleet: four open files per cluster (both ends of the agent's
+    /// connection to its API server and of its connection to the hub).
+    Tcp,
+    /// The same protocols over in-memory pipes (mutual TLS to the hub, HTTP/2 to the API server): no open
+    /// file per cluster, for rehearsals of thousands of clusters.
+    Memory,
+}
+
+/// Open files a local fleet needs besides its clusters' connections (the hub's store and Git, the
+/// simulator's listener, the runtime).
+const BASE_FILES: u64 = 512;
+/// Open files per cluster over TCP.
+const FILES_PER_CLUSTER: u64 = 4;
+
+/// Raises this process's open-file limit to its hard limit; returns the limit now in force.
+pub fn raise_open_files() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(_) => rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024),
+    }
+}
+
+/// How many clusters fit over TCP with `limit` open files.
+pub fn clusters_that_fit(limit: u64) -> u64 {
+    limit.saturating_sub(BASE_FILES) / FILES_PER_CLUSTER
+}
+
+impl Transport {
+    /// TCP when the open-file limit allows `clusters` over it, memory otherwise; says which and why.
+    pub fn for_clusters(clusters: usize, limit: u64) -> Transport {
+        let fit = clusters_that_fit(limit);
+        if clusters as u64 <= fit {
+            Transport::Tcp
+        } else {
+            println!(
+                "{clusters} clusters over loopback TCP need about {} open files ({FILES_PER_CLUSTER} per cluster); this process may open {limit}, enough for {fit}: agents reach their clusters and the hub over in-memory pipes instead (the same TLS and HTTP/2)",
+                clusters as u64 * FILES_PER_CLUSTER + BASE_FILES
+            );
+            Transport::Memory
+        }
+    }
+}
+
 impl LocalFleet {
     /// Starts everything for `clusters`, the hub following `repo` (a local Git repository, branch main).
     pub async fn start(
@@ -73,7 +119,17 @@ impl LocalFleet {
         clusters: &[String],
         behaviour: flotilla_sim::Behaviour,
         poll: Duration,
+        transport: Transport,
     ) -> anyhow::Result<LocalFleet> {
+        let limit = raise_open_files();
+        if transport == Transport::Tcp && clusters.len() as u64 > clusters_that_fit(limit) {
+            bail!(
+                "{} clusters need about {} open files over TCP ({FILES_PER_CLUSTER} per cluster), and this process may open {limit}: at most {} clusters fit. Raise the hard limit (ulimit -Hn, or LimitNOFILE= under systemd) or use fewer clusters",
+                clusters.len(),
+                clusters.len() as u64 * FILES_PER_CLUSTER + BASE_FILES,
+                clusters_that_fit(limit)
+            );
+        }
         let certs = dir.join("certs");
         flotilla_common::identity::write_fleet(
             &certs,
@@ -90,6 +146,13 @@ impl LocalFleet {
         let read = |f: &str| std::fs::read_to_string(certs.join(f)).with_context(|| format!("reading {f}"));
         let tls = HubTls { ca_pem: read("ca.pem")?, cert_pem: read("hub.pem")?, key_pem: read("hub-key.pem")? };
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let (hub_tx, hub_rx) = match transport {
+            Transport::Memory => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1024);
+                (Some(flotilla_agent::session::InProcessHub(tx)), Some(rx))
+            }
+            Transport::Tcp => (None, None),
+        };
         let hub_cfg = HubConfig {
             listen: "127.0.0.1:0".parse()?,
             repo: format!("file://{}", repo.display()),
@@ -99,22 +162,34 @@ impl LocalFleet {
             tls,
             auth: flotilla_hub::git::GitAuth::None,
             webhook: None,
+            in_process: hub_rx,
         };
         let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
         let addr = bound_rx.await.context("the hub did not start")?;
         let hub_url = format!("https://localhost:{}", addr.port());
         let mut agents = Vec::new();
         for c in clusters {
-            let kc = kube::config::Kubeconfig::from_yaml(&sim.kubeconfig(c))?;
-            let client = flotilla_agent::kube_client::client(
-                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
-            )?;
+            let client = match transport {
+                Transport::Tcp => {
+                    let kc = kube::config::Kubeconfig::from_yaml(&sim.kubeconfig(c))?;
+                    flotilla_agent::kube_client::client(
+                        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+                    )?
+                }
+                Transport::Memory => {
+                    let (inner, name) = (sim.inner().clone(), c.clone());
+                    flotilla_agent::kube_client::in_process(std::sync::Arc::new(move || {
+                        inner.connect_in_process(&name)
+                    }))?
+                }
+            };
             let cfg = AgentConfig {
                 hub: hub_url.clone(),
                 hub_name: Some("localhost".into()),
                 ca_pem: read("ca.pem")?,
                 cert_pem: read(&format!("clusters/{c}.pem"))?,
                 key_pem: read(&format!("clusters/{c}-key.pem"))?,
+                in_process: hub_tx.clone(),
             };
             let engine = flotilla_agent::engine::start(
                 std::sync::Arc::new(Applier::new(client)),

@@ -100,6 +100,10 @@ enum Command {
         fail_images: Option<String>,
         #[arg(long, default_value_t = 600)]
         timeout_seconds: u64,
+        /// How agents reach their clusters and the hub: tcp (loopback TLS, 4 open files per cluster),
+        /// memory (in-memory pipes, the same protocols), or auto (tcp when the open-file limit allows it).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "tcp", "memory"])]
+        transport: String,
     },
     /// Why a cluster is or is not on the newest revision of its apps.
     Explain {
@@ -246,13 +250,19 @@ async fn main() -> anyhow::Result<()> {
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
             ro::control(&mut client, &app, control).await
         }
-        Command::Rehearse { repo, clusters, from, to, fail_images, timeout_seconds } => {
+        Command::Rehearse { repo, clusters, from, to, fail_images, timeout_seconds, transport } => {
+            let transport = match transport.as_str() {
+                "tcp" => Some(flotilla_cli::local::Transport::Tcp),
+                "memory" => Some(flotilla_cli::local::Transport::Memory),
+                _ => None,
+            };
             let o = flotilla_cli::rehearse::Options {
                 clusters,
                 from,
                 to,
                 fail_images,
                 timeout: std::time::Duration::from_secs(timeout_seconds),
+                transport,
             };
             flotilla_cli::rehearse::run(&repo, o).await
         }

@@ -2,7 +2,7 @@
 //! timeline. The simulated clusters take the repository's inventory labels in turn (cluster i gets the labels
 //! of inventory cluster i mod M), so the waves select them as they would the real ones.
 
-use crate::local::{commit_tree, git, LocalFleet};
+use crate::local::{commit_tree, git, LocalFleet, Transport};
 use anyhow::{bail, Context};
 use flotilla_common::fleet::Tree;
 use flotilla_proto::platform::v1::{ListRolloutsRequest, RefreshRequest};
@@ -19,6 +19,8 @@ pub struct Options {
     /// Simulated failure: containers whose image matches never become ready.
     pub fail_images: Option<String>,
     pub timeout: Duration,
+    /// How agents reach clusters and the hub; `None` picks by the open-file limit.
+    pub transport: Option<Transport>,
 }
 
 /// The repository's tree at `rev`, its inventory replaced by `n` simulated clusters with its labels in turn.
@@ -78,7 +80,11 @@ pub async fn run(repo: &Path, o: Options) -> anyhow::Result<()> {
         o.to,
         dir.display()
     );
-    let fleet = LocalFleet::start(dir, &local_repo, &clusters, behaviour, Duration::from_secs(1)).await?;
+    let transport = match o.transport {
+        Some(t) => t,
+        None => Transport::for_clusters(clusters.len(), crate::local::raise_open_files()),
+    };
+    let fleet = LocalFleet::start(dir, &local_repo, &clusters, behaviour, Duration::from_secs(1), transport).await?;
     let mut op = fleet.operator().await?;
     let result = async {
         if start_rev.is_some() {

@@ -77,6 +77,7 @@ fn hub_child(dir: PathBuf, repo: String) {
             tls,
             auth: flotilla_hub::git::GitAuth::None,
             webhook: None,
+            in_process: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();

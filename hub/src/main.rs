@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         tls,
         auth,
         webhook,
+        in_process: None,
     };
     run(cfg, shutdown, None).await
 }

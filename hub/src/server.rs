@@ -19,6 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
@@ -600,23 +601,88 @@ impl Hub {
         })
     }
 
-    /// Serves agents and operators on `listener` with mutual TLS until shutdown.
+    /// Serves agents and operators on `listener` with mutual TLS until shutdown, and on the in-process
+    /// connections `in_process` delivers (mutual TLS as well, over memory).
     pub async fn serve(
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
         tls: &HubTls,
+        in_process: Option<mpsc::Receiver<tokio::io::DuplexStream>>,
     ) -> Result<(), tonic::transport::Error> {
         let tls = ServerTlsConfig::new()
             .identity(TlsIdentity::from_pem(&tls.cert_pem, &tls.key_pem))
             .client_ca_root(Certificate::from_pem(&tls.ca_pem));
         let shutdown = self.shutdown.clone();
-        Server::builder()
-            .tls_config(tls)?
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .add_service(AgentServiceServer::new(AgentApi(self.clone())))
-            .add_service(PlatformServiceServer::new(PlatformApi(self)))
+        let server = |hub: Arc<Hub>| -> Result<_, tonic::transport::Error> {
+            Ok(Server::builder()
+                .tls_config(tls.clone())?
+                .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                .add_service(AgentServiceServer::new(AgentApi(hub.clone())))
+                .add_service(PlatformServiceServer::new(PlatformApi(hub))))
+        };
+        let memory = match in_process {
+            Some(rx) => {
+                let incoming = ReceiverStream::new(rx).map(|io| Ok::<_, std::io::Error>(InProcessConn(io)));
+                let router = server(self.clone())?;
+                let stop = shutdown.clone().cancelled_owned();
+                Some(tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, stop).await }))
+            }
+            None => None,
+        };
+        let served = server(self)?
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
-            .await
+            .await;
+        if let Some(m) = memory {
+            if let Ok(Err(e)) = m.await {
+                warn!(error = %e, "serving in-process connections failed");
+            }
+        }
+        served
+    }
+}
+
+/// A connection from inside the process (the agents of a local fleet): the same mutual TLS as over TCP,
+/// over an in-memory pipe, so thousands of agents need no file descriptor each.
+pub struct InProcessConn(pub tokio::io::DuplexStream);
+
+impl tokio::io::AsyncRead for InProcessConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for InProcessConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for InProcessConn {
+    // The TCP type, so that the client certificate is found where the API handlers look for it.
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::TcpConnectInfo { local_addr: None, remote_addr: None }
     }
 }
 
@@ -1009,6 +1075,8 @@ pub struct HubConfig {
     /// Where to serve the Git webhook (plain HTTP, usually behind the ingress that terminates TLS), and
     /// the secret events must prove.
     pub webhook: Option<(SocketAddr, Option<crate::git::Secret>)>,
+    /// In-process connections to serve beside the listener (a local fleet's agents).
+    pub in_process: Option<mpsc::Receiver<tokio::io::DuplexStream>>,
 }
 
 /// Runs a hub until `shutdown` is cancelled. Returns the bound address through `bound`.
@@ -1043,7 +1111,7 @@ pub async fn run(
     let follow = tokio::spawn(hub.clone().follow(cfg.poll).instrument(tracing::info_span!("git-follow")));
     let rollouts =
         tokio::spawn(hub.clone().run_rollouts(Duration::from_secs(1)).instrument(tracing::info_span!("rollouts")));
-    let served = hub.serve(listener, &cfg.tls).await;
+    let served = hub.serve(listener, &cfg.tls, cfg.in_process).await;
     shutdown.cancel();
     let _ = follow.await;
     let _ = rollouts.await;

@@ -130,6 +130,33 @@ fn valid_cluster_name(n: &str) -> bool {
 }
 
 impl Inner {
+    /// A connection to `cluster`'s API server inside this process: an in-memory pipe served as a TLS
+    /// connection whose server name chose the cluster is (HTTP/2 or HTTP/1.1, the API at the root), for
+    /// thousands of clients without a file descriptor each. `None` when the cluster does not exist or is
+    /// offline.
+    pub fn connect_in_process(self: &Arc<Self>, cluster: &str) -> Option<tokio::io::DuplexStream> {
+        let c = self.cluster(cluster)?;
+        if c.faults().offline || self.shutdown.is_cancelled() {
+            return None;
+        }
+        let (client, server) = tokio::io::duplex(256 * 1024);
+        let inner = self.clone();
+        let span = tracing::debug_span!("conn", cluster = %c.name, transport = "in-process");
+        tokio::spawn(
+            async move {
+                let _open = Open::new(InnerConns(inner.clone()));
+                let _per_cluster = Open::new(ClusterConns(c.clone()));
+                let stop = inner.shutdown.clone();
+                tokio::select! {
+                    _ = serve_io(inner, TokioIo::new(server), Some(c), None) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
+        Some(client)
+    }
+
     pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
         self.clusters.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
@@ -271,6 +298,11 @@ impl Simulator {
         self.inner.add_cluster(name).map(|_| ())
     }
 
+    /// A connection to `cluster`'s API server inside this process; see [`Inner::connect_in_process`].
+    pub fn connect_in_process(&self, cluster: &str) -> Option<tokio::io::DuplexStream> {
+        self.inner.connect_in_process(cluster)
+    }
+
     pub fn inner(&self) -> &Arc<Inner> {
         &self.inner
     }
@@ -379,7 +411,7 @@ async fn connection(
         _ => return,
     };
     if !is_tls {
-        serve_io(inner, TokioIo::new(stream), None, watcher).await;
+        serve_io(inner, TokioIo::new(stream), None, Some(watcher)).await;
         return;
     }
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -398,14 +430,14 @@ async fn connection(
         },
     };
     let _per_cluster = bound.clone().map(|c| Open::new(ClusterConns(c)));
-    serve_io(inner.clone(), TokioIo::new(tls), bound.clone(), watcher).await;
+    serve_io(inner.clone(), TokioIo::new(tls), bound.clone(), Some(watcher)).await;
 }
 
 async fn serve_io<I>(
     inner: Arc<Inner>,
     io: TokioIo<I>,
     bound: Option<Arc<Cluster>>,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: Option<hyper_util::server::graceful::Watcher>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -423,10 +455,15 @@ async fn serve_io<I>(
         .max_concurrent_streams(250)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    let conn = builder.serve_connection(io, svc);
-    let fut = watcher.watch(conn.into_owned());
+    let conn = builder.serve_connection(io, svc).into_owned();
+    let served = async move {
+        match watcher {
+            Some(w) => w.watch(conn).await,
+            None => conn.await,
+        }
+    };
     tokio::select! {
-        r = fut => if let Err(e) = r {
+        r = served => if let Err(e) = r {
             debug!(error = %e, "connection ended with an error");
         },
         // Dropping the connection closes the socket without an answer.
