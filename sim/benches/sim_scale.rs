@@ -5,7 +5,9 @@
 //! 1. memory per idle cluster: resident memory added by `--idle` clusters, divided by their number;
 //! 2. memory of `--loaded` clusters holding `--objects` objects each (a third each ConfigMaps, Deployments,
 //!    Services), written through the same server-side apply path the HTTP API uses;
-//! 3. server-side apply requests per second over HTTP, from concurrent keep-alive connections.
+//! 3. server-side apply requests per second over plain HTTP/1.1, from concurrent keep-alive connections;
+//! 4. the same over HTTPS and HTTP/2 as an agent sends them: one client per cluster (the agent's kube
+//!    client), each multiplexing its requests over its one connection.
 
 use bytes::Bytes;
 use flotilla_sim::{ops, Behaviour, SimConfig, Simulator};
@@ -176,6 +178,65 @@ async fn apply_rate(requests: usize, concurrency: usize) {
     sim.shutdown().await;
 }
 
+async fn apply_rate_h2(requests: usize, concurrency: usize) {
+    flotilla_common::install_crypto_provider();
+    let clusters = 100;
+    let sim = Simulator::start(SimConfig { clusters: SimConfig::numbered("h2-", clusters), ..SimConfig::default() })
+        .await
+        .expect("start");
+    let mut kube_clients = Vec::new();
+    for name in sim.cluster_names() {
+        let kc = kube::config::Kubeconfig::from_yaml(&sim.kubeconfig(&name)).expect("kubeconfig");
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
+        kube_clients.push(flotilla_agent::kube_client::client(cfg).expect("client"));
+    }
+    let kube_clients = Arc::new(kube_clients);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (kube_clients, next, errors) = (kube_clients.clone(), next.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= requests {
+                    return;
+                }
+                let (kind, mut obj) = object(i / clusters % 30);
+                if i % 4 == 0 {
+                    obj["metadata"]["annotations"] = json!({"rev": i.to_string()});
+                }
+                let name = obj["metadata"]["name"].as_str().expect("name").to_string();
+                let path = match kind {
+                    "Deployment" => format!("/apis/apps/v1/namespaces/default/deployments/{name}"),
+                    "Service" => format!("/api/v1/namespaces/default/services/{name}"),
+                    _ => format!("/api/v1/namespaces/default/configmaps/{name}"),
+                };
+                let req = http::Request::patch(format!("{path}?fieldManager=bench&force=true"))
+                    .header("content-type", "application/apply-patch+yaml")
+                    .body(serde_json::to_vec(&obj).expect("json"))
+                    .expect("request");
+                if kube_clients[i % clusters].request_text(req).await.is_err() {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let took = t.elapsed();
+    let open = sim.inner().connections.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "server-side apply over HTTPS/HTTP/2: {requests} requests, {concurrency} at a time, from {clusters} clients to {clusters} clusters over {open} connections in {:.2}s = {:.0} requests/s ({} errors)",
+        took.as_secs_f64(),
+        requests as f64 / took.as_secs_f64(),
+        errors.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    sim.shutdown().await;
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // cargo's bench discovery probe
@@ -185,4 +246,5 @@ fn main() {
     rt.block_on(idle(arg("--idle", 10_000)));
     rt.block_on(loaded(arg("--loaded", 1_000), arg("--objects", 50)));
     rt.block_on(apply_rate(arg("--requests", 20_000), arg("--concurrency", 16)));
+    rt.block_on(apply_rate_h2(arg("--requests", 20_000), arg("--concurrency", 16)));
 }
