@@ -321,6 +321,7 @@ fn decode_object(res: &ResourceDef, ct: &str, body: &[u8]) -> Result<Value, ApiE
             serde_yaml::from_slice(body).map_err(|e| unrecognized(e.to_string()))?
         }
         "application/json" | "" | "*/*" => serde_json::from_slice(body).map_err(|e| unrecognized(e.to_string()))?,
+        crate::protobuf::MEDIA_TYPE if res.builtin => crate::protobuf::decode(res, body)?,
         other => return Err(ApiError::unsupported_media(other)),
     };
     if !v.is_object() {

@@ -340,6 +340,17 @@ async fn bad_input_gets_the_api_servers_answers_and_leaves_the_store_intact() {
         raw(&c, "PATCH", &format!("{cms}/x?fieldManager=t"), "application/apply-patch+yaml", b"kind: [unclosed").await;
     assert_eq!((code, reason.as_str()), (400, "BadRequest"));
 
+    // Protobuf bodies: no envelope, a truncated envelope, an object of another kind, no object inside.
+    for body in [
+        &b"\x0a\x02hi"[..],
+        b"k8s\0\x0a\x05",
+        b"k8s\0\x0a\x0c\x0a\x02v1\x12\x06Secret\x12\x00",
+        b"k8s\0\x12\x03\xff\xff\xff",
+    ] {
+        let (code, reason, msg) = raw(&c, "POST", cms, "application/vnd.kubernetes.protobuf", body).await;
+        assert_eq!((code, reason.as_str()), (400, "BadRequest"), "{body:?}: {msg}");
+    }
+
     let (code, reason, msg) =
         raw(&c, "POST", cms, "application/json", br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{}}"#).await;
     assert_eq!((code, reason.as_str()), (422, "Invalid"));
@@ -479,5 +490,42 @@ async fn a_real_cluster_answers_like_the_simulator() {
     let from_real = answers(real, &name).await;
     let from_sim = answers(client(&sim, "a").await, &name).await;
     assert_eq!(from_sim, from_real);
+    sim.shutdown().await;
+}
+
+/// A protobuf body as client-go's typed clients send it (the `k8s\0` envelope around `runtime.Unknown`),
+/// from a kube client over HTTPS: stored as the same object in JSON would be.
+#[tokio::test]
+async fn protobuf_bodies_are_stored_as_their_json_form() {
+    use k8s_pb::api::core::v1 as pb;
+    use prost::Message;
+    let sim = sim(&["a"]).await;
+    let c = client(&sim, "a").await;
+    let cm = pb::ConfigMap {
+        metadata: Some(k8s_pb::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("from-protobuf".into()),
+            labels: [("team".to_string(), "a".to_string())].into(),
+            ..Default::default()
+        }),
+        data: [("k".to_string(), "v".to_string())].into(),
+        ..Default::default()
+    };
+    let envelope = k8s_pb::apimachinery::pkg::runtime::Unknown {
+        type_meta: Some(k8s_pb::apimachinery::pkg::runtime::TypeMeta {
+            api_version: Some("v1".into()),
+            kind: Some("ConfigMap".into()),
+        }),
+        raw: Some(cm.encode_to_vec()),
+        content_encoding: Some(String::new()),
+        content_type: Some(String::new()),
+    };
+    let mut body = b"k8s\0".to_vec();
+    body.extend(envelope.encode_to_vec());
+    let (code, _, text) =
+        raw(&c, "POST", "/api/v1/namespaces/default/configmaps", "application/vnd.kubernetes.protobuf", &body).await;
+    assert_eq!(code, 200, "{text}");
+    let got = Api::<ConfigMap>::namespaced(c.clone(), "default").get("from-protobuf").await.unwrap();
+    assert_eq!(got.data.unwrap().get("k").map(String::as_str), Some("v"));
+    assert_eq!(got.metadata.labels.unwrap().get("team").map(String::as_str), Some("a"));
     sim.shutdown().await;
 }
