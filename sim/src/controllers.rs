@@ -187,7 +187,7 @@ fn condition(t: &str, status: bool, reason: &str, message: &str, prev: Option<&V
     json!({"type": t, "status": st, "lastUpdateTime": now, "lastTransitionTime": transition, "reason": reason, "message": message})
 }
 
-fn template_hash(obj: &Value) -> String {
+pub(crate) fn template_hash(obj: &Value) -> String {
     let t = obj.pointer("/spec/template").map(Value::to_string).unwrap_or_default();
     let mut h: u64 = 0xcbf29ce484222325;
     for b in t.bytes() {
@@ -345,6 +345,9 @@ async fn workload(c: Arc<Cluster>, res: Arc<ResourceDef>, ns: String, name: Stri
     }
     let obj = { c.state().get(&res.storage_key(), &ns, &name).map(|o| o.value()) };
     let Some(obj) = obj else { return };
+    if c.settings().behaviour.pods {
+        crate::pods::sync(&c, &kind, &obj);
+    }
     let settings = c.settings();
     match failing(&c, &obj) {
         None => {

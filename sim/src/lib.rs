@@ -25,6 +25,7 @@ pub mod normalize;
 pub mod openapi;
 pub mod ops;
 pub mod patch;
+pub mod pods;
 pub mod protobuf;
 pub mod resources;
 pub mod schema;

@@ -102,6 +102,13 @@ impl ResourceDef {
         }
         if self.builtin && self.kind == "Pod" {
             out.push(json!({
+                "name": "pods/log",
+                "singularName": "",
+                "namespaced": true,
+                "kind": "Pod",
+                "verbs": ["get"],
+            }));
+            out.push(json!({
                 "name": "pods/eviction",
                 "singularName": "",
                 "namespaced": true,

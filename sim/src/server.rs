@@ -354,6 +354,22 @@ async fn resource(
     if !res.namespaced && p.ns.is_some() {
         return Err(ApiError::no_route());
     }
+    if p.sub.as_deref() == Some("log") && res.builtin && res.kind == "Pod" {
+        let (Some(ns), Some(name)) = (p.ns.as_deref(), p.name.as_deref()) else {
+            return Err(ApiError::no_route());
+        };
+        if req.method() != Method::GET {
+            return Err(ApiError::method_not_allowed());
+        }
+        let q = query(&req);
+        let pod = ops::get(c, &res, Some(ns), name)?;
+        let text = crate::pods::log(&pod, q.get("container").map(String::as_str))?;
+        return Ok(Response::builder()
+            .status(200)
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(full(text))
+            .unwrap_or_else(|_| Response::new(full(""))));
+    }
     if p.sub.as_deref() == Some("eviction") && res.builtin && res.kind == "Pod" {
         let (Some(ns), Some(name)) = (p.ns.as_deref(), p.name.as_deref()) else {
             return Err(ApiError::no_route());

@@ -105,6 +105,10 @@ pub struct Behaviour {
     /// An ingress controller runs: Ingresses and Gateway API Gateways get an address (after `lb_after_ms`).
     /// Off rehearses a cluster without one, where they never do.
     pub ingress_controller: bool,
+    /// Workloads get real ReplicaSets (Deployments) and Pods (ReplicaSets, StatefulSets, DaemonSets), so
+    /// `kubectl get pods`, `logs` and `rollout history` look as on a real cluster. Off by default: idle
+    /// clusters stay cheap.
+    pub pods: bool,
 }
 
 impl Default for Behaviour {
@@ -119,6 +123,7 @@ impl Default for Behaviour {
             fail_images: None,
             nodes: 1,
             ingress_controller: true,
+            pods: false,
         }
     }
 }

@@ -478,6 +478,32 @@ kubectl get pod evictee -n shop >/dev/null 2>&1 && fail "the evicted pod is stil
 set -e
 ok "an APIService is Available once its Service exists; EndpointSlices are served; an Ingress gets an address; a pod can be evicted"
 
+step "optional ReplicaSets and Pods: get pods, logs, rollout history"
+admin PATCH "/clusters/$SIM_CLUSTER/behaviour" '{"pods": true}' >/dev/null
+kubectl create deployment podded -n shop --image=nginx:1.27 --replicas=2 >/dev/null
+kubectl rollout status deployment/podded -n shop --timeout=30s >/dev/null
+kubectl wait --for=condition=Ready pod -l app=podded -n shop --timeout=30s >/dev/null
+[ "$(kubectl get pods -n shop -l app=podded --no-headers | wc -l)" = 2 ] || fail "two pods for two replicas"
+kubectl set image deployment/podded -n shop nginx=nginx:1.28 >/dev/null
+kubectl rollout status deployment/podded -n shop --timeout=30s >/dev/null
+for _ in $(seq 50); do
+  [ "$(kubectl get pods -n shop -l app=podded -o jsonpath='{.items[*].spec.containers[0].image}')" = "nginx:1.28 nginx:1.28" ] && break
+  sleep 0.2
+done
+[ "$(kubectl get pods -n shop -l app=podded -o jsonpath='{.items[*].spec.containers[0].image}')" = "nginx:1.28 nginx:1.28" ] || fail "the pods were not replaced by the new template"
+out="$(kubectl rollout history deployment/podded -n shop)"
+expect_contains "$out" "2         <none>" "rollout history"
+out="$(kubectl logs deployment/podded -n shop)"
+expect_contains "$out" "container nginx (image nginx:1.28)" "kubectl logs"
+kubectl delete deployment podded -n shop >/dev/null
+for _ in $(seq 50); do
+  [ -z "$(kubectl get pods,rs -n shop -l app=podded -o name)" ] && break
+  sleep 0.2
+done
+[ -z "$(kubectl get pods,rs -n shop -l app=podded -o name)" ] || fail "the deployment's ReplicaSets and Pods outlived it"
+admin PATCH "/clusters/$SIM_CLUSTER/behaviour" '{"pods": false}' >/dev/null
+ok "with pods on, a Deployment runs ReplicaSets and Pods that kubectl lists, logs and shows in rollout history"
+
 step "kubectl delete namespace removes what it held"
 kubectl delete namespace shop --timeout=60s
 set +e
