@@ -122,7 +122,8 @@ pub async fn run(once: bool, timeout: Duration) -> anyhow::Result<()> {
         "== certificates (a fleet CA, the hub, {} clusters, operator admin), simulated clusters, hub, agents",
         clusters.len()
     );
-    let behaviour = flotilla_sim::Behaviour { ready_after_ms: 300, ..Default::default() };
+    // Demo clusters run ReplicaSets and Pods, so `kubectl get pods` and `kubectl logs` show something to explore.
+    let behaviour = flotilla_sim::Behaviour { ready_after_ms: 300, pods: true, ..Default::default() };
     let fleet = LocalFleet::start(dir, &repo, &clusters, behaviour, Duration::from_secs(5), Transport::Tcp).await?;
     let (hub_url, certs) = (fleet.hub_url.clone(), fleet.certs.clone());
     println!("== hub on {hub_url}; {} agents", clusters.len());
