@@ -61,6 +61,8 @@ fn object(i: usize) -> (&'static str, serde_json::Value) {
 }
 
 async fn idle(n: usize) {
+    // The schemas are built once per process, not per cluster.
+    let _ = flotilla_sim::openapi::catalogue();
     let base = rss_bytes();
     let t = Instant::now();
     let sim = Simulator::start(SimConfig { clusters: SimConfig::numbered("idle-", n), ..SimConfig::default() })

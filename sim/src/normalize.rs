@@ -157,12 +157,33 @@ pub fn normalize(kind: &str, obj: &mut Value) {
     drop_empty(obj);
 }
 
+/// Every value a dotted path with `*` reaches.
+pub fn each(v: &Value, path: &str, f: &mut dyn FnMut(&Value)) {
+    fn go(v: &Value, segs: &[&str], f: &mut dyn FnMut(&Value)) {
+        let Some((first, rest)) = segs.split_first() else {
+            f(v);
+            return;
+        };
+        match (*first, v) {
+            ("*", Value::Array(a)) => a.iter().for_each(|e| go(e, rest, f)),
+            ("*", Value::Object(m)) => m.values().for_each(|e| go(e, rest, f)),
+            (k, Value::Object(m)) => {
+                if let Some(e) = m.get(k) {
+                    go(e, rest, f)
+                }
+            }
+            _ => {}
+        }
+    }
+    let segs: Vec<&str> = path.split('.').collect();
+    go(v, &segs, f);
+}
+
 /// The first quantity that does not parse, as the API server's decoding error.
 pub fn bad_quantity(kind: &str, obj: &Value) -> Option<String> {
-    let mut obj = obj.clone();
     let mut bad = None;
     for path in quantity_paths(kind) {
-        each_mut(&mut obj, &path, &mut |q| {
+        each(obj, &path, &mut |q| {
             let ok = match &*q {
                 Value::String(s) => Quantity::parse(s).is_some(),
                 Value::Number(n) => Quantity::parse(&n.to_string()).is_some(),

@@ -292,9 +292,11 @@ pub struct Cluster {
     settings: Mutex<Arc<Settings>>,
     /// Open TLS connections whose server name chose this cluster.
     pub connections: std::sync::atomic::AtomicUsize,
-    admission: Mutex<Arc<crate::admission::Admission>>,
-    /// Cancelled when the cluster goes offline: its connections close at once.
-    cut: Mutex<tokio_util::sync::CancellationToken>,
+    /// None until rules are set (idle clusters stay small).
+    admission: Mutex<Option<Arc<crate::admission::Admission>>>,
+    /// Cancelled when the cluster goes offline: its connections close at once. Made by the first bound
+    /// connection.
+    cut: Mutex<Option<tokio_util::sync::CancellationToken>>,
 }
 
 impl Cluster {
@@ -324,23 +326,23 @@ impl Cluster {
         *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = f;
         if offline {
             self.state().disconnect_watchers();
-            let mut cut = self.cut.lock().unwrap_or_else(|p| p.into_inner());
-            cut.cancel();
-            *cut = tokio_util::sync::CancellationToken::new();
+            if let Some(cut) = self.cut.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                cut.cancel();
+            }
         }
     }
 
     /// Cancelled when the cluster next goes offline.
     pub fn cut_token(&self) -> tokio_util::sync::CancellationToken {
-        self.cut.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.cut.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(Default::default).clone()
     }
 
     pub fn admission(&self) -> Arc<crate::admission::Admission> {
-        self.admission.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.admission.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
     }
 
     pub fn set_admission(&self, a: crate::admission::Admission) {
-        *self.admission.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(a);
+        *self.admission.lock().unwrap_or_else(|p| p.into_inner()) = (!a.rules.is_empty()).then(|| Arc::new(a));
     }
 
     pub fn settings(&self) -> Arc<Settings> {
