@@ -184,7 +184,7 @@ pub fn bad_quantity(kind: &str, obj: &Value) -> Option<String> {
     let mut bad = None;
     for path in quantity_paths(kind) {
         each(obj, &path, &mut |q| {
-            let ok = match &*q {
+            let ok = match q {
                 Value::String(s) => Quantity::parse(s).is_some(),
                 Value::Number(n) => Quantity::parse(&n.to_string()).is_some(),
                 _ => false,
