@@ -17,8 +17,23 @@ use tower::ServiceBuilder;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The HTTP client both kinds of connection share: pooled connections, HTTP/2 pings on idle ones.
+fn hyper_builder() -> hyper_util::client::legacy::Builder {
+    let mut b = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .http2_keep_alive_while_idle(true);
+    b
+}
+
 /// A client for `config`: HTTP/2 over TLS where the server agrees, HTTP/1.1 otherwise (and for plain HTTP).
+/// Through a proxy (`proxy-url` in the kubeconfig) it is kube-rs' own client, which speaks HTTP/1.1.
 pub fn client(config: kube::Config) -> Result<kube::Client, kube::Error> {
+    if config.proxy_url.is_some() {
+        return kube::Client::try_from(config);
+    }
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -36,13 +51,7 @@ pub fn client(config: kube::Config) -> Result<kube::Client, kube::Error> {
         None => builder,
     };
     let https = builder.enable_all_versions().wrap_connector(http);
-    let hyper = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .http2_keep_alive_while_idle(true)
-        .build(https);
+    let hyper = hyper_builder().build(https);
     let default_ns = config.default_namespace.clone();
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
@@ -107,14 +116,7 @@ pub fn in_process(dial: Dial) -> Result<kube::Client, kube::Error> {
             std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "the simulated cluster refused the connection")
         }))
     });
-    let hyper = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .http2_only(true)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .http2_keep_alive_while_idle(true)
-        .build(connector);
+    let hyper = hyper_builder().http2_only(true).build(connector);
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .map_err(|e: hyper_util::client::legacy::Error| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })

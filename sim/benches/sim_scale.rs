@@ -116,6 +116,22 @@ async fn loaded(n: usize, objects: usize) {
     sim.shutdown().await;
 }
 
+/// The i-th server-side apply of the rate benchmarks: its path in the cluster and its object. Every fourth
+/// request changes the object; the rest are no-op re-applies, as a steady fleet sees.
+fn apply_request(i: usize, clusters: usize) -> (String, serde_json::Value) {
+    let (kind, mut obj) = object(i / clusters % 30);
+    if i.is_multiple_of(4) {
+        obj["metadata"]["annotations"] = json!({"rev": i.to_string()});
+    }
+    let name = obj["metadata"]["name"].as_str().expect("name").to_string();
+    let path = match kind {
+        "Deployment" => format!("/apis/apps/v1/namespaces/default/deployments/{name}"),
+        "Service" => format!("/api/v1/namespaces/default/services/{name}"),
+        _ => format!("/api/v1/namespaces/default/configmaps/{name}"),
+    };
+    (path, obj)
+}
+
 async fn apply_rate(requests: usize, concurrency: usize) {
     let clusters = 100;
     let sim = Simulator::start(SimConfig { clusters: SimConfig::numbered("rate-", clusters), ..SimConfig::default() })
@@ -135,17 +151,7 @@ async fn apply_rate(requests: usize, concurrency: usize) {
                 if i >= requests {
                     return;
                 }
-                let (kind, mut obj) = object(i / clusters % 30);
-                // Every fourth request changes the object; the rest are no-op re-applies, as a steady fleet sees.
-                if i % 4 == 0 {
-                    obj["metadata"]["annotations"] = json!({"rev": i.to_string()});
-                }
-                let name = obj["metadata"]["name"].as_str().expect("name").to_string();
-                let path = match kind {
-                    "Deployment" => format!("/apis/apps/v1/namespaces/default/deployments/{name}"),
-                    "Service" => format!("/api/v1/namespaces/default/services/{name}"),
-                    _ => format!("/api/v1/namespaces/default/configmaps/{name}"),
-                };
+                let (path, obj) = apply_request(i, clusters);
                 let uri =
                     format!("http://{addr}/clusters/rate-{:03}{path}?fieldManager=bench&force=true", i % clusters + 1);
                 let req = http::Request::patch(uri)
@@ -205,16 +211,7 @@ async fn apply_rate_h2(requests: usize, concurrency: usize) {
                 if i >= requests {
                     return;
                 }
-                let (kind, mut obj) = object(i / clusters % 30);
-                if i % 4 == 0 {
-                    obj["metadata"]["annotations"] = json!({"rev": i.to_string()});
-                }
-                let name = obj["metadata"]["name"].as_str().expect("name").to_string();
-                let path = match kind {
-                    "Deployment" => format!("/apis/apps/v1/namespaces/default/deployments/{name}"),
-                    "Service" => format!("/api/v1/namespaces/default/services/{name}"),
-                    _ => format!("/api/v1/namespaces/default/configmaps/{name}"),
-                };
+                let (path, obj) = apply_request(i, clusters);
                 let req = http::Request::patch(format!("{path}?fieldManager=bench&force=true"))
                     .header("content-type", "application/apply-patch+yaml")
                     .body(serde_json::to_vec(&obj).expect("json"))

@@ -130,6 +130,11 @@ impl ApiError {
         Self::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"))
     }
 
+    /// 415 for a protobuf body the simulator cannot decode faithfully.
+    pub fn unsupported_protobuf(msg: impl Into<String>) -> Self {
+        Self::new(415, "UnsupportedMediaType", msg)
+    }
+
     pub fn not_acceptable() -> Self {
         Self::new(
             406,

@@ -305,7 +305,8 @@ pub fn immutable(res: &ResourceDef, old: &Value, new: &Value) -> Vec<(String, St
         }
         "Service" => {
             let ip = |v: &Value| v.pointer("/spec/clusterIP").cloned();
-            if ip(old).is_some() && ip(old) != ip(new) && old.pointer("/spec/type") != Some(&json!("ExternalName")) {
+            let external = |v: &Value| v.pointer("/spec/type") == Some(&json!("ExternalName"));
+            if ip(old).is_some() && ip(old) != ip(new) && !external(old) && !external(new) {
                 same("/spec/clusterIP", "spec.clusterIP");
             }
         }

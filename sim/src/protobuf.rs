@@ -47,8 +47,8 @@ pub fn decode(res: &ResourceDef, body: &[u8]) -> Result<Value, ApiError> {
     }
     let raw = unknown.raw.ok_or_else(|| bad("the envelope has no raw object"))?;
     let unsupported = |m: String| {
-        ApiError::unsupported_media(&format!(
-            "{MEDIA_TYPE}: {m}; the simulator decodes protobuf only for kubectl's generators: send JSON"
+        ApiError::unsupported_protobuf(format!(
+            "{MEDIA_TYPE} bodies are decoded only for the kinds kubectl's generators create, with their fields: {m}; send JSON instead"
         ))
     };
     let decoded = match (res.group.as_str(), res.kind.as_str()) {

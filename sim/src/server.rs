@@ -354,13 +354,19 @@ async fn resource(
     if !res.namespaced && p.ns.is_some() {
         return Err(ApiError::no_route());
     }
-    if p.sub.as_deref() == Some("log") && res.builtin && res.kind == "Pod" {
-        let (Some(ns), Some(name)) = (p.ns.as_deref(), p.name.as_deref()) else {
+    let pod_sub = |method: Method| -> Result<(String, String), ApiError> {
+        let (Some(ns), Some(name)) = (p.ns.clone(), p.name.clone()) else {
             return Err(ApiError::no_route());
         };
-        if req.method() != Method::GET {
+        if req.method() != method {
             return Err(ApiError::method_not_allowed());
         }
+        Ok((ns, name))
+    };
+    let is_pod = res.builtin && res.kind == "Pod";
+    if p.sub.as_deref() == Some("log") && is_pod {
+        let (ns, name) = pod_sub(Method::GET)?;
+        let (ns, name) = (ns.as_str(), name.as_str());
         let q = query(&req);
         let pod = ops::get(c, &res, Some(ns), name)?;
         let text = crate::pods::log(&pod, q.get("container").map(String::as_str))?;
@@ -370,13 +376,9 @@ async fn resource(
             .body(full(text))
             .unwrap_or_else(|_| Response::new(full(""))));
     }
-    if p.sub.as_deref() == Some("eviction") && res.builtin && res.kind == "Pod" {
-        let (Some(ns), Some(name)) = (p.ns.as_deref(), p.name.as_deref()) else {
-            return Err(ApiError::no_route());
-        };
-        if req.method() != Method::POST {
-            return Err(ApiError::method_not_allowed());
-        }
+    if p.sub.as_deref() == Some("eviction") && is_pod {
+        let (ns, name) = pod_sub(Method::POST)?;
+        let (ns, name) = (ns.as_str(), name.as_str());
         let q = query(&req);
         let (ct, body) = read_body(req).await?;
         let eviction_def = policy_eviction();
