@@ -358,6 +358,20 @@ fn the_rehearsal_prints_the_timeline_of_a_change() {
         "{out}"
     );
     assert!(out.contains("web: complete"), "{out}");
+    // Over TCP, more clusters than the open-file limit allows are refused at once, saying how many fit.
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("ulimit -n 1500 && exec \"$0\" rehearse --repo \"$1\" --clusters 500 --transport tcp --to HEAD")
+        .arg(binary("flotilla"))
+        .arg(&repo)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("500 clusters need about 2512 open files") && err.contains("at most 247 clusters fit"),
+        "{err}"
+    );
     // The same rehearsal with agents on in-memory pipes (how thousands of clusters fit one process).
     let (ok, out, err) = run(&["--transport", "memory"]);
     assert!(ok, "{out}\n{err}");

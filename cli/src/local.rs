@@ -216,3 +216,18 @@ impl LocalFleet {
         self.sim.shutdown().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_is_chosen_only_when_the_open_file_limit_allows_it() {
+        assert_eq!(clusters_that_fit(20_000), 4_872);
+        assert_eq!(clusters_that_fit(100), 0);
+        assert_eq!(Transport::for_clusters(1_000, 20_000), Transport::Tcp);
+        assert_eq!(Transport::for_clusters(4_872, 20_000), Transport::Tcp);
+        assert_eq!(Transport::for_clusters(4_873, 20_000), Transport::Memory);
+        assert_eq!(Transport::for_clusters(10_000, 20_000), Transport::Memory);
+    }
+}

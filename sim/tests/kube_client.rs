@@ -529,3 +529,39 @@ async fn protobuf_bodies_are_stored_as_their_json_form() {
     assert_eq!(got.metadata.labels.unwrap().get("team").map(String::as_str), Some("a"));
     sim.shutdown().await;
 }
+
+/// Admission rules from the admin API: a denial is a 403 with its reason, a webhook timeout a 500 after its
+/// delay; neither stores anything, and other objects pass.
+#[tokio::test]
+async fn admission_rules_deny_or_time_out_writes() {
+    let sim = sim(&["a"]).await;
+    let c = client_with(&sim, "a", false).await;
+    let cluster = sim.cluster("a").unwrap();
+    let rules: flotilla_sim::admission::Admission = serde_json::from_value(json!({"rules": [
+        {"kinds": ["ConfigMap"], "names": ["denied"], "deny": "not this one"},
+        {"kinds": ["ConfigMap"], "names": ["slow"], "timeout_ms": 300}
+    ]}))
+    .unwrap();
+    cluster.set_admission(rules);
+    let cms: Api<ConfigMap> = Api::namespaced(c.clone(), "default");
+    let cm = |n: &str| -> ConfigMap { serde_json::from_value(json!({"metadata": {"name": n}})).unwrap() };
+    match cms.create(&PostParams::default(), &cm("denied")).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 403);
+            assert!(s.message.ends_with("denied the request: not this one"), "{}", s.message);
+        }
+        other => panic!("a denied write went through: {other:?}"),
+    }
+    let t = std::time::Instant::now();
+    match cms.create(&PostParams::default(), &cm("slow")).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 500);
+            assert!(s.message.contains("context deadline exceeded"), "{}", s.message);
+        }
+        other => panic!("a timed-out write went through: {other:?}"),
+    }
+    assert!(t.elapsed() >= Duration::from_millis(300), "the timeout answers after its delay");
+    assert!(cms.get_opt("denied").await.unwrap().is_none() && cms.get_opt("slow").await.unwrap().is_none());
+    cms.create(&PostParams::default(), &cm("fine")).await.expect("other objects pass");
+    sim.shutdown().await;
+}
