@@ -169,3 +169,77 @@ mod tests {
         assert!(FieldValidation::parse(Some("strict")).is_err());
     }
 }
+
+/// Paths of fields given twice in one JSON object of `body` (`spec.replicas`), which a JSON parser would
+/// otherwise resolve silently (the last wins). Empty when the body is not JSON.
+pub fn duplicate_fields(body: &[u8]) -> Vec<String> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    struct Walk<'a> {
+        path: String,
+        found: &'a mut Vec<String>,
+    }
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+            let mut i = 0;
+            while a.next_element_seed(Walk { path: format!("{}[{i}]", self.path), found: &mut *self.found })?.is_some()
+            {
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = a.next_key::<String>()? {
+                let path = join(&self.path, &k);
+                if !seen.insert(k) {
+                    self.found.push(path.clone());
+                }
+                a.next_value_seed(Walk { path, found: &mut *self.found })?;
+            }
+            Ok(())
+        }
+    }
+    let mut found = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let _ = Walk { path: String::new(), found: &mut found }.deserialize(&mut de);
+    found
+}
+
+#[cfg(test)]
+mod duplicate_tests {
+    #[test]
+    fn duplicate_fields_are_found_with_their_path() {
+        let body = br#"{"spec": {"replicas": 1, "replicas": 2, "template": {"spec": {"containers": [{"name": "a", "name": "b"}]}}}, "kind": "x"}"#;
+        assert_eq!(super::duplicate_fields(body), vec!["spec.replicas", "spec.template.spec.containers[0].name"]);
+        assert!(super::duplicate_fields(br#"{"a": {"b": 1}, "c": {"b": 2}}"#).is_empty());
+        assert!(super::duplicate_fields(b"kind: [yaml").is_empty());
+    }
+}

@@ -455,6 +455,7 @@ async fn resource(
         (Method::POST, None) => {
             needs_ns(&res, ns)?;
             let (ct, body) = read_body(req).await?;
+            strict_duplicates(&opts, &ct, &body)?;
             let obj = decode_object(&res, &ct, &body)?;
             let w = ops::create(c, &res, ns, obj, &opts)?;
             Ok(json_response(201, &w.obj))
@@ -462,6 +463,7 @@ async fn resource(
         (Method::PUT, Some(name)) => {
             needs_ns(&res, ns)?;
             let (ct, body) = read_body(req).await?;
+            strict_duplicates(&opts, &ct, &body)?;
             let obj = decode_object(&res, &ct, &body)?;
             let w = ops::update(c, &res, ns, &name, obj, sub, &opts)?;
             Ok(json_response(200, &w.obj))
@@ -469,6 +471,7 @@ async fn resource(
         (Method::PATCH, Some(name)) => {
             needs_ns(&res, ns)?;
             let (ct, body) = read_body(req).await?;
+            strict_duplicates(&opts, &ct, &body)?;
             let ptype = match ct.as_str() {
                 "application/json-patch+json" => PatchType::Json,
                 "application/merge-patch+json" => PatchType::Merge,
@@ -525,6 +528,29 @@ fn policy_eviction() -> ResourceDef {
     d.kind = "Eviction".into();
     d.plural = "evictions".into();
     d
+}
+
+/// Under `fieldValidation=Strict`, a JSON body naming a field twice is refused, as the API server's strict
+/// decoder does (a plain JSON parser would keep the last).
+fn strict_duplicates(opts: &WriteOpts, ct: &str, body: &[u8]) -> Result<(), ApiError> {
+    let json = matches!(
+        ct,
+        "application/json"
+            | ""
+            | "*/*"
+            | "application/apply-patch+yaml"
+            | "application/merge-patch+json"
+            | "application/strategic-merge-patch+json"
+    ) && body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if opts.validation != crate::schema::FieldValidation::Strict || !json {
+        return Ok(());
+    }
+    let dups = crate::schema::duplicate_fields(body);
+    if dups.is_empty() {
+        return Ok(());
+    }
+    let fields: Vec<String> = dups.iter().map(|p| format!("duplicate field \"{p}\"")).collect();
+    Err(ApiError::bad_request(format!("strict decoding error: {}", fields.join(", "))))
 }
 
 fn needs_ns(res: &ResourceDef, ns: Option<&str>) -> Result<(), ApiError> {

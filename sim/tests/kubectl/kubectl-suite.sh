@@ -297,7 +297,13 @@ out="$(printf 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: typed, namespac
 set -e
 [ "$code" != 0 ] || fail "a number in ConfigMap data was accepted"
 expect_contains "$out" "cannot unmarshal number into Go struct field .data.a of type string" "wrong type"
-ok "explain shows real schemas; unknown fields are refused under Strict and dropped otherwise; wrong types are refused"
+printf '{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"dup"},"data":{"a":"1","a":"2"}}' >"$work/dup.json"
+set +e
+out="$(kubectl create --raw '/api/v1/namespaces/shop/configmaps?fieldValidation=Strict' -f "$work/dup.json" 2>&1)"; code=$?
+set -e
+[ "$code" != 0 ] || fail "a field given twice was accepted under Strict"
+expect_contains "$out" 'strict decoding error: duplicate field "data.a"' "duplicate field"
+ok "explain shows real schemas; unknown and duplicate fields are refused under Strict, unknown ones dropped otherwise; wrong types are refused"
 
 step "kubectl's typed generators (protobuf request bodies)"
 kubectl create namespace gen >/dev/null
