@@ -167,39 +167,49 @@ impl LocalFleet {
         let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
         let addr = bound_rx.await.context("the hub did not start")?;
         let hub_url = format!("https://localhost:{}", addr.port());
-        let mut agents = Vec::new();
-        for c in clusters {
-            let client = match transport {
-                Transport::Tcp => {
-                    let kc = kube::config::Kubeconfig::from_yaml(&sim.kubeconfig(c))?;
-                    flotilla_agent::kube_client::client(
-                        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
-                    )?
-                }
-                Transport::Memory => {
-                    let (inner, name) = (sim.inner().clone(), c.clone());
-                    flotilla_agent::kube_client::in_process(std::sync::Arc::new(move || {
-                        inner.connect_in_process(&name)
-                    }))?
-                }
-            };
-            let cfg = AgentConfig {
-                hub: hub_url.clone(),
-                hub_name: Some("localhost".into()),
-                ca_pem: read("ca.pem")?,
-                cert_pem: read(&format!("clusters/{c}.pem"))?,
-                key_pem: read(&format!("clusters/{c}-key.pem"))?,
-                in_process: hub_tx.clone(),
-            };
-            let engine = flotilla_agent::engine::start(
-                std::sync::Arc::new(Applier::new(client)),
-                Default::default(),
-                shutdown.clone(),
-            )
-            .await
-            .with_context(|| format!("starting the agent of {c}"))?;
-            agents.push(tokio::spawn(flotilla_agent::session::run(cfg, engine, shutdown.clone())));
-        }
+        // Agents start a few dozen at a time: each reads its state from its cluster first.
+        let start_agent = |c: String| {
+            let (sim_inner, hub_url, hub_tx, shutdown) =
+                (sim.inner().clone(), hub_url.clone(), hub_tx.clone(), shutdown.clone());
+            let kubeconfig = sim.kubeconfig(&c);
+            let files = (read("ca.pem"), read(&format!("clusters/{c}.pem")), read(&format!("clusters/{c}-key.pem")));
+            async move {
+                let client = match transport {
+                    Transport::Tcp => {
+                        let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig)?;
+                        flotilla_agent::kube_client::client(
+                            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+                        )?
+                    }
+                    Transport::Memory => {
+                        let name = c.clone();
+                        flotilla_agent::kube_client::in_process(std::sync::Arc::new(move || {
+                            sim_inner.connect_in_process(&name)
+                        }))?
+                    }
+                };
+                let cfg = AgentConfig {
+                    hub: hub_url,
+                    hub_name: Some("localhost".into()),
+                    ca_pem: files.0?,
+                    cert_pem: files.1?,
+                    key_pem: files.2?,
+                    in_process: hub_tx,
+                };
+                let engine = flotilla_agent::engine::start(
+                    std::sync::Arc::new(Applier::new(client)),
+                    Default::default(),
+                    shutdown.clone(),
+                )
+                .await
+                .with_context(|| format!("starting the agent of {c}"))?;
+                anyhow::Ok(tokio::spawn(flotilla_agent::session::run(cfg, engine, shutdown)))
+            }
+        };
+        use futures::StreamExt;
+        let started: Vec<anyhow::Result<_>> =
+            futures::stream::iter(clusters.iter().cloned().map(start_agent)).buffer_unordered(32).collect().await;
+        let agents = started.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
         Ok(LocalFleet { dir: dir.to_path_buf(), certs, hub_url, sim, shutdown, hub, agents })
     }
 
