@@ -76,7 +76,7 @@ pub fn pod_spec_path(kind: &str) -> Option<&'static str> {
 }
 
 /// Lists that Go serializes even when empty (no `omitempty`): kept as `[]`.
-const KEPT_EMPTY_LISTS: &[&str] = &["containers", "rules"];
+const KEPT_EMPTY_LISTS: &[&str] = &["containers", "rules", "endpoints"];
 
 /// Map-valued fields with `omitempty`: dropped when empty. (An empty object elsewhere is usually a struct,
 /// which Go always serializes: `securityContext: {}` stays.)
