@@ -93,3 +93,22 @@ async fn an_unreachable_cluster_is_redialled_and_its_watches_resume() {
     .await;
     sim.shutdown().await;
 }
+
+/// A cluster name with a dot is not covered by the simulator's wildcard certificate: it gets a certificate
+/// of its own, and the client verifies it like any other.
+#[tokio::test]
+async fn a_cluster_name_with_a_dot_gets_a_certificate_of_its_own() {
+    let sim = Simulator::start(SimConfig::with_clusters(["eu.prod-1"])).await.unwrap();
+    let client = client(&sim, "eu.prod-1").await;
+    let names: Vec<String> = Api::<Namespace>::all(client)
+        .list(&Default::default())
+        .await
+        .expect("TLS to a dotted cluster name verifies")
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    assert!(names.contains(&"kube-system".to_string()), "{names:?}");
+    assert_eq!(connections(&sim, "eu.prod-1"), 1);
+    sim.shutdown().await;
+}

@@ -303,6 +303,15 @@ out="$(kubectl create --raw '/api/v1/namespaces/shop/configmaps?fieldValidation=
 set -e
 [ "$code" != 0 ] || fail "a field given twice was accepted under Strict"
 expect_contains "$out" 'strict decoding error: duplicate field "data.a"' "duplicate field"
+cat >"$work/list.yaml" <<'YAML'
+apiVersion: v1
+kind: ConfigMapList
+items:
+- {apiVersion: v1, kind: ConfigMap, metadata: {name: listed-1, namespace: shop}, data: {a: "1"}}
+- {apiVersion: v1, kind: ConfigMap, metadata: {name: listed-2, namespace: shop}, data: {a: "2"}}
+YAML
+kubectl apply --server-side -f "$work/list.yaml" >/dev/null
+[ "$(kubectl get configmap listed-1 listed-2 -n shop -o name | wc -l)" = 2 ] || fail "a ConfigMapList file did not apply"
 ok "explain shows real schemas; unknown and duplicate fields are refused under Strict, unknown ones dropped otherwise; wrong types are refused"
 
 step "kubectl's typed generators (protobuf request bodies)"
@@ -482,7 +491,27 @@ expect_contains "$out" '"status":"Success"' "eviction"
 set +e
 kubectl get pod evictee -n shop >/dev/null 2>&1 && fail "the evicted pod is still there"
 set -e
-ok "an APIService is Available once its Service exists; EndpointSlices are served; an Ingress gets an address; a pod can be evicted"
+kubectl apply --server-side -f - >/dev/null <<'YAML'
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: gateways.gateway.networking.k8s.io}
+spec:
+  group: gateway.networking.k8s.io
+  scope: Namespaced
+  names: {plural: gateways, singular: gateway, kind: Gateway}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+YAML
+kubectl wait --for=condition=Established crd/gateways.gateway.networking.k8s.io --timeout=30s >/dev/null
+printf 'apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: shop}\nspec: {gatewayClassName: sim, listeners: [{name: http, port: 80, protocol: HTTP}]}\n' | kubectl apply --server-side -f - >/dev/null
+kubectl wait --for=condition=Programmed gateway/gw -n shop --timeout=10s >/dev/null
+kubectl get gateway gw -n shop -o jsonpath='{.status.addresses[0].value}' | grep -q '^198\.19\.' || fail "the Gateway has no address"
+kubectl delete crd gateways.gateway.networking.k8s.io >/dev/null
+ok "an APIService is Available once its Service exists; EndpointSlices are served; an Ingress and a Gateway get an address; a pod can be evicted"
 
 step "optional ReplicaSets and Pods: get pods, logs, rollout history"
 admin PATCH "/clusters/$SIM_CLUSTER/behaviour" '{"pods": true}' >/dev/null
