@@ -47,15 +47,21 @@ pub struct WriteOpts {
 
 /// Drops what `obj`'s schema does not declare; refuses wrong types, and unknown fields under Strict.
 /// `apply` words the errors as server-side apply does.
-fn check_schema(res: &ResourceDef, obj: &mut Value, validation: FieldValidation, apply: bool) -> Result<(), ApiError> {
+/// Returns the warnings (`unknown field "…"`) for what was dropped under Warn.
+fn check_schema(
+    res: &ResourceDef,
+    obj: &mut Value,
+    validation: FieldValidation,
+    apply: bool,
+) -> Result<Vec<String>, ApiError> {
     let cat = crate::openapi::catalogue();
     let schema = match &res.crd_schema {
         Some(s) => s.as_ref(),
         None if res.builtin => match crate::openapi::schema_of(&res.group, &res.version, &res.kind) {
             Some(s) => s,
-            None => return Ok(()),
+            None => return Ok(Vec::new()),
         },
-        None => return Ok(()),
+        None => return Ok(Vec::new()),
     };
     let f = crate::schema::check(schema, &cat.schemas, obj);
     let name = meta_str(obj, "name").unwrap_or_default().to_string();
@@ -91,7 +97,10 @@ fn check_schema(res: &ResourceDef, obj: &mut Value, validation: FieldValidation,
         let fields: Vec<String> = f.unknown.iter().map(|p| format!("unknown field \"{p}\"")).collect();
         return Err(ApiError::bad_request(format!("strict decoding error: {}", fields.join(", "))));
     }
-    Ok(())
+    if validation == FieldValidation::Warn {
+        return Ok(f.unknown.iter().map(|p| format!("unknown field \"{p}\"")).collect());
+    }
+    Ok(Vec::new())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,6 +319,7 @@ fn namespace_admits(st: &ClusterState, res: &ResourceDef, ns: &str, name: &str) 
 }
 
 /// Fills system metadata and checks the result; returns false when nothing changed.
+#[allow(clippy::too_many_arguments)]
 fn finalize(
     c: &Cluster,
     res: &ResourceDef,
@@ -318,6 +328,7 @@ fn finalize(
     new: &mut Value,
     sub: Sub,
     validation: FieldValidation,
+    warnings: &mut Vec<String>,
 ) -> Result<bool, ApiError> {
     let name = meta_str(new, "name").unwrap_or_default().to_string();
     let meta = new
@@ -365,7 +376,7 @@ fn finalize(
             new["metadata"]["generation"] = json!(g);
         }
     }
-    check_schema(res, new, validation, false)?;
+    warnings.extend(check_schema(res, new, validation, false)?);
     if res.builtin {
         if let Some(msg) = crate::normalize::bad_quantity(&res.kind, new) {
             return Err(ApiError::bad_request(format!(
@@ -403,6 +414,8 @@ fn finalize(
 pub struct Written {
     pub obj: Value,
     pub created: bool,
+    /// What the API server would send as `Warning` headers (fields dropped under fieldValidation=Warn).
+    pub warnings: Vec<String>,
 }
 
 /// Stores `new` unless dry-run; an object marked for deletion whose finalizers are all gone is removed.
@@ -496,7 +509,8 @@ pub fn create(
     }
     body["metadata"]["namespace"] = json!(ns);
     kinds::apply_defaults(res, &mut body, None);
-    finalize(c, res, &ns, None, &mut body, Sub::Main, opts.validation)?;
+    let mut warnings = Vec::new();
+    finalize(c, res, &ns, None, &mut body, Sub::Main, opts.validation, &mut warnings)?;
     let ctx = Ctx { builtin: res.builtin, scope: Scope::All };
     fields::record_update(None, &mut body, &opts.field_manager, &res.api_version(), ctx, None, &now());
     let obj = commit(c, &mut st, res, &ns, &name, body, opts.dry_run);
@@ -504,7 +518,7 @@ pub fn create(
     if !opts.dry_run {
         crate::controllers::observe(c, res, &obj);
     }
-    Ok(Written { obj, created: true })
+    Ok(Written { obj, created: true, warnings })
 }
 
 /// PUT: replace the object (or its status), with optimistic concurrency on metadata.resourceVersion.
@@ -553,8 +567,9 @@ fn write_changed(
     opts: &WriteOpts,
 ) -> Result<Written, ApiError> {
     kinds::apply_defaults(res, &mut new, Some(old));
-    if !finalize(c, res, ns, Some(old), &mut new, sub, opts.validation)? {
-        return Ok(Written { obj: present(res, old), created: false });
+    let mut warnings = Vec::new();
+    if !finalize(c, res, ns, Some(old), &mut new, sub, opts.validation, &mut warnings)? {
+        return Ok(Written { obj: present(res, old), created: false, warnings });
     }
     let ctx = Ctx { builtin: res.builtin, scope: scope_for(res, sub) };
     fields::record_update(Some(old), &mut new, &opts.field_manager, &res.api_version(), ctx, sub.name(), &now());
@@ -563,7 +578,7 @@ fn write_changed(
     if !opts.dry_run {
         crate::controllers::observe(c, res, &obj);
     }
-    Ok(Written { obj, created: false })
+    Ok(Written { obj, created: false, warnings })
 }
 
 fn scale_of(res: &ResourceDef, obj: &Value) -> Result<Value, ApiError> {
@@ -661,7 +676,7 @@ fn write_scale(
     let mut new = old.clone();
     set_replicas(res, &mut new, replicas)?;
     let w = write_changed(c, st, res, &nsk, name, &old, new, Sub::Scale, opts)?;
-    Ok(Written { obj: scale_of(res, &w.obj)?, created: false })
+    Ok(Written { obj: scale_of(res, &w.obj)?, created: false, warnings: w.warnings })
 }
 
 #[allow(clippy::too_many_arguments)] // mirrors the REST call: target, patch type, body, subresource, options
@@ -762,7 +777,7 @@ fn apply(
         namespace_admits(&st, res, &nsk, name)?;
     }
     let mut applied = applied;
-    check_schema(res, &mut applied, opts.validation, true)?;
+    let mut warnings = check_schema(res, &mut applied, opts.validation, true)?;
     if sub == Sub::Main && res.status {
         if let Some(m) = applied.as_object_mut() {
             m.shift_remove("status");
@@ -785,25 +800,25 @@ fn apply(
                 preserve_for_apply(res, sub, o, &mut new);
             }
             kinds::apply_defaults(res, &mut new, Some(&old));
-            if !finalize(c, res, &nsk, Some(&old), &mut new, sub, opts.validation)? {
-                return Ok(Written { obj: present(res, &old), created: false });
+            if !finalize(c, res, &nsk, Some(&old), &mut new, sub, opts.validation, &mut warnings)? {
+                return Ok(Written { obj: present(res, &old), created: false, warnings });
             }
             let obj = commit(c, &mut st, res, &nsk, name, new, opts.dry_run);
             drop(st);
             if !opts.dry_run {
                 crate::controllers::observe(c, res, &obj);
             }
-            Ok(Written { obj, created: false })
+            Ok(Written { obj, created: false, warnings })
         }
         None => {
             kinds::apply_defaults(res, &mut new, None);
-            finalize(c, res, &nsk, None, &mut new, sub, opts.validation)?;
+            finalize(c, res, &nsk, None, &mut new, sub, opts.validation, &mut warnings)?;
             let obj = commit(c, &mut st, res, &nsk, name, new, opts.dry_run);
             drop(st);
             if !opts.dry_run {
                 crate::controllers::observe(c, res, &obj);
             }
-            Ok(Written { obj, created: true })
+            Ok(Written { obj, created: true, warnings })
         }
     }
 }

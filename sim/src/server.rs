@@ -458,7 +458,7 @@ async fn resource(
             strict_duplicates(&opts, &ct, &body)?;
             let obj = decode_object(&res, &ct, &body)?;
             let w = ops::create(c, &res, ns, obj, &opts)?;
-            Ok(json_response(201, &w.obj))
+            Ok(warned(json_response(201, &w.obj), &w.warnings))
         }
         (Method::PUT, Some(name)) => {
             needs_ns(&res, ns)?;
@@ -466,7 +466,7 @@ async fn resource(
             strict_duplicates(&opts, &ct, &body)?;
             let obj = decode_object(&res, &ct, &body)?;
             let w = ops::update(c, &res, ns, &name, obj, sub, &opts)?;
-            Ok(json_response(200, &w.obj))
+            Ok(warned(json_response(200, &w.obj), &w.warnings))
         }
         (Method::PATCH, Some(name)) => {
             needs_ns(&res, ns)?;
@@ -483,7 +483,7 @@ async fn resource(
                 return Err(ApiError::bad_request("force is only supported for apply patch requests"));
             }
             let w = ops::patch(c, &res, ns, &name, ptype, &body, sub, &opts)?;
-            Ok(json_response(if w.created { 201 } else { 200 }, &w.obj))
+            Ok(warned(json_response(if w.created { 201 } else { 200 }, &w.obj), &w.warnings))
         }
         (Method::DELETE, Some(name)) => {
             needs_ns(&res, ns)?;
@@ -528,6 +528,17 @@ fn policy_eviction() -> ResourceDef {
     d.kind = "Eviction".into();
     d.plural = "evictions".into();
     d
+}
+
+/// `Warning` headers, as the API server sends them (`299 - "unknown field \"spec.foo\""`).
+fn warned(mut r: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for w in warnings {
+        let text = format!("299 - {}", serde_json::Value::String(w.clone()));
+        if let Ok(v) = http::HeaderValue::from_str(&text) {
+            r.headers_mut().append(header::WARNING, v);
+        }
+    }
+    r
 }
 
 /// Under `fieldValidation=Strict`, a JSON body naming a field twice is refused, as the API server's strict

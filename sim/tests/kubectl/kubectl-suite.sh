@@ -288,6 +288,8 @@ out="$(kubectl create -f "$work/typo.yaml" 2>&1)"; code=$?
 set -e
 [ "$code" != 0 ] || fail "an unknown field was accepted by create"
 expect_contains "$out" 'strict decoding error: unknown field "spec.replicass"' "strict create"
+out="$(kubectl apply --server-side --validate=warn -f "$work/typo.yaml" 2>&1)"
+expect_contains "$out" 'Warning: unknown field "spec.replicass"' "a Warning header under Warn"
 kubectl apply --server-side --validate=false -f "$work/typo.yaml" >/dev/null
 out="$(kubectl get deployment typo -n shop -o json)"
 if grep -q replicass <<<"$out"; then fail "an unknown field was stored: $out"; fi
