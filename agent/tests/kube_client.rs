@@ -81,10 +81,12 @@ async fn an_unreachable_cluster_is_redialled_and_its_watches_resume() {
     eventually(10, "the watch sees the first object", || async { (seen.load(Ordering::Relaxed) >= 1).then_some(()) })
         .await;
     let c = sim.cluster("c").unwrap();
+    assert_eq!(connections(&sim, "c"), 1);
     c.set_faults(Faults { offline: true, ..Default::default() });
+    // Its connection closes at once, with no request on it, as a dead network would take it.
+    eventually(10, "the connection is closed", || async { (connections(&sim, "c") == 0).then_some(()) }).await;
     let err = tokio::time::timeout(Duration::from_secs(20), cms.get("before")).await;
     assert!(matches!(err, Ok(Err(_))), "an offline cluster answers nothing: {err:?}");
-    eventually(10, "the dead connection is closed", || async { (connections(&sim, "c") == 0).then_some(()) }).await;
     c.set_faults(Faults::default());
     cms.create(&PostParams::default(), &mk("after")).await.unwrap();
     eventually(30, "the resumed watch sees the object made after the outage", || async {
