@@ -132,43 +132,27 @@ fn apply_request(i: usize, clusters: usize) -> (String, serde_json::Value) {
     (path, obj)
 }
 
-async fn apply_rate(requests: usize, concurrency: usize) {
-    let clusters = 100;
-    let sim = Simulator::start(SimConfig { clusters: SimConfig::numbered("rate-", clusters), ..SimConfig::default() })
-        .await
-        .expect("start");
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let addr = sim.addr();
+/// Sends requests 0..`requests` through `send` (true when answered with success), `concurrency` at a time;
+/// returns the time taken and the number of failures.
+async fn drive<F, Fut>(requests: usize, concurrency: usize, send: F) -> (f64, usize)
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (client, next, errors) = (client.clone(), next.clone(), errors.clone());
+        let (send, next, errors) = (send.clone(), next.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= requests {
                     return;
                 }
-                let (path, obj) = apply_request(i, clusters);
-                let uri =
-                    format!("http://{addr}/clusters/rate-{:03}{path}?fieldManager=bench&force=true", i % clusters + 1);
-                let req = http::Request::patch(uri)
-                    .header("content-type", "application/apply-patch+yaml")
-                    .body(Full::new(Bytes::from(serde_json::to_vec(&obj).expect("json"))))
-                    .expect("request");
-                match client.request(req).await {
-                    Ok(resp) => {
-                        let ok = resp.status().is_success();
-                        let _ = resp.into_body().collect().await;
-                        if !ok {
-                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                    Err(_) => {
-                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
+                if !send(i).await {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }));
@@ -176,12 +160,40 @@ async fn apply_rate(requests: usize, concurrency: usize) {
     for t in tasks {
         t.await.expect("task");
     }
-    let took = t.elapsed();
+    (t.elapsed().as_secs_f64(), errors.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+async fn apply_rate(requests: usize, concurrency: usize) {
+    let clusters = 100;
+    let sim = Simulator::start(SimConfig { clusters: SimConfig::numbered("rate-", clusters), ..SimConfig::default() })
+        .await
+        .expect("start");
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let addr = sim.addr();
+    let (took, errors) = drive(requests, concurrency, move |i| {
+        let client = client.clone();
+        async move {
+            let (path, obj) = apply_request(i, clusters);
+            let uri =
+                format!("http://{addr}/clusters/rate-{:03}{path}?fieldManager=bench&force=true", i % clusters + 1);
+            let req = http::Request::patch(uri)
+                .header("content-type", "application/apply-patch+yaml")
+                .body(Full::new(Bytes::from(serde_json::to_vec(&obj).expect("json"))))
+                .expect("request");
+            match client.request(req).await {
+                Ok(resp) => {
+                    let ok = resp.status().is_success();
+                    let _ = resp.into_body().collect().await;
+                    ok
+                }
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
     println!(
-        "server-side apply over HTTP: {requests} requests from {concurrency} connections to {clusters} clusters in {:.2}s = {:.0} requests/s ({} errors)",
-        took.as_secs_f64(),
-        requests as f64 / took.as_secs_f64(),
-        errors.load(std::sync::atomic::Ordering::Relaxed)
+        "server-side apply over HTTP: {requests} requests from {concurrency} connections to {clusters} clusters in {took:.2}s = {:.0} requests/s ({errors} errors)",
+        requests as f64 / took
     );
     sim.shutdown().await;
 }
@@ -199,39 +211,22 @@ async fn apply_rate_h2(requests: usize, concurrency: usize) {
         kube_clients.push(flotilla_agent::kube_client::client(cfg).expect("client"));
     }
     let kube_clients = Arc::new(kube_clients);
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (kube_clients, next, errors) = (kube_clients.clone(), next.clone(), errors.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= requests {
-                    return;
-                }
-                let (path, obj) = apply_request(i, clusters);
-                let req = http::Request::patch(format!("{path}?fieldManager=bench&force=true"))
-                    .header("content-type", "application/apply-patch+yaml")
-                    .body(serde_json::to_vec(&obj).expect("json"))
-                    .expect("request");
-                if kube_clients[i % clusters].request_text(req).await.is_err() {
-                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task");
-    }
-    let took = t.elapsed();
+    let (took, errors) = drive(requests, concurrency, move |i| {
+        let kube_clients = kube_clients.clone();
+        async move {
+            let (path, obj) = apply_request(i, clusters);
+            let req = http::Request::patch(format!("{path}?fieldManager=bench&force=true"))
+                .header("content-type", "application/apply-patch+yaml")
+                .body(serde_json::to_vec(&obj).expect("json"))
+                .expect("request");
+            kube_clients[i % clusters].request_text(req).await.is_ok()
+        }
+    })
+    .await;
     let open = sim.inner().connections.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "server-side apply over HTTPS/HTTP/2: {requests} requests, {concurrency} at a time, from {clusters} clients to {clusters} clusters over {open} connections in {:.2}s = {:.0} requests/s ({} errors)",
-        took.as_secs_f64(),
-        requests as f64 / took.as_secs_f64(),
-        errors.load(std::sync::atomic::Ordering::Relaxed)
+        "server-side apply over HTTPS/HTTP/2: {requests} requests, {concurrency} at a time, from {clusters} clients to {clusters} clusters over {open} connections in {took:.2}s = {:.0} requests/s ({errors} errors)",
+        requests as f64 / took
     );
     sim.shutdown().await;
 }
