@@ -327,7 +327,9 @@ fn finalize(
     old: Option<&Value>,
     new: &mut Value,
     sub: Sub,
-    validation: FieldValidation,
+    // `None` when the caller checked what it brings already (server-side apply checks the applied
+    // configuration; the stored object it merges into was checked when it was written).
+    validation: Option<FieldValidation>,
     warnings: &mut Vec<String>,
 ) -> Result<bool, ApiError> {
     let name = meta_str(new, "name").unwrap_or_default().to_string();
@@ -376,7 +378,9 @@ fn finalize(
             new["metadata"]["generation"] = json!(g);
         }
     }
-    warnings.extend(check_schema(res, new, validation, false)?);
+    if let Some(v) = validation {
+        warnings.extend(check_schema(res, new, v, false)?);
+    }
     if res.builtin {
         if let Some(msg) = crate::normalize::bad_quantity(&res.kind, new) {
             return Err(ApiError::bad_request(format!(
@@ -510,7 +514,7 @@ pub fn create(
     body["metadata"]["namespace"] = json!(ns);
     kinds::apply_defaults(res, &mut body, None);
     let mut warnings = Vec::new();
-    finalize(c, res, &ns, None, &mut body, Sub::Main, opts.validation, &mut warnings)?;
+    finalize(c, res, &ns, None, &mut body, Sub::Main, Some(opts.validation), &mut warnings)?;
     let ctx = Ctx { builtin: res.builtin, scope: Scope::All };
     fields::record_update(None, &mut body, &opts.field_manager, &res.api_version(), ctx, None, &now());
     let obj = commit(c, &mut st, res, &ns, &name, body, opts.dry_run);
@@ -568,7 +572,7 @@ fn write_changed(
 ) -> Result<Written, ApiError> {
     kinds::apply_defaults(res, &mut new, Some(old));
     let mut warnings = Vec::new();
-    if !finalize(c, res, ns, Some(old), &mut new, sub, opts.validation, &mut warnings)? {
+    if !finalize(c, res, ns, Some(old), &mut new, sub, Some(opts.validation), &mut warnings)? {
         return Ok(Written { obj: present(res, old), created: false, warnings });
     }
     let ctx = Ctx { builtin: res.builtin, scope: scope_for(res, sub) };
@@ -800,7 +804,7 @@ fn apply(
                 preserve_for_apply(res, sub, o, &mut new);
             }
             kinds::apply_defaults(res, &mut new, Some(&old));
-            if !finalize(c, res, &nsk, Some(&old), &mut new, sub, opts.validation, &mut warnings)? {
+            if !finalize(c, res, &nsk, Some(&old), &mut new, sub, None, &mut warnings)? {
                 return Ok(Written { obj: present(res, &old), created: false, warnings });
             }
             let obj = commit(c, &mut st, res, &nsk, name, new, opts.dry_run);
@@ -812,7 +816,7 @@ fn apply(
         }
         None => {
             kinds::apply_defaults(res, &mut new, None);
-            finalize(c, res, &nsk, None, &mut new, sub, opts.validation, &mut warnings)?;
+            finalize(c, res, &nsk, None, &mut new, sub, None, &mut warnings)?;
             let obj = commit(c, &mut st, res, &nsk, name, new, opts.dry_run);
             drop(st);
             if !opts.dry_run {
