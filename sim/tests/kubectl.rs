@@ -43,27 +43,35 @@ fn start_sim(dir: &Path, cluster: &str) -> (Sim, String) {
     }
 }
 
+/// Runs `tests/kubectl/<name>` with bash against the cluster `cluster` of a fresh simulator in `dir`, with
+/// `env` besides KUBECONFIG and HOME; returns (success, stdout, stderr), stdout printed.
+fn run_script(dir: &Path, name: &str, cluster: &str, env: &[(&str, &std::ffi::OsStr)]) -> (bool, String, String) {
+    let (_sim, server) = start_sim(dir, cluster);
+    let script: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "kubectl", name].iter().collect();
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("KUBECONFIG", dir.join(format!("{cluster}.kubeconfig")))
+        .env("SIM_ADMIN", format!("{server}/admin"))
+        .env("SIM_CLUSTER", cluster)
+        .env("HOME", dir)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
+        .output()
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    println!("{stdout}");
+    (out.status.success(), stdout, String::from_utf8_lossy(&out.stderr).to_string())
+}
+
 #[test]
 fn kubectl_accepts_the_simulator() {
     require_tool("kubectl", "see https://kubernetes.io/docs/tasks/tools/ (Debian: apt-get install -y kubectl)");
     require_tool("python3", "apt-get install -y python3");
     require_tool("diff", "apt-get install -y diffutils");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_sim, server) = start_sim(dir.path(), "kubectl-suite");
-    let script: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "kubectl", "kubectl-suite.sh"].iter().collect();
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("KUBECONFIG", dir.path().join("kubectl-suite.kubeconfig"))
-        .env("SIM_ADMIN", format!("{server}/admin"))
-        .env("SIM_CLUSTER", "kubectl-suite")
-        .env("HOME", dir.path())
-        .output()
-        .expect("run the kubectl suite");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
+    let (ok, stdout, stderr) = run_script(dir.path(), "kubectl-suite.sh", "kubectl-suite", &[]);
     eprintln!("{stderr}");
-    assert!(out.status.success(), "kubectl suite failed:\n{stdout}\n{stderr}");
+    assert!(ok, "kubectl suite failed:\n{stdout}\n{stderr}");
+    let script: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "kubectl", "kubectl-suite.sh"].iter().collect();
     let steps =
         std::fs::read_to_string(&script).expect("read the suite").lines().filter(|l| l.starts_with("step \"")).count();
     assert!(steps >= 20, "the suite has its steps");
@@ -90,18 +98,8 @@ fn kube_prometheus_applies_verbatim() {
         manifests.display()
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_sim, _server) = start_sim(dir.path(), "kube-prometheus");
-    let script: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "kubectl", "kube-prometheus.sh"].iter().collect();
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("KUBECONFIG", dir.path().join("kube-prometheus.kubeconfig"))
-        .env("MANIFESTS", &manifests)
-        .env("HOME", dir.path())
-        .output()
-        .expect("run the kube-prometheus script");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(out.status.success(), "kube-prometheus did not apply verbatim:\n{stdout}\n{stderr}");
+    let (ok, stdout, stderr) =
+        run_script(dir.path(), "kube-prometheus.sh", "kube-prometheus", &[("MANIFESTS", manifests.as_os_str())]);
+    assert!(ok, "kube-prometheus did not apply verbatim:\n{stdout}\n{stderr}");
     assert!(stdout.contains("objects applied and served"), "{stdout}");
 }

@@ -32,6 +32,8 @@ print(urllib.request.urlopen(req, timeout=10).read().decode())
 PY
 }
 rv() { kubectl get "$@" -o jsonpath='{.metadata.resourceVersion}'; }
+# refused WHAT CMD...: CMD must fail; its output is left in $out.
+refused() { local what=$1; shift; set +e; out="$("$@" 2>&1)"; local code=$?; set -e; [ "$code" != 0 ] || fail "$what: $out"; }
 
 step "kubectl version"
 out="$(kubectl version 2>&1)"
@@ -277,16 +279,10 @@ spec:
     spec:
       containers: [{name: c, image: nginx:1.27, imagePullPolice: Always}]
 YAML
-set +e
-out="$(kubectl apply --server-side -f "$work/typo.yaml" 2>&1)"; code=$?
-set -e
-[ "$code" != 0 ] || fail "an unknown field was accepted by apply --server-side"
+refused "an unknown field was accepted by apply --server-side" kubectl apply --server-side -f "$work/typo.yaml"
 expect_contains "$out" ".spec.replicass: field not declared in schema" "strict SSA"
 expect_contains "$out" ".spec.template.spec.containers[0].imagePullPolice: field not declared in schema" "strict SSA"
-set +e
-out="$(kubectl create -f "$work/typo.yaml" 2>&1)"; code=$?
-set -e
-[ "$code" != 0 ] || fail "an unknown field was accepted by create"
+refused "an unknown field was accepted by create" kubectl create -f "$work/typo.yaml"
 expect_contains "$out" 'strict decoding error: unknown field "spec.replicass"' "strict create"
 out="$(kubectl apply --server-side --validate=warn -f "$work/typo.yaml" 2>&1)"
 expect_contains "$out" 'Warning: unknown field "spec.replicass"' "a Warning header under Warn"
@@ -300,10 +296,7 @@ set -e
 [ "$code" != 0 ] || fail "a number in ConfigMap data was accepted"
 expect_contains "$out" "cannot unmarshal number into Go struct field .data.a of type string" "wrong type"
 printf '{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"dup"},"data":{"a":"1","a":"2"}}' >"$work/dup.json"
-set +e
-out="$(kubectl create --raw '/api/v1/namespaces/shop/configmaps?fieldValidation=Strict' -f "$work/dup.json" 2>&1)"; code=$?
-set -e
-[ "$code" != 0 ] || fail "a field given twice was accepted under Strict"
+refused "a field given twice was accepted under Strict" kubectl create --raw '/api/v1/namespaces/shop/configmaps?fieldValidation=Strict' -f "$work/dup.json"
 expect_contains "$out" 'strict decoding error: duplicate field "data.a"' "duplicate field"
 cat >"$work/list.yaml" <<'YAML'
 apiVersion: v1
@@ -376,20 +369,12 @@ gen() { kubectl get "$@" -o jsonpath='{.metadata.generation}'; }
 before="$(gen -n shop deployment/sized)"
 kubectl patch deployment sized -n shop --type merge -p '{"spec":{"template":{"spec":{"containers":[{"name":"c","image":"nginx:1.27","resources":{"limits":{"cpu":"1","memory":"1Gi"},"requests":{"cpu":"500m","memory":"512Mi"}}}]}}}}' >/dev/null
 [ "$before" = "$(gen -n shop deployment/sized)" ] || fail "the canonical form of the same quantities counted as a change"
-set +e
-out="$(kubectl patch deployment sized -n shop --type merge -p '{"spec":{"template":{"spec":{"containers":[{"name":"c","resources":{"limits":{"cpu":"lots"}}}]}}}}' 2>&1)"
-code=$?
-set -e
-[ "$code" != 0 ] || fail "an invalid quantity was accepted"
+refused "an invalid quantity was accepted" kubectl patch deployment sized -n shop --type merge -p '{"spec":{"template":{"spec":{"containers":[{"name":"c","resources":{"limits":{"cpu":"lots"}}}]}}}}'
 expect_contains "$out" "quantities must match the regular expression" "invalid quantity"
 ok "Secret stringData is merged into data, quantities are canonical, invalid ones are refused"
 
 step "immutable fields"
-set +e
-out="$(kubectl patch deployment sized -n shop --type merge -p '{"spec":{"selector":{"matchLabels":{"app":"other"}},"template":{"metadata":{"labels":{"app":"other"}}}}}' 2>&1)"
-code=$?
-set -e
-[ "$code" != 0 ] || fail "a Deployment's selector changed"
+refused "a Deployment's selector changed" kubectl patch deployment sized -n shop --type merge -p '{"spec":{"selector":{"matchLabels":{"app":"other"}},"template":{"metadata":{"labels":{"app":"other"}}}}}'
 expect_contains "$out" 'spec.selector: Invalid value' "deployment selector"
 expect_contains "$out" 'field is immutable' "deployment selector"
 kubectl apply --server-side -f - >/dev/null <<'YAML'
@@ -420,11 +405,7 @@ set -e
 expect_contains "$out" 'spec.template: Invalid value' "job template"
 expect_contains "$out" 'field is immutable' "job template"
 ip="$(kubectl get service web -n shop -o jsonpath='{.spec.clusterIP}')"
-set +e
-out="$(kubectl patch service web -n shop --type merge -p '{"spec":{"clusterIP":"198.18.9.9","clusterIPs":["198.18.9.9"]}}' 2>&1)"
-code=$?
-set -e
-[ "$code" != 0 ] || fail "a Service's cluster IP changed"
+refused "a Service's cluster IP changed" kubectl patch service web -n shop --type merge -p '{"spec":{"clusterIP":"198.18.9.9","clusterIPs":["198.18.9.9"]}}'
 expect_contains "$out" 'spec.clusterIP: Invalid value' "service clusterIP"
 [ "$ip" = "$(kubectl get service web -n shop -o jsonpath='{.spec.clusterIP}')" ] || fail "the cluster IP moved"
 ok "Deployment selector, Job template and Service clusterIP are immutable"
