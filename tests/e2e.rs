@@ -148,7 +148,7 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
 
     // The platform API refuses a caller without an operator certificate.
     let mut as_cluster = flotilla_e2e::platform_client_as(&tmp.join("certs"), hub_port, "clusters/eu-1").await;
-    let denied = as_cluster.list_clusters(ListClustersRequest {}).await.unwrap_err();
+    let denied = as_cluster.list_clusters(ListClustersRequest::default()).await.unwrap_err();
     let read = |f: &str| std::fs::read_to_string(tmp.join("certs").join(f)).unwrap();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
     // A certificate from another CA is refused at the TLS handshake.
@@ -175,7 +175,7 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
         .await
     {
         Err(_) => true,
-        Ok(ch) => PlatformServiceClient::new(ch).list_clusters(ListClustersRequest {}).await.is_err(),
+        Ok(ch) => PlatformServiceClient::new(ch).list_clusters(ListClustersRequest::default()).await.is_err(),
     };
     assert!(refused, "a foreign CA's certificate must not get through");
 
@@ -184,7 +184,7 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
     let view = eventually(30, "eu-1 in sync", || {
         let mut op = op.clone();
         async move {
-            let v = op.list_clusters(ListClustersRequest {}).await.ok()?.into_inner();
+            let v = op.list_clusters(ListClustersRequest::default()).await.ok()?.into_inner();
             let eu1 = v.clusters.iter().find(|c| c.name == "eu-1")?;
             (eu1.connected && eu1.apps_in_sync == eu1.apps_total && eu1.apps_total == 2).then_some(v)
         }
@@ -264,7 +264,7 @@ async fn a_commit_reaches_the_targeted_clusters_over_mtls() {
     let after = eventually(60, "agents reconnected after the restart", || {
         let mut op = op.clone();
         async move {
-            let v = op.list_clusters(ListClustersRequest {}).await.ok()?.into_inner();
+            let v = op.list_clusters(ListClustersRequest::default()).await.ok()?.into_inner();
             v.clusters.iter().all(|c| c.connected).then_some(v)
         }
     })

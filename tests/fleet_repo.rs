@@ -86,7 +86,7 @@ fn github_push(port: u16, git_ref: &str, secret: Option<&str>) -> u16 {
 
 async fn fleet_view(certs: &Path, port: u16) -> ListClustersResponse {
     let mut client = operator_client(certs, port).await;
-    client.list_clusters(ListClustersRequest {}).await.expect("list clusters").into_inner()
+    client.list_clusters(ListClustersRequest::default()).await.expect("list clusters").into_inner()
 }
 
 fn app_error(view: &ListClustersResponse, cluster: &str, app: &str) -> String {

@@ -124,7 +124,7 @@ async fn session(cfg: &AgentConfig, engine: &EngineHandle, shutdown: &Cancellati
     let mut last_report = tokio::time::Instant::now() - REPORT_INTERVAL;
     let mut report_due = true;
     let mut pending: Option<pb::DesiredState> = None;
-    let mut chunks: HashMap<String, BTreeMap<u32, Vec<u8>>> = HashMap::new();
+    let mut chunks: HashMap<String, BTreeMap<u32, bytes::Bytes>> = HashMap::new();
     let mut bundles: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
     loop {

@@ -49,7 +49,7 @@ async fn converge(
     let mut last_shown = String::new();
     loop {
         let view = client
-            .list_clusters(ListClustersRequest {})
+            .list_clusters(ListClustersRequest::default())
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();

@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! The `flotilla` command's building blocks, kept in a library so tests and the demo use them directly.
 
 pub mod demo;

@@ -163,6 +163,7 @@ impl LocalFleet {
             auth: flotilla_hub::git::GitAuth::None,
             webhook: None,
             in_process: hub_rx,
+            grace: flotilla_hub::hub::DEFAULT_GRACE,
         };
         let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
         let addr = bound_rx.await.context("the hub did not start")?;

@@ -34,8 +34,17 @@ struct HubFlags {
 enum Command {
     /// Create the fleet CA (unless DIR already has one) and certificates for the hub, clusters and operators.
     Certs(Certs),
-    /// Every cluster: connected, revision, apps in sync, last seen.
-    Clusters(HubFlags),
+    /// Every cluster: connected, revision, apps in sync, held back and broken, last seen, problems.
+    Clusters {
+        /// Only clusters whose labels match (`tier=prod,region in (eu,us),!canary`).
+        #[arg(short = 'l', long, default_value = "")]
+        selector: String,
+        /// Only clusters with a problem: disconnected, an app broken, failed or not in sync.
+        #[arg(long)]
+        problems: bool,
+        #[command(flatten)]
+        hub: HubFlags,
+    },
     /// Run the whole path on this machine: certificates, a fleet repository, the hub, simulated clusters and
     /// their agents; then commit a change and watch it propagate.
     Demo {
@@ -75,7 +84,7 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Rollouts: status, and the controls (pause, resume, approve, abort, rollback).
+    /// Rollouts: status, and the controls (pause, resume, approve, abort, retry, rollback).
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
@@ -155,6 +164,13 @@ enum RolloutCommand {
         #[command(flatten)]
         hub: HubFlags,
     },
+    /// Start a failed, aborted or rolled-back rollout's content again, through the waves (a commit that
+    /// leaves that content unchanged never does).
+    Retry {
+        app: String,
+        #[command(flatten)]
+        hub: HubFlags,
+    },
     /// Go back to a revision the hub rendered: through the waves, or with --now on every cluster at once.
     Rollback {
         app: String,
@@ -185,10 +201,30 @@ struct Certs {
     operators: Vec<String>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // Output into a closed pipe (`flotilla render … | head`) ends the process quietly, as for other tools.
+    sigpipe::reset();
     flotilla_common::install_crypto_provider();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // A user's error: its message and causes, never a stack trace.
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Certs(c) => {
             let files =
                 flotilla_common::identity::write_fleet(&c.dir, &c.fleet, &c.hub_hosts, &c.clusters, &c.operators)?;
@@ -228,9 +264,9 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Clusters(h) => {
+        Command::Clusters { selector, problems, hub: h } => {
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
-            view::clusters(&mut client, h.output).await
+            view::clusters(&mut client, h.output, &selector, problems).await
         }
         Command::Rollout { command } => {
             use flotilla_cli::rollout::{self as ro, Control};
@@ -242,6 +278,7 @@ async fn main() -> anyhow::Result<()> {
                 RolloutCommand::Pause { app, hub } => (hub, app, Control::Pause),
                 RolloutCommand::Resume { app, hub } => (hub, app, Control::Resume),
                 RolloutCommand::Abort { app, hub } => (hub, app, Control::Abort),
+                RolloutCommand::Retry { app, hub } => (hub, app, Control::Retry),
                 RolloutCommand::Approve { app, wave, hub } => (hub, app, Control::Approve(wave)),
                 RolloutCommand::Rollback { app, revision, now, hub } => {
                     (hub, app, Control::Rollback { revision, immediate: now })

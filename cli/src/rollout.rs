@@ -7,9 +7,7 @@ use flotilla_proto::platform::v1::{ControlRolloutRequest, ExplainRequest, ListRo
 use serde_json::json;
 use tonic::transport::Channel;
 
-fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}: {}", s.code(), s.message())
-}
+use crate::view::status_err;
 
 fn bar(done: u32, failed: u32, total: u32, width: usize) -> String {
     if total == 0 {
@@ -145,6 +143,7 @@ pub enum Control {
     Resume,
     Abort,
     Approve(String),
+    Retry,
     Rollback { revision: String, immediate: bool },
 }
 
@@ -154,6 +153,7 @@ pub async fn control(client: &mut PlatformServiceClient<Channel>, app: &str, c: 
         Control::Pause => Action::Pause,
         Control::Resume => Action::Resume,
         Control::Abort => Action::Abort,
+        Control::Retry => Action::Retry,
         Control::Approve(w) => {
             req.wave = w;
             Action::Approve

@@ -43,6 +43,18 @@ pub async fn connect(
     Ok(PlatformServiceClient::new(channel))
 }
 
+/// The hub's answer as a user error: its message, without gRPC's status wording; an unreachable hub says so.
+pub fn status_err(s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unavailable => anyhow::anyhow!("the hub is unreachable: {}", s.message()),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            anyhow::anyhow!("the hub refused the operator certificate: {}", s.message())
+        }
+        tonic::Code::DeadlineExceeded => anyhow::anyhow!("the hub did not answer in time: {}", s.message()),
+        _ => anyhow::anyhow!("{}", s.message()),
+    }
+}
+
 fn phase(p: i32) -> &'static str {
     match Phase::try_from(p).unwrap_or(Phase::Unspecified) {
         Phase::Unspecified => "Unknown",
@@ -86,12 +98,19 @@ pub fn cluster_json(c: &Cluster) -> Value {
         "connected": c.connected,
         "revision": c.revision,
         "appsInSync": c.apps_in_sync,
+        "appsHeldBack": c.apps_held_back,
+        "appsBroken": c.apps_broken,
         "appsTotal": c.apps_total,
+        "problems": c.problems,
+        "desiredSeq": c.desired_seq,
+        "ackedSeq": c.acked_seq,
         "lastSeenUnixMs": c.last_seen_unix_ms,
         "apps": c.apps.iter().map(|a| json!({
             "app": a.app,
             "desiredDigest": a.desired_digest,
             "desiredRevision": a.desired_revision,
+            "state": a.state,
+            "heldBackRevision": a.held_back_revision,
             "error": a.error,
             "applied": a.applied.as_ref().map(|s| json!({
                 "digest": s.digest, "revision": s.revision, "phase": phase(s.phase),
@@ -124,22 +143,34 @@ pub fn render_clusters(r: &ListClustersResponse, out: Output) -> anyhow::Result<
                 "clusterApps": stats.cluster_apps, "renders": stats.renders, "renderedNow": stats.rendered,
                 "toolRuns": stats.tool_runs, "bundles": stats.bundles, "millis": stats.render_millis,
             },
+            "total": r.total,
             "clusters": r.clusters.iter().map(cluster_json).collect::<Vec<_>>(),
         });
         print(&v, out)?;
         return Ok(String::new());
     }
-    let mut s = format!("{:<20} {:<10} {:<13} {:<8} {}\n", "CLUSTER", "CONNECTED", "REVISION", "IN SYNC", "LAST SEEN");
+    let mut s = format!(
+        "{:<20} {:<10} {:<13} {:<8} {:<10} {:<7} {}\n",
+        "CLUSTER", "CONNECTED", "REVISION", "IN SYNC", "HELD BACK", "BROKEN", "LAST SEEN"
+    );
+    let mut cluster_problems = Vec::new();
     for c in &r.clusters {
         let rev = if c.revision.is_empty() { "-" } else { short(&c.revision) };
         s.push_str(&format!(
-            "{:<20} {:<10} {:<13} {:<8} {}\n",
+            "{:<20} {:<10} {:<13} {:<8} {:<10} {:<7} {}\n",
             c.name,
             if c.connected { "yes" } else { "no" },
             rev,
             format!("{}/{}", c.apps_in_sync, c.apps_total),
+            c.apps_held_back,
+            c.apps_broken,
             ago(c.last_seen_unix_ms)
         ));
+        cluster_problems
+            .extend(c.problems.iter().filter(|p| !p.contains("not connected")).map(|p| format!("{}: {p}", c.name)));
+    }
+    if r.total as usize > r.clusters.len() {
+        s.push_str(&format!("({} of {} clusters)\n", r.clusters.len(), r.total));
     }
     s.push_str(&format!(
         "\nfleet repository at {}",
@@ -157,6 +188,13 @@ pub fn render_clusters(r: &ListClustersResponse, out: Output) -> anyhow::Result<
     for p in &r.problems {
         s.push_str(&format!("\nproblem: {p}"));
     }
+    const SHOWN: usize = 20;
+    for p in cluster_problems.iter().take(SHOWN) {
+        s.push_str(&format!("\n{p}"));
+    }
+    if cluster_problems.len() > SHOWN {
+        s.push_str(&format!("\n… and {} more (flotilla clusters --problems -o json)", cluster_problems.len() - SHOWN));
+    }
     s.push('\n');
     Ok(s)
 }
@@ -168,18 +206,28 @@ pub fn render_cluster(c: &Cluster, out: Output) -> anyhow::Result<String> {
     }
     let labels: Vec<String> = c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let mut s = format!(
-        "Cluster:    {}\nLabels:     {}\nConnected:  {}\nRevision:   {}\nIn sync:    {}/{}\nLast seen:  {}\n\n",
+        "Cluster:    {}\nLabels:     {}\nConnected:  {}\nRevision:   {}\nIn sync:    {}/{} ({} held back, {} broken)\nLast seen:  {}\nDesired:    sent #{}, acknowledged #{}\n\n",
         c.name,
         labels.join(","),
         if c.connected { "yes" } else { "no" },
         if c.revision.is_empty() { "-" } else { &c.revision },
         c.apps_in_sync,
         c.apps_total,
-        ago(c.last_seen_unix_ms)
+        c.apps_held_back,
+        c.apps_broken,
+        ago(c.last_seen_unix_ms),
+        c.desired_seq,
+        c.acked_seq
     );
+    for p in &c.problems {
+        s.push_str(&format!("problem: {p}\n"));
+    }
+    if !c.problems.is_empty() {
+        s.push('\n');
+    }
     s.push_str(&format!(
-        "{:<20} {:<13} {:<13} {:<9} {:<12} {:<22} {}\n",
-        "APP", "DESIRED", "APPLIED", "PHASE", "HEALTH", "READY/DRIFT/MISSING", "MESSAGE"
+        "{:<20} {:<13} {:<13} {:<13} {:<9} {:<12} {:<22} {}\n",
+        "APP", "STATE", "DESIRED", "APPLIED", "PHASE", "HEALTH", "READY/DRIFT/MISSING", "MESSAGE"
     ));
     let mut details = String::new();
     for a in &c.apps {
@@ -195,15 +243,10 @@ pub fn render_cluster(c: &Cluster, out: Output) -> anyhow::Result<String> {
         };
         // A rendering error of the newest commit comes first: it says why the cluster is not on it.
         let msg = if a.error.is_empty() { msg } else { a.error.clone() };
+        let desired = if a.desired_revision.is_empty() { "-" } else { short(&a.desired_revision) };
         s.push_str(&format!(
-            "{:<20} {:<13} {:<13} {:<9} {:<12} {:<22} {}\n",
-            a.app,
-            short(&a.desired_revision),
-            applied,
-            ph,
-            hl,
-            counts,
-            msg
+            "{:<20} {:<13} {:<13} {:<13} {:<9} {:<12} {:<22} {}\n",
+            a.app, a.state, desired, applied, ph, hl, counts, msg
         ));
         if let Some(st) = &a.applied {
             for r in st.reasons.iter().filter(|r| **r != msg) {
@@ -228,22 +271,43 @@ pub fn render_cluster(c: &Cluster, out: Output) -> anyhow::Result<String> {
     Ok(s)
 }
 
-pub async fn clusters(client: &mut PlatformServiceClient<Channel>, out: Output) -> anyhow::Result<()> {
-    let r = client
-        .list_clusters(ListClustersRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-        .into_inner();
+/// Every cluster matching the filters, page by page.
+pub async fn list_all(
+    client: &mut PlatformServiceClient<Channel>,
+    selector: &str,
+    problems_only: bool,
+) -> anyhow::Result<ListClustersResponse> {
+    let mut all: Option<ListClustersResponse> = None;
+    let mut token = String::new();
+    loop {
+        let req =
+            ListClustersRequest { page_size: 0, page_token: token, selector: selector.to_string(), problems_only };
+        let mut r = client.list_clusters(req).await.map_err(status_err)?.into_inner();
+        token = std::mem::take(&mut r.next_page_token);
+        match all.as_mut() {
+            None => all = Some(r),
+            Some(a) => a.clusters.append(&mut r.clusters),
+        }
+        if token.is_empty() {
+            break;
+        }
+    }
+    Ok(all.unwrap_or_default())
+}
+
+pub async fn clusters(
+    client: &mut PlatformServiceClient<Channel>,
+    out: Output,
+    selector: &str,
+    problems_only: bool,
+) -> anyhow::Result<()> {
+    let r = list_all(client, selector, problems_only).await?;
     print!("{}", render_clusters(&r, out)?);
     Ok(())
 }
 
 pub async fn cluster(client: &mut PlatformServiceClient<Channel>, name: &str, out: Output) -> anyhow::Result<()> {
-    let c = client
-        .get_cluster(GetClusterRequest { name: name.to_string() })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-        .into_inner();
+    let c = client.get_cluster(GetClusterRequest { name: name.to_string() }).await.map_err(status_err)?.into_inner();
     print!("{}", render_cluster(&c, out)?);
     Ok(())
 }

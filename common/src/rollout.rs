@@ -353,6 +353,33 @@ impl Rollout {
             .collect()
     }
 
+    /// Leaves out clusters that left the fleet or stopped being targeted: a removed cluster is not waited for.
+    /// Returns whether any was removed.
+    pub fn drop_clusters(&mut self, gone: &dyn Fn(&str) -> bool) -> bool {
+        let mut dropped = false;
+        for w in &mut self.waves {
+            let before = w.clusters.len();
+            w.clusters.retain(|c| !gone(&c.name));
+            dropped |= w.clusters.len() != before;
+        }
+        dropped
+    }
+
+    /// Moves the rollout's timers (release times, bakes) `by_ms` later: time the hub was not running does not
+    /// count against a cluster's progress deadline or as bake time.
+    pub fn shift(&mut self, by_ms: i64) {
+        for w in &mut self.waves {
+            if let WavePhase::Baking { until_ms } = &mut w.phase {
+                *until_ms += by_ms;
+            }
+            for c in w.clusters.iter_mut().filter(|c| c.outcome == ClusterOutcome::Updating) {
+                if let Some(r) = &mut c.released_ms {
+                    *r += by_ms;
+                }
+            }
+        }
+    }
+
     /// The wave a cluster belongs to, with its index.
     pub fn wave_of(&self, cluster: &str) -> Option<(usize, &WaveState)> {
         self.waves.iter().enumerate().find(|(_, w)| w.clusters.iter().any(|c| c.name == cluster))

@@ -38,6 +38,56 @@ pub enum SelectorError {
     UnexpectedValues { index: usize, operator: Operator },
 }
 
+impl std::str::FromStr for LabelSelector {
+    type Err = String;
+
+    /// kubectl's `-l` form: `tier=prod,region in (eu,us),env!=dev,canary,!legacy`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut sel = LabelSelector::default();
+        // Split on commas outside parentheses.
+        let (mut depth, mut start, mut parts) = (0i32, 0usize, Vec::new());
+        for (i, ch) in text.char_indices() {
+            match ch {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(&text[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(&text[start..]);
+        for raw in parts.into_iter().map(str::trim).filter(|p| !p.is_empty()) {
+            let bad = || {
+                format!("selector {text:?}: cannot read {raw:?} (key=value, key!=value, key in (a,b), key notin (a), key, !key)")
+            };
+            let set = |rest: &str| -> Result<Vec<String>, String> {
+                let inner = rest.trim().strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or_else(bad)?;
+                Ok(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
+            };
+            let req = |key: &str, operator, values| Requirement { key: key.trim().to_string(), operator, values };
+            if let Some((k, v)) = raw.split_once("!=") {
+                sel.match_expressions.push(req(k, Operator::NotIn, vec![v.trim().to_string()]));
+            } else if let Some((k, v)) = raw.split_once("==").or_else(|| raw.split_once('=')) {
+                sel.match_labels.insert(k.trim().to_string(), v.trim().to_string());
+            } else if let Some((k, rest)) = raw.split_once(" notin ") {
+                sel.match_expressions.push(req(k, Operator::NotIn, set(rest)?));
+            } else if let Some((k, rest)) = raw.split_once(" in ") {
+                sel.match_expressions.push(req(k, Operator::In, set(rest)?));
+            } else if let Some(k) = raw.strip_prefix('!') {
+                sel.match_expressions.push(req(k, Operator::DoesNotExist, vec![]));
+            } else if raw.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
+                sel.match_expressions.push(req(raw, Operator::Exists, vec![]));
+            } else {
+                return Err(bad());
+            }
+        }
+        sel.validate().map_err(|e| format!("selector {text:?}: {e}"))?;
+        Ok(sel)
+    }
+}
+
 impl LabelSelector {
     pub fn validate(&self) -> Result<(), SelectorError> {
         for (index, r) in self.match_expressions.iter().enumerate() {
@@ -71,6 +121,17 @@ impl LabelSelector {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_command_line_form_parses() {
+        let l = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let s: super::LabelSelector = "tier=prod, region in (eu,us),env!=dev,canary,!legacy".parse().unwrap();
+        assert!(s.matches(&l(&[("tier", "prod"), ("region", "eu"), ("canary", "")])));
+        assert!(!s.matches(&l(&[("tier", "prod"), ("region", "ap"), ("canary", "")])));
+        assert!(!s.matches(&l(&[("tier", "prod"), ("region", "eu"), ("canary", ""), ("legacy", "1")])));
+        assert!("".parse::<super::LabelSelector>().unwrap().matches(&l(&[])));
+        assert!("a in b".parse::<super::LabelSelector>().unwrap_err().contains("cannot read"));
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -85,7 +85,7 @@ async fn call(url: &str, ca_pem: &str, client: Option<&Issued>) -> Result<String
         .map_err(|e| format!("connect: {e:?}"))?;
     let mut client = PlatformServiceClient::new(channel);
     client
-        .list_clusters(ListClustersRequest {})
+        .list_clusters(ListClustersRequest::default())
         .await
         .map(|r| r.into_inner().revision)
         .map_err(|s| format!("{}: {}", s.code(), s.message()))

@@ -78,6 +78,7 @@ fn hub_child(dir: PathBuf, repo: String) {
             auth: flotilla_hub::git::GitAuth::None,
             webhook: None,
             in_process: None,
+            grace: flotilla_hub::hub::DEFAULT_GRACE,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -217,7 +218,7 @@ fn run(n: usize) {
         let mut op = operator(port, &certs).await;
         // The hub before any agent: the fleet is read and rendered.
         let t = Instant::now();
-        while op.list_clusters(ListClustersRequest {}).await.map(|r| r.into_inner().revision.is_empty()).unwrap_or(true) {
+        while op.list_clusters(ListClustersRequest::default()).await.map(|r| r.into_inner().revision.is_empty()).unwrap_or(true) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -228,7 +229,7 @@ fn run(n: usize) {
             tokio::spawn(agent(port, certs.clone(), c.clone()));
         }
         loop {
-            let connected = op.list_clusters(ListClustersRequest {}).await.map(|r| r.into_inner().clusters.iter().filter(|c| c.connected).count()).unwrap_or(0);
+            let connected = op.list_clusters(ListClustersRequest::default()).await.map(|r| r.into_inner().clusters.iter().filter(|c| c.connected).count()).unwrap_or(0);
             if connected == n {
                 break;
             }

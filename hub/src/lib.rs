@@ -2,13 +2,22 @@
 //! durable, and serves agents, operators and Git webhooks.
 //!
 //! [`git`] fetches the fleet repository with gix (credentials, SSH keys) and reads a commit's files;
-//! [`state`] advances each cluster's desired state from a commit's renders (pure); [`store`] keeps the
-//! hub's durable state behind a trait (embedded redb); [`server`] is the running hub (follow loop, agent
-//! sessions, platform API); [`webhook`] turns GitHub and GitLab push events into immediate fetches.
+//! [`state`] advances each cluster's desired state from a commit's renders and [`rollouts`] gates it through
+//! waves (both pure); [`machine`] is the hub as one state machine (pure transitions, [`keys`] the store's key
+//! schema, [`report`] the bounds of agents' reports); [`hub`] runs it: one writer commits every transition to
+//! the [`store`] (embedded redb) and publishes immutable snapshots; [`sessions`] serves agents, [`platform`]
+//! operators, [`server`] the process around them; [`webhook`] turns GitHub and GitLab push events into
+//! immediate fetches.
 
 pub mod git;
+pub mod hub;
+pub mod keys;
+pub mod machine;
+pub mod platform;
+pub mod report;
 pub mod rollouts;
 pub mod server;
+pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod webhook;

@@ -50,6 +50,10 @@ struct Args {
     /// File holding the webhook secret (GitHub's signing secret, GitLab's token).
     #[arg(long, env = "FLOTILLA_HUB_WEBHOOK_SECRET_FILE", requires = "webhook_listen")]
     webhook_secret_file: Option<PathBuf>,
+    /// Seconds after a start during which agents that have not reconnected yet count as online for rollouts
+    /// (offline rules wait); default: the agents' reconnect backoff cap with its jitter, plus a margin.
+    #[arg(long, env = "FLOTILLA_HUB_RESTART_GRACE_SECONDS", default_value_t = flotilla_hub::hub::DEFAULT_GRACE.as_secs())]
+    restart_grace_seconds: u64,
 }
 
 #[tokio::main]
@@ -90,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         auth,
         webhook,
         in_process: None,
+        grace: Duration::from_secs(args.restart_grace_seconds),
     };
     run(cfg, shutdown, None).await
 }

@@ -29,6 +29,18 @@ pub struct DesiredApp {
     /// Why the newest commit could not be used for this app, if it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Held back for a cluster the hub has no record of: whatever the cluster's agent runs for the app stays
+    /// (a hub on an empty store never removes an app it lacks a record of). Resolved per session from the
+    /// agent's Hello.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt: bool,
+}
+
+impl DesiredApp {
+    /// "Keep what the agent runs".
+    pub fn adopted() -> DesiredApp {
+        DesiredApp { digest: String::new(), revision: String::new(), size: 0, error: None, adopt: true }
+    }
 }
 
 /// cluster → app → desired state.
@@ -45,7 +57,7 @@ pub struct Advance {
 fn kept(before: Option<&DesiredApp>, error: String) -> DesiredApp {
     match before {
         Some(b) => DesiredApp { error: Some(error), ..b.clone() },
-        None => DesiredApp { digest: String::new(), revision: String::new(), size: 0, error: Some(error) },
+        None => DesiredApp { error: Some(error), adopt: false, ..DesiredApp::adopted() },
     }
 }
 
@@ -63,6 +75,7 @@ pub fn advance(prev: &Desired, fleet: &Fleet, rendered: &Rendered, revision: &st
                         revision: revision.to_string(),
                         size: b.bytes.len() as u64,
                         error: None,
+                        adopt: false,
                     }
                 }
                 Err(e) => kept(before.and_then(|b| b.get(app)), e.to_string()),

@@ -53,7 +53,56 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every key starting with `prefix`, in key order.
     fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// The keys starting with `prefix`, in key order, without their values.
+    fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self.scan(prefix)?.into_iter().map(|(k, _)| k).collect())
+    }
     fn commit(&self, batch: Batch) -> Result<(), StoreError>;
+}
+
+/// A store in memory that can be told to fail its next commits: for tests of what a failed commit leaves.
+#[derive(Default)]
+pub struct MemStore {
+    map: std::sync::Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
+    /// Commits to refuse before the next one succeeds.
+    pub fail_commits: std::sync::atomic::AtomicUsize,
+}
+
+impl Store for MemStore {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.map.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned())
+    }
+
+    fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(map
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if self.fail_commits.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(StoreError::CommitFailed {
+                ops: batch.0.len(),
+                source: "the disk is full (a test's failure)".into(),
+            });
+        }
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        for op in batch.0 {
+            match op {
+                Op::Put(k, v) => {
+                    map.insert(k, v);
+                }
+                Op::Delete(k) => {
+                    map.remove(&k);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 const TABLE: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("flotilla");
@@ -102,6 +151,21 @@ impl Store for RedbStore {
                 break;
             }
             out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let err = |e| StoreError::ReadFailed { key: format!("{prefix}*"), source: e };
+        let txn = self.db.begin_read().map_err(|e| err(boxed(e)))?;
+        let table = txn.open_table(TABLE).map_err(|e| err(boxed(e)))?;
+        let mut out = Vec::new();
+        for item in table.range(prefix..).map_err(|e| err(boxed(e)))? {
+            let (k, _) = item.map_err(|e| err(boxed(e)))?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push(k.value().to_string());
         }
         Ok(out)
     }

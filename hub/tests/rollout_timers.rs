@@ -5,7 +5,7 @@
 use flotilla_e2e::{commit, git};
 use flotilla_hub::git::Follower;
 use flotilla_hub::rollouts::Control;
-use flotilla_hub::server::Hub;
+use flotilla_hub::server::{Hub, Options};
 use flotilla_hub::store::RedbStore;
 use flotilla_proto::agent::v1 as pb;
 use std::sync::Arc;
@@ -14,7 +14,13 @@ use tokio_util::sync::CancellationToken;
 
 const ROLLOUT: &str = "waves:\n- {name: first, selector: {matchLabels: {ring: '1'}}, bakeSeconds: 300}\n- {name: second, selector: {matchLabels: {ring: '2'}}, progressDeadlineSeconds: 120}\n";
 
-fn report(hub: &Hub, cluster: &str, app: &str, healthy: bool) {
+/// Whether the app has been released to the cluster (a cluster that never had it keeps what its agent runs
+/// until then: "adopted").
+fn released(hub: &Hub, cluster: &str, app: &str) -> bool {
+    hub.desired(cluster, app).is_some_and(|d| !d.adopt)
+}
+
+async fn report(hub: &Hub, cluster: &str, app: &str, healthy: bool) {
     let d = hub.desired(cluster, app).expect("released");
     let status = pb::AppStatus {
         app: app.into(),
@@ -29,7 +35,7 @@ fn report(hub: &Hub, cluster: &str, app: &str, healthy: bool) {
         },
         ..Default::default()
     };
-    hub.record_report(cluster, &pb::StatusReport { apps: vec![status] });
+    hub.record_report(cluster, &pb::StatusReport { apps: vec![status] }).await;
 }
 
 async fn advance(secs: u64) {
@@ -62,9 +68,13 @@ async fn bake_time_progress_deadline_and_approval_wait() {
     let follower = Follower::new(format!("file://{}", repo.display()), "main", tmp.path().join("clone"));
     let base = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let start = tokio::time::Instant::now();
-    let hub = Hub::new(store, follower, CancellationToken::new())
-        .unwrap()
-        .with_clock(Arc::new(move || base + start.elapsed().as_millis() as i64));
+    let opts = Options {
+        clock: Arc::new(move || base + start.elapsed().as_millis() as i64),
+        grace: Duration::ZERO,
+        tick: None,
+        ..Options::default()
+    };
+    let hub = Hub::with_options(store, follower, CancellationToken::new(), opts).unwrap();
     // The fetch and render run on real time; the rollout's timers on paused time from here.
     hub.sync_once().await;
     tokio::time::pause();
@@ -72,47 +82,47 @@ async fn bake_time_progress_deadline_and_approval_wait() {
     hub.set_connected("b", true);
 
     // The first wave: a is released, healthy, and bakes for 300 s.
-    hub.drive_rollouts();
-    assert!(hub.desired("a", "shop").is_some() && hub.desired("b", "shop").is_none());
-    report(&hub, "a", "shop", true);
-    hub.drive_rollouts();
+    hub.drive_rollouts().await;
+    assert!(released(&hub, "a", "shop") && !released(&hub, "b", "shop"));
+    report(&hub, "a", "shop", true).await;
+    hub.drive_rollouts().await;
     assert_eq!(hub.rollout("shop").unwrap().waves[0].phase.to_string(), "baking");
     advance(299).await;
-    hub.drive_rollouts();
-    assert!(hub.desired("b", "shop").is_none(), "the second wave waits for the bake");
+    hub.drive_rollouts().await;
+    assert!(!released(&hub, "b", "shop"), "the second wave waits for the bake");
     advance(2).await;
-    hub.drive_rollouts();
+    hub.drive_rollouts().await;
     assert_eq!(hub.rollout("shop").unwrap().waves[0].phase.to_string(), "passed");
-    assert!(hub.desired("b", "shop").is_some(), "released after the bake");
+    assert!(released(&hub, "b", "shop"), "released after the bake");
 
     // The second wave: b stays unhealthy; it fails at the 120 s deadline, not before.
-    report(&hub, "b", "shop", false);
+    report(&hub, "b", "shop", false).await;
     advance(119).await;
-    hub.drive_rollouts();
+    hub.drive_rollouts().await;
     assert_eq!(hub.rollout("shop").unwrap().phase.to_string(), "progressing");
     advance(2).await;
-    hub.drive_rollouts();
+    hub.drive_rollouts().await;
     assert_eq!(
         hub.rollout("shop").unwrap().phase.to_string(),
         "failed: wave second failed: b: progress deadline exceeded: Deployment shop/web: RolloutInProgress: 0 of 1 updated"
     );
 
     // The approval gate waits as long as it takes.
-    report(&hub, "a", "gated", true);
-    hub.drive_rollouts();
-    hub.drive_rollouts();
+    report(&hub, "a", "gated", true).await;
+    hub.drive_rollouts().await;
+    hub.drive_rollouts().await;
     assert_eq!(hub.rollout("gated").unwrap().waves[1].phase.to_string(), "awaiting approval");
     advance(86_400).await;
-    hub.drive_rollouts();
+    hub.drive_rollouts().await;
     assert_eq!(hub.rollout("gated").unwrap().waves[1].phase.to_string(), "awaiting approval");
-    assert!(hub.desired("b", "gated").is_none());
+    assert!(!released(&hub, "b", "gated"));
     assert_eq!(
-        hub.control("gated", &Control::Approve("everyone".into()), "alice"),
+        hub.control("gated", &Control::Approve("everyone".into()), "alice").await,
         Ok("wave everyone approved".into())
     );
-    assert!(hub.desired("b", "gated").is_some(), "released once approved");
+    assert!(released(&hub, "b", "gated"), "released once approved");
     assert_eq!(
-        hub.control("gated", &Control::Approve("everyone".into()), "mallory"),
+        hub.control("gated", &Control::Approve("everyone".into()), "mallory").await,
         Err("wave everyone is approved already".into())
     );
     let audit = hub.audit();

@@ -1,0 +1,500 @@
+//! The running hub around its state machine: one writer task owns the state, applies every change as a
+//! [`Transition`](crate::machine::Transition), commits its batch to the store (on a blocking thread), and
+//! only then publishes the next state as an immutable snapshot that sessions and the platform API read
+//! without locks. Callers send the writer commands over a bounded channel and get its answer back; agents'
+//! observations arrive on their own bounded channel and are flushed as one store transaction per interval.
+
+use crate::git::Follower;
+use crate::machine::{Observed, State, Synced, Transition};
+use crate::report::Rendering;
+use crate::rollouts::Control;
+use crate::sessions::Sessions;
+use crate::store::Store;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use flotilla_common::fleet::parse;
+use flotilla_common::fleet::render::{render_fleet, RenderCache};
+use flotilla_common::tools::SystemTools;
+use flotilla_proto::agent::v1 as pb;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+/// The hub's clock for rollouts (Unix ms): the system's, or a test's.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// How long the follow loop waits for one fetch before reporting the repository as unreachable.
+const FETCH_LIMIT: Duration = Duration::from_secs(120);
+
+/// The agents' reconnect backoff cap (agent::session) with its largest jitter, plus a margin: after a restart,
+/// every agent that was connected has tried again within this time.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(50);
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// An error with its causes: `outer: cause: root cause`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// How a hub runs its loops.
+#[derive(Clone)]
+pub struct Options {
+    pub clock: Clock,
+    /// After the hub starts, offline rules wait this long for agents to reconnect.
+    pub grace: Duration,
+    /// How often rollouts are stepped (`None`: only by [`Hub::drive_rollouts`], for tests).
+    pub tick: Option<Duration>,
+    /// How often agents' observations are written (one transaction for all clusters).
+    pub flush: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            clock: Arc::new(now_ms),
+            grace: DEFAULT_GRACE,
+            tick: Some(Duration::from_secs(1)),
+            flush: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What the writer is asked to do.
+enum Command {
+    Synced(Box<Synced>, oneshot::Sender<Result<String, String>>),
+    SourceFailed(String),
+    SourceCurrent,
+    Control { app: String, action: Control, who: String, reply: oneshot::Sender<Result<String, String>> },
+    Tick(oneshot::Sender<()>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// What sessions, the platform API and the writer share.
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    snapshot: ArcSwap<State>,
+    pub sessions: Sessions,
+    bundles: Mutex<HashMap<String, Bytes>>,
+    pub clock: Clock,
+    pub started_ms: i64,
+    pub grace_ms: i64,
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// The current committed state.
+    pub fn state(&self) -> Arc<State> {
+        self.snapshot.load_full()
+    }
+
+    /// A bundle's bytes, read from the store once and shared by every session that sends it.
+    pub async fn bundle(&self, digest: &str) -> Result<Bytes, String> {
+        if let Some(b) = self.bundles.lock().unwrap_or_else(|p| p.into_inner()).get(digest) {
+            return Ok(b.clone());
+        }
+        let store = self.store.clone();
+        let key = crate::keys::Key::Bundle(digest).path();
+        let bytes = tokio::task::spawn_blocking(move || store.get(&key))
+            .await
+            .map_err(|e| format!("reading bundle {digest}: {e}"))?
+            .map_err(|e| error_chain(&e))?
+            .ok_or_else(|| format!("bundle {digest} is missing from the store"))?;
+        let bytes = Bytes::from(bytes);
+        self.bundles.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.to_string(), bytes.clone());
+        Ok(bytes)
+    }
+
+    /// Whether the restart grace is still running.
+    pub fn in_grace(&self, now: i64) -> bool {
+        now < self.started_ms + self.grace_ms
+    }
+}
+
+pub struct Hub {
+    pub shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+    observations: mpsc::Sender<(String, Observed)>,
+    follower: Follower,
+    tools: Arc<SystemTools>,
+    /// Renders of the previous commit, reused for apps that did not change.
+    cache: Arc<Mutex<RenderCache>>,
+    /// One fetch at a time: a fetch that outlives its time limit keeps the repository until it ends.
+    fetching: Arc<Mutex<()>>,
+    refresh: Notify,
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Hub {
+    /// Loads the state a previous run left in the store and starts the writer.
+    pub fn new(store: Arc<dyn Store>, follower: Follower, shutdown: CancellationToken) -> anyhow::Result<Arc<Hub>> {
+        Self::with_options(store, follower, shutdown, Options::default())
+    }
+
+    pub fn with_options(
+        store: Arc<dyn Store>,
+        follower: Follower,
+        shutdown: CancellationToken,
+        opts: Options,
+    ) -> anyhow::Result<Arc<Hub>> {
+        let state = State::load(&*store)?;
+        let started_ms = (opts.clock)();
+        let shared = Arc::new(Shared {
+            store,
+            snapshot: ArcSwap::from_pointee(state),
+            sessions: Sessions::default(),
+            bundles: Mutex::default(),
+            clock: opts.clock.clone(),
+            started_ms,
+            grace_ms: opts.grace.as_millis() as i64,
+            shutdown,
+        });
+        let (commands, rx) = mpsc::channel(64);
+        let (observations, obs_rx) = mpsc::channel(4096);
+        let writer = tokio::spawn(writer(shared.clone(), rx, obs_rx, opts).instrument(tracing::info_span!("writer")));
+        Ok(Arc::new(Hub {
+            shared,
+            commands,
+            observations,
+            follower,
+            tools: Arc::new(SystemTools::detect()),
+            cache: Arc::default(),
+            fetching: Arc::default(),
+            refresh: Notify::new(),
+            writer: Mutex::new(Some(writer)),
+        }))
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        self.shared.state()
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Waits for the writer to flush and stop (after shutdown was cancelled).
+    pub async fn stopped(&self) {
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
+    }
+
+    /// An app's rollout, as the hub keeps it.
+    pub fn rollout(&self, app: &str) -> Option<flotilla_common::rollout::Rollout> {
+        self.state().rollouts.get(app).and_then(|r| r.rollout.clone())
+    }
+
+    /// The desired state of one app on one cluster.
+    pub fn desired(&self, cluster: &str, app: &str) -> Option<crate::state::DesiredApp> {
+        self.state().desired.get(cluster).and_then(|a| a.get(app)).cloned()
+    }
+
+    /// An operator's control of an app's rollout, recorded whether it applies or not. Returns what happened,
+    /// or why it cannot (also when the store could not record it: then nothing changed).
+    pub async fn control(&self, app: &str, action: &Control, who: &str) -> Result<String, String> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Control { app: app.to_string(), action: action.clone(), who: who.to_string(), reply };
+        self.commands.send(cmd).await.map_err(|_| "the hub is shutting down".to_string())?;
+        let result = rx.await.map_err(|_| "the hub is shutting down".to_string())?;
+        info!(operator = %who, %app, ?action, result = ?result, "rollout control");
+        result
+    }
+
+    /// The audit records, oldest first.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.shared
+            .store
+            .scan(crate::keys::Prefix::Audit.as_str())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    /// Marks a cluster's agent connected or not without a session (tests drive rollouts this way).
+    pub fn set_connected(&self, cluster: &str, connected: bool) {
+        self.shared.sessions.set_present(cluster, connected);
+    }
+
+    /// Queues what an agent said; written at the next flush.
+    pub async fn observe(&self, cluster: &str, obs: Observed) {
+        let _ = self.observations.send((cluster.to_string(), obs)).await;
+    }
+
+    /// Records an agent's status report and writes it now (tests).
+    pub async fn record_report(&self, cluster: &str, report: &pb::StatusReport) {
+        self.observe(cluster, Observed { hello: None, apps: report.apps.clone(), seen_ms: (self.shared.clock)() })
+            .await;
+        self.flush().await;
+    }
+
+    /// Writes the queued observations now.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// One planner step for every active rollout, now.
+    pub async fn drive_rollouts(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Tick(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    pub(crate) fn observer(&self) -> mpsc::Sender<(String, Observed)> {
+        self.observations.clone()
+    }
+
+    async fn source_failed(&self, msg: String) {
+        warn!(error = %msg, "following the fleet repository failed; serving the last good state");
+        let _ = self.commands.send(Command::SourceFailed(msg)).await;
+    }
+
+    /// Fetches once and, on a new commit, renders it and advances every cluster's desired state.
+    pub async fn sync_once(&self) {
+        let f = self.follower.clone();
+        let lock = self.fetching.clone();
+        let fetched = tokio::task::spawn_blocking(move || {
+            let Ok(_held) = lock.try_lock() else {
+                return Err("the previous fetch has not finished yet".to_string());
+            };
+            f.fetch().map_err(|e| error_chain(&e))
+        });
+        let snap = match tokio::time::timeout(FETCH_LIMIT, fetched).await {
+            Ok(Ok(Ok(s))) => s,
+            Ok(Ok(Err(msg))) => return self.source_failed(msg).await,
+            Ok(Err(e)) => return self.source_failed(format!("the fetch task failed: {e}")).await,
+            Err(_) => {
+                return self
+                    .source_failed(format!(
+                        "fetching {} took longer than {} s; retrying at the next poll",
+                        self.follower.url(),
+                        FETCH_LIMIT.as_secs()
+                    ))
+                    .await
+            }
+        };
+        if snap.revision == self.state().revision {
+            let _ = self.commands.send(Command::SourceCurrent).await;
+            return;
+        }
+        let revision = snap.revision.clone();
+        let (tools, cache) = (self.tools.clone(), self.cache.clone());
+        let started = std::time::Instant::now();
+        let rendered = tokio::task::spawn_blocking(move || {
+            let fleet = parse(&snap.tree);
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            let rendered = render_fleet(&fleet, &*tools, &mut cache);
+            (fleet, rendered)
+        })
+        .instrument(tracing::info_span!("render", %revision))
+        .await;
+        let (fleet, rendered) = match rendered {
+            Ok(r) => r,
+            Err(e) => return self.source_failed(format!("rendering {revision} failed: {e}")).await,
+        };
+        let rendering = Rendering::new(rendered.stats, started.elapsed().as_millis() as u64);
+        for p in &fleet.problems() {
+            warn!(%revision, problem = %p, "fleet repository problem");
+        }
+        let (clusters, apps) = (fleet.clusters.len(), fleet.apps.len());
+        let synced = Synced { revision: revision.clone(), fleet: Arc::new(fleet), rendered, rendering };
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Synced(Box::new(synced), tx)).await.is_err() {
+            return;
+        }
+        match rx.await {
+            Ok(Ok(_)) => info!(
+                %revision, clusters, apps,
+                cluster_apps = rendering.cluster_apps, renders = rendering.renders, rendered = rendering.rendered,
+                tool_runs = rendering.tool_runs, bundles = rendering.bundles, millis = rendering.millis,
+                "fleet advanced"
+            ),
+            Ok(Err(e)) => warn!(%revision, error = %e, "storing the new fleet state failed; keeping the previous one"),
+            Err(_) => {}
+        }
+    }
+
+    /// Follows the repository until shutdown: every `poll`, or at once on [`Hub::refresh`].
+    pub async fn follow(self: Arc<Self>, poll: Duration) {
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            self.sync_once().await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(poll) => {}
+                _ = self.refresh.notified() => {}
+            }
+        }
+    }
+
+    pub fn refresh(&self) {
+        self.refresh.notify_one();
+    }
+}
+
+/// Commits a transition's batch off the async workers; publishes the next state only when it is durable.
+async fn commit(shared: &Shared, state: &mut Arc<State>, t: Transition) -> Result<String, String> {
+    if !t.batch.0.is_empty() {
+        let store = shared.store.clone();
+        let batch = t.batch;
+        let ops = batch.0.len();
+        let started = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || store.commit(batch))
+            .await
+            .map_err(|e| format!("the store commit did not finish: {e}"))?
+            .map_err(|e| format!("storing the change failed, nothing changed: {}", error_chain(&e)))?;
+        tracing::debug!(ops, millis = started.elapsed().as_millis() as u64, "committed");
+    }
+    let next = Arc::new(t.next);
+    if !Arc::ptr_eq(state, &next) {
+        // Bundles nothing references any more leave the shared cache.
+        if next.bundles != state.bundles {
+            shared.bundles.lock().unwrap_or_else(|p| p.into_inner()).retain(|d, _| next.bundles.contains(d));
+        }
+        shared.snapshot.store(next.clone());
+        *state = next;
+    }
+    for c in &t.woken {
+        shared.sessions.wake(c);
+    }
+    t.reply
+}
+
+async fn writer(
+    shared: Arc<Shared>,
+    mut commands: mpsc::Receiver<Command>,
+    mut observations: mpsc::Receiver<(String, Observed)>,
+    opts: Options,
+) {
+    let mut state = shared.state();
+    let now = (opts.clock)();
+    // Time the hub was down does not count against running rollouts.
+    if state.rollouts_running() && state.clock_ms > 0 && now > state.clock_ms {
+        let down = now - state.clock_ms;
+        info!(down_s = down / 1000, "resuming rollouts; their timers move on by the time the hub was down");
+        let t = state.resumed(down, now);
+        if let Err(e) = commit(&shared, &mut state, t).await {
+            warn!(error = %e, "recording the restart failed");
+        }
+    }
+    let mut pending: BTreeMap<String, Observed> = BTreeMap::new();
+    let mut flush = tokio::time::interval(opts.flush);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tokio::time::interval(opts.tick.unwrap_or(Duration::from_secs(3600)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_clock = 0i64;
+    // Orders audit records of one millisecond; random at start so records of two runs never share a key.
+    let mut audit_seq = fastrand::u64(..1 << 32) << 20;
+    let shutdown = shared.shutdown.clone();
+    let step = |state: &State| {
+        let now = (shared.clock)();
+        let grace = shared.in_grace(now);
+        let online = shared.sessions.present();
+        state.tick(now, &|c: &str| grace || online.contains(c))
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else { break };
+                match cmd {
+                    Command::Synced(s, reply) => {
+                        let t = state.synced(&s, (shared.clock)());
+                        let _ = reply.send(commit(&shared, &mut state, t).await);
+                    }
+                    Command::SourceFailed(msg) => {
+                        let t = state.source_failed(&msg);
+                        let _ = commit(&shared, &mut state, t).await;
+                    }
+                    Command::SourceCurrent => {
+                        let t = state.source_current();
+                        let _ = commit(&shared, &mut state, t).await;
+                    }
+                    Command::Control { app, action, who, reply } => {
+                        audit_seq += 1;
+                        let t = state.control(&app, &action, &who, (shared.clock)(), audit_seq);
+                        let controlled = t.reply.is_ok();
+                        let r = commit(&shared, &mut state, t).await;
+                        // What the control lets happen happens before the operator gets the answer.
+                        if controlled && r.is_ok() {
+                            let t = step(&state);
+                            let _ = commit(&shared, &mut state, t).await;
+                        }
+                        let _ = reply.send(r);
+                    }
+                    Command::Tick(reply) => {
+                        let t = step(&state);
+                        if let Err(e) = commit(&shared, &mut state, t).await {
+                            warn!(error = %e, "storing a rollout step failed");
+                        }
+                        let _ = reply.send(());
+                    }
+                    Command::Flush(reply) => {
+                        while let Ok((c, o)) = observations.try_recv() {
+                            pending.entry(c).or_default().merge(o);
+                        }
+                        let t = state.observed(std::mem::take(&mut pending));
+                        if let Err(e) = commit(&shared, &mut state, t).await {
+                            warn!(error = %e, "storing agents' reports failed");
+                        }
+                        let _ = reply.send(());
+                    }
+                }
+            }
+            o = observations.recv() => {
+                if let Some((c, o)) = o {
+                    pending.entry(c).or_default().merge(o);
+                }
+            }
+            _ = flush.tick(), if !pending.is_empty() => {
+                let t = state.observed(std::mem::take(&mut pending));
+                if let Err(e) = commit(&shared, &mut state, t).await {
+                    warn!(error = %e, "storing agents' reports failed");
+                }
+            }
+            _ = tick.tick(), if opts.tick.is_some() => {
+                let t = step(&state);
+                if let Err(e) = commit(&shared, &mut state, t).await {
+                    warn!(error = %e, "storing a rollout step failed");
+                }
+                let now = (shared.clock)();
+                if state.rollouts_running() && now - last_clock >= 5_000 {
+                    last_clock = now;
+                    let t = state.clock(now);
+                    let _ = commit(&shared, &mut state, t).await;
+                }
+            }
+        }
+    }
+    // Shutdown: what agents said is written, and the time, so a restart knows how long it was down.
+    while let Ok((c, o)) = observations.try_recv() {
+        pending.entry(c).or_default().merge(o);
+    }
+    if !pending.is_empty() {
+        let t = state.observed(pending);
+        let _ = commit(&shared, &mut state, t).await;
+    }
+    if state.rollouts_running() {
+        let t = state.clock((shared.clock)());
+        let _ = commit(&shared, &mut state, t).await;
+    }
+}

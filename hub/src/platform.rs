@@ -1,0 +1,385 @@
+//! The platform API: operators' views of the fleet, read from the hub's current snapshot without locks, and
+//! their controls, sent to the hub's writer.
+
+use crate::hub::{now_ms, Hub};
+use crate::machine::State;
+use crate::rollouts::Control;
+use crate::sessions::Sessions;
+use flotilla_common::identity::{identity_of, Identity};
+use flotilla_common::rollout::RolloutPhase;
+use flotilla_common::selector::LabelSelector;
+use flotilla_proto::agent::v1 as pb;
+use flotilla_proto::platform::v1 as api;
+use flotilla_proto::platform::v1::platform_service_server::PlatformService;
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+/// Clusters per page of `ListClusters`: the default and the most.
+pub const PAGE_SIZE: usize = 500;
+pub const MAX_PAGE_SIZE: usize = 2000;
+
+/// The identity in the caller's client certificate.
+pub fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
+    let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let first = certs.first().ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    identity_of(first).map_err(|e| Status::unauthenticated(e.to_string()))
+}
+
+fn operator<T>(req: &Request<T>) -> Result<String, Status> {
+    match caller(req)? {
+        Identity::Operator(o) => Ok(o),
+        other => Err(Status::permission_denied(format!(
+            "{other} may not use the platform API; an operator certificate is required"
+        ))),
+    }
+}
+
+fn short(rev: &str) -> &str {
+    rev.get(..12).unwrap_or(rev)
+}
+
+/// One cluster as operators see it: every app targeted at it (applied, applying, held back by a rollout,
+/// broken at the current commit), its problems, and its session.
+pub fn cluster_view(st: &State, sessions: &Sessions, name: &str) -> Option<api::Cluster> {
+    let spec = st.clusters.get(name)?;
+    let desired = st.desired.get(name);
+    let report = st.reports.get(name);
+    let presence = sessions.get(name);
+    let targeted = crate::rollouts::targeted(desired.map(|d| &**d), st.rollouts.iter().map(|(a, r)| (a, &**r)), name);
+    let (mut in_sync, mut held_back, mut broken) = (0u32, 0u32, 0u32);
+    let mut revisions = BTreeSet::new();
+    let mut problems = Vec::new();
+    if presence.is_none() {
+        problems.push("its agent is not connected".to_string());
+    }
+    let mut apps = Vec::new();
+    for app in targeted {
+        let d = desired.and_then(|d| d.get(app));
+        let applied = report.and_then(|r| r.apps.get(app)).map(|a| &a.0);
+        let rec = st.rollouts.get(app);
+        let waiting = rec
+            .and_then(|r| r.rollout.as_ref().map(|ro| (ro, r)))
+            .filter(|(ro, _)| !matches!(ro.phase, RolloutPhase::Complete | RolloutPhase::Superseded(_)))
+            .and_then(|(ro, r)| r.data.candidates.get(name).map(|c| (ro, c)))
+            .filter(|(_, c)| d.is_none_or(|d| d.digest != c.digest));
+        let state = if let Some(e) = d.and_then(|d| d.error.as_ref()) {
+            broken += 1;
+            problems.push(format!("{app}: the current commit cannot be used: {e}"));
+            "broken"
+        } else if applied.is_some_and(|a| a.phase == pb::Phase::Failed as i32) {
+            problems.push(format!("{app}: {}", applied.map(|a| a.message.as_str()).unwrap_or_default()));
+            "failed"
+        } else if let Some((ro, _)) = waiting {
+            held_back += 1;
+            if !ro.active() && ro.phase != RolloutPhase::Paused {
+                problems.push(format!("{app}: held back: the rollout of {} is {}", short(&ro.revision), ro.phase));
+            }
+            "held back"
+        } else if d.is_some_and(|d| d.adopt) {
+            "adopted"
+        } else {
+            match (d, applied) {
+                (Some(d), Some(a)) if a.digest == d.digest && a.phase == pb::Phase::Applied as i32 => {
+                    in_sync += 1;
+                    "in sync"
+                }
+                (_, None) => "not reported",
+                _ => "applying",
+            }
+        };
+        if let Some(a) = applied {
+            revisions.insert(a.revision.clone());
+        }
+        apps.push(api::ClusterApp {
+            app: app.to_string(),
+            desired_digest: d.map(|d| d.digest.clone()).unwrap_or_default(),
+            desired_revision: d.map(|d| d.revision.clone()).unwrap_or_default(),
+            applied: applied.map(|a| pb::AppStatus { app: app.to_string(), ..a.clone() }),
+            error: d.and_then(|d| d.error.clone()).unwrap_or_default(),
+            state: state.to_string(),
+            held_back_revision: waiting.map(|(ro, _)| ro.revision.clone()).unwrap_or_default(),
+        });
+    }
+    let total = apps.len() as u32;
+    let revision = if in_sync == total && revisions.len() == 1 {
+        revisions.into_iter().next().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let last_seen = presence
+        .as_ref()
+        .map(|p| p.last_seen_ms.load(Ordering::Relaxed))
+        .or_else(|| report.map(|r| r.last_seen_unix_ms))
+        .unwrap_or_default();
+    Some(api::Cluster {
+        name: name.to_string(),
+        labels: spec.labels.clone().into_iter().collect(),
+        connected: presence.is_some(),
+        revision,
+        apps_in_sync: in_sync,
+        apps_total: total,
+        last_seen_unix_ms: last_seen,
+        apps,
+        apps_held_back: held_back,
+        apps_broken: broken,
+        desired_seq: presence.as_ref().map_or(0, |p| p.sent_seq.load(Ordering::Relaxed)),
+        acked_seq: presence.as_ref().map_or(0, |p| p.acked_seq.load(Ordering::Relaxed)),
+        problems,
+    })
+}
+
+/// Whether a cluster needs someone's attention.
+fn has_problem(c: &api::Cluster) -> bool {
+    !c.connected || !c.problems.is_empty() || c.apps_in_sync + c.apps_held_back < c.apps_total
+}
+
+/// A page of clusters, filtered by labels and by problems, in name order.
+pub fn list_clusters(
+    st: &State,
+    sessions: &Sessions,
+    r: &api::ListClustersRequest,
+) -> Result<api::ListClustersResponse, Status> {
+    let selector: LabelSelector = r.selector.parse().map_err(Status::invalid_argument)?;
+    let size = match r.page_size as usize {
+        0 => PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    let mut clusters = Vec::new();
+    let mut total = 0u32;
+    let mut next_page_token = String::new();
+    for (name, spec) in st.clusters.iter() {
+        if !selector.matches(&spec.labels) {
+            continue;
+        }
+        let view = if r.problems_only {
+            match cluster_view(st, sessions, name) {
+                Some(v) if has_problem(&v) => Some(v),
+                _ => continue,
+            }
+        } else {
+            None
+        };
+        total += 1;
+        if !r.page_token.is_empty() && name.as_str() <= r.page_token.as_str() {
+            continue;
+        }
+        if clusters.len() == size {
+            if next_page_token.is_empty() {
+                next_page_token = clusters.last().map(|c: &api::Cluster| c.name.clone()).unwrap_or_default();
+            }
+            continue;
+        }
+        if let Some(v) = view.or_else(|| cluster_view(st, sessions, name)) {
+            clusters.push(v);
+        }
+    }
+    let rs = st.rendering;
+    Ok(api::ListClustersResponse {
+        clusters,
+        revision: st.revision.clone(),
+        source_error: st.source_error.clone().unwrap_or_default(),
+        problems: (*st.problems).clone(),
+        render_stats: Some(api::RenderStats {
+            cluster_apps: rs.cluster_apps,
+            renders: rs.renders,
+            rendered: rs.rendered,
+            tool_runs: rs.tool_runs,
+            bundles: rs.bundles,
+            render_millis: rs.millis,
+        }),
+        next_page_token,
+        total,
+    })
+}
+
+pub struct PlatformApi(pub Arc<Hub>);
+
+#[tonic::async_trait]
+impl PlatformService for PlatformApi {
+    async fn list_clusters(
+        &self,
+        req: Request<api::ListClustersRequest>,
+    ) -> Result<Response<api::ListClustersResponse>, Status> {
+        operator(&req)?;
+        let st = self.0.state();
+        list_clusters(&st, &self.0.shared.sessions, req.get_ref()).map(Response::new)
+    }
+
+    async fn get_cluster(&self, req: Request<api::GetClusterRequest>) -> Result<Response<api::Cluster>, Status> {
+        operator(&req)?;
+        let name = req.into_inner().name;
+        cluster_view(&self.0.state(), &self.0.shared.sessions, &name)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("cluster {name:?} is not in the fleet inventory")))
+    }
+
+    async fn refresh(&self, req: Request<api::RefreshRequest>) -> Result<Response<api::RefreshResponse>, Status> {
+        let who = operator(&req)?;
+        info!(operator = %who, "refresh requested");
+        self.0.refresh();
+        Ok(Response::new(api::RefreshResponse { revision: self.0.state().revision.clone() }))
+    }
+
+    async fn list_rollouts(
+        &self,
+        req: Request<api::ListRolloutsRequest>,
+    ) -> Result<Response<api::ListRolloutsResponse>, Status> {
+        operator(&req)?;
+        let app = req.into_inner().app;
+        let st = self.0.state();
+        if !app.is_empty() && !st.rollouts.contains_key(&app) {
+            return Err(Status::not_found(format!(
+                "app {app:?} has no rollout (no waves, or no change since they were set)"
+            )));
+        }
+        let now = now_ms();
+        let rollouts = st
+            .rollouts
+            .iter()
+            .filter(|(a, _)| app.is_empty() || **a == app)
+            .map(|(a, rec)| rollout_view(a, rec, now))
+            .collect();
+        Ok(Response::new(api::ListRolloutsResponse { rollouts }))
+    }
+
+    async fn control_rollout(
+        &self,
+        req: Request<api::ControlRolloutRequest>,
+    ) -> Result<Response<api::ControlRolloutResponse>, Status> {
+        use api::control_rollout_request::Action as A;
+        let who = operator(&req)?;
+        let r = req.into_inner();
+        let action = match A::try_from(r.action).unwrap_or(A::Unspecified) {
+            A::Pause => Control::Pause,
+            A::Resume => Control::Resume,
+            A::Approve if !r.wave.is_empty() => Control::Approve(r.wave.clone()),
+            A::Approve => return Err(Status::invalid_argument("approve needs the wave")),
+            A::Abort => Control::Abort,
+            A::Retry => Control::Retry,
+            A::Rollback if !r.revision.is_empty() => {
+                Control::Rollback { revision: r.revision.clone(), immediate: r.immediate }
+            }
+            A::Rollback => return Err(Status::invalid_argument("rollback needs the revision to go back to")),
+            A::Unspecified => return Err(Status::invalid_argument("no action")),
+        };
+        match self.0.control(&r.app, &action, &who).await {
+            Ok(message) => Ok(Response::new(api::ControlRolloutResponse { message })),
+            Err(e) => Err(Status::failed_precondition(e)),
+        }
+    }
+
+    async fn explain(&self, req: Request<api::ExplainRequest>) -> Result<Response<api::ExplainResponse>, Status> {
+        operator(&req)?;
+        let r = req.into_inner();
+        let st = self.0.state();
+        if !st.clusters.contains_key(&r.cluster) {
+            return Err(Status::not_found(format!("cluster {:?} is not in the fleet inventory", r.cluster)));
+        }
+        let desired = st.desired.get(&r.cluster).map(|d| (**d).clone()).unwrap_or_default();
+        let mut apps: BTreeSet<String> = desired.keys().cloned().collect();
+        apps.extend(st.rollouts.iter().filter(|(_, rec)| rec.targets(&r.cluster)).map(|(a, _)| a.clone()));
+        if !r.app.is_empty() {
+            if !apps.contains(&r.app) {
+                return Err(Status::not_found(format!("app {:?} does not target cluster {:?}", r.app, r.cluster)));
+            }
+            apps.retain(|a| *a == r.app);
+        }
+        let mut lines = Vec::new();
+        for app in apps {
+            let applied = st.reports.get(&r.cluster).and_then(|rep| rep.apps.get(&app)).map(|a| a.0.revision.clone());
+            let d = desired.get(&app);
+            let mut line = match (d, applied.as_deref()) {
+                (Some(d), _) if d.adopt => format!("{app}: keeps what its agent runs until the rollout reaches it"),
+                (Some(d), Some(a)) if a == d.revision => {
+                    format!("{app}: runs {}", &d.revision.get(..12).unwrap_or(&d.revision))
+                }
+                (Some(d), Some(a)) => format!(
+                    "{app}: desired {}, runs {}",
+                    d.revision.get(..12).unwrap_or(&d.revision),
+                    a.get(..12).unwrap_or(a)
+                ),
+                (Some(d), None) => {
+                    format!("{app}: desired {}, not reported yet", d.revision.get(..12).unwrap_or(&d.revision))
+                }
+                (None, _) => format!("{app}: not on this cluster yet"),
+            };
+            if let Some(e) = d.and_then(|d| d.error.clone()) {
+                line.push_str(&format!("; the newest commit cannot be used: {e}"));
+            }
+            if let Some(rollout) = st.rollouts.get(&app).and_then(|rec| rec.rollout.as_ref()) {
+                if rollout.wave_of(&r.cluster).is_some() {
+                    line.push_str(&format!("; {}", flotilla_common::rollout::explain(rollout, &r.cluster)));
+                }
+            }
+            if let Some(b) = st.rollouts.get(&app).and_then(|rec| rec.blocked.clone()) {
+                line.push_str(&format!("; blocked: {b}"));
+            }
+            lines.push(line);
+        }
+        Ok(Response::new(api::ExplainResponse { lines }))
+    }
+}
+
+/// A rollout as the platform API shows it.
+fn rollout_view(app: &str, rec: &crate::rollouts::Record, now: i64) -> api::Rollout {
+    use flotilla_common::rollout::{ClusterOutcome as O, WavePhase};
+    let Some(r) = &rec.rollout else {
+        return api::Rollout {
+            app: app.to_string(),
+            phase: "none".into(),
+            timeline: rec.timeline.iter().cloned().collect(),
+            blocked: rec.blocked.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+    };
+    let mut earlier_open: Option<String> = None;
+    let waves = r
+        .waves
+        .iter()
+        .map(|w| {
+            let count = |f: &dyn Fn(&O) -> bool| w.clusters.iter().filter(|c| f(&c.outcome)).count() as u32;
+            let n = w.clusters.len();
+            let waiting = match (&w.phase, &earlier_open) {
+                (WavePhase::AwaitingApproval, _) => "awaits approval".to_string(),
+                (WavePhase::Pending, Some(e)) => format!("waits for wave {e}"),
+                _ => String::new(),
+            };
+            if !matches!(w.phase, WavePhase::Passed) && earlier_open.is_none() {
+                earlier_open = Some(w.spec.name.clone());
+            }
+            api::Wave {
+                name: w.spec.name.clone(),
+                phase: w.phase.to_string(),
+                clusters: n as u32,
+                updating: count(&|o| *o == O::Updating),
+                healthy: count(&|o| *o == O::Healthy),
+                failed: count(&|o| matches!(o, O::Failed(_))),
+                pending: count(&|o| *o == O::Pending),
+                skipped: count(&|o| matches!(o, O::Skipped | O::RolledBack)),
+                max_parallel: w.spec.max_parallel.map_or(n, |m| m.of(n)).max(1) as u32,
+                failure_budget: w.spec.failure_budget.of(n) as u32,
+                bake_remaining_s: match w.phase {
+                    WavePhase::Baking { until_ms } => ((until_ms - now).max(0) + 999) / 1000,
+                    _ => 0,
+                },
+                progress_deadline_s: w.spec.progress_deadline_seconds,
+                approval: w.spec.approval,
+                approved_by: w.approved_by.clone().unwrap_or_default(),
+                waiting,
+            }
+        })
+        .collect();
+    api::Rollout {
+        app: app.to_string(),
+        revision: r.revision.clone(),
+        previous: r.previous.clone().unwrap_or_default(),
+        phase: r.phase.to_string(),
+        waves,
+        timeline: rec.timeline.iter().cloned().collect(),
+        started_unix_ms: r.started_ms,
+        blocked: rec.blocked.clone().unwrap_or_default(),
+    }
+}
