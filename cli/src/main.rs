@@ -202,10 +202,14 @@ struct Certs {
 }
 
 fn main() -> std::process::ExitCode {
-    // Output into a closed pipe (`flotilla render … | head`) ends the process quietly, as for other tools.
-    sigpipe::reset();
     flotilla_common::install_crypto_provider();
     let cli = Cli::parse();
+    // Output into a closed pipe (`flotilla render … | head`) ends the process quietly, as for other tools.
+    // Not for the commands that run a whole fleet in this process: their child processes' pipes must fail
+    // with an error, not end everything.
+    if !matches!(cli.command, Command::Demo { .. } | Command::Rehearse { .. }) {
+        sigpipe::reset();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

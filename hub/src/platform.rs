@@ -50,7 +50,6 @@ pub fn cluster_view(st: &State, sessions: &Sessions, name: &str) -> Option<api::
     let presence = sessions.get(name);
     let targeted = crate::rollouts::targeted(desired.map(|d| &**d), st.rollouts.iter().map(|(a, r)| (a, &**r)), name);
     let (mut in_sync, mut held_back, mut broken) = (0u32, 0u32, 0u32);
-    let mut revisions = BTreeSet::new();
     let mut problems = Vec::new();
     if presence.is_none() {
         problems.push("its agent is not connected".to_string());
@@ -90,9 +89,6 @@ pub fn cluster_view(st: &State, sessions: &Sessions, name: &str) -> Option<api::
                 _ => "applying",
             }
         };
-        if let Some(a) = applied {
-            revisions.insert(a.revision.clone());
-        }
         apps.push(api::ClusterApp {
             app: app.to_string(),
             desired_digest: d.map(|d| d.digest.clone()).unwrap_or_default(),
@@ -104,11 +100,9 @@ pub fn cluster_view(st: &State, sessions: &Sessions, name: &str) -> Option<api::
         });
     }
     let total = apps.len() as u32;
-    let revision = if in_sync == total && revisions.len() == 1 {
-        revisions.into_iter().next().unwrap_or_default()
-    } else {
-        String::new()
-    };
+    // Every app the cluster is meant to run is in sync: it runs the current commit (an app the commit did not
+    // change keeps the bundle, and the revision, it was rendered from earlier).
+    let revision = if in_sync == total && total > 0 { st.revision.clone() } else { String::new() };
     let last_seen = presence
         .as_ref()
         .map(|p| p.last_seen_ms.load(Ordering::Relaxed))

@@ -227,8 +227,10 @@ pub fn gate(
         let old = per_cluster(prev, &app);
         let new = per_cluster(next, &app);
         // What this cluster keeps while it waits: its desired state, or (no record of it) whatever its agent
-        // runs: agents are the truth about what runs.
-        let keep = |c: &str| old.get(c).cloned().unwrap_or_else(DesiredApp::adopted);
+        // runs: agents are the truth about what runs. An error of an earlier commit no longer applies.
+        let keep = |c: &str| {
+            old.get(c).map(|o| DesiredApp { error: None, ..o.clone() }).unwrap_or_else(DesiredApp::adopted)
+        };
         // Clusters that left the app (or the fleet) leave its rollout.
         if let Some(rec) = records.get_mut(&app) {
             let gone = |c: &str| !new.contains_key(c);
@@ -263,7 +265,7 @@ pub fn gate(
             // The app's content is what it was: everything stays exactly as it is (held back or released).
             for (c, d) in &new {
                 if fresh(d) {
-                    set(next, c, &app, old.get(c));
+                    set(next, c, &app, old.contains_key(c).then(|| keep(c)).as_ref());
                 }
             }
             if let Some(rec) = records.get_mut(&app) {
@@ -293,7 +295,7 @@ pub fn gate(
                         kept.error = Some(why.clone());
                         set(next, c, &app, Some(&kept));
                     } else if fresh(d) {
-                        set(next, c, &app, old.get(c));
+                        set(next, c, &app, old.contains_key(c).then(|| keep(c)).as_ref());
                     }
                 }
                 let rec = records.entry(app.clone()).or_default();
