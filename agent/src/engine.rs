@@ -459,12 +459,9 @@ impl Engine {
     }
 
     fn publish_held(&self) {
-        let held = self
-            .apps
-            .values()
-            .filter(|r| r.applied)
-            .map(|r| (r.name.clone(), (r.digest.clone(), r.revision.clone())))
-            .collect();
+        // Every app the agent holds a bundle for, applied or still applying: a hub with no record of the cluster
+        // keeps exactly these (a Hello that left one out would have it removed).
+        let held = self.apps.values().map(|r| (r.name.clone(), (r.digest.clone(), r.revision.clone()))).collect();
         self.held.send_replace(held);
     }
 

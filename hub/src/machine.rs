@@ -363,7 +363,12 @@ impl State {
             .flat_map(|w| &w.clusters)
             .map(|c| {
                 let report = self.reports.get(&c.name).and_then(|rep| rep.apps.get(app)).map(|a| &a.0);
+                // A failure reported before the cluster was released says nothing about the release (a retry of
+                // content a cluster already runs): it counts once the agent reports again, or at the deadline.
+                let stale = |a: &pb::AppStatus| c.released_ms.is_some_and(|r| a.changed_unix_ms < r);
                 let health = match report {
+                    Some(a) if stale(a) && a.phase == pb::Phase::Failed as i32 => ObservedHealth::Progressing,
+                    Some(a) if stale(a) && a.health == pb::Health::Degraded as i32 => ObservedHealth::Progressing,
                     Some(a) if a.phase == pb::Phase::Failed as i32 => ObservedHealth::Degraded,
                     // Healthy counts once the whole revision is applied.
                     Some(a) if a.phase != pb::Phase::Applied as i32 => ObservedHealth::Progressing,

@@ -228,9 +228,8 @@ pub fn gate(
         let new = per_cluster(next, &app);
         // What this cluster keeps while it waits: its desired state, or (no record of it) whatever its agent
         // runs: agents are the truth about what runs. An error of an earlier commit no longer applies.
-        let keep = |c: &str| {
-            old.get(c).map(|o| DesiredApp { error: None, ..o.clone() }).unwrap_or_else(DesiredApp::adopted)
-        };
+        let keep =
+            |c: &str| old.get(c).map(|o| DesiredApp { error: None, ..o.clone() }).unwrap_or_else(DesiredApp::adopted);
         // Clusters that left the app (or the fleet) leave its rollout.
         if let Some(rec) = records.get_mut(&app) {
             let gone = |c: &str| !new.contains_key(c);

@@ -172,12 +172,18 @@ async fn send(tx: &Tx, msg: pb::hub_message::Msg) -> Result<(), String> {
 fn resolve(
     desired: &BTreeMap<String, DesiredApp>,
     held: &BTreeMap<String, (String, String)>,
+    reported: Option<&crate::report::ClusterReport>,
 ) -> Vec<(String, DesiredApp)> {
     desired
         .iter()
         .filter_map(|(app, d)| {
             if d.adopt {
-                let (digest, revision) = held.get(app)?;
+                // What this session's agent holds, else what the cluster last reported running.
+                let from_report = || {
+                    let a = &reported?.apps.get(app)?.0;
+                    (!a.digest.is_empty()).then(|| (a.digest.clone(), a.revision.clone()))
+                };
+                let (digest, revision) = &held.get(app).cloned().or_else(from_report)?;
                 return Some((
                     app.clone(),
                     DesiredApp {
@@ -214,7 +220,7 @@ async fn run_session(
         // store before its first commit) is sent nothing either: it keeps running what it runs.
         let desired = state.desired.get(cluster).filter(|_| state.clusters.contains_key(cluster));
         if let Some(desired) = desired {
-            let apps = resolve(desired, &held);
+            let apps = resolve(desired, &held, state.reports.get(cluster).map(|r| &**r));
             if sent.as_ref() != Some(&apps) {
                 seq += 1;
                 let mut msg = Vec::new();
@@ -349,7 +355,7 @@ mod tests {
         .into_iter()
         .collect();
         let held = [("b".to_string(), ("sha256:b".to_string(), "r0".to_string()))].into_iter().collect();
-        let apps = resolve(&desired, &held);
+        let apps = resolve(&desired, &held, None);
         let names: Vec<(&str, &str)> = apps.iter().map(|(a, d)| (a.as_str(), d.digest.as_str())).collect();
         assert_eq!(names, vec![("a", "sha256:a"), ("b", "sha256:b")], "c is held by nobody: nothing to keep");
     }
