@@ -206,7 +206,7 @@ impl Drop for World {
         let Ok(dir) = std::fs::read_dir(self.path()) else { return };
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with("hub-") || name == "agent-c1-as-c1.log" {
+            if name.starts_with("hub-") || name.starts_with("agent-") {
                 let text = std::fs::read_to_string(e.path()).unwrap_or_default();
                 let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("  ")).collect();
                 eprintln!("== {name} (last 40 lines)\n{}", lines[lines.len().saturating_sub(40)..].join("\n"));
@@ -348,7 +348,7 @@ const OFFLINE: &str = "waves:\n- {name: first, selector: {matchLabels: {ring: '1
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_killed_or_on_a_wiped_store_fails_skips_and_deletes_nothing() {
-    let fail = format!("namespace: hard\ntargets: [{{selector: {{}}}}]\nrollout:\n  offline: fail\n  waves:\n  - {{name: first, selector: {{matchLabels: {{ring: '1'}}}}}}\n  - {{name: second, selector: {{matchLabels: {{ring: '2'}}}}, progressDeadlineSeconds: 120}}\n");
+    let fail = "namespace: hard\ntargets: [{selector: {}}]\nrollout:\n  offline: fail\n  waves:\n  - {name: first, selector: {matchLabels: {ring: '1'}}}\n  - {name: second, selector: {matchLabels: {ring: '2'}}, progressDeadlineSeconds: 120}\n".to_string();
     let skip = format!(
         "namespace: soft\ntargets: [{{selector: {{}}}}]\nrollout:\n  offline: skip\n{}",
         OFFLINE.replace("waves:", "  waves:").replace("\n-", "\n  -")

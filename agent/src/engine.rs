@@ -96,7 +96,7 @@ impl EngineHandle {
         self.statuses.clone()
     }
 
-    /// app → (digest, revision) of every bundle the engine holds and has applied completely.
+    /// app → (digest, revision) of every bundle the engine holds, applied or still applying.
     pub fn applied(&self) -> BTreeMap<String, (String, String)> {
         self.held.borrow().clone()
     }
@@ -576,6 +576,9 @@ impl Engine {
             statuses.insert(name.clone(), self.status(&run, prev.as_ref()));
             self.apps.insert(name, run);
         }
+        // Published with every app in place: an app being stepped is still held (a Hello sent meanwhile that
+        // left it out would let a hub with no record of the cluster remove it).
+        self.publish_held();
         if **self.statuses.borrow() != statuses {
             self.statuses.send_replace(Arc::new(statuses));
         }
@@ -784,7 +787,6 @@ impl Engine {
             run.retry_at = Some(Instant::now() + backoff(run.failures));
         }
         self.save(run).await;
-        self.publish_held();
     }
 
     /// Drift: correct (re-apply the object) or leave it for the report.

@@ -1,19 +1,25 @@
-//! The hub at fleet scale: 2,000 and 10,000 clusters, five waves (no bake), one commit. Prints the time from
-//! the commit to the last wave complete, and the hub's resident memory per connected agent.
+//! The hub at fleet scale: 2,000 and 10,000 clusters, five waves (no bake), three apps (one of them a 1 MiB
+//! bundle). Prints the connect storm (all agents connected), the hub's resident memory per agent with no apps
+//! (the connection) and with the workload (the state), the time from a commit to the last wave complete, and
+//! the store commits per second while every agent reports every second.
 //!
 //! The hub runs in a child process (its memory is measured alone); the agents are protocol-level stand-ins
-//! in this process: each holds a real mutually authenticated session with its own certificate and reports
-//! every desired app as applied and healthy at once, so the numbers are the hub's (Git, rendering, rollout
-//! planning, sessions), not the clusters'.
+//! in this process that behave like agents: a real mutually authenticated session with its own certificate,
+//! a Hello, bundle chunks received (and dropped), an Ack of every desired state, a status report of every app
+//! (applied and healthy at once), heartbeats every 15 s. The numbers are the hub's (Git, rendering, rollout
+//! planning, sessions, the store), not the clusters'.
 //!
-//! `cargo bench -p flotilla-hub --bench rollout_scale` (release).
+//! `cargo bench -p flotilla-hub --bench rollout_scale` (release); `FLOTILLA_BENCH_SIZES=2000` for one size.
 
 use flotilla_proto::agent::v1 as pb;
 use flotilla_proto::agent::v1::agent_service_client::AgentServiceClient;
 use flotilla_proto::platform::v1::platform_service_client::PlatformServiceClient;
 use flotilla_proto::platform::v1::{ListClustersRequest, ListRolloutsRequest, RefreshRequest};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -48,6 +54,23 @@ fn web(version: &str) -> String {
     format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: web}}\ndata: {{version: '{version}'}}\n")
 }
 
+/// Four ConfigMaps of 256 KiB: a bundle of about 1 MiB.
+fn big() -> String {
+    (0..4)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: big-{i}}}\ndata: {{blob: '{}'}}\n",
+                "x".repeat(256 * 1024 - 64)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn app_yaml(targets: &str) -> String {
+    format!("namespace: apps\ntargets: [{{selector: {targets}}}]\n")
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -60,6 +83,8 @@ fn rss_kib(pid: u32) -> u64 {
 /// The child: a hub following `repo`, printing its port.
 fn hub_child(dir: PathBuf, repo: String) {
     flotilla_common::install_crypto_provider();
+    // Store commits, for the parent to count (stderr).
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn,flotilla_hub::hub=debug").init();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
         let read = |f: &str| std::fs::read_to_string(dir.join("certs").join(f)).expect("cert");
@@ -103,8 +128,9 @@ fn tls(certs: &Path, who: &str) -> ClientTlsConfig {
         .domain_name("localhost")
 }
 
-/// A stand-in agent: a real session; every desired app reported applied and healthy at once.
-async fn agent(port: u16, certs: PathBuf, cluster: String) {
+/// A stand-in agent that behaves like one: Hello, chunks received, Ack, reports, heartbeats; reports every
+/// second while `chatty` is set.
+async fn agent(port: u16, certs: PathBuf, cluster: String, chatty: Arc<AtomicBool>) {
     let channel = loop {
         let ep = Endpoint::from_shared(format!("https://localhost:{port}"))
             .expect("url")
@@ -119,29 +145,53 @@ async fn agent(port: u16, certs: PathBuf, cluster: String) {
     let _ = tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(pb::Hello::default())) }).await;
     let Ok(resp) = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await else { return };
     let mut inbound = resp.into_inner();
-    while let Ok(Some(m)) = inbound.message().await {
-        if let Some(pb::hub_message::Msg::Desired(d)) = m.msg {
-            let apps = d
-                .apps
-                .iter()
-                .map(|a| pb::AppStatus {
-                    app: a.app.clone(),
-                    digest: a.digest.clone(),
-                    revision: a.revision.clone(),
-                    phase: pb::Phase::Applied as i32,
-                    health: pb::Health::Healthy as i32,
-                    objects: 1,
-                    objects_applied: 1,
-                    ready: 1,
-                    ..Default::default()
-                })
-                .collect();
-            if tx
-                .send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Status(pb::StatusReport { apps })) })
-                .await
-                .is_err()
-            {
-                return;
+    let mut apps: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    let status = |apps: &BTreeMap<String, (String, String)>| {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let apps = apps
+            .iter()
+            .map(|(app, (digest, revision))| pb::AppStatus {
+                app: app.clone(),
+                digest: digest.clone(),
+                revision: revision.clone(),
+                phase: pb::Phase::Applied as i32,
+                health: pb::Health::Healthy as i32,
+                objects: 1,
+                objects_applied: 1,
+                ready: 1,
+                changed_unix_ms: now,
+                ..Default::default()
+            })
+            .collect();
+        pb::AgentMessage { msg: Some(pb::agent_message::Msg::Status(pb::StatusReport { apps })) }
+    };
+    loop {
+        tokio::select! {
+            m = inbound.message() => match m {
+                Ok(Some(pb::HubMessage { msg: Some(pb::hub_message::Msg::Desired(d)) })) => {
+                    apps = d.apps.iter().map(|a| (a.app.clone(), (a.digest.clone(), a.revision.clone()))).collect();
+                    let ack = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Ack(pb::Ack { seq: d.seq })) };
+                    if tx.send(ack).await.is_err() || tx.send(status(&apps)).await.is_err() {
+                        return;
+                    }
+                }
+                // Chunks are received and dropped: the parent must not hold 10,000 copies of a bundle.
+                Ok(Some(_)) => {}
+                _ => return,
+            },
+            _ = heartbeat.tick() => {
+                let hb = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat::default())) };
+                if tx.send(hb).await.is_err() {
+                    return;
+                }
+            }
+            _ = every_second.tick(), if chatty.load(Ordering::Relaxed) => {
+                if tx.send(status(&apps)).await.is_err() {
+                    return;
+                }
             }
         }
     }
@@ -155,17 +205,17 @@ async fn operator(port: u16, certs: &Path) -> PlatformServiceClient<Channel> {
     PlatformServiceClient::new(ep.connect().await.expect("operator connection"))
 }
 
-async fn complete(op: &mut PlatformServiceClient<Channel>, revision: &str, limit: Duration) -> Duration {
+async fn complete(op: &mut PlatformServiceClient<Channel>, app: &str, revision: &str, limit: Duration) -> Duration {
     let t = Instant::now();
     loop {
-        let list = op.list_rollouts(ListRolloutsRequest { app: "web".into() }).await.map(|r| r.into_inner()).ok();
+        let list = op.list_rollouts(ListRolloutsRequest { app: app.into() }).await.map(|r| r.into_inner()).ok();
         if let Some(r) = list.and_then(|l| l.rollouts.into_iter().next()) {
             if r.revision == revision && r.phase == "complete" {
                 return t.elapsed();
             }
             assert!(!r.phase.starts_with("failed"), "{r:?}");
         }
-        assert!(t.elapsed() < limit, "the rollout did not complete within {limit:?}");
+        assert!(t.elapsed() < limit, "the rollout of {app} did not complete within {limit:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -186,18 +236,24 @@ fn run(n: usize) {
     let certs_time = t.elapsed();
     let repo = dir.join("fleet");
     std::fs::create_dir_all(repo.join("clusters")).expect("mkdir");
-    std::fs::create_dir_all(repo.join("apps/web")).expect("mkdir");
     for (i, c) in names.iter().enumerate() {
         std::fs::write(repo.join(format!("clusters/{c}.yaml")), format!("labels: {{ring: '{}'}}\n", ring(i, n)))
             .expect("write");
     }
     std::fs::write(repo.join("rollout.yaml"), WAVES).expect("write");
-    std::fs::write(repo.join("apps/web/app.yaml"), "namespace: web\ntargets: [{selector: {}}]\n").expect("write");
+    let apps = ["web", "big", "other"];
+    // The first commit targets nobody: the agents connect with no apps (the cost of a connection).
+    for app in apps {
+        std::fs::create_dir_all(repo.join(format!("apps/{app}"))).expect("mkdir");
+        std::fs::write(repo.join(format!("apps/{app}/app.yaml")), app_yaml("{matchLabels: {nobody: 'yes'}}"))
+            .expect("write");
+    }
     std::fs::write(repo.join("apps/web/web.yaml"), web("1")).expect("write");
+    std::fs::write(repo.join("apps/big/big.yaml"), big()).expect("write");
+    std::fs::write(repo.join("apps/other/other.yaml"), web("other")).expect("write");
     git(&repo, &["init", "-q", "-b", "main"]);
     git(&repo, &["add", "-A"]);
-    git(&repo, &["commit", "-q", "-m", "one"]);
-    let rev1 = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["commit", "-q", "-m", "nobody"]);
 
     let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
         .env("FLOTILLA_BENCH_ROLE", "hub")
@@ -205,18 +261,31 @@ fn run(n: usize) {
         .env("FLOTILLA_BENCH_REPO", format!("file://{}", repo.display()))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("hub child");
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
     let port: u16 = line.trim().parse().expect("port");
     let pid = child.id();
+    // The hub's store commits, as it logs them: (when, operations).
+    let commits: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
+    {
+        let commits = commits.clone();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(ops) = line.split(" ops=").nth(1).and_then(|r| r.split_whitespace().next()?.parse().ok()) {
+                    commits.lock().unwrap().push((Instant::now(), ops));
+                }
+            }
+        });
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let certs = dir.join("certs");
         let mut op = operator(port, &certs).await;
-        // The hub before any agent: the fleet is read and rendered.
         let t = Instant::now();
         while op.list_clusters(ListClustersRequest::default()).await.map(|r| r.into_inner().revision.is_empty()).unwrap_or(true) {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -224,39 +293,76 @@ fn run(n: usize) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = rss_kib(pid);
         let first_sync = t.elapsed();
+        // The connect storm.
+        let chatty = Arc::new(AtomicBool::new(false));
         let t = Instant::now();
         for c in &names {
-            tokio::spawn(agent(port, certs.clone(), c.clone()));
+            tokio::spawn(agent(port, certs.clone(), c.clone(), chatty.clone()));
         }
         loop {
-            let connected = op.list_clusters(ListClustersRequest::default()).await.map(|r| r.into_inner().clusters.iter().filter(|c| c.connected).count()).unwrap_or(0);
-            if connected == n {
+            let r = op
+                .list_clusters(ListClustersRequest { problems_only: true, page_size: 1, ..Default::default() })
+                .await
+                .map(|r| r.into_inner());
+            // Clusters with a problem: disconnected ones (no app is targeted yet).
+            if r.as_ref().is_ok_and(|r| r.total == 0) {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(600), "{connected} of {n} agents connected after 10 minutes");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(t.elapsed() < Duration::from_secs(600), "agents not connected after 10 minutes: {r:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let connect = t.elapsed();
-        // The first commit rolls out from nothing.
-        complete(&mut op, &rev1, Duration::from_secs(600)).await;
-        // The measured commit.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let connected = rss_kib(pid);
+        // The workload: every app to every cluster (the 1 MiB bundle too), through the waves.
+        for app in apps {
+            std::fs::write(repo.join(format!("apps/{app}/app.yaml")), app_yaml("{}")).expect("write");
+        }
+        git(&repo, &["commit", "-q", "-am", "everyone"]);
+        let rev1 = git(&repo, &["rev-parse", "HEAD"]);
+        let t = Instant::now();
+        op.refresh(RefreshRequest {}).await.expect("refresh");
+        for app in apps {
+            complete(&mut op, app, &rev1, Duration::from_secs(900)).await;
+        }
+        let first_rollout = t.elapsed();
+        // The measured commit: one app changes.
         std::fs::write(repo.join("apps/web/web.yaml"), web("2")).expect("write");
         git(&repo, &["commit", "-q", "-am", "two"]);
         let rev2 = git(&repo, &["rev-parse", "HEAD"]);
-        let t = Instant::now();
         op.refresh(RefreshRequest {}).await.expect("refresh");
-        let took = complete(&mut op, &rev2, Duration::from_secs(600)).await;
-        let _ = t;
+        let took = complete(&mut op, "web", &rev2, Duration::from_secs(600)).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = rss_kib(pid);
-        println!("rollout_scale: {n} clusters, 5 waves (1%, 9%, 20%, 30%, 40%), no bake, agents report healthy at once");
-        println!("  certificates for {n} clusters: {:.1?}; hub's first fetch and render: {:.1?}; {n} agents connected in {:.1?}", certs_time, first_sync, connect);
-        println!("  commit → last wave complete: {:.2?}", took);
+        let loaded = rss_kib(pid);
+        // Every agent reports every second for 10 s.
+        chatty.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let from = Instant::now();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        chatty.store(false, Ordering::Relaxed);
+        let window = from.elapsed().as_secs_f64();
+        let (n_commits, ops) = commits
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, _)| *at >= from)
+            .fold((0u64, 0u64), |(c, o), (_, ops)| (c + 1, o + ops));
+        let kib = |k: u64| k as f64 / n as f64;
+        println!("rollout_scale: {n} clusters, 5 waves (1%, 9%, 20%, 30%, 40%), no bake, 3 apps (one a 1 MiB bundle)");
+        println!("  certificates: {certs_time:.1?}; hub's first fetch and render: {first_sync:.1?}");
+        println!("  connect storm: {n} agents connected in {connect:.1?}");
+        println!("  first rollout of the 3 apps to every cluster (the 1 MiB bundle sent {n} times): {first_rollout:.1?}");
+        println!("  commit → last wave complete (one app changed): {took:.2?}");
         println!(
-            "  hub resident memory: {:.1} MiB before agents, {:.1} MiB with {n} connected = {:.1} KiB per agent",
+            "  hub resident memory: {:.1} MiB before agents; {:.1} KiB per agent connected with no apps; {:.1} KiB per agent with the workload",
             before as f64 / 1024.0,
-            after as f64 / 1024.0,
-            after.saturating_sub(before) as f64 / n as f64
+            kib(connected.saturating_sub(before)),
+            kib(loaded.saturating_sub(before))
+        );
+        println!(
+            "  every agent reporting every second: {:.1} store commits/s carrying {:.0} reports/s",
+            n_commits as f64 / window,
+            ops as f64 / window
         );
     });
     drop(child.stdin.take());
