@@ -1,0 +1,106 @@
+//! Rules of the hub's state machine that a user relies on, checked on the machine itself: unreferenced bundles
+//! are collected, the cluster list is paged and filtered, and a control the store cannot record changes nothing
+//! and says so (through the running hub's writer).
+
+use flotilla_common::fleet::parse;
+use flotilla_common::fleet::render::{render_fleet, RenderCache};
+use flotilla_common::tools::SystemTools;
+use flotilla_hub::git::Follower;
+use flotilla_hub::machine::{State, Synced};
+use flotilla_hub::platform::list_clusters;
+use flotilla_hub::report::Rendering;
+use flotilla_hub::rollouts::Control;
+use flotilla_hub::server::{Hub, Options};
+use flotilla_hub::sessions::Sessions;
+use flotilla_hub::store::{MemStore, Store};
+use flotilla_proto::platform::v1::ListClustersRequest;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+fn synced(rev: &str, value: &str, clusters: usize) -> Synced {
+    let mut files: Vec<(String, String)> = (0..clusters)
+        .map(|i| {
+            (format!("clusters/k{i}.yaml"), format!("labels: {{tier: {}}}\n", if i % 2 == 0 { "prod" } else { "dev" }))
+        })
+        .collect();
+    files.push(("apps/shop/app.yaml".into(), "namespace: shop\ntargets: [{selector: {}}]\n".into()));
+    files.push((
+        "apps/shop/cm.yaml".into(),
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\ndata: {{v: '{value}'}}\n"),
+    ));
+    let fleet = parse(&files.into_iter().map(|(p, c)| (p, c.into_bytes())).collect());
+    let rendered = render_fleet(&fleet, &SystemTools::detect(), &mut RenderCache::default());
+    Synced { revision: rev.into(), fleet: Arc::new(fleet), rendered, rendering: Rendering::default() }
+}
+
+#[test]
+fn bundles_nothing_references_are_collected_at_the_next_commit() {
+    let store = MemStore::default();
+    let mut st = State::default();
+    for (rev, v) in [("r1", "one"), ("r2", "two")] {
+        let t = st.synced(&synced(rev, v, 3), 0);
+        store.commit(t.batch).unwrap();
+        st = t.next;
+    }
+    let stored = store.keys("bundles/").unwrap();
+    assert_eq!(stored.len(), 1, "only the bundle of r2 is kept: {stored:?}");
+    let digest = &st.desired["k0"]["shop"].digest;
+    assert_eq!(stored[0], format!("bundles/{digest}"));
+    assert_eq!(State::load(&store).unwrap(), st);
+}
+
+#[test]
+fn the_cluster_list_is_paged_and_filtered() {
+    let t = State::default().synced(&synced("r1", "one", 5), 0);
+    let st = t.next;
+    let sessions = Sessions::default();
+    let page = |token: &str, selector: &str| {
+        let req = ListClustersRequest {
+            page_size: 2,
+            page_token: token.into(),
+            selector: selector.into(),
+            problems_only: false,
+        };
+        list_clusters(&st, &sessions, &req).unwrap()
+    };
+    let mut names = Vec::new();
+    let mut token = String::new();
+    for _ in 0..5 {
+        let p = page(&token, "");
+        assert_eq!(p.total, 5);
+        assert!(p.clusters.len() <= 2);
+        names.extend(p.clusters.iter().map(|c| c.name.clone()));
+        token = p.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(names, ["k0", "k1", "k2", "k3", "k4"]);
+    let prod = page("", "tier=prod");
+    assert_eq!((prod.total, prod.clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>()), (3, vec!["k0", "k2"]));
+    let all =
+        list_clusters(&st, &sessions, &ListClustersRequest { problems_only: true, ..Default::default() }).unwrap();
+    assert_eq!(all.total, 5, "no agent is connected: every cluster has a problem");
+    assert!(all.clusters[0].problems.iter().any(|p| p.contains("not connected")), "{:?}", all.clusters[0].problems);
+    let bad =
+        list_clusters(&st, &sessions, &ListClustersRequest { selector: "tier in prod".into(), ..Default::default() });
+    assert!(bad.unwrap_err().message().contains("cannot read"));
+}
+
+#[tokio::test]
+async fn a_control_the_store_cannot_record_changes_nothing_and_says_so() {
+    let store = Arc::new(MemStore::default());
+    let follower =
+        Follower::new("file:///nonexistent".to_string(), "main", std::env::temp_dir().join("flotilla-unused"));
+    let opts = Options { tick: None, ..Options::default() };
+    let hub = Hub::with_options(store.clone(), follower, CancellationToken::new(), opts).unwrap();
+    store.fail_commits.store(1, Ordering::SeqCst);
+    let e = hub.control("shop", &Control::Pause, "alice").await.unwrap_err();
+    assert!(e.starts_with("storing the change failed, nothing changed"), "{e}");
+    assert!(hub.audit().is_empty());
+    assert!(hub.state().audit.is_empty(), "memory did not change either");
+    let e = hub.control("shop", &Control::Pause, "alice").await.unwrap_err();
+    assert_eq!(e, "app shop has no rollout");
+    assert_eq!(hub.audit().len(), 1, "the refusal is recorded");
+}
