@@ -67,8 +67,8 @@ fn big() -> String {
         .join("---\n")
 }
 
-fn app_yaml(targets: &str) -> String {
-    format!("namespace: apps\ntargets: [{{selector: {targets}}}]\n")
+fn app_yaml(app: &str, targets: &str) -> String {
+    format!("namespace: {app}\ntargets: [{{selector: {targets}}}]\n")
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -84,7 +84,11 @@ fn rss_kib(pid: u32) -> u64 {
 fn hub_child(dir: PathBuf, repo: String) {
     flotilla_common::install_crypto_provider();
     // Store commits, for the parent to count (stderr).
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn,flotilla_hub::hub=debug").init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter("warn,flotilla_hub::hub=debug")
+        .init();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
         let read = |f: &str| std::fs::read_to_string(dir.join("certs").join(f)).expect("cert");
@@ -188,8 +192,8 @@ async fn agent(port: u16, certs: PathBuf, cluster: String, chatty: Arc<AtomicBoo
                     return;
                 }
             }
-            _ = every_second.tick(), if chatty.load(Ordering::Relaxed) => {
-                if tx.send(status(&apps)).await.is_err() {
+            _ = every_second.tick() => {
+                if chatty.load(Ordering::Relaxed) && tx.send(status(&apps)).await.is_err() {
                     return;
                 }
             }
@@ -245,7 +249,7 @@ fn run(n: usize) {
     // The first commit targets nobody: the agents connect with no apps (the cost of a connection).
     for app in apps {
         std::fs::create_dir_all(repo.join(format!("apps/{app}"))).expect("mkdir");
-        std::fs::write(repo.join(format!("apps/{app}/app.yaml")), app_yaml("{matchLabels: {nobody: 'yes'}}"))
+        std::fs::write(repo.join(format!("apps/{app}/app.yaml")), app_yaml(app, "{matchLabels: {nobody: 'yes'}}"))
             .expect("write");
     }
     std::fs::write(repo.join("apps/web/web.yaml"), web("1")).expect("write");
@@ -274,7 +278,12 @@ fn run(n: usize) {
         let commits = commits.clone();
         let stderr = child.stderr.take().expect("stderr");
         std::thread::spawn(move || {
+            let mut log = std::env::var("FLOTILLA_BENCH_HUB_LOG").ok().and_then(|p| std::fs::File::create(p).ok());
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(f) = log.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
                 if let Some(ops) = line.split(" ops=").nth(1).and_then(|r| r.split_whitespace().next()?.parse().ok()) {
                     commits.lock().unwrap().push((Instant::now(), ops));
                 }
@@ -316,7 +325,7 @@ fn run(n: usize) {
         let connected = rss_kib(pid);
         // The workload: every app to every cluster (the 1 MiB bundle too), through the waves.
         for app in apps {
-            std::fs::write(repo.join(format!("apps/{app}/app.yaml")), app_yaml("{}")).expect("write");
+            std::fs::write(repo.join(format!("apps/{app}/app.yaml")), app_yaml(app, "{}")).expect("write");
         }
         git(&repo, &["commit", "-q", "-am", "everyone"]);
         let rev1 = git(&repo, &["rev-parse", "HEAD"]);

@@ -460,15 +460,17 @@ async fn writer(
                     }
                 }
             }
-            o = observations.recv() => {
-                if let Some((c, o)) = o {
-                    pending.entry(c).or_default().merge(o);
-                }
-            }
             _ = flush.tick(), if !pending.is_empty() => {
                 let t = state.observed(std::mem::take(&mut pending));
+                let reported = !t.batch.0.is_empty();
                 if let Err(e) = commit(&shared, &mut state, t).await {
                     warn!(error = %e, "storing agents' reports failed");
+                } else if reported && state.rollouts_running() && opts.tick.is_some() {
+                    // What agents reported moves rollouts at once, not at the next tick.
+                    let t = step(&state);
+                    if let Err(e) = commit(&shared, &mut state, t).await {
+                        warn!(error = %e, "storing a rollout step failed");
+                    }
                 }
             }
             _ = tick.tick(), if opts.tick.is_some() => {
@@ -483,16 +485,30 @@ async fn writer(
                     let _ = commit(&shared, &mut state, t).await;
                 }
             }
+            // Last: a flood of reports never starves the flush and the rollout tick.
+            o = observations.recv() => {
+                if let Some((c, o)) = o {
+                    pending.entry(c).or_default().merge(o);
+                    for _ in 0..4096 {
+                        let Ok((c, o)) = observations.try_recv() else { break };
+                        pending.entry(c).or_default().merge(o);
+                    }
+                }
+            }
         }
     }
     // Shutdown: what agents said is written, and the time, so a restart knows how long it was down.
     while let Ok((c, o)) = observations.try_recv() {
         pending.entry(c).or_default().merge(o);
     }
-    if !pending.is_empty() {
-        let t = state.observed(pending);
-        let _ = commit(&shared, &mut state, t).await;
+    let mut t = state.observed(pending);
+    // Reports are written soft while running; the last ones, and every soft write before them, reach the disk.
+    t.batch.1 = crate::store::Durability::Immediate;
+    if t.batch.0.is_empty() {
+        t.batch = t.batch.put(crate::keys::Key::Clock.path(), (shared.clock)().to_string());
+        t.next.clock_ms = (shared.clock)();
     }
+    let _ = commit(&shared, &mut state, t).await;
     if state.rollouts_running() {
         let t = state.clock((shared.clock)());
         let _ = commit(&shared, &mut state, t).await;

@@ -514,7 +514,7 @@ impl State {
                 next.reports.insert(c, Arc::new(rep));
             }
         }
-        Transition { next, batch, woken: BTreeSet::new(), reply: Ok(String::new()) }
+        Transition { next, batch: batch.soft(), woken: BTreeSet::new(), reply: Ok(String::new()) }
     }
 
     /// The hub starts again after `down_ms`: running rollouts' timers move on by that much, so the time the hub

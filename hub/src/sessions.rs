@@ -22,7 +22,9 @@ use tracing::{info, warn, Instrument};
 /// New sessions one certificate may open per minute; more are refused until the minute has passed.
 pub const SESSIONS_PER_MINUTE: usize = 20;
 
-const CHUNK: usize = flotilla_proto::MAX_CHUNK_BYTES;
+/// Bundles go out in chunks of 256 KiB (the protocol allows up to 1 MiB): a session's send buffers stay small
+/// however large the bundle.
+const CHUNK: usize = flotilla_proto::MAX_CHUNK_BYTES / 4;
 
 /// One live session, as the rest of the hub sees it.
 pub struct Presence {

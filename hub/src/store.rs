@@ -35,9 +35,26 @@ pub enum Op {
 
 /// Changes applied together or not at all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Batch(pub Vec<Op>);
+pub struct Batch(pub Vec<Op>, pub Durability);
+
+/// How soon a committed batch must be on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk when the commit returns.
+    #[default]
+    Immediate,
+    /// Soft state the hub can get again (agents' reports: every agent resends its whole status when it
+    /// reconnects): visible at once, on disk with the next immediate commit; a crash may lose it.
+    Soft,
+}
 
 impl Batch {
+    /// The same changes as soft state (see [`Durability::Soft`]).
+    pub fn soft(mut self) -> Self {
+        self.1 = Durability::Soft;
+        self
+    }
+
     pub fn put(mut self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
         self.0.push(Op::Put(key.into(), value.into()));
         self
@@ -173,7 +190,10 @@ impl Store for RedbStore {
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         let ops = batch.0.len();
         let err = |e| StoreError::CommitFailed { ops, source: e };
-        let txn = self.db.begin_write().map_err(|e| err(boxed(e)))?;
+        let mut txn = self.db.begin_write().map_err(|e| err(boxed(e)))?;
+        if batch.1 == Durability::Soft {
+            txn.set_durability(redb::Durability::None).map_err(|e| err(boxed(e)))?;
+        }
         {
             let mut table = txn.open_table(TABLE).map_err(|e| err(boxed(e)))?;
             for op in &batch.0 {
