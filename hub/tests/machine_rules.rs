@@ -104,3 +104,24 @@ async fn a_control_the_store_cannot_record_changes_nothing_and_says_so() {
     assert_eq!(e, "app shop has no rollout");
     assert_eq!(hub.audit().len(), 1, "the refusal is recorded");
 }
+
+#[test]
+fn the_audit_is_kept_by_count_and_by_age() {
+    use flotilla_hub::keys;
+    use flotilla_hub::machine::{AUDIT_AGE_MS, AUDIT_MAX};
+    use flotilla_hub::store::Op;
+    let now = 200 * 24 * 3600 * 1000i64;
+    // A record older than the age limit goes at the next control.
+    let st =
+        State { audit: Arc::new([keys::audit(now - AUDIT_AGE_MS - 1, 0)].into_iter().collect()), ..State::default() };
+    let t = st.control("shop", &Control::Pause, "alice", now, 1);
+    assert_eq!(t.next.audit.len(), 1);
+    assert!(t.batch.0.contains(&Op::Delete(keys::audit(now - AUDIT_AGE_MS - 1, 0))));
+    // A full audit drops its oldest record for each new one.
+    let full: std::collections::VecDeque<String> = (0..AUDIT_MAX as u64).map(|i| keys::audit(now - 1000, i)).collect();
+    let st = State { audit: Arc::new(full), ..State::default() };
+    let t = st.control("shop", &Control::Pause, "alice", now, 1);
+    assert_eq!(t.next.audit.len(), AUDIT_MAX);
+    assert!(t.batch.0.contains(&Op::Delete(keys::audit(now - 1000, 0))));
+    assert_eq!(t.next.audit.back(), Some(&keys::audit(now, 1)));
+}
