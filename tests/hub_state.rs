@@ -16,7 +16,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -177,18 +176,7 @@ impl World {
     }
 
     fn behaviour(&self, cluster: &str, body: &str) {
-        let addr = self.server.trim_start_matches("http://").trim_end_matches('/').to_string();
-        let path = format!("/admin/clusters/{cluster}/behaviour");
-        let mut s = std::net::TcpStream::connect(&addr).expect("simulator admin API");
-        write!(
-            s,
-            "PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
+        flotilla_e2e::admin_patch(&self.server, &format!("/admin/clusters/{cluster}/behaviour"), body);
     }
 
     async fn connected(&self, cluster: &str) -> bool {

@@ -6,12 +6,13 @@
 
 use flotilla_agent::apply::Applier;
 use flotilla_agent::session::AgentConfig;
-use flotilla_e2e::{binary, commit, eventually, free_port, git_daemon, operator_client, spawn, start_hub, Proc};
+use flotilla_e2e::{
+    admin_patch, binary, commit, eventually, free_port, git_daemon, operator_client, spawn, start_hub, Proc,
+};
 use flotilla_proto::platform::v1::{ListRolloutsRequest, Rollout};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::Api;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,21 +40,6 @@ fn web(image: &str) -> String {
 }
 
 const WAVES: &str = "waves:\n- {name: canary, selector: {matchLabels: {ring: '1'}}, progressDeadlineSeconds: 20}\n- {name: early, selector: {matchLabels: {ring: '2'}}, progressDeadlineSeconds: 20}\n- {name: middle, selector: {matchLabels: {ring: '3'}}, progressDeadlineSeconds: 8}\n- {name: late, selector: {matchLabels: {ring: '4'}}, progressDeadlineSeconds: 20}\n- {name: last, selector: {matchLabels: {ring: '5'}}, progressDeadlineSeconds: 20}\n";
-
-/// PATCHes the simulator's admin API.
-fn admin_patch(server: &str, path: &str, body: &str) {
-    let addr = server.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = std::net::TcpStream::connect(addr).expect("simulator admin API");
-    write!(
-        s,
-        "PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
-}
 
 async fn rollout(certs: &Path, port: u16, app: &str) -> Option<Rollout> {
     let mut c = operator_client(certs, port).await;

@@ -397,3 +397,19 @@ fn serve_git_http<S: std::io::Read + std::io::Write>(
     out.write_all(content)?;
     out.flush()
 }
+
+/// PATCHes the simulator's admin API.
+pub fn admin_patch(server: &str, path: &str, body: &str) {
+    let addr = server.trim_start_matches("http://").trim_end_matches('/');
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("simulator admin API");
+    write!(
+        s,
+        "PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
+}

@@ -202,35 +202,6 @@ impl State {
         }
     }
 
-    /// Applies desired-state changes of one app.
-    fn apply_changes(
-        &self,
-        next: &mut State,
-        batch: &mut Batch,
-        woken: &mut BTreeSet<String>,
-        app: &str,
-        changes: rollouts::Changes,
-    ) {
-        let mut per: BTreeMap<String, Apps> = BTreeMap::new();
-        for (c, v) in changes {
-            let apps =
-                per.entry(c.clone()).or_insert_with(|| next.desired.get(&c).map(|a| (**a).clone()).unwrap_or_default());
-            match v {
-                Some(v) => apps.insert(app.to_string(), v),
-                None => apps.remove(app),
-            };
-        }
-        for (c, apps) in per {
-            let current = next.clone_desired(&c);
-            if current.as_ref() != Some(&apps) {
-                batch.0.push(crate::store::Op::Put(Key::Desired(&c).path(), json(&apps)));
-                next.desired.insert(c.clone(), Arc::new(apps));
-                woken.insert(c);
-            }
-        }
-        let _ = self;
-    }
-
     fn clone_desired(&self, c: &str) -> Option<Apps> {
         self.desired.get(c).map(|a| (**a).clone())
     }
@@ -411,7 +382,7 @@ impl State {
             if !stepped.progressed && stepped.changes.is_empty() {
                 continue;
             }
-            self.apply_changes(&mut next, &mut batch, &mut woken, app, stepped.changes);
+            apply_changes(&mut next, &mut batch, &mut woken, app, stepped.changes);
             Self::put_record(&mut batch, app, &rec, stepped.completed);
             next.rollouts.insert(app.clone(), Arc::new(rec));
         }
@@ -431,7 +402,7 @@ impl State {
         let result = rollouts::control(app, &mut rec, &current, &ctx, action);
         let reply = match result {
             Ok((message, changes)) => {
-                self.apply_changes(&mut next, &mut batch, &mut woken, app, changes);
+                apply_changes(&mut next, &mut batch, &mut woken, app, changes);
                 Self::put_record(&mut batch, app, &rec, true);
                 next.rollouts.insert(app.to_string(), Arc::new(rec));
                 Ok(message)
@@ -559,6 +530,31 @@ impl State {
         self.rollouts.values().any(|r| {
             r.rollout.as_ref().is_some_and(|r| r.active() || r.phase == flotilla_common::rollout::RolloutPhase::Paused)
         })
+    }
+}
+
+/// Applies desired-state changes of one app to `next` and the batch.
+fn apply_changes(
+    next: &mut State,
+    batch: &mut Batch,
+    woken: &mut BTreeSet<String>,
+    app: &str,
+    changes: rollouts::Changes,
+) {
+    let mut per: BTreeMap<String, Apps> = BTreeMap::new();
+    for (c, v) in changes {
+        let apps = per.entry(c.clone()).or_insert_with(|| next.clone_desired(&c).unwrap_or_default());
+        match v {
+            Some(v) => apps.insert(app.to_string(), v),
+            None => apps.remove(app),
+        };
+    }
+    for (c, apps) in per {
+        if next.desired.get(&c).map(|a| &**a) != Some(&apps) {
+            batch.0.push(crate::store::Op::Put(Key::Desired(&c).path(), json(&apps)));
+            next.desired.insert(c.clone(), Arc::new(apps));
+            woken.insert(c);
+        }
     }
 }
 

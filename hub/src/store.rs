@@ -148,6 +148,24 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    /// Every entry under `prefix`, in key order, as `f` makes it (nothing is copied that `f` does not take).
+    fn range<T>(&self, prefix: &str, f: impl Fn(&str, &[u8]) -> T) -> Result<Vec<T>, StoreError> {
+        let err = |e| StoreError::ReadFailed { key: format!("{prefix}*"), source: e };
+        let txn = self.db.begin_read().map_err(|e| err(boxed(e)))?;
+        let table = txn.open_table(TABLE).map_err(|e| err(boxed(e)))?;
+        let mut out = Vec::new();
+        for item in table.range(prefix..).map_err(|e| err(boxed(e)))? {
+            let (k, v) = item.map_err(|e| err(boxed(e)))?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push(f(k.value(), v.value()));
+        }
+        Ok(out)
+    }
+}
+
 impl Store for RedbStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let err = |e| StoreError::ReadFailed { key: key.to_string(), source: e };
@@ -158,33 +176,11 @@ impl Store for RedbStore {
     }
 
     fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let err = |e| StoreError::ReadFailed { key: format!("{prefix}*"), source: e };
-        let txn = self.db.begin_read().map_err(|e| err(boxed(e)))?;
-        let table = txn.open_table(TABLE).map_err(|e| err(boxed(e)))?;
-        let mut out = Vec::new();
-        for item in table.range(prefix..).map_err(|e| err(boxed(e)))? {
-            let (k, v) = item.map_err(|e| err(boxed(e)))?;
-            if !k.value().starts_with(prefix) {
-                break;
-            }
-            out.push((k.value().to_string(), v.value().to_vec()));
-        }
-        Ok(out)
+        self.range(prefix, |k, v| (k.to_string(), v.to_vec()))
     }
 
     fn keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let err = |e| StoreError::ReadFailed { key: format!("{prefix}*"), source: e };
-        let txn = self.db.begin_read().map_err(|e| err(boxed(e)))?;
-        let table = txn.open_table(TABLE).map_err(|e| err(boxed(e)))?;
-        let mut out = Vec::new();
-        for item in table.range(prefix..).map_err(|e| err(boxed(e)))? {
-            let (k, _) = item.map_err(|e| err(boxed(e)))?;
-            if !k.value().starts_with(prefix) {
-                break;
-            }
-            out.push(k.value().to_string());
-        }
-        Ok(out)
+        self.range(prefix, |k, _| k.to_string())
     }
 
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
