@@ -252,6 +252,13 @@ async fn rollouts_survive_unrelated_commits_failures_and_removals() {
     assert_eq!(bakes(&still), bakes(&waiting), "the bake is not redone: {:#?}", still.timeline);
     assert!(!still.timeline.iter().any(|e| e.contains("superseded")), "{:#?}", still.timeline);
     assert_eq!(w.image("c3").await.as_deref(), Some("web:1"), "the second wave still waits");
+    // The fleet view counts the held-back app: c3 is not "in sync" on everything.
+    let (ok, text) = w.cli(&["cluster", "c3", "-o", "json"]);
+    assert!(ok, "{text}");
+    let view: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((view["appsTotal"].as_u64(), view["appsHeldBack"].as_u64()), (Some(2), Some(1)), "{view:#}");
+    let web = view["apps"].as_array().unwrap().iter().find(|a| a["app"] == "web").unwrap();
+    assert_eq!((web["state"].as_str(), web["heldBackRevision"].as_str()), (Some("held back"), Some(rev2.as_str())));
     assert!(w.cli(&["rollout", "approve", "web", "second"]).0);
     w.wait_rollout("web", "web:2 complete", 90, |r| r.revision == rev2 && r.phase == "complete").await;
     for c in CLUSTERS {

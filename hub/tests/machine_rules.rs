@@ -125,3 +125,42 @@ fn the_audit_is_kept_by_count_and_by_age() {
     assert!(t.batch.0.contains(&Op::Delete(keys::audit(now - 1000, 0))));
     assert_eq!(t.next.audit.back(), Some(&keys::audit(now, 1)));
 }
+
+#[test]
+fn reports_keep_only_apps_meant_for_the_cluster_within_bounds() {
+    use flotilla_hub::machine::Observed;
+    use flotilla_hub::report::{MAX_APPS, MAX_REASONS};
+    use flotilla_proto::agent::v1 as pb;
+    let st = State::default().synced(&synced("r1", "one", 2), 0).next;
+    let status = |app: &str| pb::AppStatus {
+        app: app.into(),
+        digest: "sha256:x".into(),
+        reasons: (0..100).map(|i| format!("reason {i}")).collect(),
+        message: "m".repeat(100_000),
+        ..Default::default()
+    };
+    // A flood of app names the cluster is not meant to run, and one app it is.
+    let mut apps: Vec<pb::AppStatus> = (0..MAX_APPS + 50).map(|i| status(&format!("junk-{i}"))).collect();
+    apps.push(status("shop"));
+    let obs = [
+        ("k0".to_string(), Observed { hello: None, apps: apps.clone(), seen_ms: 1 }),
+        ("stranger".to_string(), Observed { hello: None, apps, seen_ms: 1 }),
+    ];
+    let t = st.observed(obs.into_iter().collect());
+    let rep = &t.next.reports["k0"];
+    assert_eq!(rep.apps.keys().collect::<Vec<_>>(), ["shop"], "only the app meant for k0");
+    let shop = &rep.apps["shop"].0;
+    assert_eq!(shop.reasons.len(), MAX_REASONS);
+    assert!(shop.message.len() <= 4100, "{}", shop.message.len());
+    assert!(!t.next.reports.contains_key("stranger"), "a cluster out of the inventory keeps no report");
+}
+
+#[test]
+fn the_problems_of_a_commit_name_the_apps_it_breaks() {
+    let st = State::default().synced(&synced("r1", "one", 5), 0).next;
+    let mut broken = synced("r2", "it's broken", 5);
+    broken.revision = "r2".into();
+    let t = st.synced(&broken, 0);
+    let p = t.next.problems.iter().find(|p| p.starts_with("app shop on ")).expect("the app's problem");
+    assert!(p.contains("k0, k1, k2 and 2 more") && p.contains("apps/shop/cm.yaml"), "{p}");
+}
