@@ -41,10 +41,24 @@ pub enum SelectorError {
 impl std::str::FromStr for LabelSelector {
     type Err = String;
 
-    /// kubectl's `-l` form: `tier=prod,region in (eu,us),env!=dev,canary,!legacy`.
+    /// The Kubernetes API's `labelSelector` syntax (kubectl's `-l`): `tier=prod,region in (eu,us),env!=dev,canary,
+    /// !legacy`. Keys and values are checked as the API server checks them; the error names the requirement.
     fn from_str(text: &str) -> Result<Self, String> {
+        fn valid_key(k: &str) -> bool {
+            !k.is_empty() && k.len() <= 317 && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        }
+        fn valid_value(v: &str) -> bool {
+            v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        }
+        fn set_op<'a>(p: &'a str, op: &str) -> Option<(&'a str, &'a str)> {
+            let i = p.find(op)?;
+            Some((p[..i].trim(), p[i + op.len()..].trim()))
+        }
         let mut sel = LabelSelector::default();
-        // Split on commas outside parentheses.
+        if text.trim().is_empty() {
+            return Ok(sel);
+        }
+        // Requirements are separated by commas outside parentheses.
         let (mut depth, mut start, mut parts) = (0i32, 0usize, Vec::new());
         for (i, ch) in text.char_indices() {
             match ch {
@@ -58,29 +72,36 @@ impl std::str::FromStr for LabelSelector {
             }
         }
         parts.push(&text[start..]);
-        for raw in parts.into_iter().map(str::trim).filter(|p| !p.is_empty()) {
-            let bad = || {
-                format!("selector {text:?}: cannot read {raw:?} (key=value, key!=value, key in (a,b), key notin (a), key, !key)")
-            };
+        for part in parts {
+            let p = part.trim();
+            let bad = || format!("invalid label selector requirement {p:?}");
             let set = |rest: &str| -> Result<Vec<String>, String> {
-                let inner = rest.trim().strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or_else(bad)?;
+                let inner = rest.strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or_else(bad)?;
                 Ok(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
             };
-            let req = |key: &str, operator, values| Requirement { key: key.trim().to_string(), operator, values };
-            if let Some((k, v)) = raw.split_once("!=") {
-                sel.match_expressions.push(req(k, Operator::NotIn, vec![v.trim().to_string()]));
-            } else if let Some((k, v)) = raw.split_once("==").or_else(|| raw.split_once('=')) {
-                sel.match_labels.insert(k.trim().to_string(), v.trim().to_string());
-            } else if let Some((k, rest)) = raw.split_once(" notin ") {
-                sel.match_expressions.push(req(k, Operator::NotIn, set(rest)?));
-            } else if let Some((k, rest)) = raw.split_once(" in ") {
-                sel.match_expressions.push(req(k, Operator::In, set(rest)?));
-            } else if let Some(k) = raw.strip_prefix('!') {
-                sel.match_expressions.push(req(k, Operator::DoesNotExist, vec![]));
-            } else if raw.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
-                sel.match_expressions.push(req(raw, Operator::Exists, vec![]));
+            let req = |key: &str, operator, values: Vec<String>| Requirement { key: key.to_string(), operator, values };
+            let r = if let Some(k) = p.strip_prefix('!') {
+                req(k.trim(), Operator::DoesNotExist, vec![])
+            } else if let Some((k, v)) = p.split_once("!=") {
+                req(k.trim(), Operator::NotIn, vec![v.trim().to_string()])
+            } else if let Some((k, v)) = p.split_once("==").or_else(|| p.split_once('=')) {
+                req(k.trim(), Operator::In, vec![v.trim().to_string()])
+            } else if let Some((k, rest)) = set_op(p, " notin ") {
+                req(k, Operator::NotIn, set(rest)?)
+            } else if let Some((k, rest)) = set_op(p, " in ") {
+                req(k, Operator::In, set(rest)?)
             } else {
+                req(p, Operator::Exists, vec![])
+            };
+            if !valid_key(&r.key) || !r.values.iter().all(|v| valid_value(v)) {
                 return Err(bad());
+            }
+            match (r.operator, r.values.as_slice()) {
+                // `k=v`, unless k is given twice (both must hold then).
+                (Operator::In, [v]) if (p.contains('=')) && !sel.match_labels.contains_key(&r.key) => {
+                    sel.match_labels.insert(r.key.clone(), v.clone());
+                }
+                _ => sel.match_expressions.push(r),
             }
         }
         sel.validate().map_err(|e| format!("selector {text:?}: {e}"))?;
@@ -129,7 +150,9 @@ mod tests {
         assert!(!s.matches(&l(&[("tier", "prod"), ("region", "ap"), ("canary", "")])));
         assert!(!s.matches(&l(&[("tier", "prod"), ("region", "eu"), ("canary", ""), ("legacy", "1")])));
         assert!("".parse::<super::LabelSelector>().unwrap().matches(&l(&[])));
-        assert!("a in b".parse::<super::LabelSelector>().unwrap_err().contains("cannot read"));
+        assert!("a in b".parse::<super::LabelSelector>().unwrap_err().contains("invalid label selector requirement"));
+        let twice: super::LabelSelector = "a=1,a=2".parse().unwrap();
+        assert!(!twice.matches(&l(&[("a", "1")])) && !twice.matches(&l(&[("a", "2")])), "both must hold");
     }
 
     use super::*;
