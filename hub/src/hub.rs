@@ -352,26 +352,26 @@ impl Hub {
 
 /// Commits a transition's batch off the async workers; publishes the next state only when it is durable.
 async fn commit(shared: &Shared, state: &mut Arc<State>, t: Transition) -> Result<String, String> {
-    if !t.batch.0.is_empty() {
-        let store = shared.store.clone();
-        let batch = t.batch;
-        let ops = batch.0.len();
-        let started = std::time::Instant::now();
-        tokio::task::spawn_blocking(move || store.commit(batch))
-            .await
-            .map_err(|e| format!("the store commit did not finish: {e}"))?
-            .map_err(|e| format!("storing the change failed, nothing changed: {}", error_chain(&e)))?;
-        tracing::debug!(ops, millis = started.elapsed().as_millis() as u64, "committed");
+    // Every change of state comes with its batch (memory equals the store): no batch, nothing to publish.
+    if t.batch.0.is_empty() {
+        return t.reply;
     }
+    let store = shared.store.clone();
+    let batch = t.batch;
+    let ops = batch.0.len();
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || store.commit(batch))
+        .await
+        .map_err(|e| format!("the store commit did not finish: {e}"))?
+        .map_err(|e| format!("storing the change failed, nothing changed: {}", error_chain(&e)))?;
+    tracing::debug!(ops, millis = started.elapsed().as_millis() as u64, "committed");
     let next = Arc::new(t.next);
-    if !Arc::ptr_eq(state, &next) {
-        // Bundles nothing references any more leave the shared cache.
-        if next.bundles != state.bundles {
-            shared.bundles.lock().unwrap_or_else(|p| p.into_inner()).retain(|d, _| next.bundles.contains(d));
-        }
-        shared.snapshot.store(next.clone());
-        *state = next;
+    // Bundles nothing references any more leave the shared cache.
+    if next.bundles != state.bundles {
+        shared.bundles.lock().unwrap_or_else(|p| p.into_inner()).retain(|d, _| next.bundles.contains(d));
     }
+    shared.snapshot.store(next.clone());
+    *state = next;
     for c in &t.woken {
         shared.sessions.wake(c);
     }

@@ -85,7 +85,7 @@ fn the_cluster_list_is_paged_and_filtered() {
     assert!(all.clusters[0].problems.iter().any(|p| p.contains("not connected")), "{:?}", all.clusters[0].problems);
     let bad =
         list_clusters(&st, &sessions, &ListClustersRequest { selector: "tier in prod".into(), ..Default::default() });
-    assert!(bad.unwrap_err().message().contains("cannot read"));
+    assert!(bad.unwrap_err().message().contains("invalid label selector requirement"));
 }
 
 #[tokio::test]
