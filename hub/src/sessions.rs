@@ -329,6 +329,17 @@ mod tests {
         assert!(s.present().is_empty());
     }
 
+    #[tokio::test]
+    async fn only_the_cluster_whose_desired_state_changed_wakes() {
+        let s = Sessions::default();
+        let a = s.open("a", "v1").unwrap();
+        let b = s.open("b", "v1").unwrap();
+        s.wake("a");
+        let soon = Duration::from_millis(50);
+        assert!(tokio::time::timeout(soon, a.wake.notified()).await.is_ok(), "a wakes");
+        assert!(tokio::time::timeout(soon, b.wake.notified()).await.is_err(), "b sleeps on");
+    }
+
     #[test]
     fn a_certificate_opening_sessions_in_a_loop_is_refused() {
         let s = Sessions::default();
