@@ -389,7 +389,17 @@ fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![2_000, 10_000]);
+    if let [n] = sizes[..] {
+        return run(n);
+    }
+    // Each size in a process of its own: what one run leaves behind (10 GiB of bundle traffic through the
+    // stand-ins' buffers, the page cache) does not slow the next.
     for n in sizes {
-        run(n);
+        let status = std::process::Command::new(std::env::current_exe().expect("exe"))
+            .args(std::env::args().skip(1))
+            .env("FLOTILLA_BENCH_SIZES", n.to_string())
+            .status()
+            .expect("bench run");
+        assert!(status.success(), "the run with {n} clusters failed");
     }
 }

@@ -462,15 +462,8 @@ async fn writer(
             }
             _ = flush.tick(), if !pending.is_empty() => {
                 let t = state.observed(std::mem::take(&mut pending));
-                let reported = !t.batch.0.is_empty();
                 if let Err(e) = commit(&shared, &mut state, t).await {
                     warn!(error = %e, "storing agents' reports failed");
-                } else if reported && state.rollouts_running() && opts.tick.is_some() {
-                    // What agents reported moves rollouts at once, not at the next tick.
-                    let t = step(&state);
-                    if let Err(e) = commit(&shared, &mut state, t).await {
-                        warn!(error = %e, "storing a rollout step failed");
-                    }
                 }
             }
             _ = tick.tick(), if opts.tick.is_some() => {

@@ -207,11 +207,55 @@ async fn run_session(
     cluster: &str,
     presence: &Presence,
     // app → the digest (and revision) the agent holds for it now (it keeps one bundle per app).
-    mut held: BTreeMap<String, (String, String)>,
+    held: BTreeMap<String, (String, String)>,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: &Tx,
 ) -> Result<(), String> {
+    // Reading and sending run side by side: a session busy sending (a slow agent, a large bundle) still reads
+    // what its agent says, so neither side can wait on the other forever.
+    let held = Mutex::new(held);
     let observer = hub.observer();
+    let reader = async {
+        loop {
+            let m = inbound.message().await;
+            presence.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+            match m {
+                Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Status(report)) })) => {
+                    // The agent holds the bundle of every digest it reports, applied or not.
+                    {
+                        let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+                        for a in report.apps.iter().filter(|a| !a.digest.is_empty()) {
+                            held.insert(a.app.clone(), (a.digest.clone(), a.revision.clone()));
+                        }
+                    }
+                    let obs = Observed { hello: None, apps: report.apps, seen_ms: now_ms() };
+                    if observer.send((cluster.to_string(), obs)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Ack(a)) })) => {
+                    presence.acked_seq.store(a.seq, Ordering::Relaxed);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(format!("receiving from the agent failed: {e}")),
+            }
+        }
+    };
+    tokio::select! {
+        r = reader => r,
+        r = send_loop(hub, cluster, presence, &held, tx) => r,
+    }
+}
+
+/// Sends the cluster's desired state whenever it changes, and heartbeats.
+async fn send_loop(
+    hub: &Arc<Hub>,
+    cluster: &str,
+    presence: &Presence,
+    held: &Mutex<BTreeMap<String, (String, String)>>,
+    tx: &Tx,
+) -> Result<(), String> {
     let mut sent: Option<Vec<(String, DesiredApp)>> = None;
     let mut seq = 0u64;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
@@ -222,7 +266,8 @@ async fn run_session(
         // store before its first commit) is sent nothing either: it keeps running what it runs.
         let desired = state.desired.get(cluster).filter(|_| state.clusters.contains_key(cluster));
         if let Some(desired) = desired {
-            let apps = resolve(desired, &held, state.reports.get(cluster).map(|r| &**r));
+            let snapshot = held.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let apps = resolve(desired, &snapshot, state.reports.get(cluster).map(|r| &**r));
             if sent.as_ref() != Some(&apps) {
                 seq += 1;
                 let mut msg = Vec::new();
@@ -230,7 +275,7 @@ async fn run_session(
                 let mut sent_to = Vec::new();
                 for (app, d) in &apps {
                     // Bundles are read only for digests the agent does not hold yet.
-                    let missing = held.get(app).map(|h| &h.0) != Some(&d.digest);
+                    let missing = snapshot.get(app).map(|h| &h.0) != Some(&d.digest);
                     let chunks = if missing { (d.size as usize).div_ceil(CHUNK).max(1) as u32 } else { 0 };
                     msg.push(pb::DesiredApp {
                         app: app.clone(),
@@ -273,7 +318,7 @@ async fn run_session(
                         send(tx, pb::hub_message::Msg::Chunk(chunk)).await?;
                     }
                 }
-                held.extend(sent_to);
+                held.lock().unwrap_or_else(|p| p.into_inner()).extend(sent_to);
                 sent = Some(apps);
             }
         }
@@ -288,27 +333,6 @@ async fn run_session(
             }
             _ = presence.wake.notified() => {}
             _ = heartbeat.tick() => send(tx, pb::hub_message::Msg::Heartbeat(pb::Heartbeat { sent_unix_ms: now_ms() })).await?,
-            m = inbound.message() => {
-                presence.last_seen_ms.store(now_ms(), Ordering::Relaxed);
-                match m {
-                    Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Status(report)) })) => {
-                        // The agent holds the bundle of every digest it reports, applied or not.
-                        for a in report.apps.iter().filter(|a| !a.digest.is_empty()) {
-                            held.insert(a.app.clone(), (a.digest.clone(), a.revision.clone()));
-                        }
-                        let obs = Observed { hello: None, apps: report.apps, seen_ms: now_ms() };
-                        if observer.send((cluster.to_string(), obs)).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Ack(a)) })) => {
-                        presence.acked_seq.store(a.seq, Ordering::Relaxed);
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Ok(()),
-                    Err(e) => return Err(format!("receiving from the agent failed: {e}")),
-                }
-            }
         }
     }
 }
