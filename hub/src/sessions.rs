@@ -29,8 +29,6 @@ const CHUNK: usize = flotilla_proto::MAX_CHUNK_BYTES / 4;
 /// One live session, as the rest of the hub sees it.
 pub struct Presence {
     pub id: u64,
-    pub agent_version: String,
-    pub since_ms: i64,
     pub sent_seq: AtomicU64,
     pub acked_seq: AtomicU64,
     pub last_seen_ms: AtomicI64,
@@ -48,7 +46,7 @@ pub struct Sessions {
 
 impl Sessions {
     /// Registers a new session for `cluster`, replacing (and ending) the one it had.
-    fn open(&self, cluster: &str, agent_version: &str) -> Result<Arc<Presence>, Status> {
+    fn open(&self, cluster: &str) -> Result<Arc<Presence>, Status> {
         let now = now_ms();
         {
             let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
@@ -65,8 +63,6 @@ impl Sessions {
         }
         let p = Arc::new(Presence {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
-            agent_version: agent_version.to_string(),
-            since_ms: now,
             sent_seq: AtomicU64::new(0),
             acked_seq: AtomicU64::new(0),
             last_seen_ms: AtomicI64::new(now),
@@ -99,10 +95,6 @@ impl Sessions {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
 
-    pub fn count(&self) -> usize {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
     /// Wakes the cluster's session: its desired state changed.
     pub fn wake(&self, cluster: &str) {
         if let Some(p) = self.get(cluster) {
@@ -113,7 +105,7 @@ impl Sessions {
     /// A presence without a session (tests drive rollouts with it).
     pub fn set_present(&self, cluster: &str, present: bool) {
         if present {
-            let _ = self.open(cluster, "test");
+            let _ = self.open(cluster);
         } else {
             self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(cluster);
         }
@@ -140,7 +132,7 @@ impl AgentService for AgentApi {
             _ => return Err(Status::invalid_argument("the first message of a session must be a Hello")),
         };
         let hub = self.0.clone();
-        let presence = hub.shared.sessions.open(&cluster, &hello.agent_version)?;
+        let presence = hub.shared.sessions.open(&cluster)?;
         let (tx, rx) = mpsc::channel(16);
         let span = tracing::info_span!("agent-session", %cluster, session = presence.id);
         tokio::spawn(
@@ -344,8 +336,8 @@ mod tests {
     #[test]
     fn a_newer_session_replaces_the_older_and_the_older_cannot_end_the_presence() {
         let s = Sessions::default();
-        let a = s.open("eu-1", "v1").unwrap();
-        let b = s.open("eu-1", "v1").unwrap();
+        let a = s.open("eu-1").unwrap();
+        let b = s.open("eu-1").unwrap();
         assert!(a.replaced.is_cancelled() && !b.replaced.is_cancelled());
         s.close("eu-1", a.id);
         assert!(s.present().contains("eu-1"), "the replaced session's end leaves the cluster connected");
@@ -356,8 +348,8 @@ mod tests {
     #[tokio::test]
     async fn only_the_cluster_whose_desired_state_changed_wakes() {
         let s = Sessions::default();
-        let a = s.open("a", "v1").unwrap();
-        let b = s.open("b", "v1").unwrap();
+        let a = s.open("a").unwrap();
+        let b = s.open("b").unwrap();
         s.wake("a");
         let soon = Duration::from_millis(50);
         assert!(tokio::time::timeout(soon, a.wake.notified()).await.is_ok(), "a wakes");
@@ -368,11 +360,11 @@ mod tests {
     fn a_certificate_opening_sessions_in_a_loop_is_refused() {
         let s = Sessions::default();
         for _ in 0..SESSIONS_PER_MINUTE {
-            s.open("eu-1", "v1").unwrap();
+            s.open("eu-1").unwrap();
         }
-        let e = s.open("eu-1", "v1").err().unwrap();
+        let e = s.open("eu-1").err().unwrap();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-        assert!(s.open("eu-2", "v1").is_ok(), "other clusters are not affected");
+        assert!(s.open("eu-2").is_ok(), "other clusters are not affected");
     }
 
     #[test]
