@@ -177,7 +177,7 @@ async fn per_cluster_rendering_webhooks_and_bad_input_through_the_whole_path() {
             "invalid YAML",
             vec![("apps/extra/extra.yaml", Some("data: [unclosed\n".into()))],
             "extra",
-            "apps/extra/extra.yaml:2: did not find expected",
+            "apps/extra/extra.yaml:2: while parsing a flow sequence",
         ),
         (
             "an unknown field in an app file",
@@ -348,7 +348,10 @@ fn flotilla_diff_lists_the_blast_radius_of_a_change() {
     commit_files(&repo, &[("apps/notes/notes.yaml", Some("data: [unclosed\n".into()))], "broken");
     let (code, out, err) = run(&["main", "HEAD"]);
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("error    notes") && out.contains("apps/notes/notes.yaml:2: did not find expected"), "{out}");
+    assert!(
+        out.contains("error    notes") && out.contains("apps/notes/notes.yaml:2: while parsing a flow sequence"),
+        "{out}"
+    );
     assert!(err.contains("8 cluster apps fail to render at HEAD"), "{err}");
     let (code, _, err) = run(&["main", "no-such-branch"]);
     assert_eq!(code, Some(1));

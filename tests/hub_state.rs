@@ -380,7 +380,11 @@ async fn a_hub_killed_or_on_a_wiped_store_fails_skips_and_deletes_nothing() {
             .unwrap();
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
         let hello = pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Hello(pb::Hello { agent_version: "duplicate".into(), applied: vec![] })),
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                agent_version: "duplicate".into(),
+                applied: vec![],
+                protocol: 1,
+            })),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.send(hello).await.unwrap();

@@ -366,6 +366,7 @@ fn the_rehearsal_prints_the_timeline_of_a_change() {
     // With web:2 failing everywhere, the rehearsal shows where it would stop.
     let (ok, out, err) = run(&["--fail-images", ":2$"]);
     assert!(ok, "{out}\n{err}");
-    assert!(out.contains("web: failed: wave staging failed: sim-0"), "{out}");
+    // Every staging cluster fails; whichever reports first is named.
+    assert!(out.contains("web: failed: wave staging failed: sim-"), "{out}");
     assert!(!out.contains("wave eu started"), "{out}");
 }

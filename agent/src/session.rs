@@ -15,6 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{info, warn};
 
+/// The protocol revision this agent speaks (`Hello.protocol`): 1 added it, the API server's reachability
+/// and the Unknown health.
+pub const PROTOCOL: u32 = 1;
+
 /// The least time between two status reports.
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -105,6 +109,7 @@ async fn session(cfg: &AgentConfig, engine: &EngineHandle, shutdown: &Cancellati
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
     let hello = pb::Hello {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: PROTOCOL,
         applied: engine
             .applied()
             .into_iter()
@@ -119,6 +124,9 @@ async fn session(cfg: &AgentConfig, engine: &EngineHandle, shutdown: &Cancellati
         .into_inner();
     info!(hub = %cfg.hub, "connected to the hub");
     let mut statuses = engine.statuses();
+    let mut reach = engine.reach();
+    // Sent first on every session, then when it changes.
+    let mut reach_due = true;
     // What happened while disconnected: the whole current status first.
     let mut reported: BTreeMap<String, pb::AppStatus> = BTreeMap::new();
     let mut last_report = tokio::time::Instant::now() - REPORT_INTERVAL;
@@ -138,15 +146,27 @@ async fn session(cfg: &AgentConfig, engine: &EngineHandle, shutdown: &Cancellati
                 }
                 report_due = true;
             }
+            r = reach.changed() => {
+                if r.is_err() {
+                    return Err("the engine stopped".into());
+                }
+                reach_due = true;
+                report_due = true;
+            }
             _ = tokio::time::sleep_until(report_at), if report_due => {
                 let current: Statuses = statuses.borrow_and_update().clone();
                 let changed: Vec<pb::AppStatus> =
                     current.values().filter(|s| reported.get(&s.app) != Some(*s)).cloned().collect();
-                if !changed.is_empty() {
+                let api = reach_due.then(|| {
+                    let r = reach.borrow_and_update().clone();
+                    pb::ApiServer { unreachable_since_unix_ms: r.down_since_ms.unwrap_or(0), error: r.error }
+                });
+                reach_due = false;
+                if !changed.is_empty() || api.is_some() {
                     for s in &changed {
                         reported.insert(s.app.clone(), s.clone());
                     }
-                    send(&tx, pb::agent_message::Msg::Status(pb::StatusReport { apps: changed })).await?;
+                    send(&tx, pb::agent_message::Msg::Status(pb::StatusReport { apps: changed, api })).await?;
                 }
                 last_report = tokio::time::Instant::now();
                 report_due = false;

@@ -3,12 +3,15 @@
 //! agent may have created for the app (what pruning may ever delete).
 //!
 //! Layout in the state namespace (`flotilla-system` by default):
-//! - `flotilla-app-<app>`: the index: digest, revision, whether it is fully applied, the chunk names, the
-//!   inventory (one object reference per line);
-//! - `flotilla-app-<app>-<digest12>-<n>`: the bundle's gzipped chunks.
+//! - `flotilla-app-<app>`: the index: digest, revision, whether it is fully applied, the names of the chunks
+//!   of the bundle and of the inventory;
+//! - `flotilla-app-<app>-<digest12>-<n>`: the bundle's gzipped chunks;
+//! - `flotilla-app-<app>-inv-<hash12>-<n>`: the inventory's gzipped chunks (one object reference per line),
+//!   so an inventory of any size fits.
 //!
-//! Chunks of a new bundle are written before the index that names them, and old chunks are deleted only
-//! after: a crash at any point leaves a complete previous or complete new state.
+//! Chunks are written before the index that names them, and old chunks are deleted only after: a crash at
+//! any point leaves a complete previous or complete new state. Each app's state stands alone: a damaged one
+//! is reported and skipped, never the end of the agent.
 
 use flate2::{read::GzDecoder, write::GzEncoder, Compression};
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -38,8 +41,10 @@ pub enum StateError {
     Damaged { app: String, message: String },
 }
 
-/// A reference to an object the agent manages: enough to find and delete it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A reference to an object the agent manages: enough to find and delete it. Two references are the same
+/// object when group, kind, namespace and name agree: the apiVersion is only the version it was last written
+/// in (a custom resource moving from v1beta1 to v1 is the same object, never pruned and re-created).
+#[derive(Debug, Clone)]
 pub struct ObjectRef {
     pub api_version: String,
     pub kind: String,
@@ -48,6 +53,11 @@ pub struct ObjectRef {
 }
 
 impl ObjectRef {
+    /// group, kind, namespace, name: what makes the object this object.
+    pub fn identity(&self) -> (&str, &str, &str, &str) {
+        (self.group(), &self.kind, &self.namespace, &self.name)
+    }
+
     pub fn of(o: &serde_json::Value) -> ObjectRef {
         let s = |p: &str| o.pointer(p).and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
         ObjectRef {
@@ -81,6 +91,32 @@ impl ObjectRef {
             namespace: if ns == "-" { String::new() } else { ns.into() },
             name: name.into(),
         })
+    }
+}
+
+impl PartialEq for ObjectRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.identity() == other.identity()
+    }
+}
+
+impl Eq for ObjectRef {}
+
+impl PartialOrd for ObjectRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ObjectRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.identity().cmp(&other.identity())
+    }
+}
+
+impl std::hash::Hash for ObjectRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.identity().hash(state)
     }
 }
 
@@ -189,58 +225,103 @@ impl StateStore {
             names
         };
         let inventory: Vec<String> = s.inventory.iter().map(ObjectRef::encode).collect();
+        let inventory = inventory.join("\n");
+        let old_inventory: Vec<String> = existing
+            .as_ref()
+            .and_then(|c| c.data.as_ref())
+            .and_then(|d| d.get("inventoryChunks"))
+            .map(|c| c.lines().map(str::to_string).collect())
+            .unwrap_or_default();
+        let hash = flotilla_common::fleet::digest_of(inventory.as_bytes());
+        let prefix = format!("{index}-inv-{}-", short(&hash));
+        let inventory_chunks: Vec<String> =
+            if !old_inventory.is_empty() && old_inventory.iter().all(|c| c.starts_with(&prefix)) {
+                old_inventory.clone()
+            } else {
+                let packed = gzip(inventory.as_bytes());
+                let mut names = Vec::new();
+                for (i, piece) in packed.chunks(CHUNK).enumerate() {
+                    let name = format!("{prefix}{i}");
+                    let data = json!({"binaryData": {"inventory.gz": ByteString(piece.to_vec())}});
+                    self.put(&name, [(STATE_LABEL, "chunk"), (APP_LABEL, s.app.as_str())].into(), data).await?;
+                    names.push(name);
+                }
+                names
+            };
         let data = json!({"data": {
             "digest": s.digest,
             "revision": s.revision,
             "applied": s.applied.to_string(),
             "chunks": chunks.join("\n"),
-            "inventory": inventory.join("\n"),
+            "inventoryChunks": inventory_chunks.join("\n"),
             "leaving": s.leaving.to_string(),
         }});
         self.put(&index, [(STATE_LABEL, "index"), (APP_LABEL, s.app.as_str())].into(), data).await?;
-        for old in old_chunks.iter().filter(|c| !chunks.contains(c)) {
+        let unused = old_chunks.iter().filter(|c| !chunks.contains(c));
+        for old in unused.chain(old_inventory.iter().filter(|c| !inventory_chunks.contains(c))) {
             let _ = self.api.delete(old, &DeleteParams::default()).await;
         }
         Ok(())
     }
 
-    /// Every app's stored state.
-    pub async fn load_all(&self) -> Result<Vec<AppState>, StateError> {
+    /// Every app's stored state, and the apps whose stored state is damaged (each app stands alone).
+    pub async fn load_all(&self) -> Result<(Vec<AppState>, Vec<StateError>), StateError> {
         let lp = ListParams::default().labels(&format!("{STATE_LABEL}=index"));
         let list = self.api.list(&lp).await.map_err(self.err("listing the agent's state"))?;
         let mut out = Vec::new();
+        let mut damaged = Vec::new();
         for cm in list.items {
-            let data = cm.data.unwrap_or_default();
-            let app = cm.metadata.labels.unwrap_or_default().get(APP_LABEL).cloned().unwrap_or_default();
-            let damaged = |message: String| StateError::Damaged { app: app.clone(), message };
-            let mut packed = Vec::new();
-            for name in data.get("chunks").map(String::as_str).unwrap_or_default().lines() {
-                let chunk = self.api.get_opt(name).await.map_err(self.err(format!("reading ConfigMap {name}")))?;
-                let bytes = chunk
-                    .and_then(|c| c.binary_data)
-                    .and_then(|b| b.get("bundle.gz").cloned())
-                    .ok_or_else(|| damaged(format!("chunk {name} is missing")))?;
-                packed.extend_from_slice(&bytes.0);
+            match self.load(cm).await {
+                Ok(s) => out.push(s),
+                Err(e @ StateError::Damaged { .. }) => damaged.push(e),
+                Err(e) => return Err(e),
             }
-            let bundle = gunzip(&packed).map_err(|e| damaged(e.to_string()))?;
-            let digest = data.get("digest").cloned().unwrap_or_default();
-            if flotilla_common::fleet::digest_of(&bundle) != digest {
-                return Err(damaged(format!("the stored bundle does not match its digest {digest}")));
-            }
-            out.push(AppState {
-                app: app.clone(),
-                digest,
-                revision: data.get("revision").cloned().unwrap_or_default(),
-                applied: data.get("applied").map(String::as_str) == Some("true"),
-                bundle,
-                inventory: data
-                    .get("inventory")
-                    .map(|i| i.lines().filter_map(ObjectRef::decode).collect())
-                    .unwrap_or_default(),
-                leaving: data.get("leaving").map(String::as_str) == Some("true"),
-            });
         }
-        Ok(out)
+        Ok((out, damaged))
+    }
+
+    async fn gathered(&self, names: &str, key: &str, app: &str) -> Result<Vec<u8>, StateError> {
+        let mut packed = Vec::new();
+        for name in names.lines() {
+            let chunk = self.api.get_opt(name).await.map_err(self.err(format!("reading ConfigMap {name}")))?;
+            let bytes = chunk.and_then(|c| c.binary_data).and_then(|b| b.get(key).cloned()).ok_or_else(|| {
+                StateError::Damaged { app: app.to_string(), message: format!("chunk {name} is missing") }
+            })?;
+            packed.extend_from_slice(&bytes.0);
+        }
+        gunzip(&packed).map_err(|e| StateError::Damaged { app: app.to_string(), message: format!("{key}: {e}") })
+    }
+
+    async fn load(&self, cm: ConfigMap) -> Result<AppState, StateError> {
+        let data = cm.data.unwrap_or_default();
+        let app = cm.metadata.labels.unwrap_or_default().get(APP_LABEL).cloned().unwrap_or_default();
+        let damaged = |message: String| StateError::Damaged { app: app.clone(), message };
+        if !flotilla_common::fleet::valid_app_name(&app) {
+            return Err(damaged(format!("ConfigMap {} names no valid app", cm.metadata.name.unwrap_or_default())));
+        }
+        let bundle =
+            self.gathered(data.get("chunks").map(String::as_str).unwrap_or_default(), "bundle.gz", &app).await?;
+        let digest = data.get("digest").cloned().unwrap_or_default();
+        if flotilla_common::fleet::digest_of(&bundle) != digest {
+            return Err(damaged(format!("the stored bundle does not match its digest {digest}")));
+        }
+        let inventory = match data.get("inventoryChunks") {
+            Some(names) => {
+                let bytes = self.gathered(names, "inventory.gz", &app).await?;
+                String::from_utf8(bytes).map_err(|e| damaged(format!("the inventory is not text: {e}")))?
+            }
+            // Written by an agent before inventories were chunked.
+            None => data.get("inventory").cloned().unwrap_or_default(),
+        };
+        Ok(AppState {
+            app: app.clone(),
+            digest,
+            revision: data.get("revision").cloned().unwrap_or_default(),
+            applied: data.get("applied").map(String::as_str) == Some("true"),
+            bundle,
+            inventory: inventory.lines().filter_map(ObjectRef::decode).collect(),
+            leaving: data.get("leaving").map(String::as_str) == Some("true"),
+        })
     }
 
     /// Forgets an app.

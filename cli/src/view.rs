@@ -72,6 +72,7 @@ fn health(h: i32) -> &'static str {
         flotilla_proto::agent::v1::Health::Progressing => "Progressing",
         flotilla_proto::agent::v1::Health::Missing => "Missing",
         flotilla_proto::agent::v1::Health::Degraded => "Degraded",
+        flotilla_proto::agent::v1::Health::Unknown => "Unknown",
     }
 }
 

@@ -11,6 +11,8 @@ use std::fmt;
 pub enum Status {
     Healthy,
     Progressing,
+    /// Not known: no rule says what the object's status means, or its cluster cannot be asked.
+    Unknown,
     Missing,
     Degraded,
 }
@@ -22,6 +24,7 @@ impl fmt::Display for Status {
             Status::Progressing => "Progressing",
             Status::Missing => "Missing",
             Status::Degraded => "Degraded",
+            Status::Unknown => "Unknown",
         })
     }
 }
@@ -72,20 +75,24 @@ fn condition<'a>(o: &'a Value, kind: &str) -> Option<(&'a str, &'a str, &'a str)
         .map(|c| (str_at(c, "/status"), str_at(c, "/reason"), str_at(c, "/message")))
 }
 
+/// Progressing while the controller has not observed the object's generation.
+fn not_observed(o: &Value) -> Option<Health> {
+    let (generation, observed) = (i64_at(o, "/metadata/generation")?, i64_at(o, "/status/observedGeneration")?);
+    (observed < generation).then(|| {
+        Health::new(
+            Status::Progressing,
+            "NotObserved",
+            format!("the controller has not observed generation {generation} yet (at {observed})"),
+        )
+    })
+}
+
 /// The built-in rules.
 pub fn builtin(o: &Value) -> Health {
     let kind = str_at(o, "/kind");
     let group = str_at(o, "/apiVersion").split_once('/').map_or("", |(g, _)| g);
-    if let (Some(generation), Some(observed)) =
-        (i64_at(o, "/metadata/generation"), i64_at(o, "/status/observedGeneration"))
-    {
-        if observed < generation {
-            return Health::new(
-                Status::Progressing,
-                "NotObserved",
-                format!("the controller has not observed generation {generation} yet (at {observed})"),
-            );
-        }
+    if let Some(stale) = not_observed(o) {
+        return stale;
     }
     let desired = i64_at(o, "/spec/replicas").unwrap_or(1);
     let n = |p: &str| i64_at(o, p).unwrap_or(0);
@@ -93,6 +100,10 @@ pub fn builtin(o: &Value) -> Health {
         ("apps", "Deployment") => {
             if let Some(("False", "ProgressDeadlineExceeded", msg)) = condition(o, "Progressing") {
                 return Health::new(Status::Degraded, "ProgressDeadlineExceeded", msg);
+            }
+            if o.pointer("/spec/paused").and_then(Value::as_bool) == Some(true) {
+                // Held on purpose: nothing will progress until someone resumes it.
+                return Health::new(Status::Healthy, "Paused", "the rollout is paused (spec.paused)");
             }
             if o.pointer("/status").is_none() {
                 return Health::new(Status::Progressing, "NoStatus", "waiting for the controller");
@@ -124,8 +135,22 @@ pub fn builtin(o: &Value) -> Health {
         ("apps", "StatefulSet") => {
             let ready = n("/status/readyReplicas");
             let (current, update) = (str_at(o, "/status/currentRevision"), str_at(o, "/status/updateRevision"));
+            let partition = i64_at(o, "/spec/updateStrategy/rollingUpdate/partition").unwrap_or(0);
             if ready < desired {
                 Health::new(Status::Progressing, "RolloutInProgress", format!("{ready} of {desired} replicas ready"))
+            } else if partition > 0 && str_at(o, "/spec/updateStrategy/type") != "OnDelete" {
+                // A partitioned rollout updates the replicas at or above the partition only.
+                let want = (desired - partition).max(0);
+                let updated = n("/status/updatedReplicas");
+                if updated < want {
+                    Health::new(
+                        Status::Progressing,
+                        "RolloutInProgress",
+                        format!("{updated} of {want} replicas above partition {partition} updated"),
+                    )
+                } else {
+                    Health::new(Status::Healthy, "Partitioned", format!("the rollout is held at partition {partition}"))
+                }
             } else if !update.is_empty() && current != update && str_at(o, "/spec/updateStrategy/type") != "OnDelete" {
                 Health::new(
                     Status::Progressing,
@@ -139,9 +164,11 @@ pub fn builtin(o: &Value) -> Health {
         ("apps", "DaemonSet") => {
             let want = n("/status/desiredNumberScheduled");
             let (updated, available) = (n("/status/updatedNumberScheduled"), n("/status/numberAvailable"));
+            let on_delete = str_at(o, "/spec/updateStrategy/type") == "OnDelete";
             if o.pointer("/status").is_none() {
                 Health::new(Status::Progressing, "NoStatus", "waiting for the controller")
-            } else if updated < want {
+            } else if updated < want && !on_delete {
+                // Under OnDelete, pods update only when someone deletes them: not a rollout to wait for.
                 Health::new(Status::Progressing, "RolloutInProgress", format!("{updated} of {want} pods updated"))
             } else if available < want {
                 Health::new(Status::Progressing, "RolloutInProgress", format!("{available} of {want} pods available"))
@@ -160,7 +187,17 @@ pub fn builtin(o: &Value) -> Health {
                 Health::healthy()
             }
         }
+        ("batch", "CronJob") => {
+            if o.pointer("/spec/suspend").and_then(Value::as_bool) == Some(true) {
+                Health::new(Status::Healthy, "Suspended", "the schedule is suspended (spec.suspend)")
+            } else {
+                Health::healthy()
+            }
+        }
         ("batch", "Job") => {
+            if o.pointer("/spec/suspend").and_then(Value::as_bool) == Some(true) {
+                return Health::new(Status::Healthy, "Suspended", "the job is suspended (spec.suspend)");
+            }
             if let Some(("True", reason, msg)) = condition(o, "Failed") {
                 Health::new(Status::Degraded, if reason.is_empty() { "JobFailed" } else { reason }, msg)
             } else if let Some(("True", ..)) = condition(o, "Complete") {
@@ -243,16 +280,33 @@ pub fn builtin(o: &Value) -> Health {
     }
 }
 
-/// Conditions any well-behaved controller sets: `Stalled`, `Ready`, `Available`, `Reconciling`.
+/// Groups Kubernetes itself serves: their kinds without a rule here (ConfigMap, Role, …) are healthy once
+/// they exist.
+fn builtin_group(group: &str) -> bool {
+    group.is_empty() || !group.contains('.') || group.ends_with(".k8s.io")
+}
+
+/// kstatus semantics for everything else: `Stalled=True` is Degraded, `Ready=False`, `Available=False` or
+/// `Reconciling=True` is Progressing, conditions otherwise are Healthy. A custom resource with no status at
+/// all is Unknown: nothing says what it means (a health rule in the app does).
 fn generic(o: &Value) -> Health {
+    let group = str_at(o, "/apiVersion").split_once('/').map_or("", |(g, _)| g);
+    if !builtin_group(group) && o.pointer("/status").is_none_or(|s| s.as_object().is_some_and(|m| m.is_empty())) {
+        return Health::new(
+            Status::Unknown,
+            "NoStatus",
+            format!(
+                "{} reports no status and no health rule says what that means (add one under health in app.yaml)",
+                str_at(o, "/kind")
+            ),
+        );
+    }
     if let Some(("True", reason, msg)) = condition(o, "Stalled") {
         return Health::new(Status::Degraded, if reason.is_empty() { "Stalled" } else { reason }, msg);
     }
     for kind in ["Ready", "Available"] {
         if let Some(("False", reason, msg)) = condition(o, kind) {
-            let failed = ["Fail", "Error", "Invalid"].iter().any(|w| reason.contains(w));
-            let status = if failed { Status::Degraded } else { Status::Progressing };
-            return Health::new(status, if reason.is_empty() { "NotReady" } else { reason }, msg);
+            return Health::new(Status::Progressing, if reason.is_empty() { "NotReady" } else { reason }, msg);
         }
     }
     if let Some(("True", reason, msg)) = condition(o, "Reconciling") {
@@ -263,7 +317,7 @@ fn generic(o: &Value) -> Health {
 
 /// A custom rule for one kind, in CEL over `object` (the live object as JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HealthRule {
     pub kind: String,
     /// The API group; absent matches the kind in any group.
@@ -325,6 +379,10 @@ impl Rules {
         else {
             return builtin(o);
         };
+        // A status the controller wrote for an older generation says nothing about this one.
+        if let Some(stale) = not_observed(o) {
+            return stale;
+        }
         let mut ctx = cel_interpreter::Context::default();
         if let Err(e) = ctx.add_variable("object", o) {
             return Health::new(Status::Progressing, "HealthRuleError", e.to_string());
@@ -416,7 +474,59 @@ mod tests {
         let cr = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"},
             "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "InstallFailed", "message": "boom"}]}});
         assert_eq!(builtin(&cr).describe(), "InstallFailed: boom");
-        assert_eq!(builtin(&cr).status, Status::Degraded);
+        assert_eq!(
+            builtin(&cr).status,
+            Status::Progressing,
+            "kstatus: Ready=False is in progress, whatever the reason"
+        );
+        let stalled = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"},
+            "status": {"conditions": [{"type": "Stalled", "status": "True", "reason": "InstallFailed"}]}});
+        assert_eq!(builtin(&stalled).status, Status::Degraded);
+        let bare = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {}});
+        assert_eq!(builtin(&bare).status, Status::Unknown, "no status and no rule: not known");
+        assert!(builtin(&bare).message.contains("add one under health in app.yaml"));
+    }
+
+    #[test]
+    fn held_rollouts_are_not_progress_to_wait_for() {
+        let paused = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+            "spec": {"replicas": 3, "paused": true}, "status": {"updatedReplicas": 1, "replicas": 3}});
+        assert_eq!((builtin(&paused).status, builtin(&paused).reason.as_str()), (Status::Healthy, "Paused"));
+        let sts = |updated: i64| {
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
+            "spec": {"replicas": 4, "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}},
+            "status": {"readyReplicas": 4, "updatedReplicas": updated, "currentRevision": "a", "updateRevision": "b"}})
+        };
+        assert_eq!(builtin(&sts(2)).status, Status::Healthy, "the replicas above the partition are updated");
+        assert_eq!(builtin(&sts(1)).status, Status::Progressing);
+        let ds = json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent"},
+            "spec": {"updateStrategy": {"type": "OnDelete"}},
+            "status": {"desiredNumberScheduled": 3, "updatedNumberScheduled": 0, "numberAvailable": 3}});
+        assert_eq!(builtin(&ds).status, Status::Healthy, "OnDelete pods update when deleted");
+        let job =
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"}, "spec": {"suspend": true}});
+        assert_eq!(builtin(&job).reason, "Suspended");
+        let cron =
+            json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c"}, "spec": {"suspend": true}});
+        assert_eq!(builtin(&cron).status, Status::Healthy);
+    }
+
+    #[test]
+    fn custom_rules_wait_for_the_observed_generation_too() {
+        let rules = Rules::new(&[HealthRule {
+            kind: "Widget".into(),
+            group: None,
+            healthy: "object.status.ready == true".into(),
+            degraded: None,
+            message: None,
+        }])
+        .unwrap();
+        let w = |observed: i64| {
+            json!({"apiVersion": "example.com/v1", "kind": "Widget",
+            "metadata": {"name": "w", "generation": 3}, "status": {"ready": true, "observedGeneration": observed}})
+        };
+        assert_eq!(rules.check(&w(2)).reason, "NotObserved");
+        assert_eq!(rules.check(&w(3)).status, Status::Healthy);
     }
 
     #[test]

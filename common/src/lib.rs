@@ -9,6 +9,7 @@ pub mod process;
 pub mod rollout;
 pub mod selector;
 pub mod tools;
+pub mod yaml;
 
 pub use identity::{identity_of, FleetCa, Identity, IdentityError};
 

@@ -170,7 +170,7 @@ async fn agent(port: u16, certs: PathBuf, cluster: String, chatty: Arc<AtomicBoo
                 ..Default::default()
             })
             .collect();
-        pb::AgentMessage { msg: Some(pb::agent_message::Msg::Status(pb::StatusReport { apps })) }
+        pb::AgentMessage { msg: Some(pb::agent_message::Msg::Status(pb::StatusReport { apps, api: None })) }
     };
     loop {
         tokio::select! {

@@ -237,8 +237,16 @@ impl Hub {
 
     /// Records an agent's status report and writes it now (tests).
     pub async fn record_report(&self, cluster: &str, report: &pb::StatusReport) {
-        self.observe(cluster, Observed { hello: None, apps: report.apps.clone(), seen_ms: (self.shared.clock)() })
-            .await;
+        self.observe(
+            cluster,
+            Observed {
+                apps: report.apps.clone(),
+                api: report.api.clone(),
+                seen_ms: (self.shared.clock)(),
+                ..Default::default()
+            },
+        )
+        .await;
         self.flush().await;
     }
 

@@ -63,6 +63,10 @@ pub struct Observed {
     /// Changed app statuses, newest last.
     pub apps: Vec<pb::AppStatus>,
     pub seen_ms: i64,
+    /// The agent's reach of its API server, when it changed.
+    pub api: Option<pb::ApiServer>,
+    /// The agent's version and protocol revision (a new session).
+    pub agent: Option<(String, u32)>,
 }
 
 impl Observed {
@@ -70,6 +74,12 @@ impl Observed {
     pub fn merge(&mut self, later: Observed) {
         if later.hello.is_some() {
             self.hello = later.hello;
+        }
+        if later.api.is_some() {
+            self.api = later.api;
+        }
+        if later.agent.is_some() {
+            self.agent = later.agent;
         }
         for a in later.apps {
             self.apps.retain(|x| x.app != a.app);
@@ -347,7 +357,7 @@ impl State {
                         pb::Health::Healthy => ObservedHealth::Healthy,
                         pb::Health::Degraded => ObservedHealth::Degraded,
                         pb::Health::Progressing | pb::Health::Missing => ObservedHealth::Progressing,
-                        pb::Health::Unspecified => ObservedHealth::Unknown,
+                        pb::Health::Unspecified | pb::Health::Unknown => ObservedHealth::Unknown,
                     },
                     None => ObservedHealth::Unknown,
                 };
@@ -479,7 +489,20 @@ impl State {
                 status.app = String::new();
                 rep.apps.insert(app, AppReport(status));
             }
-            if rep.apps != before.apps || before.last_seen_unix_ms == 0 {
+            if let Some(api) = o.api {
+                rep.api_down = (api.unreachable_since_unix_ms != 0).then(|| {
+                    let mut error = api.error;
+                    crate::report::clip(&mut error, 1024);
+                    (api.unreachable_since_unix_ms, error)
+                });
+            }
+            if o.agent.is_some() {
+                rep.agent = o.agent.map(|(mut v, p)| {
+                    crate::report::clip(&mut v, 64);
+                    (v, p)
+                });
+            }
+            if rep != before || before.last_seen_unix_ms == 0 {
                 rep.last_seen_unix_ms = o.seen_ms;
                 batch = batch.put(Key::Report(&c).path(), json(&rep));
                 next.reports.insert(c, Arc::new(rep));

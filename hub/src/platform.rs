@@ -54,6 +54,7 @@ pub fn cluster_view(st: &State, sessions: &Sessions, name: &str) -> Option<api::
     if presence.is_none() {
         problems.push("its agent is not connected".to_string());
     }
+    problems.extend(report.map(|r| r.problems()).unwrap_or_default());
     let mut apps = Vec::new();
     for app in targeted {
         let d = desired.and_then(|d| d.get(app));
@@ -281,7 +282,7 @@ impl PlatformService for PlatformApi {
             }
             apps.retain(|a| *a == r.app);
         }
-        let mut lines = Vec::new();
+        let mut lines: Vec<String> = st.reports.get(&r.cluster).map(|rep| rep.problems()).unwrap_or_default();
         for app in apps {
             let applied = st.reports.get(&r.cluster).and_then(|rep| rep.apps.get(&app)).map(|a| a.0.revision.clone());
             let d = desired.get(&app);

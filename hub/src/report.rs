@@ -14,7 +14,7 @@ pub const MAX_DRIFT: usize = 50;
 /// Characters kept of a message or reason.
 pub const MAX_TEXT: usize = 4096;
 
-fn clip(s: &mut String, max: usize) {
+pub(crate) fn clip(s: &mut String, max: usize) {
     if s.len() > max {
         let mut end = max;
         while !s.is_char_boundary(end) {
@@ -100,6 +100,51 @@ impl<'de> Deserialize<'de> for AppReport {
 pub struct ClusterReport {
     pub last_seen_unix_ms: i64,
     pub apps: BTreeMap<String, AppReport>,
+    /// Since when (unix ms) the agent cannot reach its cluster's API server, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_down: Option<(i64, String)>,
+    /// The agent's version and protocol revision, from its last Hello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<(String, u32)>,
+}
+
+/// The oldest agent protocol revision this hub serves fully; older agents are shown as too old.
+pub const MIN_AGENT_PROTOCOL: u32 = 1;
+
+impl ClusterReport {
+    /// What operators are told about the cluster's agent and API server, if anything is wrong.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some((since, error)) = &self.api_down {
+            out.push(format!("API unreachable since {}: {error}", clock(*since)));
+        }
+        if let Some((version, protocol)) = &self.agent {
+            if *protocol < MIN_AGENT_PROTOCOL {
+                out.push(format!(
+                    "its agent {version} is too old (protocol {protocol}; this hub expects {MIN_AGENT_PROTOCOL} or \
+                     newer): upgrade it"
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// `2026-12-01 12:03:04 UTC`
+pub fn clock(unix_ms: i64) -> String {
+    let secs = unix_ms.div_euclid(1000);
+    let (days, t) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", t / 3600, t % 3600 / 60, t % 60)
 }
 
 /// How the current commit was rendered (see [`RenderStats`]).
@@ -123,5 +168,14 @@ impl Rendering {
             bundles: s.bundles as u64,
             millis,
         }
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    #[test]
+    fn clock_prints_utc() {
+        assert_eq!(super::clock(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::clock(1_796_126_584_000), "2026-12-01 12:03:04 UTC");
     }
 }

@@ -138,7 +138,12 @@ impl AgentService for AgentApi {
         tokio::spawn(
             async move {
                 info!(version = %hello.agent_version, applied = hello.applied.len(), "agent connected");
-                let obs = Observed { hello: Some(hello.applied.clone()), apps: Vec::new(), seen_ms: now_ms() };
+                let obs = Observed {
+                    hello: Some(hello.applied.clone()),
+                    agent: Some((hello.agent_version.clone(), hello.protocol)),
+                    seen_ms: now_ms(),
+                    ..Default::default()
+                };
                 hub.observe(&cluster, obs).await;
                 let held: BTreeMap<String, (String, String)> =
                     hello.applied.iter().map(|a| (a.app.clone(), (a.digest.clone(), a.revision.clone()))).collect();
@@ -220,7 +225,7 @@ async fn run_session(
                             held.insert(a.app.clone(), (a.digest.clone(), a.revision.clone()));
                         }
                     }
-                    let obs = Observed { hello: None, apps: report.apps, seen_ms: now_ms() };
+                    let obs = Observed { apps: report.apps, api: report.api, seen_ms: now_ms(), ..Default::default() };
                     if observer.send((cluster.to_string(), obs)).await.is_err() {
                         return Ok(());
                     }

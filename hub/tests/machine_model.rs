@@ -191,7 +191,7 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                             .collect()
                     })
                     .unwrap_or_default();
-                let obs = BTreeMap::from([(c.to_string(), Observed { hello: None, apps, seen_ms: m.now })]);
+                let obs = BTreeMap::from([(c.to_string(), Observed { apps, seen_ms: m.now, ..Default::default() })]);
                 let t = m.state.observed(obs);
                 m.apply(t)
             }

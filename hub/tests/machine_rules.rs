@@ -143,8 +143,8 @@ fn reports_keep_only_apps_meant_for_the_cluster_within_bounds() {
     let mut apps: Vec<pb::AppStatus> = (0..MAX_APPS + 50).map(|i| status(&format!("junk-{i}"))).collect();
     apps.push(status("shop"));
     let obs = [
-        ("k0".to_string(), Observed { hello: None, apps: apps.clone(), seen_ms: 1 }),
-        ("stranger".to_string(), Observed { hello: None, apps, seen_ms: 1 }),
+        ("k0".to_string(), Observed { apps: apps.clone(), seen_ms: 1, ..Default::default() }),
+        ("stranger".to_string(), Observed { apps, seen_ms: 1, ..Default::default() }),
     ];
     let t = st.observed(obs.into_iter().collect());
     let rep = &t.next.reports["k0"];
@@ -163,4 +163,40 @@ fn the_problems_of_a_commit_name_the_apps_it_breaks() {
     let t = st.synced(&broken, 0);
     let p = t.next.problems.iter().find(|p| p.starts_with("app shop on ")).expect("the app's problem");
     assert!(p.contains("k0, k1, k2 and 2 more") && p.contains("apps/shop/cm.yaml"), "{p}");
+}
+
+#[test]
+fn an_unreachable_api_server_and_a_too_old_agent_are_problems_of_the_cluster() {
+    use flotilla_hub::machine::Observed;
+    use flotilla_hub::platform::cluster_view;
+    use flotilla_proto::agent::v1 as pb;
+    let st = State::default().synced(&synced("r1", "one", 2), 0).next;
+    let down = pb::ApiServer { unreachable_since_unix_ms: 1_796_126_584_000, error: "connection refused".into() };
+    let obs = [
+        ("k0".to_string(), Observed { api: Some(down), seen_ms: 1, ..Default::default() }),
+        ("k1".to_string(), Observed { agent: Some(("0.0.9".into(), 0)), seen_ms: 1, ..Default::default() }),
+    ];
+    let st = st.observed(obs.into_iter().collect()).next;
+    let sessions = Sessions::default();
+    let k0 = cluster_view(&st, &sessions, "k0").unwrap();
+    assert!(
+        k0.problems.contains(&"API unreachable since 2026-12-01 12:03:04 UTC: connection refused".to_string()),
+        "{:?}",
+        k0.problems
+    );
+    let k1 = cluster_view(&st, &sessions, "k1").unwrap();
+    assert!(k1.problems.iter().any(|p| p.contains("its agent 0.0.9 is too old (protocol 0")), "{:?}", k1.problems);
+    // The agent says it answers again: the problem goes; a report without the field changes nothing.
+    let up = pb::ApiServer::default();
+    let st =
+        st.observed([("k0".to_string(), Observed { api: Some(up), seen_ms: 2, ..Default::default() })].into()).next;
+    assert!(!cluster_view(&st, &sessions, "k0").unwrap().problems.iter().any(|p| p.starts_with("API unreachable")));
+    // It survives a restart of the hub (the report is stored).
+    let store = MemStore::default();
+    let st2 = State::default().synced(&synced("r1", "one", 2), 0);
+    store.commit(st2.batch).unwrap();
+    let obs = [("k1".to_string(), Observed { agent: Some(("0.0.9".into(), 0)), seen_ms: 1, ..Default::default() })];
+    store.commit(st2.next.observed(obs.into_iter().collect()).batch).unwrap();
+    let loaded = State::load(&store).unwrap();
+    assert!(cluster_view(&loaded, &sessions, "k1").unwrap().problems.iter().any(|p| p.contains("too old")));
 }

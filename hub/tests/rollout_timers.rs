@@ -35,7 +35,7 @@ async fn report(hub: &Hub, cluster: &str, app: &str, healthy: bool) {
         },
         ..Default::default()
     };
-    hub.record_report(cluster, &pb::StatusReport { apps: vec![status] }).await;
+    hub.record_report(cluster, &pb::StatusReport { apps: vec![status], api: None }).await;
 }
 
 async fn advance(secs: u64) {

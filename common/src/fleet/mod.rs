@@ -98,8 +98,12 @@ struct AppFile {
 }
 
 /// How the agent keeps an app: pruning, drift handling, fields it leaves to other controllers.
+///
+/// The policy structs travel in bundles and are read by agents of every version: unknown fields are refused
+/// where a person wrote them (app.yaml, [`app_spec`]) and ignored with a warning by an agent that reads a
+/// bundle from a newer hub.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct SyncPolicy {
     /// Delete objects that left the app (only objects the agent created; never protected ones).
     #[serde(default = "yes")]
@@ -109,11 +113,28 @@ pub struct SyncPolicy {
     /// Fields other controllers own by design: neither drift nor applied over once the object exists.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignore: Vec<IgnoreRule>,
+    /// Guarded kinds (Namespace, CustomResourceDefinition, PersistentVolumeClaim) the app allows pruning
+    /// of; without it they stay in place when they leave the app.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_prune_of: Vec<String>,
+    /// Confirms a prune that deletes more than half of the app's objects at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_mass_prune: bool,
 }
+
+/// Kinds never pruned unless the app lists them in `sync.allowPruneOf`: deleting them takes data or other
+/// objects with them.
+pub const GUARDED_KINDS: &[&str] = &["Namespace", "CustomResourceDefinition", "PersistentVolumeClaim"];
 
 impl Default for SyncPolicy {
     fn default() -> Self {
-        SyncPolicy { prune: true, drift: DriftMode::Correct, ignore: Vec::new() }
+        SyncPolicy {
+            prune: true,
+            drift: DriftMode::Correct,
+            ignore: Vec::new(),
+            allow_prune_of: Vec::new(),
+            allow_mass_prune: false,
+        }
     }
 }
 
@@ -132,7 +153,6 @@ pub enum DriftMode {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct IgnoreRule {
     pub kind: String,
     /// The API group; absent matches the kind in any group.
@@ -141,8 +161,13 @@ pub struct IgnoreRule {
     /// One object only; absent matches every object of the kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// JSON pointers (`/spec/replicas`); a path covers everything below it.
+    /// Paths (`/spec/replicas`, `/spec/template/spec/containers[name=web]/image`; see
+    /// [`crate::drift`]); a path covers everything below it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
+    /// Field managers (`kube-controller-manager`, `hpa`) whose fields in the live object are not drift.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub managers: Vec<String>,
 }
 
 impl IgnoreRule {
@@ -158,19 +183,49 @@ impl IgnoreRule {
 /// What the agent needs besides the objects: travels in the bundle, so it is content-addressed and kept
 /// with the bundle in the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AppPolicy {
     #[serde(default)]
     pub sync: SyncPolicy,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub health: Vec<crate::health::HealthRule>,
+    /// The app's namespace, for objects whose scope only the cluster knows (a custom resource whose CRD
+    /// another app brings): the agent puts them there when discovery says their kind is namespaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 impl AppPolicy {
-    /// The ignored paths for one object.
-    pub fn ignored_paths(&self, o: &Value) -> Vec<String> {
-        self.sync.ignore.iter().filter(|r| r.matches(o)).flat_map(|r| r.paths.iter().cloned()).collect()
+    /// The ignored paths for one object (invalid paths were refused in app.yaml; any left are skipped).
+    pub fn ignored_paths(&self, o: &Value) -> Vec<crate::drift::FieldPath> {
+        self.sync
+            .ignore
+            .iter()
+            .filter(|r| r.matches(o))
+            .flat_map(|r| r.paths.iter().filter_map(|p| p.parse().ok()))
+            .collect()
     }
+
+    /// The managers whose fields are not drift, for one object.
+    pub fn ignored_managers(&self, o: &Value) -> Vec<String> {
+        self.sync.ignore.iter().filter(|r| r.matches(o)).flat_map(|r| r.managers.iter().cloned()).collect()
+    }
+
+    /// Reads a policy written by a hub of any version: fields this version does not know are skipped and
+    /// named (for a warning), never an error.
+    pub fn lenient(v: Value) -> Result<(AppPolicy, Vec<String>), serde_json::Error> {
+        let mut unknown = Vec::new();
+        let policy = serde_ignored::deserialize(v, |path| unknown.push(path.to_string()))?;
+        Ok((policy, unknown))
+    }
+}
+
+/// An app's name is its directory: a DNS label of at most 53 characters (it names ConfigMaps and labels).
+pub fn valid_app_name(name: &str) -> bool {
+    name.len() <= 53
+        && !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -297,6 +352,19 @@ fn line_of(text: &[u8], needle: &str) -> usize {
     text.lines().position(|l| l.contains(needle)).map_or(1, |i| i + 1)
 }
 
+/// The file as kubectl and Helm read YAML (1.1 scalars): where values come from, so they keep the types the
+/// tools would give them (`0644` is 420). The structure is checked by serde on the same text.
+fn yaml11(file: &str, bytes: &[u8]) -> Result<Value, FleetError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| FleetError::Invalid { file: file.to_string(), message: format!("not UTF-8: {e}") })?;
+    crate::yaml::parse_one(text).map_err(|e| objects::yaml_error_at(file, e))
+}
+
+/// The mapping at `pointer` of a YAML 1.1 reading, if there is one.
+fn values_at(raw: &Value, pointer: &str) -> Option<Map<String, Value>> {
+    raw.pointer(pointer).and_then(Value::as_object).cloned()
+}
+
 fn parse_yaml<T: for<'de> Deserialize<'de> + Default>(file: &str, bytes: &[u8]) -> Result<T, FleetError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
@@ -326,7 +394,31 @@ fn app_spec(app: &str, files: &Tree, defaults: &Defaults) -> Result<AppSpec, Fle
     let bytes = files
         .get("app.yaml")
         .ok_or_else(|| FleetError::Invalid { file: format!("apps/{app}/"), message: "app.yaml is missing".into() })?;
-    let spec: AppFile = serde_yaml::from_slice(bytes).map_err(|e| yaml_error(&file, &e))?;
+    let mut unknown = Vec::new();
+    let spec: AppFile =
+        serde_ignored::deserialize(serde_yaml::Deserializer::from_slice(bytes), |p| unknown.push(p.to_string()))
+            .map_err(|e| yaml_error(&file, &e))?;
+    let mut spec = spec;
+    let raw = yaml11(&file, bytes)?;
+    spec.values = values_at(&raw, "/values").unwrap_or_default();
+    if let Some(h) = spec.helm.as_mut() {
+        h.values = values_at(&raw, "/helm/values").unwrap_or_default();
+    }
+    for (i, t) in spec.targets.iter_mut().enumerate() {
+        t.values = values_at(&raw, &format!("/targets/{i}/values")).unwrap_or_default();
+        if let Some(h) = t.helm.as_mut() {
+            h.values = values_at(&raw, &format!("/targets/{i}/helm/values")).unwrap_or_default();
+        }
+    }
+    if let Some(path) = unknown.first() {
+        let last = path.rsplit('.').next().unwrap_or(path);
+        return Err(FleetError::Field {
+            file: file.clone(),
+            line: line_of(bytes, &format!("{last}:")),
+            field: path.clone(),
+            message: "unknown field".into(),
+        });
+    }
     let field = |field: &str, needle: &str, message: String| FleetError::Field {
         file: file.clone(),
         line: line_of(bytes, needle),
@@ -340,6 +432,25 @@ fn app_spec(app: &str, files: &Tree, defaults: &Defaults) -> Result<AppSpec, Fle
         })?;
     if !crate::identity::valid_name(&namespace) || namespace.contains('.') {
         return Err(field("namespace", "namespace", format!("{namespace:?} is not a valid namespace name")));
+    }
+    for (i, rule) in spec.sync.ignore.iter().enumerate() {
+        for (j, p) in rule.paths.iter().enumerate() {
+            if let Err(e) = p.parse::<crate::drift::FieldPath>() {
+                return Err(field(&format!("sync.ignore[{i}].paths[{j}]"), p, e.to_string()));
+            }
+        }
+        if rule.paths.is_empty() && rule.managers.is_empty() {
+            return Err(field(&format!("sync.ignore[{i}]"), "ignore", "an ignore rule names paths or managers".into()));
+        }
+    }
+    for (i, kind) in spec.sync.allow_prune_of.iter().enumerate() {
+        if !GUARDED_KINDS.contains(&kind.as_str()) {
+            return Err(field(
+                &format!("sync.allowPruneOf[{i}]"),
+                kind,
+                format!("{kind:?} is not a guarded kind (one of {})", GUARDED_KINDS.join(", ")),
+            ));
+        }
     }
     let path_in = |f: &str, p: &str| {
         clean_path(p).ok_or_else(|| field(f, p, format!("{p:?} must be a relative path inside apps/{app}/")))
@@ -435,15 +546,6 @@ fn app_spec(app: &str, files: &Tree, defaults: &Defaults) -> Result<AppSpec, Fle
             helm_values,
         });
     }
-    for (i, rule) in spec.sync.ignore.iter().enumerate() {
-        if let Some(p) = rule.paths.iter().find(|p| !p.starts_with('/')) {
-            return Err(field(
-                &format!("sync.ignore[{i}].paths"),
-                p,
-                format!("{p:?} must be a JSON pointer such as /spec/replicas"),
-            ));
-        }
-    }
     if let Err(e) = crate::health::Rules::new(&spec.health) {
         let (what, message) = e.split_once(": ").unwrap_or(("health", &e));
         return Err(field(what, "health", message.to_string()));
@@ -454,7 +556,7 @@ fn app_spec(app: &str, files: &Tree, defaults: &Defaults) -> Result<AppSpec, Fle
             field(&format!("rollout.{what}"), "rollout", message.to_string())
         })?;
     }
-    let policy = AppPolicy { sync: spec.sync, health: spec.health };
+    let policy = AppPolicy { sync: spec.sync, health: spec.health, namespace: None };
     Ok(AppSpec { namespace, policy, rollout: spec.rollout, source, values: spec.values, targets })
 }
 
@@ -473,7 +575,10 @@ fn tree_digest(files: &Tree) -> String {
 pub fn parse(tree: &Tree) -> Fleet {
     let mut fleet = Fleet::default();
     let defaults = match tree.get("fleet.yaml") {
-        Some(bytes) => parse_yaml::<Defaults>("fleet.yaml", bytes),
+        Some(bytes) => parse_yaml::<Defaults>("fleet.yaml", bytes).and_then(|mut d| {
+            d.values = values_at(&yaml11("fleet.yaml", bytes)?, "/values").unwrap_or_default();
+            Ok(d)
+        }),
         None => Ok(Defaults::default()),
     };
     fleet.defaults = defaults.clone().unwrap_or_default();
@@ -508,7 +613,11 @@ pub fn parse(tree: &Tree) -> Fleet {
             );
             continue;
         }
-        match parse_yaml::<ClusterSpec>(path, bytes) {
+        let spec = parse_yaml::<ClusterSpec>(path, bytes).and_then(|mut c| {
+            c.values = values_at(&yaml11(path, bytes)?, "/values").unwrap_or_default();
+            Ok(c)
+        });
+        match spec {
             Ok(s) => {
                 fleet.clusters.insert(name.to_string(), s);
             }
@@ -525,6 +634,13 @@ pub fn parse(tree: &Tree) -> Fleet {
     }
     for (app, files) in app_files {
         let spec = match &defaults {
+            _ if !valid_app_name(app) => Err(FleetError::Invalid {
+                file: format!("apps/{app}/"),
+                message: format!(
+                    "app name {app:?} is invalid: an app's directory name is a DNS label (lowercase letters, digits \
+                     and '-', at most 53 characters)"
+                ),
+            }),
             Ok(d) => app_spec(app, &files, d),
             Err(e) => Err(e.clone()),
         };

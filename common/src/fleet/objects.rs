@@ -3,10 +3,9 @@
 //! agent applies. Free of I/O.
 
 use super::FleetError;
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// The content address of a bundle: `sha256:<hex>`.
 pub fn digest_of(bytes: &[u8]) -> String {
@@ -64,17 +63,65 @@ impl Bundle {
 
     /// The app's policy (the default for a bundle without one).
     pub fn policy(bytes: &[u8]) -> Result<super::AppPolicy, serde_json::Error> {
+        Self::policy_lenient(bytes).map(|(p, _)| p)
+    }
+
+    /// The app's policy and the fields of it this version does not know (a bundle from a newer hub).
+    pub fn policy_lenient(bytes: &[u8]) -> Result<(super::AppPolicy, Vec<String>), serde_json::Error> {
         let first = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
         match serde_json::from_slice::<Value>(first) {
-            Ok(mut v) if v.get(POLICY_KEY).is_some() => serde_json::from_value(v[POLICY_KEY].take()),
-            _ => Ok(super::AppPolicy::default()),
+            Ok(mut v) if v.get(POLICY_KEY).is_some() => super::AppPolicy::lenient(v[POLICY_KEY].take()),
+            _ => Ok((super::AppPolicy::default(), Vec::new())),
         }
     }
 }
 
-/// Kinds that are not namespaced; everything else gets the app's namespace when it names none, unless a
-/// CustomResourceDefinition in the same app declares its kind cluster-scoped.
+/// The API groups Kubernetes itself serves: their kinds' scope is known here ([`CLUSTER_SCOPED`] lists the
+/// cluster-scoped ones). The scope of any other kind is known from a CRD in the same app, or else only from
+/// the cluster's discovery, which the agent reads.
+const BUILTIN_GROUPS: &[&str] = &[
+    "",
+    "admissionregistration.k8s.io",
+    "apiextensions.k8s.io",
+    "apiregistration.k8s.io",
+    "apps",
+    "authentication.k8s.io",
+    "authorization.k8s.io",
+    "autoscaling",
+    "batch",
+    "certificates.k8s.io",
+    "coordination.k8s.io",
+    "discovery.k8s.io",
+    "events.k8s.io",
+    "flowcontrol.apiserver.k8s.io",
+    "internal.apiserver.k8s.io",
+    "networking.k8s.io",
+    "node.k8s.io",
+    "policy",
+    "rbac.authorization.k8s.io",
+    "resource.k8s.io",
+    "scheduling.k8s.io",
+    "storage.k8s.io",
+    "storagemigration.k8s.io",
+];
+
+/// Built-in kinds that are not namespaced.
 const CLUSTER_SCOPED: &[&str] = &[
+    "CertificateSigningRequest",
+    "ClusterTrustBundle",
+    "ComponentStatus",
+    "CSINode",
+    "DeviceClass",
+    "FlowSchema",
+    "IPAddress",
+    "MutatingAdmissionPolicy",
+    "MutatingAdmissionPolicyBinding",
+    "PriorityLevelConfiguration",
+    "ResourceSlice",
+    "ServiceCIDR",
+    "StorageVersion",
+    "StorageVersionMigration",
+    "VolumeAttributesClass",
     "Namespace",
     "CustomResourceDefinition",
     "ClusterRole",
@@ -153,19 +200,9 @@ pub(crate) fn yaml_error(file: &str, e: &serde_yaml::Error) -> FleetError {
     FleetError::Yaml { file: file.to_string(), line, message: e.to_string() }
 }
 
-/// Start line (1-based) of each YAML document in `text`.
-fn document_lines(text: &str) -> Vec<usize> {
-    let mut starts = vec![1];
-    for (i, l) in text.lines().enumerate() {
-        if l.starts_with("---") {
-            if i == 0 {
-                starts[0] = 2;
-            } else {
-                starts.push(i + 2);
-            }
-        }
-    }
-    starts
+/// A YAML error of `file` in the fleet's terms.
+pub(crate) fn yaml_error_at(file: &str, e: crate::yaml::YamlError) -> FleetError {
+    FleetError::Yaml { file: file.to_string(), line: e.line, message: e.message }
 }
 
 /// Parses one manifest file (or a tool's output, named by `file`) into objects with their origin.
@@ -184,26 +221,28 @@ pub fn parse_manifests(file: &str, bytes: &[u8]) -> Result<Vec<Sourced>, FleetEr
             object => vec![Sourced { origin: at(1), object }],
         });
     }
-    let lines = document_lines(text);
-    let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let object = Value::deserialize(doc).map_err(|e| yaml_error(file, &e))?;
-        if !object.is_null() {
-            out.push(Sourced { origin: at(lines.get(i).copied().unwrap_or(1)), object });
-        }
-    }
-    Ok(out)
+    // As kubectl reads YAML (1.1 scalars: 0644 is 420), bounded against alias bombs.
+    let docs = crate::yaml::parse_documents(text).map_err(|e| yaml_error_at(file, e))?;
+    Ok(docs
+        .into_iter()
+        .filter(|d| !d.value.is_null())
+        .map(|d| Sourced { origin: at(d.line), object: d.value })
+        .collect())
 }
 
 /// Checks every object (apiVersion, kind, metadata.name), fills in the app's namespace where an object is
 /// namespaced and names none, refuses an object defined twice, and builds the canonical bundle.
 pub fn finalize(namespace: &str, policy: &super::AppPolicy, objects: Vec<Sourced>) -> Result<Bundle, FleetError> {
-    let custom_cluster_scoped: BTreeSet<String> = objects
+    // group/kind → namespaced, for the kinds this app's CRDs define.
+    let custom: BTreeMap<(String, String), bool> = objects
         .iter()
         .filter(|o| str_at(&o.object, "/kind") == "CustomResourceDefinition")
-        .filter(|o| str_at(&o.object, "/spec/scope") == "Cluster")
-        .map(|o| str_at(&o.object, "/spec/names/kind").to_string())
+        .map(|o| {
+            let gk = (str_at(&o.object, "/spec/group").to_string(), str_at(&o.object, "/spec/names/kind").to_string());
+            (gk, str_at(&o.object, "/spec/scope") != "Cluster")
+        })
         .collect();
+    let mut scope_unknown = false;
     let mut out = Vec::with_capacity(objects.len());
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     for Sourced { origin, mut object } in objects {
@@ -212,21 +251,36 @@ pub fn finalize(namespace: &str, policy: &super::AppPolicy, objects: Vec<Sourced
             return Err(FleetError::Object { origin, message: "a manifest must be a mapping".into() });
         }
         let kind = object.get("kind").and_then(Value::as_str).filter(|k| !k.is_empty()).ok_or(missing("kind"))?;
-        let cluster_scoped = CLUSTER_SCOPED.contains(&kind) || custom_cluster_scoped.contains(kind);
-        if object.get("apiVersion").and_then(Value::as_str).is_none_or(str::is_empty) {
+        let Some(api_version) = object.get("apiVersion").and_then(Value::as_str).filter(|a| !a.is_empty()) else {
             return Err(missing("apiVersion"));
-        }
+        };
+        let group = api_version.split_once('/').map_or("", |(g, _)| g);
+        // Some(namespaced), or None when only the cluster knows.
+        let namespaced = if BUILTIN_GROUPS.contains(&group) {
+            Some(!CLUSTER_SCOPED.contains(&kind))
+        } else {
+            custom.get(&(group.to_string(), kind.to_string())).copied()
+        };
         if object.pointer("/metadata/name").and_then(Value::as_str).is_none_or(str::is_empty) {
             return Err(missing("metadata.name"));
         }
-        if !cluster_scoped && object.pointer("/metadata/namespace").is_none() {
-            object["metadata"]["namespace"] = Value::String(namespace.to_string());
+        match namespaced {
+            Some(true) if object.pointer("/metadata/namespace").is_none() => {
+                object["metadata"]["namespace"] = Value::String(namespace.to_string());
+            }
+            None if object.pointer("/metadata/namespace").is_none() => scope_unknown = true,
+            _ => {}
         }
         let id = object_id(&object);
         if let Some(other) = seen.insert(id.clone(), origin.clone()) {
             return Err(FleetError::DuplicateObject { origin, object: id, other });
         }
         out.push(object);
+    }
+    if scope_unknown {
+        // The agent places these once discovery tells it their kind's scope.
+        let policy = super::AppPolicy { namespace: Some(namespace.to_string()), ..policy.clone() };
+        return Ok(Bundle::new(out, &policy));
     }
     Ok(Bundle::new(out, policy))
 }

@@ -134,7 +134,10 @@ fn collect_vars(objects: &[Sourced]) -> Result<BTreeMap<Var, String>, FleetError
 fn parse_values_file(app: &str, files: &Tree, path: &str) -> Result<Value, FleetError> {
     let file = format!("apps/{app}/{path}");
     let bytes = files.get(path).ok_or_else(|| FleetError::Invalid { file: file.clone(), message: "missing".into() })?;
-    let v: Value = serde_yaml::from_slice(bytes).map_err(|e| super::objects::yaml_error(&file, &e))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| FleetError::Invalid { file: file.clone(), message: format!("not UTF-8: {e}") })?;
+    // As Helm reads values (YAML 1.1 scalars), so values keep the types Helm would give them.
+    let v = crate::yaml::parse_one(text).map_err(|e| super::objects::yaml_error_at(&file, e))?;
     match v {
         Value::Null => Ok(Value::Object(Map::new())),
         Value::Object(_) => Ok(v),
