@@ -223,11 +223,20 @@ pub fn parse_manifests(file: &str, bytes: &[u8]) -> Result<Vec<Sourced>, FleetEr
     }
     // As kubectl reads YAML (1.1 scalars: 0644 is 420), bounded against alias bombs.
     let docs = crate::yaml::parse_documents(text).map_err(|e| yaml_error_at(file, e))?;
-    Ok(docs
-        .into_iter()
-        .filter(|d| !d.value.is_null())
-        .map(|d| Sourced { origin: at(d.line), object: d.value })
-        .collect())
+    let mut out = Vec::new();
+    for d in docs.into_iter().filter(|d| !d.value.is_null()) {
+        // A list (`kind: List`, `ConfigMapList`, …) stands for its items, as kubectl reads it.
+        let is_list = d.value.get("kind").and_then(Value::as_str).is_some_and(|k| k.ends_with("List"));
+        match d.value {
+            Value::Object(mut m) if is_list && m.get("items").is_some_and(Value::is_array) => {
+                if let Some(Value::Array(items)) = m.remove("items") {
+                    out.extend(items.into_iter().map(|object| Sourced { origin: at(d.line), object }));
+                }
+            }
+            object => out.push(Sourced { origin: at(d.line), object }),
+        }
+    }
+    Ok(out)
 }
 
 /// Checks every object (apiVersion, kind, metadata.name), fills in the app's namespace where an object is

@@ -546,3 +546,12 @@ fn rollout_specs_fleet_wide_and_per_app() {
         "apps/shop/app.yaml:2: rollout.waves[1].name: two waves are named \"x\""
     );
 }
+
+#[test]
+fn a_list_stands_for_its_items() {
+    let text = b"apiVersion: v1\nkind: ConfigMapList\nitems:\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: a}}\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: b}}\n";
+    let objs = super::objects::parse_manifests("apps/x/list.yaml", text).unwrap();
+    let names: Vec<&str> = objs.iter().map(|o| o.object["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(objs[1].origin, "apps/x/list.yaml:1");
+}
