@@ -112,7 +112,8 @@ fn main() {
         let client = flotilla_agent::kube_client::client(cfg).expect("client");
         let shutdown = CancellationToken::new();
         let before = proc_status("VmRSS:");
-        let engine = start(Arc::new(Applier::new(client)), EngineConfig::default(), shutdown.clone()).await.expect("engine");
+        let applier = Arc::new(Applier::new(client));
+        let engine = start(applier.clone(), EngineConfig::default(), shutdown.clone()).await.expect("engine");
         let statuses = engine.statuses();
         let t0 = Instant::now();
         engine.set_desired(vec![desired]).await.expect("desired");
@@ -133,6 +134,13 @@ fn main() {
         let applied = applied_at.unwrap_or(healthy_at);
         println!("agent_scale: one app of {objects} objects ({CONFIGMAPS} ConfigMaps, {SERVICES} Services, {DEPLOYMENTS} Deployments), 8 API calls in flight");
         println!("  applied in {:.2?} = {:.0} objects/s; all healthy after {:.2?}", applied, objects as f64 / applied.as_secs_f64(), healthy_at);
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "  API calls until healthy: {} applies, {} dry-run applies (drift checks), {} other",
+            n(&applier.calls.applies),
+            n(&applier.calls.dry_runs),
+            n(&applier.calls.other)
+        );
         tokio::time::sleep(Duration::from_secs(10)).await;
         let (c0, t) = (cpu_ticks(), Instant::now());
         tokio::time::sleep(Duration::from_secs(20)).await;
@@ -150,6 +158,35 @@ fn main() {
             s.missing
         );
         shutdown.cancel();
+        // A restarted agent checks every object's drift once, by a server-side dry-run of its apply.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
+        let applier = Arc::new(Applier::new(flotilla_agent::kube_client::client(cfg).expect("client")));
+        let second = CancellationToken::new();
+        let t1 = Instant::now();
+        let engine = start(applier.clone(), EngineConfig::default(), second.clone()).await.expect("engine");
+        let statuses = engine.statuses();
+        loop {
+            let checked = applier.calls.dry_runs.load(std::sync::atomic::Ordering::Relaxed) as usize;
+            let s = statuses.borrow().get("big").cloned().unwrap_or_default();
+            if checked >= objects && s.health == pb::Health::Healthy as i32 && s.ready as usize == objects {
+                break;
+            }
+            if t1.elapsed() > Duration::from_secs(300) {
+                panic!("the restarted agent did not check every object in 5 minutes: {checked} checked, {s:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let s = statuses.borrow().get("big").cloned().unwrap_or_default();
+        println!(
+            "  restarted agent: drift of all {objects} objects checked by dry-run in {:.2?} ({} dry-runs, {} applies); drifted {}",
+            t1.elapsed(),
+            applier.calls.dry_runs.load(std::sync::atomic::Ordering::Relaxed),
+            applier.calls.applies.load(std::sync::atomic::Ordering::Relaxed),
+            s.drifted
+        );
+        second.cancel();
     });
     drop(child.stdin.take());
     let _ = child.wait();

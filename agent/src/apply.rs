@@ -164,8 +164,17 @@ pub struct Reach {
     pub error: String,
 }
 
+/// API calls made, by what they were for (the benchmark prints them).
+#[derive(Debug, Default)]
+pub struct Calls {
+    pub applies: std::sync::atomic::AtomicU64,
+    pub dry_runs: std::sync::atomic::AtomicU64,
+    pub other: std::sync::atomic::AtomicU64,
+}
+
 pub struct Applier {
     client: Client,
+    pub calls: Calls,
     kinds: Mutex<HashMap<(String, String), (ApiResource, bool)>>,
     /// Namespaces known to exist.
     namespaces: Mutex<HashSet<String>>,
@@ -189,6 +198,7 @@ impl Applier {
             namespaces: Mutex::new(HashSet::new()),
             permits: Semaphore::new(concurrency.max(1)),
             reach: Mutex::new(Reach::default()),
+            calls: Calls::default(),
         }
     }
 
@@ -232,7 +242,13 @@ impl Applier {
         Fut: std::future::Future<Output = Result<T, kube::Error>>,
     {
         let mut attempt = 0;
+        let counter = match verb {
+            "apply" => &self.calls.applies,
+            "dry-run apply" => &self.calls.dry_runs,
+            _ => &self.calls.other,
+        };
         loop {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let permit = self.permits.acquire().await;
             let outcome = tokio::time::timeout(CALL_TIMEOUT, f()).await;
             drop(permit);
@@ -386,7 +402,11 @@ impl Applier {
         pp.dry_run = dry_run;
         let verb = if dry_run { "dry-run apply" } else { "apply" };
         let patch = Patch::Apply(obj);
-        let applied = self.call(&r.to_string(), verb, || api.patch(&r.name, &pp, &patch)).await?;
+        let mut applied = self.call(&r.to_string(), verb, || api.patch(&r.name, &pp, &patch)).await?;
+        if !dry_run {
+            // Large, and never read from an apply's answer (a dry-run's answer keeps them: drift reads them).
+            applied.metadata.managed_fields = None;
+        }
         Ok(serde_json::to_value(applied).unwrap_or(Value::Null))
     }
 

@@ -290,33 +290,45 @@ impl AppRun {
 }
 
 /// A hash of what an object says apart from its status and bookkeeping (resourceVersion, managedFields):
-/// equal fingerprints mean equal drift.
+/// equal fingerprints mean equal drift. Order-insensitive for mappings (no sorting, no allocation).
 pub fn fingerprint(o: &Value) -> u64 {
     use std::hash::{Hash, Hasher};
-    fn feed(v: &Value, h: &mut std::collections::hash_map::DefaultHasher, top: bool, meta: bool) {
+    fn hash_of(x: impl Hash) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        x.hash(&mut h);
+        h.finish()
+    }
+    fn fp(v: &Value, top: bool, meta: bool) -> u64 {
         match v {
+            Value::Null => 0x9e37_79b9_7f4a_7c15,
+            Value::Bool(b) => hash_of((1u8, *b)),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => hash_of((2u8, i)),
+                None => hash_of((2u8, n.as_f64().map(f64::to_bits))),
+            },
+            Value::String(s) => hash_of((3u8, s.as_str())),
+            Value::Array(a) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (4u8, a.len()).hash(&mut h);
+                for x in a {
+                    fp(x, false, false).hash(&mut h);
+                }
+                h.finish()
+            }
             Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                for k in keys {
+                let (mut sum, mut n) = (0u64, 0usize);
+                for (k, x) in m {
                     if top && k == "status" || meta && (k == "resourceVersion" || k == "managedFields") {
                         continue;
                     }
-                    k.hash(h);
-                    feed(&m[k], h, false, top && k == "metadata");
+                    n += 1;
+                    sum = sum.wrapping_add(hash_of((k.as_str(), fp(x, false, top && k == "metadata"))));
                 }
-                0xfeu8.hash(h);
+                sum ^ hash_of((5u8, n))
             }
-            Value::Array(a) => {
-                a.len().hash(h);
-                a.iter().for_each(|x| feed(x, h, false, false));
-            }
-            other => other.to_string().hash(h),
         }
     }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    feed(o, &mut h, true, false);
-    h.finish()
+    fp(o, true, false)
 }
 
 /// Evaluates the objects whose evaluation is stale: health from the live object (or missing); drift from the

@@ -146,6 +146,9 @@ struct Engine {
     cfg: EngineConfig,
 }
 
+/// What is kept of an apply's answer: the resourceVersion it produced and its fingerprint.
+type Applied = (Option<u64>, u64);
+
 fn backoff(failures: u32) -> Duration {
     let base = Duration::from_secs(1u64 << failures.min(9)).min(Duration::from_secs(300));
     base.mul_f64(0.75 + fastrand::f64() * 0.5)
@@ -671,10 +674,18 @@ impl Engine {
             })
             .collect();
         let applier = self.applier.clone();
-        let results: Vec<(usize, Result<Value, ApplyError>)> = futures::stream::iter(objs)
+        // Each answer is reduced at once to what is kept of it (its resourceVersion and fingerprint): 5,000
+        // whole objects held until the last answer would cost tens of MiB.
+        let results: Vec<(usize, Result<Applied, ApplyError>)> = futures::stream::iter(objs)
             .map(move |(i, obj)| {
                 let applier = applier.clone();
-                async move { (i, applier.apply(&obj).await) }
+                async move {
+                    let kept = applier.apply(&obj).await.map(|applied| {
+                        let rv = applied.pointer("/metadata/resourceVersion").and_then(Value::as_str);
+                        (rv.and_then(|v| v.parse::<u64>().ok()), fingerprint(&applied))
+                    });
+                    (i, kept)
+                }
             })
             .buffer_unordered(64)
             .collect()
@@ -692,14 +703,13 @@ impl Engine {
         let mut transient = false;
         for (i, r) in results {
             match r {
-                Ok(applied) => {
+                Ok((rv, fp)) => {
                     run.errors.remove(&i);
-                    let rv = applied.pointer("/metadata/resourceVersion").and_then(Value::as_str);
-                    if let Some(v) = rv.and_then(|v| v.parse::<u64>().ok()) {
+                    if let Some(v) = rv {
                         run.applied_rv.insert(i, v);
                     }
                     // What the apply produced has no drift by definition.
-                    run.checked.insert(i, (fingerprint(&applied), Vec::<DriftItem>::new()));
+                    run.checked.insert(i, (fp, Vec::<DriftItem>::new()));
                     run.evals[i] = None;
                 }
                 Err(e) => {
