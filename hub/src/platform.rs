@@ -11,7 +11,7 @@ use flotilla_common::selector::LabelSelector;
 use flotilla_proto::agent::v1 as pb;
 use flotilla_proto::platform::v1 as api;
 use flotilla_proto::platform::v1::platform_service_server::PlatformService;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -235,7 +235,7 @@ impl PlatformService for PlatformApi {
             .rollouts
             .iter()
             .filter(|(a, _)| app.is_empty() || **a == app)
-            .map(|(a, rec)| rollout_view(a, rec, now))
+            .map(|(a, rec)| rollout_view(a, rec, now, &st.reports))
             .collect();
         Ok(Response::new(api::ListRolloutsResponse { rollouts }))
     }
@@ -319,7 +319,12 @@ impl PlatformService for PlatformApi {
 }
 
 /// A rollout as the platform API shows it.
-fn rollout_view(app: &str, rec: &crate::rollouts::Record, now: i64) -> api::Rollout {
+pub fn rollout_view(
+    app: &str,
+    rec: &crate::rollouts::Record,
+    now: i64,
+    reports: &BTreeMap<String, Arc<crate::report::ClusterReport>>,
+) -> api::Rollout {
     use flotilla_common::rollout::{ClusterOutcome as O, WavePhase};
     let Some(r) = &rec.rollout else {
         return api::Rollout {
@@ -337,9 +342,23 @@ fn rollout_view(app: &str, rec: &crate::rollouts::Record, now: i64) -> api::Roll
         .map(|w| {
             let count = |f: &dyn Fn(&O) -> bool| w.clusters.iter().filter(|c| f(&c.outcome)).count() as u32;
             let n = w.clusters.len();
-            let waiting = match (&w.phase, &earlier_open) {
-                (WavePhase::AwaitingApproval, _) => "awaits approval".to_string(),
-                (WavePhase::Pending, Some(e)) => format!("waits for wave {e}"),
+            // A released cluster whose agent cannot reach its API server holds the wave: say so.
+            let unreachable: Vec<(&str, &(i64, String))> = w
+                .clusters
+                .iter()
+                .filter(|c| c.outcome == O::Updating)
+                .filter_map(|c| reports.get(&c.name)?.api_down.as_ref().map(|d| (c.name.as_str(), d)))
+                .collect();
+            let waiting = match (&w.phase, &earlier_open, unreachable.first()) {
+                (WavePhase::AwaitingApproval, _, _) => "awaits approval".to_string(),
+                (WavePhase::Pending, Some(e), _) => format!("waits for wave {e}"),
+                (_, _, Some((c, (since, error)))) => {
+                    let more = match unreachable.len() - 1 {
+                        0 => String::new(),
+                        n => format!(" (and {n} more clusters)"),
+                    };
+                    format!("waits on {c}: API unreachable since {}: {error}{more}", crate::report::clock(*since))
+                }
                 _ => String::new(),
             };
             if !matches!(w.phase, WavePhase::Passed) && earlier_open.is_none() {

@@ -200,3 +200,37 @@ fn an_unreachable_api_server_and_a_too_old_agent_are_problems_of_the_cluster() {
     let loaded = State::load(&store).unwrap();
     assert!(cluster_view(&loaded, &sessions, "k1").unwrap().problems.iter().any(|p| p.contains("too old")));
 }
+
+#[test]
+fn a_rollout_says_which_released_cluster_cannot_reach_its_api_server() {
+    use flotilla_hub::machine::Observed;
+    use flotilla_hub::platform::rollout_view;
+    use flotilla_proto::agent::v1 as pb;
+    let with_waves = |rev: &str, value: &str| {
+        let mut s = synced(rev, value, 3);
+        let mut tree: flotilla_common::fleet::Tree =
+            (0..3).map(|i| (format!("clusters/k{i}.yaml"), b"labels: {}\n".to_vec())).collect();
+        tree.insert(
+            "rollout.yaml".into(),
+            b"waves:\n- {name: all, selector: {}, progressDeadlineSeconds: 600}\n".to_vec(),
+        );
+        tree.insert("apps/shop/app.yaml".into(), b"namespace: shop\ntargets: [{selector: {}}]\n".to_vec());
+        let cm = format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\ndata: {{v: '{value}'}}\n");
+        tree.insert("apps/shop/cm.yaml".into(), cm.into_bytes());
+        let fleet = parse(&tree);
+        s.rendered = render_fleet(&fleet, &SystemTools::detect(), &mut RenderCache::default());
+        s.fleet = Arc::new(fleet);
+        s
+    };
+    let st = State::default().synced(&with_waves("r1", "one"), 0).next;
+    let st = st.synced(&with_waves("r2", "two"), 1_000).next;
+    let st = st.tick(2_000, &|_| true).next;
+    let down = pb::ApiServer { unreachable_since_unix_ms: 1_796_126_584_000, error: "connection refused".into() };
+    let st =
+        st.observed([("k1".to_string(), Observed { api: Some(down), seen_ms: 3, ..Default::default() })].into()).next;
+    let view = rollout_view("shop", &st.rollouts["shop"], 3_000, &st.reports);
+    assert_eq!(
+        view.waves[0].waiting, "waits on k1: API unreachable since 2026-12-01 12:03:04 UTC: connection refused",
+        "{view:?}"
+    );
+}
