@@ -461,3 +461,45 @@ async fn a_hub_killed_or_on_a_wiped_store_fails_skips_and_deletes_nothing() {
     let (ok, text) = w.cli(&["clusters", "--problems"]);
     assert!(ok && !CLUSTERS.iter().any(|c| text.lines().any(|l| l.starts_with(&format!("{c} ")))), "{text}");
 }
+
+/// A cluster whose API server goes away: its agent says so at once, and every view an operator reads shows it
+/// (clusters, cluster, explain), with the apps Unknown rather than Healthy; it clears when the server answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_whose_api_server_is_down_says_so_everywhere() {
+    let w = World::new(
+        &[
+            ("apps/shop/app.yaml", "namespace: shop\ntargets: [{selector: {}}]\n".into()),
+            ("apps/shop/cm.yaml", cm("c", "1")),
+        ],
+        &[],
+    )
+    .await;
+    eventually(120, "shop on every cluster", || async {
+        let v = w.values("shop", "c").await;
+        v.values().all(|x| x.as_deref() == Some("1")).then_some(())
+    })
+    .await;
+    flotilla_e2e::admin_patch(&w.server, "/admin/clusters/c3/faults", r#"{"offline": true}"#);
+    let started = std::time::Instant::now();
+    let shown = eventually(40, "clusters shows c3's API unreachable", || async {
+        let (_, out) = w.cli(&["clusters", "--problems"]);
+        out.contains("c3: API unreachable since ").then_some(out)
+    })
+    .await;
+    eprintln!("shown {:?} after the API server went away:\n{shown}", started.elapsed());
+    let (ok, out) = w.cli(&["explain", "c3"]);
+    assert!(ok && out.contains("API unreachable since "), "{out}");
+    eventually(20, "c3's app Unknown, not Healthy", || async {
+        let (ok, out) = w.cli(&["cluster", "c3"]);
+        (ok && out.contains("Unknown") && out.contains("has not answered since")).then_some(())
+    })
+    .await;
+    let (_, out) = w.cli(&["clusters", "--problems"]);
+    assert!(!out.contains("c2: API unreachable"), "only c3: {out}");
+    flotilla_e2e::admin_patch(&w.server, "/admin/clusters/c3/faults", r#"{"offline": false}"#);
+    eventually(60, "the problem clears", || async {
+        let (_, out) = w.cli(&["clusters", "--problems"]);
+        (!out.contains("API unreachable")).then_some(())
+    })
+    .await;
+}
