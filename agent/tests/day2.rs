@@ -342,3 +342,23 @@ async fn manifests_are_read_as_kubectl_reads_them() {
     assert_eq!(env.get("configmap/settings", "{.data.mode}").as_deref(), Some("0644"));
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drifted_secret_is_reported_without_its_values() {
+    let env = env(Behaviour::default()).await;
+    let shutdown = CancellationToken::new();
+    let h = env.engine(&shutdown).await;
+    let secret = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: db}\nstringData: {password: hunter2}\n";
+    h.set_desired(vec![bundle("sync: {drift: report}\n", secret)]).await.unwrap();
+    status(&h, "applied", 30, healthy).await;
+    let (ok, out) =
+        env.kubectl(&["patch", "secret", "-n", "shop", "db", "-p", r#"{"stringData": {"password": "stolen"}}"#]);
+    assert!(ok, "{out}");
+    let s = status(&h, "drift reported", 20, |s| s.drifted == 1).await;
+    assert_eq!(s.drift.len(), 1, "{s:?}");
+    assert_eq!(s.drift[0].path, "/data/password");
+    assert_eq!((s.drift[0].desired.as_str(), s.drift[0].live.as_str()), ("\"(redacted)\"", "\"(redacted)\""));
+    let text = format!("{s:?}");
+    assert!(!text.contains("hunter2") && !text.contains("c3RvbGVu") && !text.contains("aHVudGVyMg"), "{text}");
+    shutdown.cancel();
+}

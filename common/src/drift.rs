@@ -353,6 +353,21 @@ pub fn managed_drift(predicted: &Value, live: &Value, fields: &Map<String, Value
     out
 }
 
+/// A Secret's field set with `stringData` read as `data`: the API server moves written `stringData` into
+/// `data` (base64), so the dry-run's answer and the live object both hold the value under `data`.
+pub fn secret_fields(fields: &Map<String, Value>) -> Map<String, Value> {
+    let mut out = fields.clone();
+    if let Some(Value::Object(string_data)) = out.remove("f:stringData") {
+        let data = out.entry("f:data").or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(d) = data {
+            for (k, v) in string_data {
+                d.entry(k).or_insert(v);
+            }
+        }
+    }
+    out
+}
+
 /// The text shown for every value of a Secret's drift.
 pub const REDACTED: &str = "(redacted)";
 

@@ -618,6 +618,14 @@ impl Engine {
                 }
             };
             let Some(fields) = fields_of_manager(&predicted, FIELD_MANAGER) else { continue };
+            let secret = run.refs[i].kind == "Secret" && run.refs[i].group().is_empty();
+            let secret_fields;
+            let fields = if secret {
+                secret_fields = flotilla_common::drift::secret_fields(fields);
+                &secret_fields
+            } else {
+                fields
+            };
             let ignore = Ignore { paths: &run.ignore[i], owned_by_others: &[] };
             let mut items = managed_drift(&predicted, &live, fields, &ignore);
             if !items.is_empty() && !run.managers[i].is_empty() {
@@ -628,7 +636,7 @@ impl Engine {
                     items = managed_drift(&predicted, &live, fields, &ignore);
                 }
             }
-            if run.refs[i].kind == "Secret" && run.refs[i].group().is_empty() {
+            if secret {
                 redact(&mut items);
             }
             run.checked.insert(i, (fingerprint(&live), items.clone()));

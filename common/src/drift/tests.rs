@@ -100,6 +100,19 @@ fn fields_other_managers_own_are_not_drift_with_the_managers_option() {
 }
 
 #[test]
+fn a_secrets_string_data_is_compared_as_its_data() {
+    let fields =
+        serde_json::from_value::<Map<String, Value>>(json!({"f:stringData": {"f:password": {}}, "f:type": {}}))
+            .unwrap();
+    let predicted = json!({"data": {"password": "aHVudGVyMg=="}, "type": "Opaque"});
+    let live = json!({"data": {"password": "c3RvbGVu"}, "type": "Opaque"});
+    assert!(managed_drift(&predicted, &live, &fields, &Ignore::default()).is_empty(), "stringData is not in either");
+    let items = managed_drift(&predicted, &live, &secret_fields(&fields), &Ignore::default());
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].path, "/data/password");
+}
+
+#[test]
 fn secret_values_are_redacted() {
     let mut items =
         vec![DriftItem { path: "/data/password".into(), desired: json!("c2VjcmV0"), live: json!("b3RoZXI=") }];
