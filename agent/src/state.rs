@@ -41,6 +41,16 @@ pub enum StateError {
     Damaged { app: String, message: String },
 }
 
+impl StateError {
+    /// The message with the API server's answer, in words.
+    pub fn full(&self) -> String {
+        match self {
+            StateError::Api { source, .. } => format!("{self}: {}", crate::apply::in_words(source)),
+            StateError::Damaged { .. } => self.to_string(),
+        }
+    }
+}
+
 /// A reference to an object the agent manages: enough to find and delete it. Two references are the same
 /// object when group, kind, namespace and name agree: the apiVersion is only the version it was last written
 /// in (a custom resource moving from v1beta1 to v1 is the same object, never pruned and re-created).

@@ -362,3 +362,31 @@ async fn a_drifted_secret_is_reported_without_its_values() {
     assert!(!text.contains("hunter2") && !text.contains("c3RvbGVu") && !text.contains("aHVudGVyMg"), "{text}");
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_is_applied_that_the_agent_could_not_record_first() {
+    let env = env(Behaviour::default()).await;
+    let cluster = env.sim.cluster("c").unwrap();
+    let shutdown = CancellationToken::new();
+    let h = env.engine(&shutdown).await;
+    // The agent's own state namespace refuses writes (a policy, a full etcd).
+    cluster.set_admission(flotilla_sim::admission::Admission {
+        rules: vec![flotilla_sim::admission::Rule {
+            kinds: vec!["ConfigMap".into()],
+            namespaces: vec!["flotilla-system".into()],
+            deny: Some("the state namespace is read-only".into()),
+            ..Default::default()
+        }],
+    });
+    h.set_desired(vec![bundle("", &cm("a", ""))]).await.unwrap();
+    let s = status(&h, "the save failure reported", 20, |s| {
+        s.message.contains("keeping the app's state in the cluster failed")
+    })
+    .await;
+    assert!(s.message.contains("read-only"), "{s:?}");
+    assert_eq!(env.get("configmap/a", "{.metadata.name}"), None, "not applied before it is recorded");
+    cluster.set_admission(flotilla_sim::admission::Admission::default());
+    status(&h, "applied once the save succeeds", 30, healthy).await;
+    assert!(env.get("configmap/a", "{.metadata.name}").is_some());
+    shutdown.cancel();
+}

@@ -299,8 +299,8 @@ impl Engine {
             }
             Err(e) => {
                 run.saved = false;
-                warn!(app = %run.name, error = %e, "keeping the app's state in the cluster failed");
-                Err(format!("keeping the app's state in the cluster failed: {e}"))
+                warn!(app = %run.name, error = %e.full(), "keeping the app's state in the cluster failed");
+                Err(format!("keeping the app's state in the cluster failed: {}", e.full()))
             }
         }
     }
@@ -319,7 +319,7 @@ impl Engine {
                 } else {
                     info!(%app, objects = run.inventory.len(), "app removed from this cluster; pruning is off, its objects stay");
                     if let Err(e) = self.store.remove(&app).await {
-                        warn!(%app, error = %e, "forgetting the app's state failed");
+                        warn!(%app, error = %e.full(), "forgetting the app's state failed");
                     }
                 }
             }
@@ -402,7 +402,7 @@ impl Engine {
             if remaining.is_empty() {
                 info!(%app, objects = l.state.inventory.len(), "app removed from this cluster");
                 if let Err(e) = self.store.remove(&app).await {
-                    warn!(%app, error = %e, "forgetting the app's state failed");
+                    warn!(%app, error = %e.full(), "forgetting the app's state failed");
                 }
                 continue;
             }
@@ -410,7 +410,7 @@ impl Engine {
             l.failures += 1;
             l.retry_at = Instant::now() + backoff(l.failures);
             if let Err(e) = self.store.save(&l.state).await {
-                warn!(%app, error = %e, "keeping what is left to delete failed");
+                warn!(%app, error = %e.full(), "keeping what is left to delete failed");
             }
             self.leaving.insert(app, l);
         }
