@@ -69,6 +69,10 @@ impl SystemTools {
 fn materialize(files: &Tree) -> Result<tempfile::TempDir, String> {
     let dir = tempfile::Builder::new().prefix("flotilla-render-").tempdir().map_err(|e| e.to_string())?;
     for (path, bytes) in files {
+        // Defense in depth: a tree entry that would land outside the private copy is never written.
+        if let Some(why) = crate::fleet::unsafe_path(path) {
+            return Err(format!("refusing to write {path:?}: {why}"));
+        }
         let p = dir.path().join(path);
         if let Some(parent) = p.parent() {
             std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;

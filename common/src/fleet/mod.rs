@@ -219,6 +219,28 @@ impl AppPolicy {
     }
 }
 
+/// Why a path from a repository tree is not safe to read or write, if it is not: every component must be a
+/// plain name (no empty, `.`, `..` or `.git` component, no absolute path, no backslash or NUL). A Git server
+/// without `receive.fsckObjects` accepts trees with such entries; materializing one would write outside the
+/// directory it is written in.
+pub fn unsafe_path(path: &str) -> Option<&'static str> {
+    if path.is_empty() {
+        return Some("an empty path");
+    }
+    if path.starts_with('/') || path.contains('\\') || path.contains('\0') {
+        return Some("an absolute path, a backslash or a NUL byte");
+    }
+    for part in path.split('/') {
+        match part {
+            "" => return Some("an empty path component"),
+            "." | ".." => return Some("a . or .. path component"),
+            p if p.trim_end_matches(['.', ' ']).eq_ignore_ascii_case(".git") => return Some("a .git path component"),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// An app's name is its directory: a DNS label of at most 53 characters (it names ConfigMaps and labels).
 pub fn valid_app_name(name: &str) -> bool {
     name.len() <= 53
@@ -633,7 +655,17 @@ pub fn parse(tree: &Tree) -> Fleet {
         app_files.entry(app).or_default().insert(file.to_string(), bytes.clone());
     }
     for (app, files) in app_files {
+        let unsafe_file = files.keys().find_map(|f| unsafe_path(f).map(|why| (f.clone(), why)));
         let spec = match &defaults {
+            _ if unsafe_file.is_some() => {
+                let (f, why) = unsafe_file.unwrap_or_default();
+                Err(FleetError::Invalid {
+                    file: format!("apps/{app}/"),
+                    message: format!(
+                        "the repository tree has an entry {f:?} with {why}: refused (nothing of the app is read or written)"
+                    ),
+                })
+            }
             _ if !valid_app_name(app) => Err(FleetError::Invalid {
                 file: format!("apps/{app}/"),
                 message: format!(

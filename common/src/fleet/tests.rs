@@ -555,3 +555,23 @@ fn a_list_stands_for_its_items() {
     assert_eq!(names, ["a", "b"]);
     assert_eq!(objs[1].origin, "apps/x/list.yaml:1");
 }
+
+#[test]
+fn a_tree_entry_that_would_escape_breaks_only_its_app_and_is_never_written() {
+    let mut t = example();
+    t.insert("apps/shop/../../../tmp/flotilla-pwned".into(), b"x".to_vec());
+    let fleet = parse(&t);
+    let e = fleet.apps["shop"].spec.as_ref().unwrap_err().to_string();
+    assert!(e.contains("\"../../../tmp/flotilla-pwned\" with a . or .. path component: refused"), "{e}");
+    assert!(fleet.apps.values().filter(|a| a.name != "shop").all(|a| a.spec.is_ok()), "other apps keep flowing");
+    for bad in ["", "/etc/passwd", "a//b", "a/./b", "a/../b", ".git/config", "x/.GIT/hooks", "x/.git. /y", "a\\b"] {
+        assert!(super::unsafe_path(bad).is_some(), "{bad:?}");
+    }
+    for good in ["a", "a/b.yaml", ".gitignore", "x/..y", "base/.github/x"] {
+        assert_eq!(super::unsafe_path(good), None, "{good:?}");
+    }
+    let mut files = Tree::new();
+    files.insert("../escape".into(), b"x".to_vec());
+    let e = crate::tools::SystemTools::detect().kustomize(&files, ".").unwrap_err();
+    assert!(e.contains("refusing to write \"../escape\""), "{e}");
+}
