@@ -8,7 +8,9 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Reads every file under `root` (skipping `.git`) into a [`Tree`].
+/// Reads every file under `root` (skipping `.git`) into a [`Tree`], as the hub reads a commit: symbolic links
+/// are never followed (the hub skips them; followed, one could read any file of the machine, such as the fleet
+/// CA's key), and are named on standard error.
 pub fn read_checkout(root: &Path) -> anyhow::Result<Tree> {
     fn walk(root: &Path, dir: &Path, tree: &mut Tree) -> anyhow::Result<()> {
         for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -17,7 +19,13 @@ pub fn read_checkout(root: &Path) -> anyhow::Result<Tree> {
             if entry.file_name() == ".git" {
                 continue;
             }
-            if entry.file_type()?.is_dir() {
+            let kind = entry.file_type()?;
+            if kind.is_symlink() {
+                let rel = path.strip_prefix(root)?.to_string_lossy().replace('\\', "/");
+                eprintln!("warning: {rel} is a symbolic link: not followed (the hub skips links too)");
+                continue;
+            }
+            if kind.is_dir() {
                 walk(root, &path, tree)?;
             } else {
                 let rel = path.strip_prefix(root)?.to_string_lossy().replace('\\', "/");
@@ -261,6 +269,22 @@ mod tests {
     fn example() -> Tree {
         let root: std::path::PathBuf = [env!("CARGO_MANIFEST_DIR"), "..", "examples", "fleet"].iter().collect();
         read_checkout(&root).unwrap()
+    }
+
+    #[test]
+    fn a_checkout_never_follows_links_out_of_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, outside) = (dir.path().join("fleet"), dir.path().join("secret"));
+        std::fs::create_dir_all(root.join("apps/shop")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("ca-key.pem"), "-----BEGIN PRIVATE KEY-----").unwrap();
+        std::fs::write(root.join("apps/shop/app.yaml"), "namespace: shop\n").unwrap();
+        std::os::unix::fs::symlink(outside.join("ca-key.pem"), root.join("apps/shop/key.yaml")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("apps/shop/dir")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("apps/shop/passwd.yaml")).unwrap();
+        let tree = read_checkout(&root).unwrap();
+        assert_eq!(tree.keys().collect::<Vec<_>>(), ["apps/shop/app.yaml"], "links skipped, as the hub skips them");
+        assert!(tree.values().all(|v| !String::from_utf8_lossy(v).contains("PRIVATE KEY")));
     }
 
     #[test]

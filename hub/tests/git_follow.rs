@@ -221,3 +221,26 @@ fn ssh_uses_the_key_file_and_pins_host_keys() {
         .ends_with("UserKnownHostsFile='/etc/ssh/known' -o StrictHostKeyChecking=yes"));
     assert_eq!(format!("{:?}", Secret::Literal("hunter2".into())), "Secret(<redacted>)");
 }
+
+/// A committed symbolic link is a link, not the file it names: the hub never reads what it points at (the fleet
+/// CA's key, /etc/passwd), on the follower and in the offline snapshot alike.
+#[test]
+fn committed_symbolic_links_are_never_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("fleet");
+    fleet_repo(&repo);
+    std::os::unix::fs::symlink("/etc/passwd", repo.join("apps/shop/passwd.yaml")).unwrap();
+    std::os::unix::fs::symlink("../../../secret", repo.join("apps/shop/up.yaml")).unwrap();
+    std::fs::write(tmp.path().join("secret"), "-----BEGIN PRIVATE KEY-----").unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "links"]);
+    let f = Follower::new(format!("file://{}", repo.display()), "main", tmp.path().join("cache"));
+    let snap = f.fetch().unwrap();
+    assert!(!snap.tree.keys().any(|k| k.ends_with("passwd.yaml") || k.ends_with("up.yaml")), "{:?}", snap.tree.keys());
+    let offline = flotilla_hub::git::snapshot_at(&repo, "HEAD").unwrap();
+    assert_eq!(offline.tree.keys().collect::<Vec<_>>(), snap.tree.keys().collect::<Vec<_>>());
+    assert!(offline
+        .tree
+        .values()
+        .all(|v| !String::from_utf8_lossy(v).contains("root:") && !String::from_utf8_lossy(v).contains("PRIVATE")));
+}
