@@ -22,6 +22,13 @@ use tracing::{debug, info, warn, Instrument};
 
 /// Bodies larger than this are refused (GitHub caps payloads at 25 MB; pushes are far smaller).
 const MAX_BODY: usize = 5 << 20;
+/// How long a request's body may take to arrive once its headers have (a slow-body stranger is cut off).
+pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
+/// How long one connection may stay open, whatever it does (keep-alive included).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Connections served at once; more are closed at once (counted, logged once a minute). Far below the
+/// process's open-file limit, so strangers can never starve agents and operators of file descriptors.
+pub const MAX_CONNECTIONS: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -114,9 +121,13 @@ async fn handle(hub: Arc<Hub>, secret: Option<Secret>, branch: String, req: Requ
         return reply(StatusCode::METHOD_NOT_ALLOWED, "use POST");
     }
     let headers = req.headers().clone();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, &format!("reading the body failed: {e}")),
+    let body = match tokio::time::timeout(BODY_DEADLINE, Limited::new(req.into_body(), MAX_BODY).collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => return reply(StatusCode::PAYLOAD_TOO_LARGE, &format!("reading the body failed: {e}")),
+        Err(_) => {
+            let why = format!("the body did not arrive within {} s", BODY_DEADLINE.as_secs());
+            return reply(StatusCode::REQUEST_TIMEOUT, &why);
+        }
     };
     let secret = match secret.as_ref().map(Secret::read).transpose() {
         Ok(s) => s,
@@ -148,6 +159,9 @@ async fn handle(hub: Arc<Hub>, secret: Option<Secret>, branch: String, req: Requ
 pub async fn serve(hub: Arc<Hub>, listener: tokio::net::TcpListener, secret: Option<Secret>, branch: String) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let shutdown = hub.shutdown_token();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refused = 0u64;
+    let mut refused_logged = tokio::time::Instant::now();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -158,6 +172,16 @@ pub async fn serve(hub: Arc<Hub>, listener: tokio::net::TcpListener, secret: Opt
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // Full: closed at once, counted, logged once a minute rather than once per stranger.
+                    drop(stream);
+                    refused += 1;
+                    if refused_logged.elapsed() >= Duration::from_secs(60) || refused == 1 {
+                        warn!(refused, max = MAX_CONNECTIONS, "webhook connections refused: too many open at once");
+                        refused_logged = tokio::time::Instant::now();
+                    }
+                    continue;
                 };
                 let (hub, secret, branch) = (hub.clone(), secret.clone(), branch.clone());
                 let svc = hyper::service::service_fn(move |req| {
@@ -170,8 +194,11 @@ pub async fn serve(hub: Arc<Hub>, listener: tokio::net::TcpListener, secret: Opt
                     .serve_connection(TokioIo::new(stream), svc);
                 let fut = graceful.watch(conn);
                 tokio::spawn(async move {
-                    if let Err(e) = fut.await {
-                        debug!(%peer, error = %e, "webhook connection ended with an error");
+                    let _slot = slot;
+                    match tokio::time::timeout(CONNECTION_LIFETIME, fut).await {
+                        Ok(Err(e)) => debug!(%peer, error = %e, "webhook connection ended with an error"),
+                        Err(_) => debug!(%peer, "webhook connection closed: open too long"),
+                        Ok(Ok(())) => {}
                     }
                 }.instrument(tracing::debug_span!("webhook-conn")));
             }
