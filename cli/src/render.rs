@@ -29,7 +29,13 @@ pub fn read_checkout(root: &Path) -> anyhow::Result<Tree> {
                 walk(root, &path, tree)?;
             } else {
                 let rel = path.strip_prefix(root)?.to_string_lossy().replace('\\', "/");
-                tree.insert(rel, std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?);
+                let size = entry.metadata()?.len();
+                let bytes = if size > fleet::MAX_FILE_BYTES {
+                    fleet::oversized(size)
+                } else {
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?
+                };
+                tree.insert(rel, bytes);
             }
         }
         Ok(())

@@ -254,6 +254,12 @@ fn read_commit(repo: &gix::Repository, id: gix::ObjectId) -> Result<Snapshot, Gi
     let mut tree = Tree::new();
     for entry in recorder.records {
         if entry.mode.is_blob() {
+            // A file over the limit is never loaded: its app is refused with its size.
+            let size = repo.find_header(entry.oid).map_err(|e| err(boxed(e)))?.size();
+            if size > flotilla_common::fleet::MAX_FILE_BYTES {
+                tree.insert(entry.filepath.to_string(), flotilla_common::fleet::oversized(size));
+                continue;
+            }
             let object = repo.find_object(entry.oid).map_err(|e| err(boxed(e)))?;
             tree.insert(entry.filepath.to_string(), object.data.clone());
         }

@@ -244,3 +244,22 @@ fn committed_symbolic_links_are_never_followed() {
         .values()
         .all(|v| !String::from_utf8_lossy(v).contains("root:") && !String::from_utf8_lossy(v).contains("PRIVATE")));
 }
+
+/// A file over the size limit is never loaded whole: the snapshot holds its size, and its app alone is refused.
+#[test]
+fn a_huge_file_is_not_loaded_and_refuses_only_its_app() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("fleet");
+    fleet_repo(&repo);
+    let huge = vec![b'#'; (flotilla_common::fleet::MAX_FILE_BYTES + 1) as usize];
+    std::fs::write(repo.join("apps/shop/huge.yaml"), &huge).unwrap();
+    commit(&repo, &[("apps/other/app.yaml", "namespace: other\n")], "huge");
+    let f = Follower::new(format!("file://{}", repo.display()), "main", tmp.path().join("cache"));
+    let snap = f.fetch().unwrap();
+    let held = &snap.tree["apps/shop/huge.yaml"];
+    assert!(held.len() < 100, "the file was loaded: {} bytes", held.len());
+    let fleet = flotilla_common::fleet::parse(&snap.tree);
+    let e = fleet.apps["shop"].spec.as_ref().unwrap_err().to_string();
+    assert!(e.contains("huge.yaml is 8.0 MiB: files over 8.0 MiB are refused"), "{e}");
+    assert!(fleet.apps["other"].spec.is_ok());
+}

@@ -219,6 +219,38 @@ impl AppPolicy {
     }
 }
 
+/// The most one file of an app may hold; a larger file is refused on its app (readers never load it whole).
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
+/// The most files, and bytes, one app may have.
+pub const MAX_APP_FILES: usize = 10_000;
+pub const MAX_APP_BYTES: usize = 64 << 20;
+/// What a reader puts in a [`Tree`] in place of a file over [`MAX_FILE_BYTES`]: this, then the size in bytes.
+pub const OVERSIZED: &[u8] = b"\0flotilla: file over the size limit: ";
+
+/// The placeholder for a file of `size` bytes that is too large to read.
+pub fn oversized(size: u64) -> Vec<u8> {
+    let mut v = OVERSIZED.to_vec();
+    v.extend_from_slice(size.to_string().as_bytes());
+    v
+}
+
+/// Why an app's files are too many or too large, if they are.
+fn too_large(files: &Tree) -> Option<String> {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    for (f, bytes) in files {
+        if let Some(size) = bytes.strip_prefix(OVERSIZED) {
+            let size: u64 = String::from_utf8_lossy(size).parse().unwrap_or(0);
+            return Some(format!("{f} is {}: files over {} are refused", mib(size), mib(MAX_FILE_BYTES)));
+        }
+    }
+    if files.len() > MAX_APP_FILES {
+        return Some(format!("the app has {} files: at most {MAX_APP_FILES} are read", files.len()));
+    }
+    let total: usize = files.values().map(Vec::len).sum();
+    (total > MAX_APP_BYTES)
+        .then(|| format!("the app's files hold {}: at most {} are read", mib(total as u64), mib(MAX_APP_BYTES as u64)))
+}
+
 /// Why a path from a repository tree is not safe to read or write, if it is not: every component must be a
 /// plain name (no empty, `.`, `..` or `.git` component, no absolute path, no backslash or NUL). A Git server
 /// without `receive.fsckObjects` accepts trees with such entries; materializing one would write outside the
@@ -656,7 +688,11 @@ pub fn parse(tree: &Tree) -> Fleet {
     }
     for (app, files) in app_files {
         let unsafe_file = files.keys().find_map(|f| unsafe_path(f).map(|why| (f.clone(), why)));
+        let oversize = too_large(&files);
         let spec = match &defaults {
+            _ if oversize.is_some() => {
+                Err(FleetError::Invalid { file: format!("apps/{app}/"), message: oversize.unwrap_or_default() })
+            }
             _ if unsafe_file.is_some() => {
                 let (f, why) = unsafe_file.unwrap_or_default();
                 Err(FleetError::Invalid {

@@ -575,3 +575,19 @@ fn a_tree_entry_that_would_escape_breaks_only_its_app_and_is_never_written() {
     let e = crate::tools::SystemTools::detect().kustomize(&files, ".").unwrap_err();
     assert!(e.contains("refusing to write \"../escape\""), "{e}");
 }
+
+#[test]
+fn a_file_too_large_or_too_many_files_refuse_only_their_app() {
+    let mut t = example();
+    t.insert("apps/shop/huge.yaml".into(), super::oversized(200 << 20));
+    let fleet = parse(&t);
+    let e = fleet.apps["shop"].spec.as_ref().unwrap_err().to_string();
+    assert!(e.contains("huge.yaml is 200.0 MiB: files over 8.0 MiB are refused"), "{e}");
+    assert!(fleet.apps.values().filter(|a| a.name != "shop").all(|a| a.spec.is_ok()), "other apps keep flowing");
+    let mut t = example();
+    for i in 0..=super::MAX_APP_FILES {
+        t.insert(format!("apps/shop/many/{i}.txt"), Vec::new());
+    }
+    let e = parse(&t).apps["shop"].spec.as_ref().unwrap_err().to_string();
+    assert!(e.contains("files: at most 10000 are read"), "{e}");
+}
