@@ -37,6 +37,42 @@ pub enum GitError {
 
 const REFSPEC: &str = "+refs/heads/*:refs/remotes/origin/*";
 
+/// The credentials written into a URL, if any: any user part of an http(s) URL (a token is often written as
+/// the user), or a `user:password` in any URL. An SSH user name (`ssh://git@host`) is not a secret.
+fn userinfo(url: &str) -> Option<&str> {
+    let scheme_end = url.find("://")?;
+    let rest = &url[scheme_end + 3..];
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    let info = &rest[..rest[..host_end].rfind('@')?];
+    let http = url[..scheme_end].eq_ignore_ascii_case("http") || url[..scheme_end].eq_ignore_ascii_case("https");
+    (http || info.contains(':')).then_some(info)
+}
+
+/// The URL as it may be shown: credentials written into it replaced by `***`.
+pub fn redacted_url(url: &str) -> String {
+    match userinfo(url) {
+        Some(info) if !info.is_empty() => url.replacen(info, "***", 1),
+        _ => url.to_string(),
+    }
+}
+
+/// An error whose text may carry the URL's credentials, with them replaced by `***` throughout its chain.
+fn scrubbed(e: Box<dyn std::error::Error + Send + Sync>, url: &str) -> Box<dyn std::error::Error + Send + Sync> {
+    match userinfo(url).filter(|i| !i.is_empty()) {
+        None => e,
+        Some(info) => {
+            let mut text = e.to_string();
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                text.push_str(": ");
+                text.push_str(&c.to_string());
+                cause = c.source();
+            }
+            text.replace(info, "***").into()
+        }
+    }
+}
+
 /// A secret read when it is needed, never logged.
 #[derive(Clone)]
 pub enum Secret {
@@ -166,8 +202,9 @@ impl Follower {
         gix::open::Options::default().cli_overrides(self.auth.config_overrides(&self.dir))
     }
 
-    pub fn url(&self) -> &str {
-        &self.url
+    /// The repository's URL as it may be shown (credentials in it replaced by `***`).
+    pub fn url(&self) -> String {
+        redacted_url(&self.url)
     }
 
     /// Fetches the branch and returns the files of its head commit.
@@ -177,7 +214,7 @@ impl Follower {
     }
 
     fn clone_bare(&self) -> Result<gix::Repository, GitError> {
-        let err = |e| GitError::CloneFailed { url: self.url.clone(), source: e };
+        let err = |e| GitError::CloneFailed { url: self.url(), source: scrubbed(e, &self.url) };
         if let Some(parent) = self.dir.parent() {
             std::fs::create_dir_all(parent).map_err(|e| err(boxed(e)))?;
         }
@@ -200,7 +237,7 @@ impl Follower {
     }
 
     fn fetch_existing(&self) -> Result<gix::Repository, GitError> {
-        let err = |e| GitError::FetchFailed { url: self.url.clone(), source: e };
+        let err = |e| GitError::FetchFailed { url: self.url(), source: scrubbed(e, &self.url) };
         let repo = gix::open_opts(&self.dir, self.open_options()).map_err(|e| err(boxed(e)))?;
         let interrupt = AtomicBool::new(false);
         let creds = self.credentials().map_err(err)?;
@@ -225,7 +262,7 @@ impl Follower {
     }
 
     fn read(&self, repo: &gix::Repository) -> Result<Snapshot, GitError> {
-        let missing = || GitError::BranchMissing { url: self.url.clone(), branch: self.branch.clone() };
+        let missing = || GitError::BranchMissing { url: self.url(), branch: self.branch.clone() };
         let mut id = None;
         for name in [format!("refs/remotes/origin/{}", self.branch), format!("refs/heads/{}", self.branch)] {
             if let Ok(Some(mut r)) = repo.try_find_reference(name.as_str()) {

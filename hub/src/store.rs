@@ -140,6 +140,12 @@ impl RedbStore {
             std::fs::create_dir_all(parent).map_err(|e| err(boxed(e)))?;
         }
         let db = redb::Database::create(path).map_err(|e| err(boxed(e)))?;
+        // The store holds reports and bundles (Secrets among them): readable by the hub's user only.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(boxed(e)))?;
+        }
         // Create the table up front so reads never meet a missing table.
         let txn = db.begin_write().map_err(|e| err(boxed(e)))?;
         txn.open_table(TABLE).map_err(|e| err(boxed(e)))?;

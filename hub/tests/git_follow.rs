@@ -263,3 +263,32 @@ fn a_huge_file_is_not_loaded_and_refuses_only_its_app() {
     assert!(e.contains("huge.yaml is 8.0 MiB: files over 8.0 MiB are refused"), "{e}");
     assert!(fleet.apps["other"].spec.is_ok());
 }
+
+/// Credentials written into the repository URL appear in no error, log field or answer.
+#[test]
+fn credentials_in_the_url_are_never_shown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = Follower::new("http://alice:s3cret-token@127.0.0.1:9/fleet.git", "main", tmp.path().join("cache"));
+    assert_eq!(f.url(), "http://***@127.0.0.1:9/fleet.git");
+    let e = f.fetch().unwrap_err();
+    let text = error_chain(&e);
+    assert!(!text.contains("s3cret-token") && !text.contains("alice:"), "{text}");
+    assert!(text.contains("http://***@127.0.0.1:9/fleet.git"), "{text}");
+    assert_eq!(flotilla_hub::git::redacted_url("https://github.com/org/fleet.git"), "https://github.com/org/fleet.git");
+    assert_eq!(flotilla_hub::git::redacted_url("ssh://git@host/fleet.git"), "ssh://git@host/fleet.git");
+    assert_eq!(flotilla_hub::git::redacted_url("ssh://git:pw@host/fleet.git"), "ssh://***@host/fleet.git");
+    assert_eq!(
+        flotilla_hub::git::redacted_url("https://ghp_token@github.com/o/f.git"),
+        "https://***@github.com/o/f.git"
+    );
+}
+
+/// The store holds reports and bundles (Secrets among them): only the hub's user may read it.
+#[test]
+fn the_store_file_is_readable_by_the_hub_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("hub").join("store.redb");
+    let _store = flotilla_hub::store::RedbStore::open(&path).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+}
