@@ -158,7 +158,7 @@ pub async fn run(
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    info!(%addr, repo = %cfg.repo, branch = %cfg.branch, "hub listening");
+    info!(%addr, repo = %crate::git::redacted_url(&cfg.repo), branch = %cfg.branch, "hub listening");
     if let Some(b) = bound {
         let _ = b.send(addr);
     }
