@@ -60,16 +60,7 @@ pub fn redacted_url(url: &str) -> String {
 fn scrubbed(e: Box<dyn std::error::Error + Send + Sync>, url: &str) -> Box<dyn std::error::Error + Send + Sync> {
     match userinfo(url).filter(|i| !i.is_empty()) {
         None => e,
-        Some(info) => {
-            let mut text = e.to_string();
-            let mut cause = e.source();
-            while let Some(c) = cause {
-                text.push_str(": ");
-                text.push_str(&c.to_string());
-                cause = c.source();
-            }
-            text.replace(info, "***").into()
-        }
+        Some(info) => crate::hub::error_chain(e.as_ref()).replace(info, "***").into(),
     }
 }
 
