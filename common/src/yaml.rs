@@ -298,6 +298,107 @@ impl MarkedEventReceiver for Builder {
     }
 }
 
+/// The line where the node at `path` starts in the first document of `text` (`targets[3].selector` is
+/// `["targets", "3", "selector"]`: mapping keys, and sequence indices as numbers; a mapping's value is shown at
+/// its key's line), if the node exists.
+pub fn line_of_path(text: &str, path: &[&str]) -> Option<usize> {
+    enum Level {
+        Map { key: Option<String>, key_line: usize, expect_key: bool },
+        Seq { next: usize },
+    }
+    struct Finder<'a> {
+        path: &'a [&'a str],
+        stack: Vec<Level>,
+        /// The path of the node about to start, as far as it matches `path`.
+        best: Option<(usize, usize)>,
+        done: bool,
+    }
+    impl Finder<'_> {
+        /// The path of the node starting now, if it is a prefix of the wanted path: its depth.
+        fn depth_matching(&self) -> Option<usize> {
+            let mut depth = 0;
+            for level in &self.stack {
+                let seg = match level {
+                    Level::Map { key: Some(k), expect_key: false, .. } => k.clone(),
+                    Level::Seq { next } => next.to_string(),
+                    _ => return None,
+                };
+                if self.path.get(depth) != Some(&seg.as_str()) {
+                    return None;
+                }
+                depth += 1;
+            }
+            Some(depth)
+        }
+
+        fn node(&mut self, line: usize) {
+            // A mapping's value is shown at its key's line.
+            let line = match self.stack.last() {
+                Some(Level::Map { key_line, expect_key: false, .. }) => *key_line,
+                _ => line,
+            };
+            if let Some(d) = self.depth_matching() {
+                if self.best.is_none_or(|(bd, _)| d > bd) {
+                    self.best = Some((d, line));
+                }
+            }
+        }
+
+        fn after_node(&mut self) {
+            match self.stack.last_mut() {
+                Some(Level::Map { key, expect_key, .. }) => {
+                    if *expect_key {
+                        *expect_key = false;
+                    } else {
+                        *key = None;
+                        *expect_key = true;
+                    }
+                }
+                Some(Level::Seq { next }) => *next += 1,
+                None => self.done = true,
+            }
+        }
+    }
+    impl MarkedEventReceiver for Finder<'_> {
+        fn on_event(&mut self, ev: Event, mark: Marker) {
+            if self.done {
+                return;
+            }
+            match ev {
+                Event::Scalar(text, ..) => {
+                    if let Some(Level::Map { key, key_line, expect_key: true }) = self.stack.last_mut() {
+                        *key = Some(text);
+                        *key_line = mark.line();
+                    } else {
+                        self.node(mark.line());
+                    }
+                    self.after_node();
+                }
+                Event::Alias(_) => {
+                    self.node(mark.line());
+                    self.after_node();
+                }
+                Event::SequenceStart(..) => {
+                    self.node(mark.line());
+                    self.stack.push(Level::Seq { next: 0 });
+                }
+                Event::MappingStart(..) => {
+                    self.node(mark.line());
+                    self.stack.push(Level::Map { key: None, key_line: mark.line(), expect_key: true });
+                }
+                Event::SequenceEnd | Event::MappingEnd => {
+                    self.stack.pop();
+                    self.after_node();
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut f = Finder { path, stack: Vec::new(), best: None, done: false };
+    let _ = Parser::new_from_str(text).load(&mut f, false);
+    f.best.filter(|(depth, _)| *depth == path.len()).map(|(_, line)| line)
+}
+
 /// Every document of a YAML stream (empty documents are `null`).
 pub fn parse_documents(text: &str) -> Result<Vec<Document>, YamlError> {
     let mut b =
@@ -341,6 +442,16 @@ mod tests {
         );
         assert_eq!(one("a: 09"), json!({"a": 9}), "not octal: read as a float, as go-yaml does");
         assert_eq!(one("a: !!str 0644\nb: !!int '12'\nc: |\n  yes\n"), json!({"a": "0644", "b": 12, "c": "yes\n"}));
+    }
+
+    #[test]
+    fn the_line_of_a_path_is_where_that_node_starts() {
+        let text = "namespace: shop\ntargets:\n- name: a\n  selector: {}\n- name: b\n  selector:\n    matchExpressions: [{key: x}]\n";
+        assert_eq!(line_of_path(text, &["targets", "1", "selector"]), Some(6));
+        assert_eq!(line_of_path(text, &["targets", "0", "selector"]), Some(4));
+        assert_eq!(line_of_path(text, &["targets", "1", "selector", "matchExpressions", "0"]), Some(7));
+        assert_eq!(line_of_path(text, &["targets", "1", "nope"]), None);
+        assert_eq!(line_of_path(text, &["namespace"]), Some(1));
     }
 
     #[test]

@@ -473,11 +473,21 @@ fn app_spec(app: &str, files: &Tree, defaults: &Defaults) -> Result<AppSpec, Fle
             message: "unknown field".into(),
         });
     }
-    let field = |field: &str, needle: &str, message: String| FleetError::Field {
-        file: file.clone(),
-        line: line_of(bytes, needle),
-        field: field.to_string(),
-        message,
+    let text = String::from_utf8_lossy(bytes);
+    // The line of the field itself (`targets[3].selector` points at the fourth target's selector), else the
+    // first line that mentions `needle`.
+    let field = |field: &str, needle: &str, message: String| {
+        let owned: Vec<String> = field
+            .split('.')
+            .flat_map(|part| part.split(['[', ']']).filter(|s| !s.is_empty()).map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        let path: Vec<&str> = owned.iter().map(String::as_str).collect();
+        FleetError::Field {
+            file: file.clone(),
+            line: crate::yaml::line_of_path(&text, &path).unwrap_or_else(|| line_of(bytes, needle)),
+            field: field.to_string(),
+            message,
+        }
     };
     let namespace =
         spec.namespace.clone().or_else(|| defaults.namespace.clone()).ok_or_else(|| FleetError::Invalid {

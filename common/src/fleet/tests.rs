@@ -509,7 +509,7 @@ fn sync_policy_errors_name_the_field() {
         "apps/shop/app.yaml".into(),
         b"namespace: shop\nhealth:\n- {kind: Widget, healthy: 'object.status.('}\n".to_vec(),
     );
-    assert!(err(&t).starts_with("apps/shop/app.yaml:2: health[0].healthy: invalid CEL"), "{}", err(&t));
+    assert!(err(&t).starts_with("apps/shop/app.yaml:3: health[0].healthy: invalid CEL"), "{}", err(&t));
 }
 
 #[test]
@@ -590,4 +590,15 @@ fn a_file_too_large_or_too_many_files_refuse_only_their_app() {
     }
     let e = parse(&t).apps["shop"].spec.as_ref().unwrap_err().to_string();
     assert!(e.contains("files: at most 10000 are read"), "{e}");
+}
+
+#[test]
+fn an_error_in_a_later_target_points_at_its_own_line() {
+    let mut t = example();
+    t.insert(
+        "apps/shop/app.yaml".into(),
+        b"namespace: shop\ntargets:\n- selector: {}\n- selector: {}\n- selector:\n    matchExpressions:\n    - {key: a, operator: In}\n".to_vec(),
+    );
+    let e = parse(&t).apps["shop"].spec.as_ref().unwrap_err().to_string();
+    assert!(e.starts_with("apps/shop/app.yaml:7: targets[2].selector.matchExpressions[0]"), "{e}");
 }
