@@ -602,3 +602,11 @@ fn an_error_in_a_later_target_points_at_its_own_line() {
     let e = parse(&t).apps["shop"].spec.as_ref().unwrap_err().to_string();
     assert!(e.starts_with("apps/shop/app.yaml:7: targets[2].selector.matchExpressions[0]"), "{e}");
 }
+
+#[test]
+fn an_unknown_field_in_app_yaml_is_an_error_at_its_line() {
+    let mut t = example();
+    t.insert("apps/shop/app.yaml".into(), b"namespace: shop\nsync:\n  prune: true\n  prun: false\n".to_vec());
+    let e = parse(&t).apps["shop"].spec.as_ref().unwrap_err().to_string();
+    assert_eq!(e, "apps/shop/app.yaml:4: sync.prun: unknown field");
+}
