@@ -112,15 +112,9 @@ impl ApplyError {
             || matches!(self, ApplyError::Malformed { .. })
     }
 
-    /// The API server could not be reached or could not answer (no answer, 429, 5xx, a timeout).
+    /// The API server gave no answer at all (no connection, a timeout): transient, and not an answer.
     pub fn is_unreachable(&self) -> bool {
-        match self {
-            ApplyError::Timeout { .. } => true,
-            ApplyError::Malformed { .. } | ApplyError::UnknownKind { .. } => false,
-            ApplyError::NamespaceFailed { source, .. } | ApplyError::Api { source, .. } => {
-                !matches!(**source, kube::Error::Api(_)) && is_transient(source)
-            }
-        }
+        self.transient() && !matches!(self.kube(), Some(kube::Error::Api(_)))
     }
 
     fn transient(&self) -> bool {

@@ -251,6 +251,24 @@ fn too_large(files: &Tree) -> Option<String> {
         .then(|| format!("the app's files hold {}: at most {} are read", mib(total as u64), mib(MAX_APP_BYTES as u64)))
 }
 
+/// Why an app is refused before any of its files is read: too large, an unsafe tree entry, an invalid name.
+fn app_refusal(app: &str, files: &Tree) -> Option<String> {
+    if let Some(why) = too_large(files) {
+        return Some(why);
+    }
+    if let Some((f, why)) = files.keys().find_map(|f| unsafe_path(f).map(|why| (f, why))) {
+        return Some(format!(
+            "the repository tree has an entry {f:?} with {why}: refused (nothing of the app is read or written)"
+        ));
+    }
+    (!valid_app_name(app)).then(|| {
+        format!(
+            "app name {app:?} is invalid: an app's directory name is a DNS label (lowercase letters, digits and '-', \
+             at most 53 characters)"
+        )
+    })
+}
+
 /// Why a path from a repository tree is not safe to read or write, if it is not: every component must be a
 /// plain name (no empty, `.`, `..` or `.git` component, no absolute path, no backslash or NUL). A Git server
 /// without `receive.fsckObjects` accepts trees with such entries; materializing one would write outside the
@@ -697,30 +715,10 @@ pub fn parse(tree: &Tree) -> Fleet {
         app_files.entry(app).or_default().insert(file.to_string(), bytes.clone());
     }
     for (app, files) in app_files {
-        let unsafe_file = files.keys().find_map(|f| unsafe_path(f).map(|why| (f.clone(), why)));
-        let oversize = too_large(&files);
-        let spec = match &defaults {
-            _ if oversize.is_some() => {
-                Err(FleetError::Invalid { file: format!("apps/{app}/"), message: oversize.unwrap_or_default() })
-            }
-            _ if unsafe_file.is_some() => {
-                let (f, why) = unsafe_file.unwrap_or_default();
-                Err(FleetError::Invalid {
-                    file: format!("apps/{app}/"),
-                    message: format!(
-                        "the repository tree has an entry {f:?} with {why}: refused (nothing of the app is read or written)"
-                    ),
-                })
-            }
-            _ if !valid_app_name(app) => Err(FleetError::Invalid {
-                file: format!("apps/{app}/"),
-                message: format!(
-                    "app name {app:?} is invalid: an app's directory name is a DNS label (lowercase letters, digits \
-                     and '-', at most 53 characters)"
-                ),
-            }),
-            Ok(d) => app_spec(app, &files, d),
-            Err(e) => Err(e.clone()),
+        let spec = match (app_refusal(app, &files), &defaults) {
+            (Some(message), _) => Err(FleetError::Invalid { file: format!("apps/{app}/"), message }),
+            (None, Ok(d)) => app_spec(app, &files, d),
+            (None, Err(e)) => Err(e.clone()),
         };
         let tree_digest = tree_digest(&files);
         fleet.apps.insert(app.to_string(), App { name: app.to_string(), files: Arc::new(files), tree_digest, spec });
