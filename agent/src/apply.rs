@@ -16,6 +16,11 @@ use tokio::sync::Semaphore;
 pub const FIELD_MANAGER: &str = "flotilla-agent";
 /// An object with this annotation set to "true" is never pruned.
 pub const PROTECT_ANNOTATION: &str = "flotilla.dev/protect";
+/// On a desired object: take it over although it exists and the agent did not create it.
+pub const ADOPT_ANNOTATION: &str = "flotilla.dev/adopt";
+/// On a live object the agent took over: it existed before, so it is released, never deleted, when it leaves
+/// its app.
+pub const ADOPTED_ANNOTATION: &str = "flotilla.dev/adopted";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -145,6 +150,8 @@ const QUICK_RETRIES: u32 = 3;
 pub enum Pruned {
     Deleted,
     AlreadyGone,
+    /// An adopted object left in place with the fleet's label and annotation removed.
+    Released,
     /// Left in place, with why (protected, not created by this app).
     Kept(String),
 }
@@ -411,6 +418,21 @@ impl Applier {
         Ok(live.map(|o| serde_json::to_value(o).unwrap_or(Value::Null)))
     }
 
+    /// The names of the objects of `r`'s kind in `r`'s namespace that carry no `flotilla.dev/app` label: objects
+    /// the fleet did not create.
+    pub async fn unlabelled(&self, r: &ObjectRef) -> Result<HashSet<String>, ApplyError> {
+        let api = self.api(r).await?;
+        let lp = kube::api::ListParams::default().labels(&format!("!{APP_LABEL}"));
+        let what = format!(
+            "{} {} in {}",
+            r.api_version,
+            r.kind,
+            if r.namespace.is_empty() { "the cluster" } else { &r.namespace }
+        );
+        let list = self.call(&what, "list", || api.list_metadata(&lp)).await?;
+        Ok(list.items.into_iter().filter_map(|o| o.metadata.name).collect())
+    }
+
     /// Deletes an object the agent created for `app`: only when it carries `flotilla.dev/app: <app>` and is
     /// not protected. The kind is found in any version its group serves; "gone" only when the API server
     /// says the kind is not served, never because it could not be asked.
@@ -436,6 +458,16 @@ impl Applier {
         let annotations = live.metadata.annotations.clone().unwrap_or_default();
         if annotations.get(PROTECT_ANNOTATION).map(String::as_str) == Some("true") {
             return Ok(Pruned::Kept(format!("{r} is protected ({PROTECT_ANNOTATION}: \"true\")")));
+        }
+        if annotations.get(ADOPTED_ANNOTATION).map(String::as_str) == Some("true") {
+            // It existed before the app took it over: released as it is, with the fleet's marks removed.
+            let patch = serde_json::json!({"metadata": {
+                "labels": {APP_LABEL: null},
+                "annotations": {ADOPTED_ANNOTATION: null},
+            }});
+            let (pp, patch) = (PatchParams::default(), Patch::Merge(&patch));
+            self.call(&object, "release", || api.patch(&r.name, &pp, &patch)).await?;
+            return Ok(Pruned::Released);
         }
         // Deleted only as the object just read: a re-created object (another uid) is left alone.
         let dp = DeleteParams {

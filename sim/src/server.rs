@@ -278,6 +278,14 @@ fn wants_table(req: &Request<Incoming>) -> bool {
         .is_some_and(|a| a.split(',').next().is_some_and(|first| first.contains("as=Table")))
 }
 
+/// `Accept: application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1`: metadata only.
+fn wants_metadata(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.split(',').next().is_some_and(|first| first.contains("as=PartialObjectMetadata")))
+}
+
 async fn read_body(req: Request<Incoming>) -> Result<(String, Bytes), ApiError> {
     let ct = req
         .headers()
@@ -405,6 +413,7 @@ async fn resource(
     let method = req.method().clone();
     let is_watch = p.watch || matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
     let table = wants_table(&req);
+    let metadata_only = wants_metadata(&req);
     let include = q.get("includeObject").cloned().unwrap_or_else(|| "Metadata".into());
     let opts = WriteOpts {
         dry_run: dry_run(&q)?,
@@ -434,6 +443,17 @@ async fn resource(
             }
             if table {
                 return Ok(json_response(200, &table::table(&res, &l.items, meta, &include)));
+            }
+            if metadata_only {
+                let items: Vec<Value> = l
+                    .items
+                    .iter()
+                    .map(|o| json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]}))
+                    .collect();
+                return Ok(json_response(
+                    200,
+                    &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": meta, "items": items}),
+                ));
             }
             Ok(json_response(
                 200,

@@ -1,6 +1,7 @@
 //! One app as the engine keeps it, and the parts of keeping it that need no I/O: the bundle's index, the
 //! placement of objects whose scope only discovery knows, stage planning, evaluation from the cache.
 
+use crate::apply::{ADOPTED_ANNOTATION, ADOPT_ANNOTATION};
 use crate::cache::{Cache, APP_LABEL};
 use crate::state::{AppState, ObjectRef};
 use flotilla_common::drift::{DriftItem, FieldPath};
@@ -92,6 +93,8 @@ pub struct AppRun {
     pub problem: Option<String>,
     /// Policy fields from a newer hub this agent does not know (ignored).
     pub unknown_policy: Vec<String>,
+    /// Objects that existed before the app took them over (`sync.adopt`): marked so, released when they leave.
+    pub adopted: BTreeSet<usize>,
 }
 
 /// One object's health and drift, as last evaluated.
@@ -150,6 +153,7 @@ impl AppRun {
             broken: None,
             problem: None,
             unknown_policy: Vec::new(),
+            adopted: BTreeSet::new(),
         };
         if let Err(e) = run.read_bundle() {
             run.broken = Some(format!("the bundle cannot be read: {e}"));
@@ -225,11 +229,44 @@ impl AppRun {
         o
     }
 
-    /// Object `i` as applied over `live`: fields other controllers own keep their live values.
+    /// Object `i` as applied over `live`: fields other controllers own keep their live values; an adopted
+    /// object keeps saying so.
     pub fn applied_form(&self, i: usize, live: Option<&Value>) -> Value {
         let mut o = self.desired(i);
         flotilla_common::drift::with_live_values(&mut o, live, &self.ignore[i]);
+        if self.adopted.contains(&i) {
+            if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+                let a = m.entry("annotations").or_insert_with(|| Value::Object(Default::default()));
+                if let Some(a) = a.as_object_mut() {
+                    a.insert(ADOPTED_ANNOTATION.into(), Value::String("true".into()));
+                }
+            }
+        }
         o
+    }
+
+    /// Whether the app may take over object `i` though the fleet did not create it.
+    pub fn may_adopt(&self, i: usize) -> bool {
+        self.policy.sync.adopt || {
+            let pointer = format!("/metadata/annotations/{}", ADOPT_ANNOTATION.replace('/', "~1"));
+            let (a, b) = self.lines[i];
+            serde_json::from_slice::<Value>(&self.bundle[a..b]).is_ok_and(|o| str_at(&o, &pointer) == "true")
+        }
+    }
+
+    /// Why object `i` may not be written on this cluster, if it may not: the agent's own namespace, or the
+    /// guard the hub put in the bundle (checked again here, after placement).
+    pub fn refusal(&self, i: usize, state_namespace: &str) -> Option<String> {
+        let o = self.desired(i);
+        let r = &self.refs[i];
+        let named = r.kind == "Namespace" && r.group().is_empty() && r.name == state_namespace;
+        if r.namespace == state_namespace || named {
+            return Some(format!(
+                "{r} is refused: namespace {state_namespace} holds the agent's state and is never written by an app"
+            ));
+        }
+        let guard = self.policy.guard.as_ref()?;
+        guard.check(&o, self.scope[i]).err().map(|why| format!("{r} is refused: {why}"))
     }
 
     /// Records a kind's scope for object `i` and places it: a namespaced object that names no namespace goes

@@ -27,7 +27,7 @@ pub mod app;
 pub mod prune;
 pub mod status;
 
-use crate::apply::{Applier, ApplyError, Pruned, Reach, FIELD_MANAGER};
+use crate::apply::{Applier, ApplyError, Pruned, Reach, ADOPTED_ANNOTATION, ADOPT_ANNOTATION, FIELD_MANAGER};
 use crate::cache::Cache;
 use crate::state::{AppState, ObjectRef, StateError, StateStore};
 use app::{evaluate, fingerprint, AppRun};
@@ -392,6 +392,7 @@ impl Engine {
             for r in &plan.delete {
                 match self.applier.prune(&app, r).await {
                     Ok(Pruned::Kept(why)) => info!(%app, %why, "left in place"),
+                    Ok(Pruned::Released) => info!(%app, object = %r, "released: it existed before the app adopted it"),
                     Ok(_) => {}
                     Err(e) => {
                         warn!(%app, error = %e.full(), "pruning failed; retrying later");
@@ -655,9 +656,70 @@ impl Engine {
         })
     }
 
+    /// The objects of `indices` the agent may apply. Marked and left out: objects the app may not write (the
+    /// agent's namespace, the guard in the bundle) and objects that exist but carry no fleet label, unless the
+    /// app adopts them (one list per kind and namespace for objects the cache does not know).
+    async fn admissible(&self, run: &mut AppRun, indices: &[usize]) -> Result<Vec<usize>, ApplyError> {
+        let mut out = Vec::with_capacity(indices.len());
+        let mut unknown: BTreeMap<(String, String, String), Vec<usize>> = BTreeMap::new();
+        let adopted = format!("/metadata/annotations/{}", ADOPTED_ANNOTATION.replace('/', "~1"));
+        for &i in indices {
+            if let Some(why) = run.refusal(i, &self.cfg.state_namespace) {
+                run.errors.insert(i, why);
+                continue;
+            }
+            let r = &run.refs[i];
+            match self.cache.get(r) {
+                Some(live) => {
+                    if live.pointer(&adopted).and_then(Value::as_str) == Some("true") {
+                        run.adopted.insert(i);
+                    }
+                    out.push(i);
+                }
+                None if run.applied_rv.contains_key(&i) || run.adopted.contains(&i) => out.push(i),
+                None => {
+                    unknown.entry((r.api_version.clone(), r.kind.clone(), r.namespace.clone())).or_default().push(i)
+                }
+            }
+        }
+        for idx in unknown.into_values() {
+            let names = self.applier.unlabelled(&run.refs[idx[0]]).await?;
+            for i in idx {
+                let r = &run.refs[i];
+                if !names.contains(&r.name) {
+                    out.push(i);
+                } else if run.may_adopt(i) {
+                    info!(app = %run.name, object = %r, "adopting an object the fleet did not create");
+                    run.adopted.insert(i);
+                    out.push(i);
+                } else {
+                    run.errors.insert(
+                        i,
+                        format!(
+                            "{r} exists, not ours: the fleet did not create it, so it is left alone (to take it over, \
+                             set sync.adopt: true in app.yaml or annotate it {ADOPT_ANNOTATION}: \"true\")"
+                        ),
+                    );
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
     /// Applies objects concurrently (the applier bounds API calls). Returns true when a failure is worth a
     /// retry of the whole app later (anything but the API rejecting an object).
     async fn apply_objects(&self, run: &mut AppRun, indices: &[usize]) -> bool {
+        let indices = match self.admissible(run, indices).await {
+            Ok(v) => v,
+            Err(e) => {
+                for i in indices {
+                    run.errors.insert(*i, e.full());
+                }
+                return !e.is_rejection();
+            }
+        };
+        let indices = &indices[..];
         let needed: BTreeSet<String> = indices
             .iter()
             .map(|i| run.refs[*i].namespace.clone())
@@ -754,6 +816,10 @@ impl Engine {
                     info!(app = %run.name, object = %r, "pruned");
                 }
                 Ok(Pruned::AlreadyGone) => {}
+                Ok(Pruned::Released) => {
+                    info!(app = %run.name, object = %r, "released: it existed before the app adopted it");
+                    run.prune_notes.push(format!("{r} existed before the app adopted it: released, not deleted"));
+                }
                 Ok(Pruned::Kept(why)) => run.prune_notes.push(why),
                 Err(e) => {
                     run.prune_notes.push(e.full());

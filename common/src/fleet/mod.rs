@@ -14,6 +14,7 @@
 //! keeps its previous desired state and shows the error.
 
 pub mod objects;
+pub mod policy;
 pub mod render;
 pub mod vars;
 
@@ -48,6 +49,8 @@ pub enum FleetError {
     Variable { origin: String, cluster: String, message: String },
     #[error("apps/{app}: {message}")]
     Render { app: String, message: String },
+    #[error("{origin}: {object} is refused: {message}")]
+    Policy { origin: String, object: String, message: String },
     #[error("{object} is claimed by apps {first} and {second} on cluster {cluster}; an object belongs to one app")]
     Conflict { object: String, first: String, second: String, cluster: String },
 }
@@ -72,6 +75,21 @@ pub struct Defaults {
     /// Values every cluster starts from (lowest precedence).
     #[serde(default)]
     pub values: Map<String, Value>,
+    /// The namespace agents keep their state in (`flotilla-system`): no app may write there.
+    #[serde(default)]
+    pub agent_namespace: Option<String>,
+    #[serde(default)]
+    pub renderers: RendererSettings,
+}
+
+/// `fleet.yaml` `renderers:`: what Kustomize and Helm may reach beyond the repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RendererSettings {
+    /// Remote Kustomize resources and bases allowed (URL prefixes, `https://github.com/org/repo//path?ref=v1`);
+    /// any other remote reference is refused before the renderer starts.
+    #[serde(default)]
+    pub allow_remote: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +138,11 @@ pub struct SyncPolicy {
     /// Confirms a prune that deletes more than half of the app's objects at once.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_mass_prune: bool,
+    /// Take over objects that exist in the cluster although the fleet did not create them (one object: the
+    /// `flotilla.dev/adopt: "true"` annotation). Without it such an object is reported as "exists, not ours"
+    /// and left alone. An adopted object is released, never deleted, when it leaves the app.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt: bool,
 }
 
 /// Kinds never pruned unless the app lists them in `sync.allowPruneOf`: deleting them takes data or other
@@ -134,6 +157,7 @@ impl Default for SyncPolicy {
             ignore: Vec::new(),
             allow_prune_of: Vec::new(),
             allow_mass_prune: false,
+            adopt: false,
         }
     }
 }
@@ -192,6 +216,9 @@ pub struct AppPolicy {
     /// another app brings): the agent puts them there when discovery says their kind is namespaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// What the app may write (checked again by the agent); absent in bundles of older hubs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<policy::Guard>,
 }
 
 impl AppPolicy {
@@ -416,6 +443,8 @@ pub struct Fleet {
     /// Cluster files that could not be read: those clusters keep their previous desired state.
     pub broken_clusters: BTreeMap<String, FleetError>,
     pub apps: BTreeMap<String, App>,
+    /// `policies/*.yaml`, by file.
+    pub policies: BTreeMap<String, policy::PolicyFile>,
 }
 
 /// The line of the first occurrence of `needle` in `text` (1 when absent): for errors found after parsing.
@@ -638,7 +667,7 @@ fn app_spec(app: &str, files: &Tree, defaults: &Defaults) -> Result<AppSpec, Fle
             field(&format!("rollout.{what}"), "rollout", message.to_string())
         })?;
     }
-    let policy = AppPolicy { sync: spec.sync, health: spec.health, namespace: None };
+    let policy = AppPolicy { sync: spec.sync, health: spec.health, namespace: None, guard: None };
     Ok(AppSpec { namespace, policy, rollout: spec.rollout, source, values: spec.values, targets })
 }
 
@@ -708,6 +737,9 @@ pub fn parse(tree: &Tree) -> Fleet {
             }
         }
     }
+    let policies = parse_policies(tree);
+    let agent_namespace =
+        fleet.defaults.agent_namespace.clone().unwrap_or_else(|| policy::DEFAULT_AGENT_NAMESPACE.to_string());
     let mut app_files: BTreeMap<&str, Tree> = BTreeMap::new();
     for (path, bytes) in tree.range("apps/".to_string()..) {
         let Some(rest) = path.strip_prefix("apps/") else { break };
@@ -717,13 +749,124 @@ pub fn parse(tree: &Tree) -> Fleet {
     for (app, files) in app_files {
         let spec = match (app_refusal(app, &files), &defaults) {
             (Some(message), _) => Err(FleetError::Invalid { file: format!("apps/{app}/"), message }),
-            (None, Ok(d)) => app_spec(app, &files, d),
+            (None, Ok(d)) => match &policies {
+                Ok(p) => app_spec(app, &files, d).and_then(|s| with_guard(app, s, &files, p, &agent_namespace)),
+                Err(e) => Err(e.clone()),
+            },
             (None, Err(e)) => Err(e.clone()),
         };
         let tree_digest = tree_digest(&files);
         fleet.apps.insert(app.to_string(), App { name: app.to_string(), files: Arc::new(files), tree_digest, spec });
     }
+    fleet.policies = policies.unwrap_or_default();
     fleet
+}
+
+/// `policies/*.yaml`: each file's patterns checked. A broken policy file stops every app (they keep their
+/// previous desired state): reading it as absent would loosen what some app may do.
+fn parse_policies(tree: &Tree) -> Result<BTreeMap<String, policy::PolicyFile>, FleetError> {
+    let mut out = BTreeMap::new();
+    for (path, bytes) in tree.range("policies/".to_string()..) {
+        let Some(file) = path.strip_prefix("policies/") else { break };
+        if file.contains('/') || !(file.ends_with(".yaml") || file.ends_with(".yml")) {
+            continue;
+        }
+        let p: policy::PolicyFile = serde_yaml::from_slice(bytes).map_err(|e| yaml_error(path, &e))?;
+        let text = String::from_utf8_lossy(bytes);
+        let lists: [(&str, &[String]); 5] = [
+            ("apps", &p.apps),
+            ("namespaces", &p.namespaces),
+            ("kinds.allow", &p.kinds.allow),
+            ("kinds.deny", &p.kinds.deny),
+            ("shareNamespaceWith", &p.share_namespace_with),
+        ];
+        for (field, list) in lists {
+            for (i, pattern) in list.iter().enumerate() {
+                if let Some(why) = policy::invalid_pattern(pattern) {
+                    let parts: Vec<String> = field.split('.').map(str::to_string).chain([i.to_string()]).collect();
+                    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+                    return Err(FleetError::Field {
+                        file: path.clone(),
+                        line: crate::yaml::line_of_path(&text, &parts).unwrap_or_else(|| line_of(bytes, field)),
+                        field: format!("{field}[{i}]"),
+                        message: format!("{pattern:?}: {why}"),
+                    });
+                }
+            }
+        }
+        if p.apps.is_empty() {
+            return Err(FleetError::Field {
+                file: path.clone(),
+                line: line_of(bytes, "apps"),
+                field: "apps".into(),
+                message: "a policy names the apps it is for".into(),
+            });
+        }
+        out.insert(path.clone(), p);
+    }
+    Ok(out)
+}
+
+/// The app's guard: from the one policy that names it, or the defaults. The app's own namespace must be one
+/// it may write.
+fn with_guard(
+    app: &str,
+    mut spec: AppSpec,
+    files: &Tree,
+    policies: &BTreeMap<String, policy::PolicyFile>,
+    agent_namespace: &str,
+) -> Result<AppSpec, FleetError> {
+    let mine: Vec<(&String, &policy::PolicyFile)> =
+        policies.iter().filter(|(_, p)| policy::matches_any(&p.apps, app)).collect();
+    let guard = match mine.as_slice() {
+        [] => policy::Guard::defaults(agent_namespace),
+        [(file, p)] => policy::Guard::from_policy(file, p, agent_namespace),
+        [(a, _), (b, _), ..] => {
+            return Err(FleetError::Invalid {
+                file: format!("apps/{app}/"),
+                message: format!("the app is named by two policies, {a} and {b}: an app has one policy"),
+            })
+        }
+    };
+    if let Err(why) = guard.namespace_allowed(&spec.namespace) {
+        let bytes = files.get("app.yaml").map(Vec::as_slice).unwrap_or_default();
+        return Err(FleetError::Field {
+            file: format!("apps/{app}/app.yaml"),
+            line: line_of(bytes, "namespace:"),
+            field: "namespace".into(),
+            message: why,
+        });
+    }
+    spec.policy.guard = Some(guard);
+    Ok(spec)
+}
+
+impl Fleet {
+    /// Whether `app` may write namespaced objects in `ns` although other apps declare it as theirs: it is one
+    /// of them, one of them shares it with `app`, or `app`'s policy names the namespace.
+    pub fn may_write_in(&self, app: &str, ns: &str) -> Result<(), String> {
+        let owners: Vec<&str> = self
+            .apps
+            .values()
+            .filter(|a| a.spec.as_ref().is_ok_and(|s| s.namespace == ns))
+            .map(|a| a.name.as_str())
+            .collect();
+        if owners.is_empty() || owners.contains(&app) {
+            return Ok(());
+        }
+        let policy_of = |a: &str| self.policies.values().find(|p| policy::matches_any(&p.apps, a));
+        if policy_of(app).is_some_and(|p| p.namespaces.iter().any(|n| n == ns)) {
+            return Ok(());
+        }
+        if owners.iter().any(|o| policy_of(o).is_some_and(|p| policy::matches_any(&p.share_namespace_with, app))) {
+            return Ok(());
+        }
+        Err(format!(
+            "namespace {ns} belongs to app {} (its namespace); it is written by other apps only when that app's \
+             policy shares it (shareNamespaceWith) or this app's policy names it",
+            owners.join(", ")
+        ))
+    }
 }
 
 impl Fleet {

@@ -281,6 +281,11 @@ pub fn finalize(namespace: &str, policy: &super::AppPolicy, objects: Vec<Sourced
             _ => {}
         }
         let id = object_id(&object);
+        if let Some(guard) = &policy.guard {
+            if let Err(message) = guard.check(&object, namespaced) {
+                return Err(FleetError::Policy { origin, object: id, message });
+            }
+        }
         if let Some(other) = seen.insert(id.clone(), origin.clone()) {
             return Err(FleetError::DuplicateObject { origin, object: id, other });
         }

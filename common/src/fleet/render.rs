@@ -115,7 +115,14 @@ fn variant(spec: &AppSpec, target_index: usize) -> String {
 }
 
 fn base_key(app: &App, spec: &AppSpec, variant: &str) -> String {
-    format!("{}\0{}\0{}\0{}", app.name, app.tree_digest, spec.namespace, variant)
+    // The guard comes from outside the app's files (policies/, fleet.yaml): a change there renders again.
+    let guard = spec.policy.guard.as_ref().map(|g| serde_json::to_string(g).unwrap_or_default()).unwrap_or_default();
+    format!("{}\0{}\0{}\0{}\0{}", app.name, app.tree_digest, spec.namespace, variant, guard)
+}
+
+/// The namespaces a bundle writes namespaced objects in (from its ids, `Kind ns/name`).
+fn namespaces_of(bundle: &Bundle) -> std::collections::BTreeSet<&str> {
+    bundle.ids.iter().filter_map(|id| id.split_once(' ')?.1.split_once('/').map(|(ns, _)| ns)).collect()
 }
 
 fn collect_vars(objects: &[Sourced]) -> Result<BTreeMap<Var, String>, FleetError> {
@@ -436,6 +443,7 @@ pub fn render_fleet(fleet: &Fleet, tools: &dyn Tools, cache: &mut RenderCache) -
         }
     }
     let mut conflicts_seen: HashMap<Vec<usize>, Vec<(String, String, String)>> = HashMap::new();
+    let mut trespass: HashMap<(&str, String), Option<FleetError>> = HashMap::new();
     let mut digests = HashSet::new();
     for (cluster, apps) in by_cluster {
         let signature: Vec<usize> = apps.iter().filter_map(|(_, r)| r.as_ref().ok().copied()).collect();
@@ -447,7 +455,22 @@ pub fn render_fleet(fleet: &Fleet, tools: &dyn Tools, cache: &mut RenderCache) -
         });
         let mut results: BTreeMap<String, AppResult> = BTreeMap::new();
         for (app, r) in apps {
-            let result = r.and_then(|i| renders[i].clone());
+            let result = r.and_then(|i| renders[i].clone()).and_then(|b| {
+                // Another app's namespace: checked here, not in the cached render, as it depends on other apps.
+                let refused = trespass.entry((app, b.digest.clone())).or_insert_with(|| {
+                    namespaces_of(&b).into_iter().find_map(|ns| {
+                        fleet.may_write_in(app, ns).err().map(|message| FleetError::Policy {
+                            origin: format!("apps/{app}"),
+                            object: format!("objects in namespace {ns}"),
+                            message,
+                        })
+                    })
+                });
+                match refused {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(b),
+                }
+            });
             if let Ok(b) = &result {
                 digests.insert(b.digest.clone());
             }

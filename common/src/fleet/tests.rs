@@ -483,7 +483,9 @@ fn the_sync_policy_travels_in_the_bundle() {
     // A policy change is a new bundle.
     let plain = render(&example());
     assert_ne!(plain.clusters["eu-1"]["shop"].as_ref().unwrap().digest, b.digest);
-    assert_eq!(Bundle::policy(&plain.clusters["eu-1"]["shop"].as_ref().unwrap().bytes).unwrap(), AppPolicy::default());
+    let plain = Bundle::policy(&plain.clusters["eu-1"]["shop"].as_ref().unwrap().bytes).unwrap();
+    assert_eq!(plain.sync, AppPolicy::default().sync);
+    assert_eq!(plain.guard, Some(super::policy::Guard::defaults("flotilla-system")), "the default guard travels too");
 }
 
 #[test]
@@ -609,4 +611,93 @@ fn an_unknown_field_in_app_yaml_is_an_error_at_its_line() {
     t.insert("apps/shop/app.yaml".into(), b"namespace: shop\nsync:\n  prune: true\n  prun: false\n".to_vec());
     let e = parse(&t).apps["shop"].spec.as_ref().unwrap_err().to_string();
     assert_eq!(e, "apps/shop/app.yaml:4: sync.prun: unknown field");
+}
+
+fn with(files: &[(&str, &str)]) -> Tree {
+    let mut t = example();
+    for (p, c) in files {
+        t.insert(p.to_string(), c.as_bytes().to_vec());
+    }
+    t
+}
+
+const KS_CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: coredns, namespace: kube-system}\n";
+const ADMIN: &str = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: mine}\n\
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cluster-admin}\n\
+subjects: [{kind: ServiceAccount, name: default, namespace: shop}]\n";
+
+#[test]
+fn by_default_an_app_writes_neither_reserved_namespaces_nor_cluster_admin() {
+    let r = render(&with(&[("apps/shop/evil.yaml", KS_CM)]));
+    let e = err(&r, "eu-1", "shop");
+    assert!(
+        e.starts_with(
+            "apps/shop/evil.yaml:1: ConfigMap kube-system/coredns is refused: namespace kube-system is off limits"
+        ),
+        "{e}"
+    );
+    assert!(r.clusters["eu-1"]["eu-only"].is_ok(), "other apps keep flowing");
+    let r = render(&with(&[("apps/shop/admin.yaml", ADMIN)]));
+    assert!(err(&r, "eu-1", "shop").contains("binds the cluster-admin ClusterRole"), "{}", err(&r, "eu-1", "shop"));
+    let r = render(&with(&[("apps/shop/state.yaml", &KS_CM.replace("kube-system", "flotilla-system"))]));
+    assert!(err(&r, "eu-1", "shop").contains("namespace flotilla-system is off limits"));
+    // The app's own namespace is checked where it is written.
+    let t = with(&[("apps/shop/app.yaml", "targets: [{selector: {}}]\nnamespace: kube-system\n")]);
+    let e = parse(&t).apps["shop"].spec.as_ref().unwrap_err().to_string();
+    assert!(e.starts_with("apps/shop/app.yaml:2: namespace: namespace kube-system is off limits"), "{e}");
+}
+
+#[test]
+fn a_policy_in_policies_grants_what_the_defaults_refuse_and_narrows_the_rest() {
+    let granted = with(&[
+        ("apps/shop/evil.yaml", KS_CM),
+        ("apps/shop/admin.yaml", ADMIN),
+        ("policies/platform.yaml", "apps: [shop]\nnamespaces: [shop, kube-system]\nclusterAdmin: true\n"),
+    ]);
+    let r = render(&granted);
+    assert!(r.clusters["eu-1"]["shop"].is_ok(), "{:?}", r.clusters["eu-1"]["shop"]);
+    let narrow = with(&[("policies/shop.yaml", "apps: [shop]\nkinds: {allow: [apps/*]}\nclusterScoped: false\n")]);
+    let e = err(&render(&narrow), "eu-1", "shop");
+    assert!(
+        e.starts_with(
+            "apps/shop/web.yaml:8: Namespace shop is refused: kind Namespace is not among the kinds the app's \
+                       policy (policies/shop.yaml) allows (apps/*)"
+        ),
+        "{e}"
+    );
+    // A policy change renders again, though the app's files did not change.
+    let mut cache = RenderCache::default();
+    let before = render_fleet(&parse(&example()), &Fake::default(), &mut cache);
+    assert!(before.clusters["eu-1"]["shop"].is_ok());
+    let after = render_fleet(&parse(&narrow), &Fake::default(), &mut cache);
+    assert!(after.clusters["eu-1"]["shop"].is_err(), "the cached render is not reused under a new policy");
+}
+
+#[test]
+fn another_apps_namespace_is_written_only_when_shared() {
+    let cm_in_shop = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: sneaky, namespace: shop}\n";
+    let t = with(&[("apps/eu-only/sneaky.yaml", cm_in_shop)]);
+    let e = err(&render(&t), "eu-1", "eu-only");
+    assert!(e.contains("namespace shop belongs to app shop"), "{e}");
+    assert!(render(&t).clusters["eu-1"]["shop"].is_ok(), "the owner is unaffected");
+    let shared = with(&[
+        ("apps/eu-only/sneaky.yaml", cm_in_shop),
+        ("policies/shop.yaml", "apps: [shop]\nshareNamespaceWith: [eu-*]\n"),
+    ]);
+    assert!(render(&shared).clusters["eu-1"]["eu-only"].is_ok());
+}
+
+#[test]
+fn broken_or_ambiguous_policies_stop_the_apps_they_might_loosen() {
+    let t = with(&[("policies/bad.yaml", "apps: [shop]\nnamespaces:\n- shop\n- 'a[b'\n")]);
+    let f = parse(&t);
+    for app in ["shop", "eu-only"] {
+        let e = f.apps[app].spec.as_ref().unwrap_err().to_string();
+        assert!(e.starts_with("policies/bad.yaml:4: namespaces[1]: \"a[b\""), "{e}");
+    }
+    let t = with(&[("policies/a.yaml", "apps: [shop]\n"), ("policies/b.yaml", "apps: ['sh*']\n")]);
+    let e = parse(&t).apps["shop"].spec.as_ref().unwrap_err().to_string();
+    assert!(e.contains("named by two policies, policies/a.yaml and policies/b.yaml"), "{e}");
+    let t = with(&[("policies/c.yaml", "apps: [shop]\nclusterAdmn: true\n")]);
+    assert!(parse(&t).apps["shop"].spec.as_ref().unwrap_err().to_string().contains("unknown field `clusterAdmn`"));
 }
