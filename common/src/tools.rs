@@ -1,6 +1,8 @@
 //! The external renderers, run as processes: `kustomize build` or `kubectl kustomize` (whichever is
-//! installed), and `helm template`. Each call gets a private copy of the app's files in a temporary
-//! directory, a time limit, and an error that says what failed or what to install.
+//! installed), and `helm template`. Each call runs in a box: a private copy of exactly the files it may read
+//! in a temporary directory, an empty environment (no credentials, no kubeconfig), no network (a network
+//! namespace of its own where the kernel allows one; remote references were refused before it started), and
+//! limits on memory, time and output. Errors say what failed or what to install.
 
 use crate::fleet::render::{HelmInvocation, Tools};
 use crate::fleet::Tree;
@@ -9,8 +11,44 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long one kustomize or helm run may take.
-const TIME_LIMIT: Duration = Duration::from_secs(120);
+/// What one kustomize or helm run may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub time: Duration,
+    /// Address space (RLIMIT_AS), bytes.
+    pub memory: u64,
+    /// Bytes of output read; a renderer printing more is stopped.
+    pub output: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { time: Duration::from_secs(120), memory: 2 << 30, output: 256 << 20 }
+    }
+}
+
+/// Whether this machine gives a renderer a network namespace of its own (`unshare -rn`), asked once.
+fn can_isolate_network() -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        let ok = which("unshare").is_some_and(|u| {
+            Command::new(u)
+                .args(["-rn", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        if !ok {
+            tracing::warn!(
+                "renderers cannot get a network namespace of their own here (unshare -rn failed): remote \
+                 references are still refused before a build starts"
+            );
+        }
+        ok
+    })
+}
 
 /// Finds `name` on `PATH`.
 pub fn which(name: &str) -> Option<PathBuf> {
@@ -32,6 +70,7 @@ enum Kustomize {
 pub struct SystemTools {
     kustomize: Option<Kustomize>,
     helm: Option<PathBuf>,
+    pub limits: Limits,
 }
 
 impl Default for SystemTools {
@@ -44,7 +83,7 @@ impl SystemTools {
     pub fn detect() -> Self {
         let kustomize =
             which("kustomize").map(Kustomize::Standalone).or_else(|| which("kubectl").map(Kustomize::Kubectl));
-        SystemTools { kustomize, helm: which("helm") }
+        SystemTools { kustomize, helm: which("helm"), limits: Limits::default() }
     }
 
     /// Tools as found, but without helm (tests of the "helm is absent" path).
@@ -82,9 +121,59 @@ fn materialize(files: &Tree) -> Result<tempfile::TempDir, String> {
     Ok(dir)
 }
 
+/// Whether `prlimit` (util-linux) is here to set a renderer's memory limit, asked once.
+fn can_limit_memory() -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        let ok = which("prlimit").is_some();
+        if !ok {
+            tracing::warn!("prlimit (util-linux) is not installed: renderers run without a memory limit");
+        }
+        ok
+    })
+}
+
+/// A renderer's command in its box: the program with `args`, in `dir`, with an empty environment, no network
+/// unless `network` (`unshare -rn`), and an address-space limit (`prlimit --as`).
+fn boxed(program: &Path, args: &[&std::ffi::OsStr], dir: &Path, network: bool, limits: &Limits) -> Command {
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if !network && can_isolate_network() {
+        argv.extend(["unshare".into(), "-rn".into()]);
+    }
+    if can_limit_memory() {
+        argv.extend(["prlimit".into(), format!("--as={}", limits.memory).into(), "--".into()]);
+    }
+    argv.push(program.as_os_str().to_owned());
+    argv.extend(args.iter().map(|a| a.to_os_string()));
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).current_dir(dir).env_clear().env("HOME", dir);
+    cmd.env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    cmd
+}
+
 /// Runs `cmd` to completion within `limit`, returning stdout, or stderr (trimmed) as the error.
-pub fn run(mut cmd: Command, limit: Duration) -> Result<String, String> {
-    let program = cmd.get_program().to_string_lossy().into_owned();
+pub fn run(cmd: Command, limit: Duration) -> Result<String, String> {
+    run_limited(cmd, &Limits { time: limit, ..Limits::default() })
+}
+
+fn bytes(n: usize) -> String {
+    if n >= 1 << 20 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// Runs `cmd` within `limits` (time and output; memory is set where the command is made).
+pub fn run_limited(mut cmd: Command, limits: &Limits) -> Result<String, String> {
+    // The renderer's name, not its box's (`unshare -rn prlimit --as=… -- kubectl …`).
+    let mut words = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy());
+    let program = match cmd.get_program().to_string_lossy().as_ref() {
+        "unshare" | "prlimit" => words
+            .find(|w| w.starts_with('/') && !w.ends_with("/unshare") && !w.ends_with("/prlimit"))
+            .map_or_else(|| "the renderer".to_string(), |w| w.rsplit('/').next().unwrap_or(&w).to_string()),
+        _ => cmd.get_program().to_string_lossy().into_owned(),
+    };
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -93,24 +182,35 @@ pub fn run(mut cmd: Command, limit: Duration) -> Result<String, String> {
         .map_err(|e| format!("starting {program}: {e}"))?;
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
     let mut stderr = child.stderr.take().ok_or("no stderr")?;
+    let cap = limits.output;
+    let over = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let over_out = over.clone();
     let out = std::thread::spawn(move || {
         let mut s = Vec::new();
-        let _ = stdout.read_to_end(&mut s);
+        let _ = (&mut stdout).take(cap as u64 + 1).read_to_end(&mut s);
+        if s.len() > cap {
+            over_out.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         s
     });
     let err = std::thread::spawn(move || {
         let mut s = Vec::new();
-        let _ = stderr.read_to_end(&mut s);
+        let _ = (&mut stderr).take(1 << 20).read_to_end(&mut s);
         s
     });
-    let deadline = Instant::now() + limit;
+    let deadline = Instant::now() + limits.time;
     let status = loop {
+        if over.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{program} printed more than {}: stopped", bytes(cap)));
+        }
         match child.try_wait() {
             Ok(Some(s)) => break s,
             Ok(None) if Instant::now() > deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("{program} did not finish within {} s", limit.as_secs()));
+                return Err(format!("{program} did not finish within {} s", limits.time.as_secs()));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => return Err(format!("waiting for {program}: {e}")),
@@ -118,10 +218,16 @@ pub fn run(mut cmd: Command, limit: Duration) -> Result<String, String> {
     };
     let stdout = out.join().unwrap_or_default();
     let stderr = err.join().unwrap_or_default();
+    if over.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(format!("{program} printed more than {}: stopped", bytes(cap)));
+    }
     if status.success() {
         String::from_utf8(stdout).map_err(|e| format!("{program} printed invalid UTF-8: {e}"))
     } else {
         let msg = String::from_utf8_lossy(&stderr).trim().to_string();
+        if msg.contains("fatal error: out of memory") || msg.contains("runtime: out of memory") {
+            return Err(format!("{program} ran out of its memory limit ({} MiB)", limits.memory >> 20));
+        }
         Err(if msg.is_empty() { format!("{program} exited with {status}") } else { msg })
     }
 }
@@ -135,7 +241,7 @@ fn klog_message(stderr: &str) -> String {
 }
 
 impl Tools for SystemTools {
-    fn kustomize(&self, files: &Tree, dir: &str) -> Result<String, String> {
+    fn kustomize(&self, files: &Tree, dir: &str, network: bool) -> Result<String, String> {
         let Some(k) = &self.kustomize else {
             return Err("neither kustomize nor kubectl is installed: install kubectl (it includes kustomize, \
                         https://kubernetes.io/docs/tasks/tools/) or kustomize \
@@ -144,22 +250,14 @@ impl Tools for SystemTools {
         };
         let tmp = materialize(files)?;
         let target = tmp.path().join(dir);
-        let mut cmd = match k {
-            Kustomize::Standalone(p) => {
-                let mut c = Command::new(p);
-                c.arg("build");
-                c
-            }
-            Kustomize::Kubectl(p) => {
-                let mut c = Command::new(p);
-                c.arg("kustomize");
-                c
-            }
+        let (program, verb) = match k {
+            Kustomize::Standalone(p) => (p, "build"),
+            Kustomize::Kubectl(p) => (p, "kustomize"),
         };
-        cmd.arg(&target).current_dir(tmp.path());
+        let cmd = boxed(program, &[verb.as_ref(), target.as_os_str()], tmp.path(), network, &self.limits);
         // Paths in messages are the app's own, not the temporary directory's.
         let root = format!("{}/", tmp.path().display());
-        run(cmd, TIME_LIMIT)
+        run_limited(cmd, &self.limits)
             .map_err(|e| klog_message(&e).replace(&root, "").replace(&tmp.path().display().to_string(), "."))
     }
 
@@ -174,9 +272,11 @@ impl Tools for SystemTools {
         let values = tmp.path().join(".flotilla-values.yaml");
         std::fs::write(&values, &helm.values_yaml).map_err(|e| e.to_string())?;
         let chart = tmp.path().join(&helm.chart);
-        let mut cmd = Command::new(program);
-        cmd.args(helm.args(&chart.to_string_lossy(), &values.to_string_lossy())).current_dir(tmp.path());
+        let args = helm.args(&chart.to_string_lossy(), &values.to_string_lossy());
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        // `helm template` of a local chart needs no network: its dependencies must be vendored (charts/).
+        let cmd = boxed(program, &args, tmp.path(), false, &self.limits);
         let root = format!("{}/", tmp.path().display());
-        run(cmd, TIME_LIMIT).map_err(|e| e.replace(&root, ""))
+        run_limited(cmd, &self.limits).map_err(|e| e.replace(&root, ""))
     }
 }

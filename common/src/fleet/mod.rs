@@ -13,6 +13,7 @@
 //! Problems name file, line and field. A broken app or cluster file affects that app or cluster alone: the hub
 //! keeps its previous desired state and shows the error.
 
+pub mod kustomize;
 pub mod objects;
 pub mod policy;
 pub mod render;
@@ -100,7 +101,7 @@ struct AppFile {
     #[serde(default)]
     manifests: Option<PathSpec>,
     #[serde(default)]
-    kustomize: Option<PathSpec>,
+    kustomize: Option<KustomizeFile>,
     #[serde(default)]
     helm: Option<HelmFile>,
     #[serde(default)]
@@ -339,6 +340,17 @@ fn dot() -> String {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KustomizeFile {
+    #[serde(default = "dot")]
+    path: String,
+    /// Directories of the repository outside the app that its kustomizations use (shared bases), relative to
+    /// the app's directory: `../../bases/web`.
+    #[serde(default)]
+    include: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct HelmFile {
     chart: String,
@@ -384,6 +396,8 @@ pub enum Source {
     /// A kustomization at `path` (a target may name an overlay instead).
     Kustomize {
         path: String,
+        /// Shared directories of the repository the build may read (repository-relative, normalized).
+        include: Vec<String>,
     },
     Helm(HelmSource),
 }
@@ -426,7 +440,9 @@ pub struct App {
     pub name: String,
     /// The app's files, paths relative to `apps/<app>/`.
     pub files: Arc<Tree>,
-    /// sha256 over the app's files: part of every render's content address.
+    /// Shared directories its kustomizations read (`kustomize.include`), repository-relative.
+    pub included: Arc<Tree>,
+    /// sha256 over the app's files and the included ones: part of every render's content address.
     pub tree_digest: String,
     /// A broken app.yaml (or fleet.yaml) is an error on the app; clusters keep its previous state.
     pub spec: Result<AppSpec, FleetError>,
@@ -480,6 +496,21 @@ fn clean_path(p: &str) -> Option<String> {
     }
     let parts: Vec<&str> = p.split('/').filter(|s| !s.is_empty() && *s != ".").collect();
     Some(parts.join("/"))
+}
+
+/// `apps/x/../../bases/web` → `bases/web`; None when it climbs above the repository.
+fn kustomize_path_from_root(p: &str) -> Option<String> {
+    let mut out: Vec<&str> = Vec::new();
+    for part in p.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                out.pop()?;
+            }
+            x => out.push(x),
+        }
+    }
+    Some(out.join("/"))
 }
 
 fn has_file(files: &Tree, dir: &str, names: &[&str]) -> bool {
@@ -594,7 +625,24 @@ fn app_spec(app: &str, files: &Tree, defaults: &Defaults) -> Result<AppSpec, Fle
             }
             Source::Manifests { path }
         }
-        (None, Some(k), None) => Source::Kustomize { path: kustomization("kustomize.path", &k.path)? },
+        (None, Some(k), None) => {
+            let mut include = Vec::new();
+            for (i, p) in k.include.iter().enumerate() {
+                let f = format!("kustomize.include[{i}]");
+                let resolved = (!p.starts_with('/'))
+                    .then(|| kustomize_path_from_root(&format!("apps/{app}/{p}")))
+                    .flatten()
+                    .filter(|r| {
+                        let own = format!("apps/{app}");
+                        !r.is_empty() && unsafe_path(r).is_none() && *r != own && !r.starts_with(&format!("{own}/"))
+                    })
+                    .ok_or_else(|| {
+                        field(&f, p, format!("{p:?} must name a directory of the repository outside apps/{app}/"))
+                    })?;
+                include.push(resolved);
+            }
+            Source::Kustomize { path: kustomization("kustomize.path", &k.path)?, include }
+        }
         (None, None, Some(h)) => {
             let chart = path_in("helm.chart", &h.chart)?;
             if !has_file(files, &chart, &["Chart.yaml"]) {
@@ -755,11 +803,52 @@ pub fn parse(tree: &Tree) -> Fleet {
             },
             (None, Err(e)) => Err(e.clone()),
         };
-        let tree_digest = tree_digest(&files);
-        fleet.apps.insert(app.to_string(), App { name: app.to_string(), files: Arc::new(files), tree_digest, spec });
+        let (included, spec) = match spec {
+            Ok(s) => match included_files(tree, app, &s) {
+                Ok(inc) => (inc, Ok(s)),
+                Err(e) => (Tree::new(), Err(e)),
+            },
+            Err(e) => (Tree::new(), Err(e)),
+        };
+        let mut tree_digest = tree_digest(&files);
+        if !included.is_empty() {
+            tree_digest = self::tree_digest(&[(tree_digest, Vec::new())].into_iter().chain(included.clone()).collect());
+        }
+        fleet.apps.insert(
+            app.to_string(),
+            App { name: app.to_string(), files: Arc::new(files), included: Arc::new(included), tree_digest, spec },
+        );
     }
     fleet.policies = policies.unwrap_or_default();
     fleet
+}
+
+/// The files of the directories an app includes (repository-relative), within the app's limits.
+fn included_files(tree: &Tree, app: &str, spec: &AppSpec) -> Result<Tree, FleetError> {
+    let Source::Kustomize { include, .. } = &spec.source else { return Ok(Tree::new()) };
+    let mut out = Tree::new();
+    for dir in include {
+        let prefix = format!("{dir}/");
+        let before = out.len();
+        out.extend(
+            tree.range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        if out.len() == before {
+            return Err(FleetError::Invalid {
+                file: format!("apps/{app}/app.yaml"),
+                message: format!("kustomize.include: {dir}/ has no files"),
+            });
+        }
+    }
+    match app_refusal(app, &out) {
+        Some(message) => Err(FleetError::Invalid {
+            file: format!("apps/{app}/app.yaml"),
+            message: format!("kustomize.include: {message}"),
+        }),
+        None => Ok(out),
+    }
 }
 
 /// `policies/*.yaml`: each file's patterns checked. A broken policy file stops every app (they keep their

@@ -18,8 +18,10 @@ use std::sync::Arc;
 
 /// Runs the external renderers. Errors are messages meant for the user (what failed, what to install).
 pub trait Tools: Sync {
-    /// Builds the kustomization in `dir` (relative to the app's directory, whose files are `files`).
-    fn kustomize(&self, files: &Tree, dir: &str) -> Result<String, String>;
+    /// Builds the kustomization in `dir` of `files` (the app's files, or the repository's layout when the app
+    /// includes shared directories). `network`: the build names remote resources the fleet allows; without
+    /// it the build must not reach the network.
+    fn kustomize(&self, files: &Tree, dir: &str, network: bool) -> Result<String, String>;
     /// Runs `helm template` on the chart in the app's files.
     fn helm_template(&self, files: &Tree, helm: &HelmInvocation) -> Result<String, String>;
 }
@@ -107,7 +109,7 @@ impl Base {
 fn variant(spec: &AppSpec, target_index: usize) -> String {
     match &spec.source {
         Source::Manifests { path } => format!("manifests:{path}"),
-        Source::Kustomize { path } => {
+        Source::Kustomize { path, .. } => {
             format!("kustomize:{}", spec.targets[target_index].kustomize_path.as_deref().unwrap_or(path))
         }
         Source::Helm(_) => format!("helm:{target_index}"),
@@ -189,6 +191,7 @@ fn make_base(
     app: &App,
     spec: &AppSpec,
     target: &Target,
+    allow_remote: &[String],
     tools: &dyn Tools,
     runs: &AtomicUsize,
 ) -> Result<Base, FleetError> {
@@ -209,12 +212,23 @@ fn make_base(
             let vars = collect_vars(&objects)?;
             Ok(Base::Objects { objects, vars })
         }
-        Source::Kustomize { path } => {
+        Source::Kustomize { path, include } => {
             let dir = target.kustomize_path.as_deref().unwrap_or(path);
-            runs.fetch_add(1, Ordering::Relaxed);
             let shown = if dir.is_empty() { "." } else { dir };
+            // The build's private copy: the app's files, or with shared directories, the repository's layout.
+            let (files, build_dir) = if include.is_empty() {
+                (app.files.clone(), dir.to_string())
+            } else {
+                let root = format!("apps/{}", app.name);
+                let mut w: Tree = app.files.iter().map(|(k, v)| (format!("{root}/{k}"), v.clone())).collect();
+                w.extend(app.included.iter().map(|(k, v)| (k.clone(), v.clone())));
+                (Arc::new(w), if dir.is_empty() { root } else { format!("{root}/{dir}") })
+            };
+            let remote = super::kustomize::check(&files, allow_remote)
+                .map_err(|e| render_error(app, format!("kustomize build {shown} refused: {e}")))?;
+            runs.fetch_add(1, Ordering::Relaxed);
             let out = tools
-                .kustomize(&app.files, dir)
+                .kustomize(&files, &build_dir, !remote.is_empty())
                 .map_err(|e| render_error(app, format!("kustomize build {shown} failed: {e}")))?;
             let origin = format!("apps/{}/{shown} (kustomize output)", app.name);
             let objects = parse_manifests(&origin, out.as_bytes())?;
@@ -375,7 +389,10 @@ pub fn render_fleet(fleet: &Fleet, tools: &dyn Tools, cache: &mut RenderCache) -
     for cluster in fleet.clusters.keys() {
         for (app, spec, target) in fleet.apps_for(cluster).unwrap_or_default() {
             let t = spec.targets.iter().position(|x| std::ptr::eq(x, target)).unwrap_or(0);
-            let key = base_key(app, spec, &variant(spec, t));
+            let mut key = base_key(app, spec, &variant(spec, t));
+            if matches!(spec.source, Source::Kustomize { .. }) {
+                key.push_str(&fleet.defaults.renderers.allow_remote.join("\0"));
+            }
             let base = match base_index.get(&key) {
                 Some(i) => *i,
                 None => {
@@ -390,7 +407,7 @@ pub fn render_fleet(fleet: &Fleet, tools: &dyn Tools, cache: &mut RenderCache) -
     let missing: Vec<usize> = (0..wanted.len()).filter(|i| !cache.bases.contains_key(&wanted[*i].0)).collect();
     let built = par_map(&missing, |i| {
         let (_, app, spec, target) = &wanted[*i];
-        make_base(app, spec, target, tools, &runs).map(Arc::new)
+        make_base(app, spec, target, &fleet.defaults.renderers.allow_remote, tools, &runs).map(Arc::new)
     });
     let mut bases: Vec<Option<Result<Arc<Base>, FleetError>>> =
         wanted.iter().map(|(k, ..)| cache.bases.get(k).map(|b| Ok(b.clone()))).collect();

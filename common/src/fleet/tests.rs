@@ -17,7 +17,7 @@ struct Fake {
 }
 
 impl Tools for Fake {
-    fn kustomize(&self, files: &Tree, dir: &str) -> Result<String, String> {
+    fn kustomize(&self, files: &Tree, dir: &str, _network: bool) -> Result<String, String> {
         self.calls.lock().unwrap().push(format!("kustomize {dir}"));
         if let Some(e) = &self.fail_kustomize {
             return Err(e.clone());
@@ -574,7 +574,7 @@ fn a_tree_entry_that_would_escape_breaks_only_its_app_and_is_never_written() {
     }
     let mut files = Tree::new();
     files.insert("../escape".into(), b"x".to_vec());
-    let e = crate::tools::SystemTools::detect().kustomize(&files, ".").unwrap_err();
+    let e = crate::tools::SystemTools::detect().kustomize(&files, ".", false).unwrap_err();
     assert!(e.contains("refusing to write \"../escape\""), "{e}");
 }
 
