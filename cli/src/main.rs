@@ -55,11 +55,15 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         timeout_seconds: u64,
     },
-    /// Print what a cluster would receive from a fleet repository checkout, offline.
+    /// Print what a cluster would receive from a fleet repository checkout (or one revision of a repository),
+    /// offline.
     Render {
-        /// The checkout (a directory with clusters/ and apps/).
+        /// The checkout (a directory with clusters/ and apps/), or with --rev any repository, bare or not.
         #[arg(long, default_value = ".")]
         repo: PathBuf,
+        /// Render this revision (commit, branch, tag) as Git holds it, rather than the files of the checkout.
+        #[arg(long)]
+        rev: Option<String>,
         /// The cluster.
         #[arg(long)]
         cluster: String,
@@ -68,7 +72,8 @@ enum Command {
         app: Option<String>,
     },
     /// Which clusters and apps change between two revisions of a fleet repository, offline: the blast radius
-    /// of a pull request before it merges. Exits 1 when the newer revision fails to render anywhere.
+    /// of a pull request before it merges. Exits 1 when the newer revision fails to render anywhere or has
+    /// files that cannot be read.
     Diff {
         /// The repository (a checkout or a bare repository).
         #[arg(long, default_value = ".")]
@@ -240,8 +245,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { once, timeout_seconds } => {
             flotilla_cli::demo::run(once, std::time::Duration::from_secs(timeout_seconds)).await
         }
-        Command::Render { repo, cluster, app } => {
-            let tree = flotilla_cli::render::read_checkout(&repo)?;
+        Command::Render { repo, rev, cluster, app } => {
+            let tree = match rev {
+                Some(rev) => flotilla_hub::git::snapshot_at(&repo, &rev)?.tree,
+                None => flotilla_cli::render::read_checkout(&repo)?,
+            };
             let tools = flotilla_common::tools::SystemTools::detect();
             print!("{}", flotilla_cli::render::render(&tree, &cluster, app.as_deref(), &tools)?);
             Ok(())
@@ -265,6 +273,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let failing: usize = r.changes.iter().filter(|c| c.change == "error").map(|c| c.clusters.len()).sum();
             if failing > 0 {
                 anyhow::bail!("{failing} cluster apps fail to render at {to}");
+            }
+            if r.broken_files > 0 {
+                anyhow::bail!("{} files of the fleet cannot be read at {to}", r.broken_files);
             }
             Ok(())
         }

@@ -80,7 +80,13 @@ pub fn render(tree: &Tree, cluster: &str, app: Option<&str>, tools: &dyn Tools) 
     fleet.clusters.retain(|c, _| c == cluster);
     let rendered = render_fleet(&fleet, tools, &mut RenderCache::default());
     let mut out = String::new();
-    let mut errors = Vec::new();
+    // Apps whose files cannot be read are named, never left out in silence.
+    let mut errors: Vec<String> = fleet
+        .apps
+        .values()
+        .filter(|a| app.is_none_or(|n| n == a.name))
+        .filter_map(|a| a.spec.as_ref().err().map(ToString::to_string))
+        .collect();
     for (name, result) in &rendered.clusters[cluster] {
         if app.is_some_and(|a| a != name) {
             continue;
@@ -134,6 +140,8 @@ pub struct BlastRadius {
     pub changes: Vec<Change>,
     /// Problems of the newer revision outside rendering (broken files, untargeted apps).
     pub problems: Vec<String>,
+    /// Cluster, app and rollout files of the newer revision that cannot be read (a failed check).
+    pub broken_files: usize,
 }
 
 /// A revision: what the user called it, the commit, and the files.
@@ -233,6 +241,9 @@ pub fn blast_radius(from: Revision, to: Revision, patch: bool, tools: &dyn Tools
         clusters_changed: changed_clusters.len(),
         changes,
         problems: fleet.problems(),
+        broken_files: fleet.broken_clusters.len()
+            + fleet.apps.values().filter(|a| a.spec.is_err()).count()
+            + usize::from(matches!(fleet.rollout, Some(Err(_)))),
     })
 }
 
