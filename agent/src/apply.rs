@@ -422,7 +422,9 @@ impl Applier {
     /// the fleet did not create.
     pub async fn unlabelled(&self, r: &ObjectRef) -> Result<HashSet<String>, ApplyError> {
         let api = self.api(r).await?;
-        let lp = kube::api::ListParams::default().labels(&format!("!{APP_LABEL}"));
+        // Namespaces the agent created for apps (`ensure_namespace`) are the fleet's too.
+        let lp =
+            kube::api::ListParams::default().labels(&format!("!{APP_LABEL},app.kubernetes.io/managed-by!=flotilla"));
         let what = format!(
             "{} {} in {}",
             r.api_version,
@@ -458,6 +460,14 @@ impl Applier {
         let annotations = live.metadata.annotations.clone().unwrap_or_default();
         if annotations.get(PROTECT_ANNOTATION).map(String::as_str) == Some("true") {
             return Ok(Pruned::Kept(format!("{r} is protected ({PROTECT_ANNOTATION}: \"true\")")));
+        }
+        let argo = annotations.get(flotilla_common::fleet::objects::ARGO_SYNC_OPTIONS).map(String::as_str);
+        if argo.is_some_and(|o| o.split(',').any(|v| matches!(v.trim(), "Prune=false" | "Delete=false"))) {
+            return Ok(Pruned::Kept(format!(
+                "{r} says {}: {}",
+                flotilla_common::fleet::objects::ARGO_SYNC_OPTIONS,
+                argo.unwrap_or_default()
+            )));
         }
         if annotations.get(ADOPTED_ANNOTATION).map(String::as_str) == Some("true") {
             // It existed before the app took it over: released as it is, with the fleet's marks removed.

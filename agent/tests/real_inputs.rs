@@ -33,12 +33,20 @@ async fn kube_prometheus_as_one_app_converges() {
     let mut files = Vec::new();
     files_under(&manifests, &manifests, &mut files);
     assert!(files.len() > 50, "{} holds {} files: not kube-prometheus' manifests/", manifests.display(), files.len());
-    // Upstream text holds `${…}` (Grafana dashboards, shell snippets): escaped as `$${…}` until apps can turn
-    // substitution off (the fleet repository as a trust boundary).
-    let escape = |c: Vec<u8>| String::from_utf8(c).unwrap().replace("${", "$${").into_bytes();
-    let mut tree: Tree = files.into_iter().map(|(p, c)| (format!("apps/monitoring/{p}"), escape(c))).collect();
+    // Upstream text holds `${…}` of its own (637 in Grafana dashboards and the blackbox exporter's
+    // configuration): the app turns substitution off, the upstream files stay as they are.
+    let mut tree: Tree = files.into_iter().map(|(p, c)| (format!("apps/monitoring/{p}"), c)).collect();
     tree.insert("clusters/c.yaml".into(), b"labels: {}\n".to_vec());
-    tree.insert("apps/monitoring/app.yaml".into(), b"namespace: monitoring\ntargets: [{selector: {}}]\n".to_vec());
+    // A platform app: it reads metrics in kube-system and default, which app teams may not write, and its
+    // metrics adapter grants "*" verbs on metrics.k8s.io cluster-wide.
+    tree.insert(
+        "policies/monitoring.yaml".into(),
+        b"apps: [monitoring]\nnamespaces: [monitoring, kube-system, default]\nclusterAdmin: true\n".to_vec(),
+    );
+    tree.insert(
+        "apps/monitoring/app.yaml".into(),
+        b"namespace: monitoring\nsubstitution: false\ntargets: [{selector: {}}]\n".to_vec(),
+    );
     let r = render_fleet(&parse(&tree), &SystemTools::detect(), &mut RenderCache::default());
     let b = r.clusters["c"]["monitoring"].as_ref().unwrap_or_else(|e| panic!("{e}"));
     let env = env(Behaviour { ready_after_ms: 200, ..Default::default() }).await;
@@ -82,7 +90,10 @@ async fn kube_prometheus_as_one_app_converges() {
     let kinds = ["Alertmanager", "Prometheus", "PrometheusRule", "ServiceMonitor", "PodMonitor", "Probe"];
     let rules: Vec<String> =
         kinds.iter().map(|k| format!("- {{kind: {k}, group: monitoring.coreos.com, healthy: 'true'}}")).collect();
-    let app_yaml = format!("namespace: monitoring\ntargets: [{{selector: {{}}}}]\nhealth:\n{}\n", rules.join("\n"));
+    let app_yaml = format!(
+        "namespace: monitoring\nsubstitution: false\ntargets: [{{selector: {{}}}}]\nhealth:\n{}\n",
+        rules.join("\n")
+    );
     tree.insert("apps/monitoring/app.yaml".into(), app_yaml.into_bytes());
     let r = render_fleet(&parse(&tree), &SystemTools::detect(), &mut RenderCache::default());
     let b = r.clusters["c"]["monitoring"].as_ref().unwrap_or_else(|e| panic!("{e}"));

@@ -95,3 +95,45 @@ fn helm_charts_render_through_helm() {
     assert_eq!(objs[0]["metadata"]["namespace"], "web");
     assert_eq!(objs[0]["data"]["greeting"], "hi eu-1");
 }
+
+/// The files of a fixture directory as `apps/<app>/…`.
+fn fixture_app(dir: &str, app: &str) -> Tree {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, prefix: &str, out: &mut Tree) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, prefix, out);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+                out.insert(format!("{prefix}{rel}"), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(dir);
+    let mut out = Tree::new();
+    walk(&root, &root, &format!("apps/{app}/"), &mut out);
+    out
+}
+
+#[test]
+fn a_multi_cluster_kustomize_layout_ports_without_edits() {
+    let mut t = fixture_app("multi-cluster-kustomize", "guestbook");
+    for (c, env) in [("dev-1", "dev"), ("test-1", "test"), ("prod-1", "prod"), ("prod-2", "prod")] {
+        t.insert(format!("clusters/{c}.yaml"), format!("labels: {{env: {env}}}\n").into_bytes());
+    }
+    let r = render_fleet(&parse(&t), &tools(), &mut RenderCache::default());
+    let replicas = |c: &str| {
+        let b = r.clusters[c]["guestbook"].as_ref().unwrap_or_else(|e| panic!("{c}: {e}"));
+        let objects = Bundle::parse(&b.bytes).unwrap();
+        assert_eq!(objects.len(), 4, "{c}: two Deployments, two Services");
+        let f = objects.iter().find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "frontend").unwrap();
+        assert_eq!(f["metadata"]["namespace"], "fleet-mc-kustomize-example");
+        f["spec"]["replicas"].as_i64().unwrap()
+    };
+    assert_eq!([replicas("dev-1"), replicas("test-1"), replicas("prod-1")], [1, 2, 3]);
+    assert_eq!(
+        r.clusters["prod-1"]["guestbook"].as_ref().unwrap().digest,
+        r.clusters["prod-2"]["guestbook"].as_ref().unwrap().digest
+    );
+    assert_eq!(r.stats.tool_runs, 3, "one build per overlay: {:?}", r.stats);
+}

@@ -12,8 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use tokio::time::Instant;
 
-/// The annotation ordering an app's objects into waves.
-pub const WAVE_ANNOTATION: &str = "flotilla.dev/wave";
+pub use flotilla_common::fleet::objects::WAVE_ANNOTATION;
 
 fn str_at<'a>(o: &'a Value, p: &str) -> &'a str {
     o.pointer(p).and_then(Value::as_str).unwrap_or_default()
@@ -168,7 +167,6 @@ impl AppRun {
         self.policy = policy;
         self.unknown_policy = unknown;
         self.rules = Rules::new(&self.policy.health)?;
-        let wave_pointer = format!("/metadata/annotations/{}", WAVE_ANNOTATION.replace('/', "~1"));
         let mut start = 0;
         for line in bundle.split(|b| *b == b'\n') {
             let range = (start, start + line.len());
@@ -194,7 +192,8 @@ impl AppRun {
             self.refs.push(ObjectRef::of(&o));
             self.ignore.push(self.policy.ignored_paths(&o));
             self.managers.push(self.policy.ignored_managers(&o));
-            self.waves.push(str_at(&o, &wave_pointer).parse::<i64>().unwrap_or(0));
+            // Checked by the hub; a bundle from an older hub with a bad wave applies it in wave 0.
+            self.waves.push(flotilla_common::fleet::objects::wave_of(&o).unwrap_or(0));
         }
         self.evals = vec![None; self.refs.len()];
         self.scope = vec![None; self.refs.len()];
@@ -293,9 +292,13 @@ impl AppRun {
     /// Splits the objects whose scope is known into stages (scope comes from discovery).
     pub fn plan(&mut self) {
         let mut keyed: BTreeMap<(i64, u8), Vec<usize>> = BTreeMap::new();
+        // CRDs and Namespaces go with the first wave: a PreSync hook runs in the namespace the app brings.
+        let first = self.waves.iter().copied().min().unwrap_or(0);
         for (i, r) in self.refs.iter().enumerate() {
             if let Some(namespaced) = self.scope[i] {
-                keyed.entry((self.waves[i], kind_rank(&r.kind, namespaced))).or_default().push(i);
+                let rank = kind_rank(&r.kind, namespaced);
+                let wave = if rank <= 1 { first.min(self.waves[i]) } else { self.waves[i] };
+                keyed.entry((wave, rank)).or_default().push(i);
             }
         }
         let mut prev: Option<(i64, u8)> = None;
@@ -442,8 +445,12 @@ mod tests {
             run.place(i, ns);
         }
         run.plan();
-        assert_eq!(run.stages, vec![vec![4], vec![2], vec![3], vec![5], vec![0, 1]]);
-        assert_eq!(run.gate, vec![false, true, true, false, false], "wave -1 before wave 0; CRDs gate what follows");
+        assert_eq!(run.stages, vec![vec![2], vec![3], vec![4], vec![5], vec![0, 1]]);
+        assert_eq!(
+            run.gate,
+            vec![false, true, false, true, false],
+            "CRDs and Namespaces with the first wave; wave -1 before wave 0; CRDs gate what follows"
+        );
         assert_eq!(run.desired(0)["metadata"]["labels"][APP_LABEL], "shop", "every object carries its app");
     }
 

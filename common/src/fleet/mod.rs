@@ -114,6 +114,42 @@ struct AppFile {
     health: Vec<crate::health::HealthRule>,
     #[serde(default)]
     rollout: Option<crate::rollout::RolloutSpec>,
+    #[serde(default)]
+    substitution: Option<SubstitutionFile>,
+    /// Files of the app directory that are not part of the app (globs: `docs/**`, `**/*_test.yaml`).
+    #[serde(default)]
+    exclude: Vec<String>,
+}
+
+/// `substitution: false`, or `substitution: {skip: [globs]}`: where `${…}` is left as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SubstitutionFile {
+    On(bool),
+    Skip { skip: Vec<String> },
+}
+
+/// Where the app's `${…}` variables are substituted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Substitution {
+    /// Everywhere (objects may still opt out with `flotilla.dev/substitution: "off"`).
+    #[default]
+    On,
+    /// Nowhere: upstream files with their own `${…}` (Grafana dashboards) stay as written.
+    Off,
+    /// Not in the files these globs match (paths relative to the app's directory).
+    Skip(Vec<String>),
+}
+
+/// An object with this annotation set to "off" is never substituted.
+pub const SUBSTITUTION_ANNOTATION: &str = "flotilla.dev/substitution";
+
+/// Whether `path` (relative to the app) matches a glob of `patterns` (`*` stays inside one directory, `**`
+/// crosses them).
+pub fn path_matches(patterns: &[String], path: &str) -> bool {
+    patterns.iter().any(|p| {
+        globset::GlobBuilder::new(p).literal_separator(true).build().is_ok_and(|g| g.compile_matcher().is_match(path))
+    })
 }
 
 /// How the agent keeps an app: pruning, drift handling, fields it leaves to other controllers.
@@ -426,6 +462,7 @@ pub struct Target {
 #[derive(Debug, Clone)]
 pub struct AppSpec {
     pub namespace: String,
+    pub substitution: Substitution,
     pub policy: AppPolicy,
     /// The app's own waves, replacing rollout.yaml's for this app.
     pub rollout: Option<crate::rollout::RolloutSpec>,
@@ -715,8 +752,25 @@ fn app_spec(app: &str, files: &Tree, defaults: &Defaults) -> Result<AppSpec, Fle
             field(&format!("rollout.{what}"), "rollout", message.to_string())
         })?;
     }
+    let substitution = match spec.substitution {
+        None | Some(SubstitutionFile::On(true)) => Substitution::On,
+        Some(SubstitutionFile::On(false)) => Substitution::Off,
+        Some(SubstitutionFile::Skip { skip }) => {
+            for (i, p) in skip.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(p) {
+                    return Err(field(&format!("substitution.skip[{i}]"), p, e.kind().to_string()));
+                }
+            }
+            Substitution::Skip(skip)
+        }
+    };
+    for (i, p) in spec.exclude.iter().enumerate() {
+        if let Err(e) = globset::Glob::new(p) {
+            return Err(field(&format!("exclude[{i}]"), p, e.kind().to_string()));
+        }
+    }
     let policy = AppPolicy { sync: spec.sync, health: spec.health, namespace: None, guard: None };
-    Ok(AppSpec { namespace, policy, rollout: spec.rollout, source, values: spec.values, targets })
+    Ok(AppSpec { namespace, substitution, policy, rollout: spec.rollout, source, values: spec.values, targets })
 }
 
 fn tree_digest(files: &Tree) -> String {
@@ -794,7 +848,11 @@ pub fn parse(tree: &Tree) -> Fleet {
         let Some((app, file)) = rest.split_once('/') else { continue };
         app_files.entry(app).or_default().insert(file.to_string(), bytes.clone());
     }
-    for (app, files) in app_files {
+    for (app, mut files) in app_files {
+        let excluded = excluded_globs(&files);
+        if !excluded.is_empty() {
+            files.retain(|f, _| f == "app.yaml" || !path_matches(&excluded, f));
+        }
         let spec = match (app_refusal(app, &files), &defaults) {
             (Some(message), _) => Err(FleetError::Invalid { file: format!("apps/{app}/"), message }),
             (None, Ok(d)) => match &policies {
@@ -821,6 +879,17 @@ pub fn parse(tree: &Tree) -> Fleet {
     }
     fleet.policies = policies.unwrap_or_default();
     fleet
+}
+
+/// The app's `exclude:` globs, read before anything else of app.yaml (a broken app.yaml excludes nothing and
+/// fails on its own).
+fn excluded_globs(files: &Tree) -> Vec<String> {
+    #[derive(Deserialize)]
+    struct Only {
+        #[serde(default)]
+        exclude: Vec<String>,
+    }
+    files.get("app.yaml").and_then(|b| serde_yaml::from_slice::<Only>(b).ok()).map(|o| o.exclude).unwrap_or_default()
 }
 
 /// The files of the directories an app includes (repository-relative), within the app's limits.

@@ -239,6 +239,91 @@ pub fn parse_manifests(file: &str, bytes: &[u8]) -> Result<Vec<Sourced>, FleetEr
     Ok(out)
 }
 
+/// The annotation ordering an app's objects into waves (Argo CD's `argocd.argoproj.io/sync-wave` is read too).
+pub const WAVE_ANNOTATION: &str = "flotilla.dev/wave";
+pub const ARGO_SYNC_WAVE: &str = "argocd.argoproj.io/sync-wave";
+pub const ARGO_HOOK: &str = "argocd.argoproj.io/hook";
+pub const ARGO_HOOK_DELETE_POLICY: &str = "argocd.argoproj.io/hook-delete-policy";
+pub const ARGO_SYNC_OPTIONS: &str = "argocd.argoproj.io/sync-options";
+/// Argo CD's hook phases as wave offsets: PreSync hooks before every wave, PostSync after every wave.
+const PHASE: i64 = 1 << 40;
+/// `sync-options` Flotilla honours (the rest is refused, never ignored).
+const SYNC_OPTIONS: &[&str] =
+    &["Prune=false", "Delete=false", "ServerSideApply=true", "CreateNamespace=true", "PruneLast=true", "Validate=true"];
+
+fn annotation<'a>(o: &'a Value, key: &str) -> Option<&'a str> {
+    o.pointer("/metadata/annotations").and_then(|a| a.get(key)).and_then(Value::as_str)
+}
+
+/// The wave object `o` applies in: `flotilla.dev/wave`, else Argo CD's sync-wave (default 0), with Argo CD's
+/// PreSync hooks before every wave and PostSync hooks after every wave (each wave waits for the one before to
+/// be healthy: a PreSync Job completes before anything else applies).
+pub fn wave_of(o: &Value) -> Result<i64, String> {
+    let (key, raw) = match (annotation(o, WAVE_ANNOTATION), annotation(o, ARGO_SYNC_WAVE)) {
+        (Some(w), _) => (WAVE_ANNOTATION, w),
+        (None, Some(w)) => (ARGO_SYNC_WAVE, w),
+        (None, None) => ("", "0"),
+    };
+    let wave: i64 = raw
+        .trim()
+        .parse()
+        .ok()
+        .filter(|w: &i64| w.abs() < PHASE / 2)
+        .ok_or_else(|| format!("annotation {key}: {raw:?} is not a whole number"))?;
+    let offset = match annotation(o, ARGO_HOOK).map(str::trim) {
+        None | Some("Sync") => 0,
+        Some("PreSync") => -PHASE,
+        Some("PostSync") => PHASE,
+        Some(other) => {
+            return Err(format!(
+                "annotation {ARGO_HOOK}: {other:?} is not supported (PreSync, Sync, PostSync and Skip are; a hook \
+                 runs in one phase)"
+            ))
+        }
+    };
+    Ok(wave + offset)
+}
+
+/// Checks Argo CD's annotations Flotilla reads, so none is silently ignored.
+fn check_argo(o: &Value) -> Result<(), String> {
+    wave_of(o)?;
+    if let Some(p) = annotation(o, ARGO_HOOK_DELETE_POLICY) {
+        for v in p.split(',').map(str::trim) {
+            if !["BeforeHookCreation", "HookSucceeded", "HookFailed"].contains(&v) {
+                return Err(format!("annotation {ARGO_HOOK_DELETE_POLICY}: {v:?} is not a hook deletion policy"));
+            }
+        }
+    }
+    if let Some(opts) = annotation(o, ARGO_SYNC_OPTIONS) {
+        for v in opts.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+            if !SYNC_OPTIONS.contains(&v) {
+                return Err(format!(
+                    "annotation {ARGO_SYNC_OPTIONS}: {v:?} is not supported (supported: {})",
+                    SYNC_OPTIONS.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A hook written with `generateName` (Argo CD creates a new one per sync): named here from its content, so
+/// the same hook keeps its name and a changed hook is a new object (the old one is pruned).
+fn name_generated(object: &mut Value) {
+    let Some(prefix) = object.pointer("/metadata/generateName").and_then(Value::as_str).map(str::to_string) else {
+        return;
+    };
+    if object.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| !n.is_empty()) {
+        return;
+    }
+    let digest = digest_of(canonical_json(object).as_bytes());
+    let suffix = &digest["sha256:".len().."sha256:".len() + 5];
+    if let Some(m) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("generateName");
+        m.insert("name".into(), Value::String(format!("{prefix}{suffix}")));
+    }
+}
+
 /// Checks every object (apiVersion, kind, metadata.name), fills in the app's namespace where an object is
 /// namespaced and names none, refuses an object defined twice, and builds the canonical bundle.
 pub fn finalize(namespace: &str, policy: &super::AppPolicy, objects: Vec<Sourced>) -> Result<Bundle, FleetError> {
@@ -270,6 +355,12 @@ pub fn finalize(namespace: &str, policy: &super::AppPolicy, objects: Vec<Sourced
         } else {
             custom.get(&(group.to_string(), kind.to_string())).copied()
         };
+        if annotation(&object, ARGO_HOOK).map(str::trim) == Some("Skip") {
+            // Argo CD's "never apply this".
+            continue;
+        }
+        check_argo(&object).map_err(|message| FleetError::Object { origin: origin.clone(), message })?;
+        name_generated(&mut object);
         if object.pointer("/metadata/name").and_then(Value::as_str).is_none_or(str::is_empty) {
             return Err(missing("metadata.name"));
         }

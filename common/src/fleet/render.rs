@@ -91,8 +91,9 @@ pub struct RenderCache {
 /// What a render starts from before values are applied.
 #[derive(Debug)]
 enum Base {
-    /// Objects (from manifests or a kustomize build) with the variables they use and where each is first used.
-    Objects { objects: Vec<Sourced>, vars: BTreeMap<Var, String> },
+    /// Objects (from manifests or a kustomize build) with the variables they use and where each is first used;
+    /// `literal[i]`: object i is kept as written (substitution off for it).
+    Objects { objects: Vec<Sourced>, literal: Vec<bool>, vars: BTreeMap<Var, String> },
     /// Merged Helm values before substitution.
     Helm { values: Value, vars: BTreeMap<Var, String> },
 }
@@ -127,9 +128,26 @@ fn namespaces_of(bundle: &Bundle) -> std::collections::BTreeSet<&str> {
     bundle.ids.iter().filter_map(|id| id.split_once(' ')?.1.split_once('/').map(|(ns, _)| ns)).collect()
 }
 
-fn collect_vars(objects: &[Sourced]) -> Result<BTreeMap<Var, String>, FleetError> {
+/// Which objects keep their `${…}` as written: the app's substitution setting, the file they come from
+/// (`file` of manifests; None for a tool's output), the object's own annotation.
+fn literal_objects(spec: &AppSpec, objects: &[Sourced], file_of: impl Fn(&Sourced) -> Option<String>) -> Vec<bool> {
+    let pointer = format!("/metadata/annotations/{}", super::SUBSTITUTION_ANNOTATION.replace('/', "~1"));
+    objects
+        .iter()
+        .map(|o| {
+            o.object.pointer(&pointer).and_then(Value::as_str) == Some("off")
+                || match &spec.substitution {
+                    super::Substitution::On => false,
+                    super::Substitution::Off => true,
+                    super::Substitution::Skip(globs) => file_of(o).is_some_and(|f| super::path_matches(globs, &f)),
+                }
+        })
+        .collect()
+}
+
+fn collect_vars(objects: &[Sourced], literal: &[bool]) -> Result<BTreeMap<Var, String>, FleetError> {
     let mut out = BTreeMap::new();
-    for o in objects {
+    for (o, _) in objects.iter().zip(literal).filter(|(_, l)| !**l) {
         let mut used = std::collections::BTreeSet::new();
         vars::collect(&o.object, &mut used)
             .map_err(|message| FleetError::Object { origin: o.origin.clone(), message })?;
@@ -209,8 +227,12 @@ fn make_base(
                 }
                 objects.extend(parse_manifests(&format!("apps/{}/{file}", app.name), bytes)?);
             }
-            let vars = collect_vars(&objects)?;
-            Ok(Base::Objects { objects, vars })
+            let root = format!("apps/{}/", app.name);
+            let literal = literal_objects(spec, &objects, |o| {
+                o.origin.strip_prefix(&root).and_then(|f| f.rsplit_once(':')).map(|(f, _)| f.to_string())
+            });
+            let vars = collect_vars(&objects, &literal)?;
+            Ok(Base::Objects { objects, literal, vars })
         }
         Source::Kustomize { path, include } => {
             let dir = target.kustomize_path.as_deref().unwrap_or(path);
@@ -232,11 +254,15 @@ fn make_base(
                 .map_err(|e| render_error(app, format!("kustomize build {shown} failed: {e}")))?;
             let origin = format!("apps/{}/{shown} (kustomize output)", app.name);
             let objects = parse_manifests(&origin, out.as_bytes())?;
-            let vars = collect_vars(&objects)?;
-            Ok(Base::Objects { objects, vars })
+            let literal = literal_objects(spec, &objects, |_| None);
+            let vars = collect_vars(&objects, &literal)?;
+            Ok(Base::Objects { objects, literal, vars })
         }
         Source::Helm(_) => {
-            let (values, vars) = helm_values(app, spec, target)?;
+            let (values, mut vars) = helm_values(app, spec, target)?;
+            if spec.substitution == super::Substitution::Off {
+                vars.clear();
+            }
             Ok(Base::Helm { values, vars })
         }
     }
@@ -251,9 +277,13 @@ fn render_one(
     runs: &AtomicUsize,
 ) -> Result<Bundle, FleetError> {
     match base {
-        Base::Objects { objects, .. } => {
+        Base::Objects { objects, literal, .. } => {
             let mut out = Vec::with_capacity(objects.len());
-            for o in objects {
+            for (o, literal) in objects.iter().zip(literal) {
+                if *literal {
+                    out.push(o.clone());
+                    continue;
+                }
                 let object = vars::substitute(&o.object, resolved)
                     .map_err(|message| FleetError::Object { origin: o.origin.clone(), message })?;
                 out.push(Sourced { origin: o.origin.clone(), object });
@@ -262,7 +292,11 @@ fn render_one(
         }
         Base::Helm { values, .. } => {
             let Source::Helm(h) = &spec.source else { unreachable!("a Helm base comes from a Helm source") };
-            let values = vars::substitute(values, resolved).map_err(|m| render_error(app, m))?;
+            let values = if spec.substitution == super::Substitution::Off {
+                values.clone()
+            } else {
+                vars::substitute(values, resolved).map_err(|m| render_error(app, m))?
+            };
             let values_yaml = serde_yaml::to_string(
                 &serde_json::from_str::<Value>(&super::canonical_json(&values)).unwrap_or(values),
             )

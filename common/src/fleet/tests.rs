@@ -701,3 +701,82 @@ fn broken_or_ambiguous_policies_stop_the_apps_they_might_loosen() {
     let t = with(&[("policies/c.yaml", "apps: [shop]\nclusterAdmn: true\n")]);
     assert!(parse(&t).apps["shop"].spec.as_ref().unwrap_err().to_string().contains("unknown field `clusterAdmn`"));
 }
+
+const DASHBOARD: &str =
+    "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: dash}\ndata: {d: '{\"datasource\": \"${DS_PROMETHEUS}\"}'}\n";
+
+#[test]
+fn substitution_can_be_switched_off_per_app_file_and_object() {
+    let t = with(&[("apps/shop/dash.yaml", DASHBOARD)]);
+    assert!(err(&render(&t), "eu-1", "shop").contains("unknown variable ${DS_PROMETHEUS}"), "on by default");
+    let data = |t: &Tree| {
+        let o = objects(&render(t), "eu-1", "shop");
+        o.iter().find(|o| o["metadata"]["name"] == "dash").unwrap()["data"]["d"].as_str().unwrap().to_string()
+    };
+    let off = with(&[
+        ("apps/shop/dash.yaml", DASHBOARD),
+        ("apps/shop/app.yaml", "namespace: shop\nsubstitution: false\ntargets: [{selector: {}}]\n"),
+    ]);
+    assert_eq!(data(&off), "{\"datasource\": \"${DS_PROMETHEUS}\"}");
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: mine}\ndata: {c: '${cluster.name}'}\n";
+    let skip = with(&[
+        ("apps/shop/dashboards/dash.yaml", DASHBOARD),
+        ("apps/shop/mine.yaml", cm),
+        ("apps/shop/app.yaml", "namespace: shop\nsubstitution: {skip: ['dashboards/*']}\ntargets: [{selector: {}}]\n"),
+    ]);
+    assert_eq!(data(&skip), "{\"datasource\": \"${DS_PROMETHEUS}\"}");
+    let o = objects(&render(&skip), "eu-1", "shop");
+    assert_eq!(o.iter().find(|o| o["metadata"]["name"] == "mine").unwrap()["data"]["c"], "eu-1", "elsewhere it is on");
+    let annotated = DASHBOARD
+        .replace("metadata: {name: dash}", "metadata: {name: dash, annotations: {flotilla.dev/substitution: 'off'}}");
+    assert_eq!(data(&with(&[("apps/shop/dash.yaml", &annotated)])), "{\"datasource\": \"${DS_PROMETHEUS}\"}");
+}
+
+#[test]
+fn excluded_files_are_not_part_of_the_app() {
+    let t = with(&[
+        ("apps/shop/app.yaml", "namespace: shop\nexclude: ['docs/**', '**/*_test.yaml']\ntargets: [{selector: {}}]\n"),
+        ("apps/shop/docs/example.yaml", "kind: NotAnObject\n"),
+        ("apps/shop/a/b/web_test.yaml", "broken: [\n"),
+    ]);
+    let r = render(&t);
+    assert!(r.clusters["eu-1"]["shop"].is_ok(), "{:?}", r.clusters["eu-1"]["shop"]);
+    let f = parse(&t);
+    assert!(f.apps["shop"].files.keys().all(|k| !k.starts_with("docs/") && !k.ends_with("_test.yaml")));
+    // An excluded file does not change the app's content address.
+    let mut t2 = t.clone();
+    t2.insert("apps/shop/docs/example.yaml".into(), b"changed".to_vec());
+    assert_eq!(parse(&t2).apps["shop"].tree_digest, f.apps["shop"].tree_digest);
+    let bad = with(&[("apps/shop/app.yaml", "namespace: shop\nexclude: ['a[']\ntargets: [{selector: {}}]\n")]);
+    let e = parse(&bad).apps["shop"].spec.as_ref().unwrap_err().to_string();
+    assert!(e.starts_with("apps/shop/app.yaml:2: exclude[0]:"), "{e}");
+}
+
+#[test]
+fn argo_cd_annotations_are_honoured_or_refused_never_ignored() {
+    let hook = |annotations: &str| {
+        format!("apiVersion: batch/v1\nkind: Job\nmetadata:\n  generateName: before-\n  annotations: {{{annotations}}}\nspec: {{}}\n")
+    };
+    let one = |a: &str| render(&with(&[("apps/shop/hook.yaml", &hook(a))]));
+    let r = one("argocd.argoproj.io/hook: PreSync");
+    let jobs: Vec<_> = objects(&r, "eu-1", "shop").into_iter().filter(|o| o["kind"] == "Job").collect();
+    let name = jobs[0]["metadata"]["name"].as_str().unwrap().to_string();
+    assert!(name.starts_with("before-") && name.len() == "before-".len() + 5, "{name}");
+    assert_eq!(
+        objects(&one("argocd.argoproj.io/hook: PreSync"), "eu-1", "shop"),
+        objects(&r, "eu-1", "shop"),
+        "stable"
+    );
+    assert_eq!(super::objects::wave_of(&jobs[0]).unwrap(), -(1 << 40), "before every wave");
+    let skipped = one("argocd.argoproj.io/hook: Skip");
+    assert!(objects(&skipped, "eu-1", "shop").iter().all(|o| o["kind"] != "Job"), "Skip is never applied");
+    for (a, words) in [
+        ("argocd.argoproj.io/hook: SyncFail", "\"SyncFail\" is not supported"),
+        ("argocd.argoproj.io/sync-wave: soon", "\"soon\" is not a whole number"),
+        ("argocd.argoproj.io/sync-options: Replace=true", "\"Replace=true\" is not supported"),
+        ("argocd.argoproj.io/hook-delete-policy: Sometimes", "\"Sometimes\" is not a hook deletion policy"),
+    ] {
+        let e = err(&one(a), "eu-1", "shop");
+        assert!(e.starts_with("apps/shop/hook.yaml:1: ") && e.contains(words), "{a}: {e}");
+    }
+}
