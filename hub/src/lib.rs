@@ -12,6 +12,7 @@
 pub mod git;
 pub mod hub;
 pub mod keys;
+pub mod limits;
 pub mod machine;
 pub mod platform;
 pub mod report;

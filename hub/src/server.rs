@@ -21,6 +21,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 use tracing::{info, warn, Instrument};
 
+/// How long a TLS handshake on the gRPC port may take.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest message an agent may send (a status report of every app with its first drift items).
+pub const MAX_AGENT_MESSAGE: usize = 8 << 20;
+/// The largest request an operator may send.
+pub const MAX_OPERATOR_MESSAGE: usize = 1 << 20;
+/// Streams one connection may hold open (an agent needs two, an operator a few).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+const MAX_HEADER_BYTES: u32 = 64 << 10;
+
 impl Hub {
     /// Serves agents and operators on `listener` with mutual TLS until shutdown, and on the in-process
     /// connections `in_process` delivers (mutual TLS as well, over memory).
@@ -30,16 +40,25 @@ impl Hub {
         tls: &HubTls,
         in_process: Option<mpsc::Receiver<tokio::io::DuplexStream>>,
     ) -> Result<(), tonic::transport::Error> {
+        // A stranger who connects and never finishes the handshake is cut off.
         let tls = ServerTlsConfig::new()
             .identity(TlsIdentity::from_pem(&tls.cert_pem, &tls.key_pem))
-            .client_ca_root(Certificate::from_pem(&tls.ca_pem));
+            .client_ca_root(Certificate::from_pem(&tls.ca_pem))
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
         let shutdown = self.shared.shutdown.clone();
         let server = |hub: Arc<Hub>| -> Result<_, tonic::transport::Error> {
             Ok(Server::builder()
                 .tls_config(tls.clone())?
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
-                .add_service(AgentServiceServer::new(AgentApi(hub.clone())))
-                .add_service(PlatformServiceServer::new(PlatformApi(hub))))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+                .http2_max_header_list_size(Some(MAX_HEADER_BYTES))
+                .add_service(
+                    AgentServiceServer::new(AgentApi(hub.clone())).max_decoding_message_size(MAX_AGENT_MESSAGE),
+                )
+                .add_service(
+                    PlatformServiceServer::new(PlatformApi(hub)).max_decoding_message_size(MAX_OPERATOR_MESSAGE),
+                ))
         };
         let memory = match in_process {
             Some(rx) => {

@@ -7,6 +7,7 @@
 //! (a ping, another branch), 401 on a missing or wrong signature, 400 on anything else.
 
 use crate::git::Secret;
+use crate::limits::{Refusal, SourceLimiter, SourceLimits, Tally};
 use crate::server::Hub;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
@@ -29,6 +30,24 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// Connections served at once; more are closed at once (counted, logged once a minute). Far below the
 /// process's open-file limit, so strangers can never starve agents and operators of file descriptors.
 pub const MAX_CONNECTIONS: usize = 256;
+/// How often refusals are logged (counted in between).
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(60);
+
+/// What the webhook's strangers share: per-source limits and the tally of what was refused.
+struct Guard {
+    sources: std::sync::Mutex<SourceLimiter>,
+    refused: std::sync::Mutex<Tally>,
+}
+
+impl Guard {
+    fn refused(&self, what: &'static str) {
+        let due = self.refused.lock().unwrap_or_else(|p| p.into_inner()).count(what, tokio::time::Instant::now());
+        if let Some(counts) = due {
+            let counts: Vec<String> = counts.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            warn!(refused = %counts.join(", "), "webhook requests refused (counted since the last such line)");
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -113,7 +132,20 @@ fn reply(status: StatusCode, message: &str) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
-async fn handle(hub: Arc<Hub>, secret: Option<Secret>, branch: String, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    hub: Arc<Hub>,
+    secret: Option<Secret>,
+    branch: String,
+    guard: &Guard,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let limited =
+        guard.sources.lock().unwrap_or_else(|p| p.into_inner()).request(peer.ip(), tokio::time::Instant::now());
+    if limited.is_err() {
+        guard.refused("over the per-source rate");
+        return reply(StatusCode::TOO_MANY_REQUESTS, "too many requests from this address; slow down");
+    }
     if req.uri().path() != "/hooks/git" {
         return reply(StatusCode::NOT_FOUND, "the webhook is at POST /hooks/git");
     }
@@ -148,7 +180,8 @@ async fn handle(hub: Arc<Hub>, secret: Option<Secret>, branch: String, req: Requ
             reply(StatusCode::OK, &why)
         }
         Err(Rejection::Unauthorized(why)) => {
-            warn!(%why, "webhook event refused");
+            debug!(%why, %peer, "webhook event refused");
+            guard.refused("unauthorized");
             reply(StatusCode::UNAUTHORIZED, &why)
         }
         Err(Rejection::BadRequest(why)) => reply(StatusCode::BAD_REQUEST, &why),
@@ -160,8 +193,10 @@ pub async fn serve(hub: Arc<Hub>, listener: tokio::net::TcpListener, secret: Opt
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let shutdown = hub.shutdown_token();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut refused = 0u64;
-    let mut refused_logged = tokio::time::Instant::now();
+    let guard = Arc::new(Guard {
+        sources: std::sync::Mutex::new(SourceLimiter::new(SourceLimits::default())),
+        refused: std::sync::Mutex::new(Tally::new(REFUSALS_LOGGED_EVERY)),
+    });
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -176,25 +211,33 @@ pub async fn serve(hub: Arc<Hub>, listener: tokio::net::TcpListener, secret: Opt
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     // Full: closed at once, counted, logged once a minute rather than once per stranger.
                     drop(stream);
-                    refused += 1;
-                    if refused_logged.elapsed() >= Duration::from_secs(60) || refused == 1 {
-                        warn!(refused, max = MAX_CONNECTIONS, "webhook connections refused: too many open at once");
-                        refused_logged = tokio::time::Instant::now();
-                    }
+                    guard.refused("connections over the cap");
                     continue;
                 };
-                let (hub, secret, branch) = (hub.clone(), secret.clone(), branch.clone());
+                let admitted =
+                    guard.sources.lock().unwrap_or_else(|p| p.into_inner()).connect(peer.ip(), tokio::time::Instant::now());
+                if let Err(why) = admitted {
+                    drop(stream);
+                    guard.refused(match why {
+                        Refusal::Rate => "connections over the per-source rate",
+                        Refusal::Connections => "connections over the per-source cap",
+                    });
+                    continue;
+                }
+                let (hub, secret, branch, g) = (hub.clone(), secret.clone(), branch.clone(), guard.clone());
                 let svc = hyper::service::service_fn(move |req| {
-                    let (hub, secret, branch) = (hub.clone(), secret.clone(), branch.clone());
-                    async move { Ok::<_, std::convert::Infallible>(handle(hub, secret, branch, req).await) }
+                    let (hub, secret, branch, g) = (hub.clone(), secret.clone(), branch.clone(), g.clone());
+                    async move { Ok::<_, std::convert::Infallible>(handle(hub, secret, branch, &g, peer, req).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(10))
                     .serve_connection(TokioIo::new(stream), svc);
                 let fut = graceful.watch(conn);
+                let g = guard.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
+                    let _open = OpenConnection(g, peer);
                     match tokio::time::timeout(CONNECTION_LIFETIME, fut).await {
                         Ok(Err(e)) => debug!(%peer, error = %e, "webhook connection ended with an error"),
                         Err(_) => debug!(%peer, "webhook connection closed: open too long"),
@@ -209,6 +252,15 @@ pub async fn serve(hub: Arc<Hub>, listener: tokio::net::TcpListener, secret: Opt
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    }
+}
+
+/// An admitted connection: counted open for its source until it ends.
+struct OpenConnection(Arc<Guard>, SocketAddr);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.sources.lock().unwrap_or_else(|p| p.into_inner()).disconnect(self.1.ip());
     }
 }
 
