@@ -5,7 +5,8 @@
 //! Layout in the state namespace (`flotilla-system` by default):
 //! - `flotilla-app-<app>`: the index: digest, revision, whether it is fully applied, the names of the chunks
 //!   of the bundle and of the inventory;
-//! - `flotilla-app-<app>-<digest12>-<n>`: the bundle's gzipped chunks;
+//! - `flotilla-app-<app>-<digest12>-<n>`: the bundle's gzipped chunks, in Secrets rather than ConfigMaps when
+//!   the bundle holds a Secret (its values are then as protected at rest as the Secret itself);
 //! - `flotilla-app-<app>-inv-<hash12>-<n>`: the inventory's gzipped chunks (one object reference per line),
 //!   so an inventory of any size fits.
 //!
@@ -14,7 +15,7 @@
 //! is reported and skipped, never the end of the agent.
 
 use flate2::{read::GzDecoder, write::GzEncoder, Compression};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::ByteString;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::Client;
@@ -156,7 +157,14 @@ pub struct AppState {
 
 pub struct StateStore {
     api: Api<ConfigMap>,
+    secrets: Api<Secret>,
     namespace: String,
+}
+
+/// Whether a bundle holds a Secret (its canonical JSON lines say `"kind":"Secret"`; a false positive only
+/// protects more).
+fn holds_secret(bundle: &[u8]) -> bool {
+    bundle.windows(15).any(|w| w == br#""kind":"Secret""#)
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
@@ -178,7 +186,11 @@ fn short(digest: &str) -> &str {
 
 impl StateStore {
     pub fn new(client: Client, namespace: &str) -> Self {
-        StateStore { api: Api::namespaced(client, namespace), namespace: namespace.to_string() }
+        StateStore {
+            api: Api::namespaced(client.clone(), namespace),
+            secrets: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+        }
     }
 
     fn err(&self, what: impl Into<String>) -> impl FnOnce(kube::Error) -> StateError + '_ {
@@ -208,6 +220,31 @@ impl StateStore {
         Ok(())
     }
 
+    async fn put_secret(
+        &self,
+        name: &str,
+        labels: BTreeMap<&str, &str>,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<(), StateError> {
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": name, "labels": labels}, "data": {key: ByteString(bytes.to_vec())}});
+        self.secrets
+            .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
+            .await
+            .map_err(self.err(format!("writing Secret {name}")))?;
+        Ok(())
+    }
+
+    async fn delete_chunk(&self, name: &str, in_secret: bool) {
+        let dp = DeleteParams::default();
+        let _ = if in_secret {
+            self.secrets.delete(name, &dp).await.map(|_| ())
+        } else {
+            self.api.delete(name, &dp).await.map(|_| ())
+        };
+    }
+
     /// Stores an app's state; the bundle's chunks are written only when the digest is new.
     pub async fn save(&self, s: &AppState) -> Result<(), StateError> {
         let index = format!("flotilla-app-{}", s.app);
@@ -220,7 +257,13 @@ impl StateStore {
             .unwrap_or_default();
         let same_digest =
             existing.as_ref().and_then(|c| c.data.as_ref()).and_then(|d| d.get("digest")) == Some(&s.digest);
-        let chunks: Vec<String> = if same_digest && !old_chunks.is_empty() {
+        let old_in_secrets = existing
+            .as_ref()
+            .and_then(|c| c.data.as_ref())
+            .and_then(|d| d.get("chunksIn"))
+            .is_some_and(|k| k == "Secret");
+        let in_secrets = holds_secret(&s.bundle);
+        let chunks: Vec<String> = if same_digest && !old_chunks.is_empty() && old_in_secrets == in_secrets {
             old_chunks.clone()
         } else {
             let packed = gzip(&s.bundle);
@@ -228,8 +271,13 @@ impl StateStore {
             let pieces: Vec<&[u8]> = if packed.is_empty() { vec![&[][..]] } else { packed.chunks(CHUNK).collect() };
             for (i, piece) in pieces.into_iter().enumerate() {
                 let name = format!("{index}-{}-{i}", short(&s.digest));
-                let data = json!({"binaryData": {"bundle.gz": ByteString(piece.to_vec())}});
-                self.put(&name, [(STATE_LABEL, "chunk"), (APP_LABEL, s.app.as_str())].into(), data).await?;
+                let labels: BTreeMap<&str, &str> = [(STATE_LABEL, "chunk"), (APP_LABEL, s.app.as_str())].into();
+                if in_secrets {
+                    self.put_secret(&name, labels, "bundle.gz", piece).await?;
+                } else {
+                    let data = json!({"binaryData": {"bundle.gz": ByteString(piece.to_vec())}});
+                    self.put(&name, labels, data).await?;
+                }
                 names.push(name);
             }
             names
@@ -265,11 +313,15 @@ impl StateStore {
             "chunks": chunks.join("\n"),
             "inventoryChunks": inventory_chunks.join("\n"),
             "leaving": s.leaving.to_string(),
+            "chunksIn": if in_secrets { "Secret" } else { "ConfigMap" },
         }});
         self.put(&index, [(STATE_LABEL, "index"), (APP_LABEL, s.app.as_str())].into(), data).await?;
-        let unused = old_chunks.iter().filter(|c| !chunks.contains(c));
-        for old in unused.chain(old_inventory.iter().filter(|c| !inventory_chunks.contains(c))) {
-            let _ = self.api.delete(old, &DeleteParams::default()).await;
+        // Old chunks of the same name in the other kind (the bundle's kind changed) go too.
+        for old in old_chunks.iter().filter(|c| !chunks.contains(c) || old_in_secrets != in_secrets) {
+            self.delete_chunk(old, old_in_secrets).await;
+        }
+        for old in old_inventory.iter().filter(|c| !inventory_chunks.contains(c)) {
+            self.delete_chunk(old, false).await;
         }
         Ok(())
     }
@@ -290,12 +342,19 @@ impl StateStore {
         Ok((out, damaged))
     }
 
-    async fn gathered(&self, names: &str, key: &str, app: &str) -> Result<Vec<u8>, StateError> {
+    async fn gathered(&self, names: &str, key: &str, app: &str, in_secrets: bool) -> Result<Vec<u8>, StateError> {
         let mut packed = Vec::new();
         for name in names.lines() {
-            let chunk = self.api.get_opt(name).await.map_err(self.err(format!("reading ConfigMap {name}")))?;
-            let bytes = chunk.and_then(|c| c.binary_data).and_then(|b| b.get(key).cloned()).ok_or_else(|| {
-                StateError::Damaged { app: app.to_string(), message: format!("chunk {name} is missing") }
+            let bytes = if in_secrets {
+                let chunk = self.secrets.get_opt(name).await.map_err(self.err(format!("reading Secret {name}")))?;
+                chunk.and_then(|c| c.data).and_then(|b| b.get(key).cloned())
+            } else {
+                let chunk = self.api.get_opt(name).await.map_err(self.err(format!("reading ConfigMap {name}")))?;
+                chunk.and_then(|c| c.binary_data).and_then(|b| b.get(key).cloned())
+            };
+            let bytes = bytes.ok_or_else(|| StateError::Damaged {
+                app: app.to_string(),
+                message: format!("chunk {name} is missing"),
             })?;
             packed.extend_from_slice(&bytes.0);
         }
@@ -309,15 +368,16 @@ impl StateStore {
         if !flotilla_common::fleet::valid_app_name(&app) {
             return Err(damaged(format!("ConfigMap {} names no valid app", cm.metadata.name.unwrap_or_default())));
         }
-        let bundle =
-            self.gathered(data.get("chunks").map(String::as_str).unwrap_or_default(), "bundle.gz", &app).await?;
+        let in_secrets = data.get("chunksIn").is_some_and(|k| k == "Secret");
+        let chunks = data.get("chunks").map(String::as_str).unwrap_or_default();
+        let bundle = self.gathered(chunks, "bundle.gz", &app, in_secrets).await?;
         let digest = data.get("digest").cloned().unwrap_or_default();
         if flotilla_common::fleet::digest_of(&bundle) != digest {
             return Err(damaged(format!("the stored bundle does not match its digest {digest}")));
         }
         let inventory = match data.get("inventoryChunks") {
             Some(names) => {
-                let bytes = self.gathered(names, "inventory.gz", &app).await?;
+                let bytes = self.gathered(names, "inventory.gz", &app, false).await?;
                 String::from_utf8(bytes).map_err(|e| damaged(format!("the inventory is not text: {e}")))?
             }
             // Written by an agent before inventories were chunked.
@@ -344,6 +404,15 @@ impl StateStore {
                     .delete(&name, &DeleteParams::default())
                     .await
                     .map_err(self.err(format!("deleting ConfigMap {name}")))?;
+            }
+        }
+        let list = self.secrets.list_metadata(&lp).await.map_err(self.err("listing the agent's state Secrets"))?;
+        for secret in list.items {
+            if let Some(name) = secret.metadata.name {
+                self.secrets
+                    .delete(&name, &DeleteParams::default())
+                    .await
+                    .map_err(self.err(format!("deleting Secret {name}")))?;
             }
         }
         Ok(())

@@ -124,3 +124,44 @@ async fn eventually_gone(env: &Env, what: &str) {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bundle_holding_a_secret_is_kept_in_secrets_and_read_back_after_a_restart() {
+    let env = env(Behaviour::default()).await;
+    let shutdown = CancellationToken::new();
+    let h = env.engine(&shutdown).await;
+    let secret = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: db}\nstringData: {password: hunter2}\n";
+    h.set_desired(vec![bundle("", &format!("{secret}{}", cm("plain", "")))]).await.unwrap();
+    status(&h, "applied", 30, healthy).await;
+    let names = |kind: &str| {
+        let (ok, out) = env.kubectl(&[
+            "get",
+            kind,
+            "-n",
+            "flotilla-system",
+            "-l",
+            "flotilla.dev/agent-state=chunk",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ]);
+        assert!(ok, "{out}");
+        out.split_whitespace().map(str::to_string).collect::<Vec<_>>()
+    };
+    let (secrets, configmaps) = (names("secrets"), names("configmaps"));
+    assert!(secrets.iter().any(|n| n.starts_with("flotilla-app-shop-")), "bundle chunks in Secrets: {secrets:?}");
+    assert!(configmaps.iter().all(|n| n.contains("-inv-")), "only the inventory in ConfigMaps: {configmaps:?}");
+    shutdown.cancel();
+    // A restarted agent reads the state back from the Secrets and enforces it.
+    let again = CancellationToken::new();
+    let h = env.engine(&again).await;
+    status(&h, "enforced after the restart", 30, healthy).await;
+    // Without a Secret, a new version moves the bundle back to ConfigMaps and removes the Secret chunks.
+    h.set_desired(vec![bundle("sync: {allowMassPrune: true}\n", &cm("plain", ""))]).await.unwrap();
+    status(&h, "the new version", 30, |s| healthy(s) && s.objects == 1).await;
+    flotilla_e2e::eventually(30, "the Secret chunks removed", || {
+        let gone = names("secrets").is_empty();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    again.cancel();
+}
