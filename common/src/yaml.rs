@@ -17,6 +17,9 @@ use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 /// Nodes one file may expand to (aliases included): far above any real manifest, far below a bomb.
 pub const MAX_NODES: usize = 2_000_000;
+/// How deep mappings and sequences may nest (a real manifest nests a few dozen levels; a value nested
+/// thousands deep would overflow the stack of whatever walks it).
+pub const MAX_DEPTH: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {message}")]
@@ -225,7 +228,11 @@ impl MarkedEventReceiver for Builder {
             return;
         }
         match ev {
-            Event::DocumentStart => self.doc_line = None,
+            Event::DocumentStart => {
+                // Anchors belong to their document.
+                self.doc_line = None;
+                self.anchors.clear();
+            }
             Event::Scalar(text, style, anchor, tag) => {
                 if self.doc_line.is_none() && self.stack.is_empty() {
                     self.doc_line = Some(mark.line());
@@ -246,7 +253,9 @@ impl MarkedEventReceiver for Builder {
                 if self.doc_line.is_none() && self.stack.is_empty() {
                     self.doc_line = Some(mark.line());
                 }
-                if self.count(1, mark) {
+                if self.stack.len() >= MAX_DEPTH {
+                    self.fail(mark, format!("nested deeper than {MAX_DEPTH} levels"));
+                } else if self.count(1, mark) {
                     self.stack.push(Frame::Seq { items: Vec::new(), anchor, nodes: 1 });
                 }
             }
@@ -254,7 +263,9 @@ impl MarkedEventReceiver for Builder {
                 if self.doc_line.is_none() && self.stack.is_empty() {
                     self.doc_line = Some(mark.line());
                 }
-                if self.count(1, mark) {
+                if self.stack.len() >= MAX_DEPTH {
+                    self.fail(mark, format!("nested deeper than {MAX_DEPTH} levels"));
+                } else if self.count(1, mark) {
                     let line = mark.line();
                     self.stack.push(Frame::Map {
                         map: Map::new(),
@@ -395,7 +406,14 @@ pub fn line_of_path(text: &str, path: &[&str]) -> Option<usize> {
         }
     }
     let mut f = Finder { path, stack: Vec::new(), best: None, done: false };
-    let _ = Parser::new_from_str(text).load(&mut f, false);
+    // The first document's events, in a loop (see `parse_documents`).
+    let mut parser = Parser::new_from_str(text);
+    while let Ok((ev, mark)) = parser.next_token() {
+        if matches!(ev, Event::StreamEnd | Event::DocumentEnd) || f.stack.len() > MAX_DEPTH {
+            break;
+        }
+        f.on_event(ev, mark);
+    }
     f.best.filter(|(depth, _)| *depth == path.len()).map(|(_, line)| line)
 }
 
@@ -403,9 +421,20 @@ pub fn line_of_path(text: &str, path: &[&str]) -> Option<usize> {
 pub fn parse_documents(text: &str) -> Result<Vec<Document>, YamlError> {
     let mut b =
         Builder { stack: Vec::new(), anchors: HashMap::new(), docs: Vec::new(), doc_line: None, nodes: 0, error: None };
+    // The parser's own `load` recurses once per nesting level (a file nested thousands deep overflows the
+    // stack): its events are read here in a loop instead, stopping at the first error.
     let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut b, true) {
-        return Err(YamlError { line: e.marker().line(), message: e.info().to_string() });
+    loop {
+        match parser.next_token() {
+            Ok((Event::StreamEnd, _)) => break,
+            Ok((ev, mark)) => {
+                b.on_event(ev, mark);
+                if b.error.is_some() {
+                    break;
+                }
+            }
+            Err(e) => return Err(YamlError { line: e.marker().line(), message: e.info().to_string() }),
+        }
     }
     if let Some(e) = b.error {
         return Err(e);
@@ -469,6 +498,28 @@ mod tests {
         }
         let e = parse_one(&bomb).unwrap_err();
         assert!(e.message.contains("expands to more than"), "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let n = 100_000;
+        let block: String = (0..2_000).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
+        for text in [format!("{}x{}", "[".repeat(n), "]".repeat(n)), block] {
+            let e = parse_documents(&text).unwrap_err();
+            assert!(
+                e.message.contains("nested deeper than 256 levels") || e.message.contains("recursion limit"),
+                "{e}"
+            );
+        }
+        let ok: String = (0..100).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
+        assert!(parse_one(&ok).is_ok(), "a hundred levels are fine");
+        assert_eq!(line_of_path(&format!("{}x{}", "[".repeat(n), "]".repeat(n)), &["a"]), None);
+    }
+
+    #[test]
+    fn an_anchor_belongs_to_its_document() {
+        let e = parse_documents("a: &x 1\n---\nb: *x\n").unwrap_err();
+        assert!(e.message.contains("unknown anchor"), "{e}");
     }
 
     #[test]
