@@ -149,3 +149,176 @@ async fn a_tree_with_dot_dot_entries_is_refused_everywhere_and_writes_nothing() 
     assert!(!target.exists(), "nothing was written outside");
     assert!(!Path::new("/flotilla-pwned.yaml").exists());
 }
+
+fn kubectl(kc: &Path, args: &[&str]) -> String {
+    let out = Command::new("kubectl").arg("--kubeconfig").arg(kc).args(args).output().expect("kubectl");
+    assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Every file under `dir`, as bytes.
+fn all_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(all_bytes(&p));
+        } else if let Ok(b) = std::fs::read(&p) {
+            out.push((p.display().to_string(), b));
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// One connection from `src` that sends a webhook's headers and then a byte every few seconds.
+async fn slow_body(src: std::net::Ipv4Addr, port: u16) -> Option<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4().ok()?;
+    sock.bind((src, 0).into()).ok()?;
+    let mut s = sock.connect(([127, 0, 0, 1], port).into()).await.ok()?;
+    let head = "POST /hooks/git HTTP/1.1\r\nHost: hub\r\nX-GitHub-Event: push\r\nContent-Length: 1000\r\n\r\n{";
+    s.write_all(head.as_bytes()).await.ok()?;
+    Some(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drifted_secret_shows_nowhere_and_a_webhook_flood_stops_nothing() {
+    flotilla_common::install_crypto_provider();
+    let tmp_dir = tempfile::tempdir().unwrap();
+    let tmp = tmp_dir.path();
+    eprintln!("work directory (logs): {}", tmp.display());
+    issue_certs(tmp, "c", "alice");
+    let repo = tmp.join("fleet");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    let vault = "apiVersion: v1\nkind: Secret\nmetadata: {name: db}\nstringData: {password: from-git}\n";
+    let note = |v: &str| format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: note}}\ndata: {{v: '{v}'}}\n");
+    commit(
+        &repo,
+        &[
+            ("clusters/c.yaml", Some("labels: {}\n")),
+            ("apps/vault/app.yaml", Some("namespace: vault\ntargets: [{selector: {}}]\nsync: {drift: report}\n")),
+            ("apps/vault/secret.yaml", Some(vault)),
+            ("apps/notes/app.yaml", Some("namespace: notes\ntargets: [{selector: {}}]\n")),
+            ("apps/notes/cm.yaml", Some(&note("1"))),
+        ],
+        "first",
+    );
+    let sim_args: Vec<String> = ["--listen", "127.0.0.1:0", "--cluster", "c", "--kubeconfig-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([tmp.join("kc").display().to_string()])
+        .collect();
+    let _sim = flotilla_e2e::spawn("flotilla-sim", &sim_args, &tmp.join("sim.log"));
+    eventually(20, "the simulator", || async { tmp.join("kc/server").exists().then_some(()) }).await;
+    let (port, hook) = (free_port(), free_port());
+    let hook_args = vec!["--webhook-listen".to_string(), format!("127.0.0.1:{hook}")];
+    let _hub = flotilla_e2e::start_hub_with(tmp, port, &format!("file://{}", repo.display()), &hook_args);
+    let _agent = flotilla_e2e::start_agent(tmp, port, "c", "c");
+    let certs = tmp.join("certs");
+    let client = operator_client(&certs, port).await;
+    let cluster = |client: &flotilla_proto::platform::v1::platform_service_client::PlatformServiceClient<_>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_cluster(flotilla_proto::platform::v1::GetClusterRequest { name: "c".into() })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
+    };
+    eventually(60, "both apps applied", || async {
+        let c = cluster(&client).await?;
+        (c.apps
+            .iter()
+            .filter(|a| a.applied.as_ref().is_some_and(|s| s.objects_applied == s.objects && s.objects > 0))
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+
+    // Someone edits the Secret in the cluster; the app reports drift.
+    let kc = tmp.join("kc/c.kubeconfig");
+    let live = "live-hunter2";
+    let live_b64 = "bGl2ZS1odW50ZXIy";
+    kubectl(
+        &kc,
+        &[
+            "patch",
+            "-n",
+            "vault",
+            "secret/db",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"data":{{"password":"{live_b64}"}}}}"#),
+        ],
+    );
+    let c = eventually(60, "the drift reported", || async {
+        let c = cluster(&client).await?;
+        let v = c.apps.iter().find(|a| a.app == "vault")?.applied.clone()?;
+        (v.drifted == 1).then_some(c)
+    })
+    .await;
+    let v = c.apps.iter().find(|a| a.app == "vault").unwrap().applied.clone().unwrap();
+    assert_eq!(v.drift[0].path, "/data/password", "{v:?}");
+    let mut seen = Vec::new();
+    for output in ["yaml", "json", "table"] {
+        let (_, out) = flotilla(&[
+            "cluster",
+            "c",
+            "--hub",
+            &format!("https://localhost:{port}"),
+            "--operator",
+            "alice",
+            "--certs",
+            certs.to_str().unwrap(),
+            "-o",
+            output,
+        ]);
+        assert!(out.contains("vault"), "{out}");
+        seen.push((format!("flotilla cluster -o {output}"), out.into_bytes()));
+    }
+    assert!(
+        contains(&seen[0].1, "/data/password") && contains(&seen[0].1, "(redacted)"),
+        "the drift is shown, redacted"
+    );
+    let store = all_bytes(&tmp.join("hub-data"));
+    assert!(!store.is_empty(), "the hub's store was read");
+    seen.extend(store);
+    seen.extend(all_bytes(tmp).into_iter().filter(|(p, _)| p.ends_with(".log")));
+    for (what, bytes) in &seen {
+        assert!(!contains(bytes, live) && !contains(bytes, live_b64), "the live Secret value is in {what}");
+    }
+    assert_eq!(
+        kubectl(&kc, &["get", "-n", "vault", "secret/db", "-o", "jsonpath={.data.password}"]),
+        live_b64,
+        "report only"
+    );
+
+    // A slow-body flood from many sources on the webhook: operators and agents are still served.
+    let mut flood = Vec::new();
+    for i in 0..400usize {
+        let src = std::net::Ipv4Addr::new(127, 3 + (i / 250) as u8, 1, 2 + (i % 250) as u8);
+        if let Some(s) = slow_body(src, hook).await {
+            flood.push(s);
+        }
+    }
+    assert!(flood.len() >= 300, "{} flood connections", flood.len());
+    let started = std::time::Instant::now();
+    let mut answered = client.clone();
+    answered.list_clusters(ListClustersRequest::default()).await.expect("operators are answered during the flood");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "answered in {:?}", started.elapsed());
+    commit(&repo, &[("apps/notes/cm.yaml", Some(&note("2")))], "second");
+    let kube = flotilla_e2e::kube(&tmp.join("kc"), "c").await;
+    eventually(60, "the new commit reaches the agent during the flood", || async {
+        (flotilla_e2e::value(&kube, "notes", "note", "v").await.as_deref() == Some("2")).then_some(())
+    })
+    .await;
+    drop(flood);
+}
