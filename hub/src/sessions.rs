@@ -42,6 +42,8 @@ pub struct Sessions {
     /// Session starts per cluster in the last minute.
     opened: Mutex<HashMap<String, VecDeque<i64>>>,
     next_id: AtomicU64,
+    /// Sessions refused, logged once a minute rather than once per attempt.
+    refused: Mutex<Option<crate::limits::Tally>>,
 }
 
 impl Sessions {
@@ -55,6 +57,12 @@ impl Sessions {
                 q.pop_front();
             }
             if q.len() >= SESSIONS_PER_MINUTE {
+                let mut tally = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+                let tally = tally.get_or_insert_with(|| crate::limits::Tally::new(std::time::Duration::from_secs(60)));
+                if let Some(counts) = tally.count("sessions over the per-minute cap", tokio::time::Instant::now()) {
+                    let n: u64 = counts.values().sum();
+                    warn!(%cluster, refused = n, "agent sessions refused: too many new sessions per minute (counted since the last such line)");
+                }
                 return Err(Status::resource_exhausted(format!(
                     "cluster {cluster} opened {SESSIONS_PER_MINUTE} sessions within a minute; try again later"
                 )));
