@@ -210,13 +210,15 @@ impl Guard {
                 return Err(format!("namespace {name} is off limits to apps under {}", self.by()));
             }
         }
-        match namespaced {
-            Some(false) if !self.cluster_scoped => {
-                Err(format!("{gk} is cluster-scoped and {} allows only namespaced objects", self.by()))
-            }
-            Some(true) if !ns.is_empty() => self.namespace_allowed(ns),
-            _ if !ns.is_empty() => self.namespace_allowed(ns),
-            _ => Ok(()),
+        if namespaced == Some(false) && !self.cluster_scoped {
+            return Err(format!("{gk} is cluster-scoped and {} allows only namespaced objects", self.by()));
+        }
+        // A namespace on an object whose scope is not known yet is checked too (the agent checks again once
+        // discovery placed it).
+        if ns.is_empty() {
+            Ok(())
+        } else {
+            self.namespace_allowed(ns)
         }
     }
 }
