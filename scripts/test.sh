@@ -23,13 +23,30 @@ if [ ! -x /usr/sbin/sshd ]; then
     exit 1
   fi
 fi
+# The hub's etcd store: protoc builds etcd-client, and its tests run real etcd processes.
+apt_updated=""
+install_pkg() {  # install_pkg COMMAND PACKAGE
+  command -v "$1" >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "$2 is missing; installing it" >&2
+    if [ -z "$apt_updated" ]; then apt-get update -qq >/dev/null; apt_updated=1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$2" >/dev/null
+  else
+    echo "error: $1 is not installed; install it with: apt-get install -y $2" >&2
+    exit 1
+  fi
+}
+install_pkg protoc protobuf-compiler
+install_pkg etcd etcd-server
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "cargo-nextest is missing; installing it" >&2
   cargo install --locked cargo-nextest
 fi
 
 cargo fmt --all --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+# Everything with the hub's etcd store (hub replicas) built in; the plain build is what the demo uses.
+features="--features flotilla-hub/etcd"
+cargo clippy --workspace --all-targets --locked $features -- -D warnings
 # End-to-end tests run the workspace binaries as real processes.
-cargo build --workspace --bins --locked
-cargo nextest run --workspace --locked --no-fail-fast
+cargo build --workspace --bins --locked $features
+cargo nextest run --workspace --locked --no-fail-fast $features

@@ -413,3 +413,53 @@ pub fn admin_patch(server: &str, path: &str, body: &str) {
     let _ = s.read_to_string(&mut out);
     assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
 }
+
+/// A real etcd (Debian's etcd-server) on loopback ports, for the hub's replicas.
+pub mod etcd {
+    use super::*;
+
+    pub struct Etcd {
+        pub port: u16,
+        child: std::process::Child,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Etcd {
+        /// Starts etcd with its data in a temporary directory and waits until it answers.
+        pub fn start() -> Etcd {
+            let program =
+                ["etcd", "/usr/bin/etcd"].into_iter().find(|p| Command::new(p).arg("--version").output().is_ok());
+            let program = program.expect("etcd is needed: apt-get install etcd-server (scripts/test.sh installs it)");
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (client, peer) = (free_port(), free_port());
+            let c = format!("http://127.0.0.1:{client}");
+            let p = format!("http://127.0.0.1:{peer}");
+            let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
+            let child = Command::new(program)
+                .args(["--name", "t", "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+                .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+                .args(["--initial-cluster", &format!("t={p}"), "--log-level", "warn"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("starting etcd");
+            wait_for_port(client, "etcd");
+            Etcd { port: client, child, _dir: dir }
+        }
+
+        /// `etcd://127.0.0.1:PORT`, as `flotilla-hub --store` takes it.
+        pub fn url(&self) -> String {
+            format!("etcd://127.0.0.1:{}", self.port)
+        }
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

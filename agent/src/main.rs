@@ -10,7 +10,8 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(name = "flotilla-agent", version, about = "Flotilla agent")]
 struct Args {
-    /// The hub, https://HOST:PORT.
+    /// The hub, https://HOST:PORT; several replicas separated by commas (https://a:7443,https://b:7443): the
+    /// agent moves to another when its replica is lost.
     #[arg(long, env = "FLOTILLA_AGENT_HUB")]
     hub: String,
     /// The name in the hub's certificate, when the URL's host is not it.

@@ -49,23 +49,37 @@ fn now_ms() -> i64 {
 /// Runs until `shutdown`, reconnecting with jittered exponential backoff (0.5 s doubling to 30 s). The engine
 /// keeps enforcing the last desired state meanwhile.
 pub async fn run(cfg: AgentConfig, engine: EngineHandle, shutdown: CancellationToken) {
+    let hubs = hub_urls(&cfg.hub);
     let mut backoff = Duration::from_millis(500);
+    let mut next = fastrand::usize(0..hubs.len().max(1));
     loop {
         let started = tokio::time::Instant::now();
-        match session(&cfg, &engine, &shutdown).await {
+        let hub = hubs.get(next % hubs.len().max(1)).cloned().unwrap_or_else(|| cfg.hub.clone());
+        match session(&cfg, &hub, &engine, &shutdown).await {
             Ok(()) => return,
-            Err(e) => warn!(error = %e, "session with the hub ended; the cluster keeps its last desired state"),
+            Err(e) => warn!(%hub, error = %e, "session with the hub ended; the cluster keeps its last desired state"),
         }
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(500);
         }
-        let jittered = backoff.mul_f64(0.5 + fastrand::f64());
+        // The next replica at once (jittered a little); the whole list again only after the backoff.
+        next += 1;
+        let round_done = next % hubs.len().max(1) == 0;
+        let wait = if round_done { backoff } else { Duration::from_millis(100) };
+        let jittered = wait.mul_f64(0.5 + fastrand::f64());
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(jittered) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        if round_done {
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
     }
+}
+
+/// `https://a:7443,https://b:7443` → each hub replica's URL.
+pub fn hub_urls(list: &str) -> Vec<String> {
+    list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_string).collect()
 }
 
 type Tx = mpsc::Sender<pb::AgentMessage>;
@@ -74,15 +88,20 @@ async fn send(tx: &Tx, msg: pb::agent_message::Msg) -> Result<(), String> {
     tx.send(pb::AgentMessage { msg: Some(msg) }).await.map_err(|_| "the stream to the hub closed".to_string())
 }
 
-async fn session(cfg: &AgentConfig, engine: &EngineHandle, shutdown: &CancellationToken) -> Result<(), String> {
+async fn session(
+    cfg: &AgentConfig,
+    hub: &str,
+    engine: &EngineHandle,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&cfg.ca_pem))
         .identity(Identity::from_pem(&cfg.cert_pem, &cfg.key_pem));
     if let Some(n) = &cfg.hub_name {
         tls = tls.domain_name(n.clone());
     }
-    let endpoint = Endpoint::from_shared(cfg.hub.clone())
-        .map_err(|e| format!("invalid hub URL {}: {e}", cfg.hub))?
+    let endpoint = Endpoint::from_shared(hub.to_string())
+        .map_err(|e| format!("invalid hub URL {hub}: {e}"))?
         .tls_config(tls)
         .map_err(|e| format!("TLS configuration: {e}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -105,7 +124,7 @@ async fn session(cfg: &AgentConfig, engine: &EngineHandle, shutdown: &Cancellati
                 .await
         }
     }
-    .map_err(|e| format!("connecting to {} failed: {e:?}", cfg.hub))?;
+    .map_err(|e| format!("connecting to {hub} failed: {e:?}"))?;
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
     let hello = pb::Hello {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -122,7 +141,7 @@ async fn session(cfg: &AgentConfig, engine: &EngineHandle, shutdown: &Cancellati
         .await
         .map_err(|s| format!("the hub refused the session: {}: {}", s.code(), s.message()))?
         .into_inner();
-    info!(hub = %cfg.hub, "connected to the hub");
+    info!(%hub, "connected to the hub");
     let mut statuses = engine.statuses();
     let mut reach = engine.reach();
     // Sent first on every session, then when it changes.

@@ -108,6 +108,7 @@ fn hub_child(dir: PathBuf, repo: String) {
             webhook: None,
             in_process: None,
             grace: flotilla_hub::hub::DEFAULT_GRACE,
+            store: Default::default(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();

@@ -9,9 +9,13 @@
 //! operators, [`server`] the process around them; [`webhook`] turns GitHub and GitLab push events into
 //! immediate fetches.
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod git;
 pub mod hub;
 pub mod keys;
+#[cfg(feature = "etcd")]
+pub mod leader;
 pub mod limits;
 pub mod machine;
 pub mod platform;

@@ -54,6 +54,61 @@ struct Args {
     /// (offline rules wait); default: the agents' reconnect backoff cap with its jitter, plus a margin.
     #[arg(long, env = "FLOTILLA_HUB_RESTART_GRACE_SECONDS", default_value_t = flotilla_hub::hub::DEFAULT_GRACE.as_secs())]
     restart_grace_seconds: u64,
+    /// Where the hub keeps its state: `embedded` (a file in the data directory, one hub) or
+    /// `etcd://HOST:PORT[,HOST:PORT…]` (hub replicas: one leads, the others stand by).
+    #[arg(long, env = "FLOTILLA_HUB_STORE", default_value = "embedded")]
+    store: String,
+    /// The key prefix of this fleet in etcd (several fleets can share one etcd).
+    #[arg(long, env = "FLOTILLA_HUB_ETCD_PREFIX", default_value = "/flotilla/default")]
+    etcd_prefix: String,
+    /// CA certificate for TLS to etcd.
+    #[arg(long, env = "FLOTILLA_HUB_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate and key for TLS to etcd.
+    #[arg(long, env = "FLOTILLA_HUB_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "FLOTILLA_HUB_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// This replica's name (default: host name and process id).
+    #[arg(long, env = "FLOTILLA_HUB_REPLICA")]
+    replica: Option<String>,
+    /// Seconds of the leader's lease: a leader that cannot renew it stops within this time.
+    #[arg(long, env = "FLOTILLA_HUB_LEASE_SECONDS", default_value_t = 5)]
+    lease_seconds: u64,
+}
+
+/// The store the flags name.
+fn store_choice(args: &Args) -> anyhow::Result<flotilla_hub::server::StoreChoice> {
+    if args.store == "embedded" {
+        return Ok(flotilla_hub::server::StoreChoice::Embedded);
+    }
+    #[cfg(feature = "etcd")]
+    {
+        let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+        let tls = match &args.etcd_ca {
+            Some(ca) => Some(flotilla_hub::etcd::EtcdTls {
+                ca_pem: read(ca)?,
+                cert_pem: args.etcd_cert.as_ref().map(read).transpose()?,
+                key_pem: args.etcd_key.as_ref().map(read).transpose()?,
+            }),
+            None => None,
+        };
+        let etcd = flotilla_hub::etcd::EtcdConfig::parse(&args.store, &args.etcd_prefix, tls)
+            .map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string();
+        let replica = args.replica.clone().unwrap_or_else(|| format!("{}-{}", host, std::process::id()));
+        Ok(flotilla_hub::server::StoreChoice::Etcd {
+            etcd,
+            replica,
+            lease: Duration::from_secs(args.lease_seconds.max(2)),
+        })
+    }
+    #[cfg(not(feature = "etcd"))]
+    anyhow::bail!(
+        "--store {}: this hub was built without etcd support (build it with `cargo build -p flotilla-hub --features etcd`, \
+         which needs protoc: apt-get install protobuf-compiler)",
+        args.store
+    )
 }
 
 #[tokio::main]
@@ -83,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some((_, Some(secret))) = &webhook {
         secret.read().context("reading the webhook secret")?;
     }
+    let store = store_choice(&args)?;
     let shutdown = flotilla_common::process::shutdown_on_signal();
     let cfg = HubConfig {
         listen: args.listen,
@@ -95,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
         webhook,
         in_process: None,
         grace: Duration::from_secs(args.restart_grace_seconds),
+        store,
     };
     run(cfg, shutdown, None).await
 }

@@ -149,6 +149,24 @@ pub struct HubConfig {
     pub in_process: Option<mpsc::Receiver<tokio::io::DuplexStream>>,
     /// After a start, how long offline rules wait for agents to reconnect.
     pub grace: Duration,
+    pub store: StoreChoice,
+}
+
+/// Where the hub keeps its state.
+#[derive(Debug, Clone, Default)]
+pub enum StoreChoice {
+    /// One hub: the embedded store in the data directory.
+    #[default]
+    Embedded,
+    /// Hub replicas on etcd: the one that wins the election leads; the others wait as standbys.
+    #[cfg(feature = "etcd")]
+    Etcd {
+        etcd: crate::etcd::EtcdConfig,
+        /// This replica's name in the election key.
+        replica: String,
+        /// The leader's lease: a leader that cannot renew it stops within this time; a standby takes over.
+        lease: Duration,
+    },
 }
 
 /// Runs a hub until `shutdown` is cancelled. Returns the bound address through `bound`.
@@ -157,7 +175,33 @@ pub async fn run(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
-    let store: Arc<dyn Store> = Arc::new(crate::store::RedbStore::open(&cfg.data_dir.join("hub.redb"))?);
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store: Arc<dyn Store> = match &cfg.store {
+        StoreChoice::Embedded => Arc::new(crate::store::RedbStore::open(&cfg.data_dir.join("hub.redb"))?),
+        #[cfg(feature = "etcd")]
+        StoreChoice::Etcd { etcd, replica, lease } => {
+            let client = etcd.connect().await?;
+            info!(%replica, prefix = %etcd.prefix, "campaigning to lead the hub replicas");
+            let Some(lead) = crate::leader::campaign(&client, &etcd.prefix, replica, *lease, &shutdown).await? else {
+                return Ok(());
+            };
+            let (e, fence) = (etcd.clone(), lead.fence.clone());
+            let store = tokio::task::spawn_blocking(move || crate::etcd::EtcdStore::open(&e, Some(fence))).await??;
+            // A leader that can no longer prove it leads stops at once; a standby takes over.
+            let (stop, flag) = (shutdown.clone(), lost.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = lead.lost.cancelled() => {
+                        warn!("lost the leadership lease: stopping this replica (a standby takes over)");
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        stop.cancel();
+                    }
+                    _ = stop.cancelled() => {}
+                }
+            });
+            Arc::new(store)
+        }
+    };
     let follower =
         Follower::new(cfg.repo.clone(), cfg.branch.clone(), cfg.data_dir.join("repo.git")).with_auth(cfg.auth.clone());
     let opts = Options { grace: cfg.grace, ..Options::default() };
@@ -190,5 +234,8 @@ pub async fn run(
         let _ = w.await;
     }
     served?;
+    if lost.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!("this replica lost the leadership lease and stopped acting");
+    }
     Ok(())
 }

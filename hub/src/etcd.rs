@@ -1,0 +1,517 @@
+//! The hub's store on etcd (feature `etcd`), for hub replicas: the same [`Store`] contract as the embedded
+//! store — prefix scans, all-or-nothing batches — within etcd's limits, and every write fenced by the
+//! leader's election key so a deposed leader can change nothing.
+//!
+//! Layout under the fleet's prefix (several fleets can share one etcd):
+//!
+//! ```text
+//! <prefix>/k/<key>             a value of at most 900 KiB, or a pointer to its chunks
+//! <prefix>/c/<h(key)>/<h(v)>/<n>  the chunks of a larger value (written before the pointer; immutable)
+//! <prefix>/journal             the pending batch, when one is being applied: "<seq> <parts>"
+//! <prefix>/j/<seq>/<n>         that batch's operations (immutable)
+//! <prefix>/leader              the election key (a lease's; see `leader`)
+//! ```
+//!
+//! A batch of at most [`MAX_TXN_OPS`] operations is one etcd transaction. A larger one is written as a
+//! journal first (immutable parts, then one small transaction flipping `journal`), then applied in
+//! transactions of at most [`MAX_TXN_OPS`], then the journal is removed. Readers overlay a pending journal on
+//! what they read, so a batch becomes visible at once, at the flip; a leader that dies in between leaves the
+//! journal for the next one, which rolls it forward before anything else.
+
+use crate::store::{Batch, Op, Store, StoreError};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// etcd's default `--max-txn-ops`.
+pub const MAX_TXN_OPS: usize = 128;
+/// The largest value kept in one key (etcd's default request limit is 1.5 MiB; keys and framing need room).
+pub const MAX_VALUE: usize = 900 * 1024;
+/// How long one etcd call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const CHUNKED: &[u8] = b"\0flotilla-chunks:";
+
+/// Where the store lives: endpoints, TLS, the key prefix.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub tls: Option<EtcdTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca_pem: String,
+    pub cert_pem: Option<String>,
+    pub key_pem: Option<String>,
+}
+
+impl EtcdConfig {
+    /// `etcd://HOST:PORT[,HOST:PORT…]` (with TLS, `etcds://`).
+    pub fn parse(url: &str, prefix: &str, tls: Option<EtcdTls>) -> Result<EtcdConfig, String> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("{url:?}: expected etcd://HOST:PORT[,…]"))?;
+        let http = match scheme {
+            "etcd" if tls.is_none() => "http",
+            "etcd" | "etcds" => "https",
+            other => return Err(format!("{url:?}: unknown scheme {other:?} (etcd:// or etcds://)")),
+        };
+        let endpoints: Vec<String> = rest
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(|e| format!("{http}://{}", e.trim_end_matches('/')))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(format!("{url:?} names no endpoint"));
+        }
+        let prefix = prefix.trim_end_matches('/');
+        if prefix.is_empty() || !prefix.starts_with('/') {
+            return Err(format!("the etcd key prefix {prefix:?} must start with / (for example /flotilla/prod)"));
+        }
+        Ok(EtcdConfig { endpoints, prefix: prefix.to_string(), tls })
+    }
+
+    pub async fn connect(&self) -> Result<Client, etcd_client::Error> {
+        let mut opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(tls) = &self.tls {
+            let mut t = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+            if let (Some(c), Some(k)) = (&tls.cert_pem, &tls.key_pem) {
+                t = t.identity(etcd_client::Identity::from_pem(c, k));
+            }
+            opts = opts.with_tls(t);
+        }
+        Client::connect(&self.endpoints, Some(opts)).await
+    }
+}
+
+/// What makes a write the current leader's: the election key and the revision that created it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: String,
+    pub create_revision: i64,
+}
+
+/// The store. Its methods block (the hub calls them from blocking threads); the etcd calls run on a small
+/// runtime of the store's own.
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    fence: Option<Fence>,
+    /// Taken on drop (shut down in the background: the store may be dropped on an async thread).
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+fn hex12(bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(bytes)[..12])
+}
+
+/// A batch's operations as bytes (length-prefixed), for the journal.
+fn encode_ops(ops: &[Op]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for op in ops {
+        let (tag, k, v): (u8, &str, &[u8]) = match op {
+            Op::Put(k, v) => (b'P', k, v),
+            Op::Delete(k) => (b'D', k, &[]),
+        };
+        out.push(tag);
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+fn decode_ops(mut b: &[u8]) -> Option<Vec<Op>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let tag = b[0];
+        let klen = u32::from_le_bytes(b.get(1..5)?.try_into().ok()?) as usize;
+        let k = std::str::from_utf8(b.get(5..5 + klen)?).ok()?.to_string();
+        let at = 5 + klen;
+        let vlen = u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?) as usize;
+        let v = b.get(at + 8..at + 8 + vlen)?.to_vec();
+        b = &b[at + 8 + vlen..];
+        out.push(match tag {
+            b'P' => Op::Put(k, v),
+            b'D' => Op::Delete(k),
+            _ => return None,
+        });
+    }
+    Some(out)
+}
+
+impl EtcdStore {
+    /// Opens the store; `fence`: writes succeed only while that election key is the one it names (None: a
+    /// single writer with no election, for tests and tools). A pending journal is rolled forward first.
+    pub fn open(cfg: &EtcdConfig, fence: Option<Fence>) -> Result<EtcdStore, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("etcd-store")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: boxed(e) })?;
+        let c = cfg.clone();
+        let client = Self::wait(&rt, async move { c.connect().await })
+            .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: boxed(e) })?;
+        let store = EtcdStore { client, prefix: cfg.prefix.clone(), fence, rt: Some(rt) };
+        store
+            .roll_forward()
+            .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: Box::new(e) })?;
+        Ok(store)
+    }
+
+    /// Opens the store without rolling a pending journal forward (a reader, for tests of what readers see).
+    #[doc(hidden)]
+    pub fn open_without_recovery(cfg: &EtcdConfig) -> Result<EtcdStore, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: boxed(e) })?;
+        let c = cfg.clone();
+        let client = Self::wait(&rt, async move { c.connect().await })
+            .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: boxed(e) })?;
+        Ok(EtcdStore { client, prefix: cfg.prefix.clone(), fence: None, rt: Some(rt) })
+    }
+
+    /// Whether a batch is being applied (or was left half-applied).
+    pub fn has_pending_journal(&self) -> Result<bool, StoreError> {
+        Ok(self.pending()?.is_some())
+    }
+
+    /// Writes a batch's journal and flips it, but applies none of its keys: what a leader that dies at that
+    /// moment leaves behind (for tests).
+    #[doc(hidden)]
+    pub fn commit_journal_only(&self, batch: Batch) -> Result<(), StoreError> {
+        self.write_journal(&batch.0).map(|_| ())
+    }
+
+    /// The journal of `ops`: immutable parts, then the flip that makes the batch visible. Returns its sequence.
+    fn write_journal(&self, ops: &[Op]) -> Result<String, StoreError> {
+        let seq = format!("{:020}", crate::hub::now_ms());
+        let bytes = encode_ops(ops);
+        for (i, part) in bytes.chunks(MAX_VALUE).enumerate() {
+            self.txn(vec![TxnOp::put(format!("{}/j/{seq}/{i:06}", self.prefix), part.to_vec(), None)])?;
+        }
+        let parts = bytes.len().div_ceil(MAX_VALUE);
+        self.txn(vec![TxnOp::put(format!("{}/journal", self.prefix), format!("{seq} {parts}"), None)])?;
+        Ok(seq)
+    }
+
+    /// Runs `fut` on the store's runtime and waits for it from any thread (a runtime's own threads included).
+    fn wait<T: Send + 'static>(
+        rt: &tokio::runtime::Runtime,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().expect("the etcd store's runtime stopped")
+    }
+
+    fn run<T: Send + 'static>(&self, fut: impl std::future::Future<Output = T> + Send + 'static) -> T {
+        Self::wait(self.rt.as_ref().expect("the store's runtime lives until it is dropped"), fut)
+    }
+
+    fn data_key(&self, key: &str) -> String {
+        format!("{}/k/{key}", self.prefix)
+    }
+
+    fn compares(&self) -> Vec<Compare> {
+        match &self.fence {
+            Some(f) => vec![Compare::create_revision(f.key.as_str(), CompareOp::Equal, f.create_revision)],
+            None => Vec::new(),
+        }
+    }
+
+    /// One fenced transaction; an error when the fence does not hold.
+    fn txn(&self, ops: Vec<TxnOp>) -> Result<(), StoreError> {
+        let n = ops.len();
+        let txn = Txn::new().when(self.compares()).and_then(ops);
+        let mut kv = self.client.kv_client();
+        let resp = self.run(async move { kv.txn(txn).await });
+        match resp {
+            Ok(r) if r.succeeded() => Ok(()),
+            Ok(_) => Err(StoreError::CommitFailed {
+                ops: n,
+                source: "fenced: this hub no longer holds the leader's election key (another replica leads)".into(),
+            }),
+            Err(e) => Err(StoreError::CommitFailed { ops: n, source: boxed(e) }),
+        }
+    }
+
+    /// Writes `value` of `key`: inline, or as chunks first and a pointer to them. Returns the txn op that
+    /// writes the key itself.
+    fn value_op(&self, key: &str, value: &[u8]) -> Result<TxnOp, StoreError> {
+        if value.len() <= MAX_VALUE && !value.starts_with(CHUNKED) {
+            return Ok(TxnOp::put(self.data_key(key), value.to_vec(), None));
+        }
+        let dir = format!("{}/c/{}/{}", self.prefix, hex12(key.as_bytes()), hex12(value));
+        let chunks: Vec<TxnOp> = value
+            .chunks(MAX_VALUE)
+            .enumerate()
+            .map(|(i, c)| TxnOp::put(format!("{dir}/{i:06}"), c.to_vec(), None))
+            .collect();
+        let n = chunks.len();
+        // One chunk per transaction: each is up to MAX_VALUE bytes.
+        for op in chunks {
+            self.txn(vec![op])?;
+        }
+        let mut pointer = CHUNKED.to_vec();
+        pointer.extend_from_slice(format!("{dir} {n} {}", value.len()).as_bytes());
+        Ok(TxnOp::put(self.data_key(key), pointer, None))
+    }
+
+    /// The value behind what `key` holds in etcd (chunks gathered).
+    fn resolve(&self, raw: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let Some(rest) = raw.strip_prefix(CHUNKED) else { return Ok(raw) };
+        let text = String::from_utf8_lossy(rest).to_string();
+        let mut parts = text.split(' ');
+        let (dir, n, len) = (parts.next().unwrap_or_default(), parts.next(), parts.next());
+        let n: usize = n.and_then(|n| n.parse().ok()).unwrap_or(0);
+        let len: usize = len.and_then(|n| n.parse().ok()).unwrap_or(0);
+        let mut kv = self.client.kv_client();
+        let prefix = format!("{dir}/");
+        let resp = self
+            .run(async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await })
+            .map_err(|e| StoreError::ReadFailed { key: dir.to_string(), source: boxed(e) })?;
+        let mut out = Vec::with_capacity(len);
+        for kv in resp.kvs().iter().take(n) {
+            out.extend_from_slice(kv.value());
+        }
+        if out.len() != len {
+            return Err(StoreError::ReadFailed {
+                key: dir.to_string(),
+                source: format!("a chunked value has {} of its {len} bytes", out.len()).into(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The batch being applied, if one is: its operations.
+    fn pending(&self) -> Result<Option<(String, Vec<Op>)>, StoreError> {
+        let head = format!("{}/journal", self.prefix);
+        let mut kv = self.client.kv_client();
+        let h = head.clone();
+        let resp = self
+            .run(async move { kv.get(h, None).await })
+            .map_err(|e| StoreError::ReadFailed { key: head.clone(), source: boxed(e) })?;
+        let Some(kv0) = resp.kvs().first() else { return Ok(None) };
+        let seq = String::from_utf8_lossy(kv0.value()).split(' ').next().unwrap_or_default().to_string();
+        let dir = format!("{}/j/{seq}/", self.prefix);
+        let mut kv = self.client.kv_client();
+        let d = dir.clone();
+        let parts = self
+            .run(async move { kv.get(d, Some(GetOptions::new().with_prefix())).await })
+            .map_err(|e| StoreError::ReadFailed { key: dir.clone(), source: boxed(e) })?;
+        let mut bytes = Vec::new();
+        for p in parts.kvs() {
+            bytes.extend_from_slice(p.value());
+        }
+        let ops = decode_ops(&bytes).ok_or_else(|| StoreError::ReadFailed {
+            key: dir.clone(),
+            source: "the pending journal cannot be read".into(),
+        })?;
+        Ok(Some((seq, ops)))
+    }
+
+    /// Applies a pending journal, then removes it.
+    fn roll_forward(&self) -> Result<(), StoreError> {
+        let Some((seq, ops)) = self.pending()? else { return Ok(()) };
+        tracing::info!(seq = %seq, ops = ops.len(), "applying the batch a previous leader left half-applied");
+        self.apply(&ops)?;
+        self.finish_journal(&seq)
+    }
+
+    /// Writes `ops` in transactions of at most [`MAX_TXN_OPS`] (not atomic by itself: see `commit`).
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let mut txn_ops = Vec::with_capacity(MAX_TXN_OPS);
+        let mut bytes = 0;
+        for op in ops {
+            let size = match op {
+                Op::Put(k, v) => k.len() + v.len().min(MAX_VALUE),
+                Op::Delete(k) => k.len(),
+            };
+            if !txn_ops.is_empty() && (txn_ops.len() == MAX_TXN_OPS || bytes + size > MAX_VALUE) {
+                self.txn(std::mem::take(&mut txn_ops))?;
+                bytes = 0;
+            }
+            txn_ops.push(match op {
+                Op::Put(k, v) => self.value_op(k, v)?,
+                Op::Delete(k) => TxnOp::delete(self.data_key(k), None),
+            });
+            bytes += size;
+        }
+        if !txn_ops.is_empty() {
+            self.txn(txn_ops)?;
+        }
+        Ok(())
+    }
+
+    fn finish_journal(&self, seq: &str) -> Result<(), StoreError> {
+        let head = format!("{}/journal", self.prefix);
+        let parts = format!("{}/j/{seq}/", self.prefix);
+        self.txn(vec![
+            TxnOp::delete(head, None),
+            TxnOp::delete(parts, Some(etcd_client::DeleteOptions::new().with_prefix())),
+        ])
+    }
+
+    /// Chunks no key points at any more (left by overwritten or deleted chunked values): deleted.
+    pub fn collect_garbage(&self) -> Result<usize, StoreError> {
+        let live: std::collections::HashSet<String> = self
+            .raw_scan(&format!("{}/k/", self.prefix))?
+            .into_iter()
+            .filter_map(|(_, v)| {
+                let rest = v.strip_prefix(CHUNKED)?;
+                Some(String::from_utf8_lossy(rest).split(' ').next()?.to_string())
+            })
+            .collect();
+        let chunks = self.raw_keys(&format!("{}/c/", self.prefix))?;
+        let mut dead: Vec<String> = chunks
+            .iter()
+            .filter_map(|k| k.rsplit_once('/').map(|(d, _)| d.to_string()))
+            .filter(|d| !live.contains(d))
+            .collect();
+        dead.dedup();
+        for d in &dead {
+            self.txn(vec![TxnOp::delete(format!("{d}/"), Some(etcd_client::DeleteOptions::new().with_prefix()))])?;
+        }
+        Ok(dead.len())
+    }
+
+    fn raw_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let p = prefix.to_string();
+        let resp = self
+            .run(async move { kv.get(p, Some(GetOptions::new().with_prefix())).await })
+            .map_err(|e| StoreError::ReadFailed { key: format!("{prefix}*"), source: boxed(e) })?;
+        Ok(resp.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).to_string(), kv.value().to_vec())).collect())
+    }
+
+    fn raw_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let p = prefix.to_string();
+        let resp = self
+            .run(async move { kv.get(p, Some(GetOptions::new().with_prefix().with_keys_only())).await })
+            .map_err(|e| StoreError::ReadFailed { key: format!("{prefix}*"), source: boxed(e) })?;
+        Ok(resp.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).to_string()).collect())
+    }
+
+    /// The journal's operations on keys under `prefix`, for readers to overlay.
+    fn overlay(&self, prefix: &str) -> Result<BTreeMap<String, Option<Vec<u8>>>, StoreError> {
+        let mut out = BTreeMap::new();
+        if let Some((_, ops)) = self.pending()? {
+            for op in ops {
+                match op {
+                    Op::Put(k, v) if k.starts_with(prefix) => {
+                        out.insert(k, Some(v));
+                    }
+                    Op::Delete(k) if k.starts_with(prefix) => {
+                        out.insert(k, None);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes stored under the prefix, and the number of keys: for the size benchmark.
+    pub fn size(&self) -> Result<(usize, usize), StoreError> {
+        let all = self.raw_scan(&format!("{}/", self.prefix))?;
+        Ok((all.len(), all.iter().map(|(k, v)| k.len() + v.len()).sum()))
+    }
+}
+
+impl Store for EtcdStore {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.overlay(key)?.remove(key) {
+            return Ok(v);
+        }
+        let mut kv = self.client.kv_client();
+        let k = self.data_key(key);
+        let resp = self
+            .run(async move { kv.get(k, None).await })
+            .map_err(|e| StoreError::ReadFailed { key: key.into(), source: boxed(e) })?;
+        match resp.kvs().first() {
+            Some(kv) => Ok(Some(self.resolve(kv.value().to_vec())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let strip = format!("{}/k/", self.prefix);
+        let mut out: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for (k, v) in self.raw_scan(&self.data_key(prefix))? {
+            let key = k.strip_prefix(&strip).unwrap_or(&k).to_string();
+            out.insert(key, self.resolve(v)?);
+        }
+        for (k, v) in self.overlay(prefix)? {
+            match v {
+                Some(v) => out.insert(k, v),
+                None => out.remove(&k),
+            };
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let ops = batch.0;
+        // Bytes the keys' own transaction carries (values over MAX_VALUE become small pointers).
+        let inline: usize = ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(k, v) => k.len() + if v.len() <= MAX_VALUE { v.len() } else { 128 },
+                Op::Delete(k) => k.len(),
+            })
+            .sum();
+        if ops.len() <= MAX_TXN_OPS && inline <= MAX_VALUE {
+            // One transaction: atomic by itself (large values' chunks are written first).
+            return self.apply(&ops);
+        }
+        // The journal: immutable parts, then the flip that makes the batch visible, then the keys.
+        let seq = self.write_journal(&ops)?;
+        self.apply(&ops)?;
+        self.finish_journal(&seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_ops_round_trip() {
+        let ops = vec![Op::Put("a".into(), vec![1, 2, 3]), Op::Delete("b/c".into()), Op::Put("é".into(), vec![])];
+        assert_eq!(decode_ops(&encode_ops(&ops)), Some(ops));
+        assert_eq!(decode_ops(&[b'X', 0, 0, 0, 0]), None);
+    }
+
+    #[test]
+    fn urls_name_endpoints_and_prefixes_are_checked() {
+        let c = EtcdConfig::parse("etcd://127.0.0.1:2379,10.0.0.2:2379", "/flotilla/prod/", None).unwrap();
+        assert_eq!(c.endpoints, vec!["http://127.0.0.1:2379", "http://10.0.0.2:2379"]);
+        assert_eq!(c.prefix, "/flotilla/prod");
+        assert!(EtcdConfig::parse("http://x", "/p", None).is_err());
+        assert!(EtcdConfig::parse("etcd://x:1", "p", None).is_err());
+        assert!(EtcdConfig::parse("etcd://", "/p", None).is_err());
+    }
+}

@@ -1,0 +1,136 @@
+//! One leader among hub replicas (feature `etcd`): a leased election key, won by a transaction that creates it
+//! only when absent. The key's creation revision is the leader's [`Fence`]: every write of the leader is
+//! guarded by it, so once the key is gone (the lease expired, the leader stopped) or another replica's, the old
+//! leader's writes fail. A leader whose lease it cannot renew stops acting within the lease's TTL.
+
+use crate::etcd::Fence;
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+/// The election key under a fleet's prefix.
+pub fn election_key(prefix: &str) -> String {
+    format!("{prefix}/leader")
+}
+
+/// This replica leads.
+pub struct Leadership {
+    pub fence: Fence,
+    pub lease: i64,
+    /// Cancelled when this replica may no longer act as the leader (its lease could not be renewed in time,
+    /// or the key is gone).
+    pub lost: CancellationToken,
+    /// When it was won (Unix ms).
+    pub since_ms: i64,
+}
+
+/// Who leads now, if anyone: (replica name, since Unix ms).
+pub async fn current(client: &mut Client, prefix: &str) -> Result<Option<(String, i64)>, etcd_client::Error> {
+    let resp = client.get(election_key(prefix), None).await?;
+    Ok(resp.kvs().first().map(|kv| {
+        let v = String::from_utf8_lossy(kv.value()).to_string();
+        let (name, since) = v.rsplit_once(' ').unwrap_or((v.as_str(), "0"));
+        (name.to_string(), since.parse().unwrap_or(0))
+    }))
+}
+
+/// Campaigns until this replica leads (Some) or `shutdown` (None). `me` names the replica in the key.
+pub async fn campaign(
+    client: &Client,
+    prefix: &str,
+    me: &str,
+    ttl: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Option<Leadership>, etcd_client::Error> {
+    let key = election_key(prefix);
+    let mut client = client.clone();
+    let ttl_secs = ttl.as_secs().max(2) as i64;
+    let mut announced = None;
+    loop {
+        let lease = client.lease_grant(ttl_secs, None).await?.id();
+        let since = crate::hub::now_ms();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), format!("{me} {since}"), Some(PutOptions::new().with_lease(lease)))]);
+        let resp = client.txn(txn).await?;
+        if resp.succeeded() {
+            let create_revision = resp.header().map_or(0, |h| h.revision());
+            let lost = CancellationToken::new();
+            tokio::spawn(
+                keep(client.clone(), lease, ttl, key.clone(), create_revision, lost.clone(), shutdown.clone())
+                    .instrument(tracing::info_span!("leader-lease")),
+            );
+            info!(replica = me, %key, revision = create_revision, "this replica leads");
+            return Ok(Some(Leadership { fence: Fence { key, create_revision }, lease, lost, since_ms: since }));
+        }
+        let _ = client.lease_revoke(lease).await;
+        let leader = current(&mut client, prefix).await?;
+        if leader != announced {
+            if let Some((name, _)) = &leader {
+                info!(replica = me, leader = %name, "standby: another replica leads");
+            }
+            announced = leader;
+        }
+        // Jittered, well inside the TTL: a vacancy is taken within about half a second.
+        let wait = Duration::from_millis(300 + fastrand::u64(0..400));
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Renews the lease every third of its TTL; cancels `lost` when it was not renewed for a whole TTL, or the
+/// key is no longer this leader's. Revokes the lease on shutdown, so a standby takes over at once.
+async fn keep(
+    mut client: Client,
+    lease: i64,
+    ttl: Duration,
+    key: String,
+    create_revision: i64,
+    lost: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let mut last_ok = tokio::time::Instant::now();
+    let every = ttl / 3;
+    let mut keeper = client.lease_keep_alive(lease).await.ok();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = client.lease_revoke(lease).await;
+                return;
+            }
+            _ = tokio::time::sleep(every) => {}
+        }
+        let renewed = match keeper.as_mut() {
+            Some((k, stream)) => match tokio::time::timeout(every, async {
+                k.keep_alive().await?;
+                stream.message().await
+            })
+            .await
+            {
+                Ok(Ok(Some(r))) => r.ttl() > 0,
+                _ => false,
+            },
+            None => false,
+        };
+        let still_mine = renewed
+            && matches!(
+                tokio::time::timeout(every, client.get(key.as_str(), None)).await,
+                Ok(Ok(r)) if r.kvs().first().is_some_and(|kv| kv.create_revision() == create_revision)
+            );
+        if still_mine {
+            last_ok = tokio::time::Instant::now();
+            continue;
+        }
+        if !renewed {
+            keeper = client.lease_keep_alive(lease).await.ok();
+        }
+        if last_ok.elapsed() + every >= ttl || renewed && !still_mine {
+            warn!(%key, "the leader's lease was not renewed in time or the key is another's: stopping as leader");
+            lost.cancel();
+            return;
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Hub replicas on a real etcd, with real processes: two hubs on one etcd (one leads, one stands by), an agent
+//! that knows both. The leader is killed: the standby leads within the lease, restores the fleet's state from
+//! etcd, the agent moves to it and re-applies nothing, and the next commit reaches the cluster.
+
+use flotilla_e2e::{binary, commit, eventually, free_port, git, issue_certs, kube, operator_client, spawn, Proc};
+use flotilla_proto::platform::v1::ListClustersRequest;
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn hub(tmp: &Path, name: &str, port: u16, repo: &str, etcd: &str) -> Proc {
+    let args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--repo",
+        repo,
+        "--data-dir",
+        &tmp.join(format!("hub-{name}")).display().to_string(),
+        "--certs",
+        &tmp.join("certs").display().to_string(),
+        "--poll-seconds",
+        "1",
+        "--store",
+        etcd,
+        "--etcd-prefix",
+        "/flotilla/replicas-test",
+        "--replica",
+        name,
+        "--lease-seconds",
+        "3",
+        "--restart-grace-seconds",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    spawn("flotilla-hub", &args, &tmp.join(format!("hub-{name}.log")))
+}
+
+fn listening(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}
+
+fn note(v: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: note}}\ndata: {{v: '{v}'}}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_dies_and_a_standby_serves_the_fleet_within_seconds() {
+    flotilla_common::install_crypto_provider();
+    assert!(binary("flotilla-hub").exists());
+    let tmp_dir = tempfile::tempdir().unwrap();
+    let tmp = tmp_dir.path();
+    eprintln!("work directory (logs): {}", tmp.display());
+    let etcd = flotilla_e2e::etcd::Etcd::start();
+    issue_certs(tmp, "c", "alice");
+    let repo = tmp.join("fleet");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    commit(
+        &repo,
+        &[
+            ("clusters/c.yaml", Some("labels: {}\n")),
+            ("apps/notes/app.yaml", Some("namespace: notes\ntargets: [{selector: {}}]\n")),
+            ("apps/notes/cm.yaml", Some(&note("1"))),
+        ],
+        "first",
+    );
+    let url = format!("file://{}", repo.display());
+    let sim_args: Vec<String> = ["--listen", "127.0.0.1:0", "--cluster", "c", "--kubeconfig-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([tmp.join("kc").display().to_string()])
+        .collect();
+    let _sim = spawn("flotilla-sim", &sim_args, &tmp.join("sim.log"));
+    eventually(20, "the simulator", || async { tmp.join("kc/server").exists().then_some(()) }).await;
+
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = hub(tmp, "a", pa, &url, &etcd.url());
+    eventually(30, "hub a leads and listens", || async { listening(pa).then_some(()) }).await;
+    let _b = hub(tmp, "b", pb, &url, &etcd.url());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!listening(pb), "the standby serves nothing while a leads");
+    let log_b = std::fs::read_to_string(tmp.join("hub-b.log")).unwrap_or_default();
+    assert!(log_b.contains("standby: another replica leads"), "{log_b}");
+
+    let certs = tmp.join("certs");
+    let agent_args: Vec<String> = vec![
+        "--hub".into(),
+        format!("https://localhost:{pa},https://localhost:{pb}"),
+        "--ca".into(),
+        certs.join("ca.pem").display().to_string(),
+        "--cert".into(),
+        certs.join("clusters/c.pem").display().to_string(),
+        "--key".into(),
+        certs.join("clusters/c-key.pem").display().to_string(),
+        "--kubeconfig".into(),
+        tmp.join("kc/c.kubeconfig").display().to_string(),
+    ];
+    let _agent = spawn("flotilla-agent", &agent_args, &tmp.join("agent.log"));
+    let client = kube(&tmp.join("kc"), "c").await;
+    eventually(60, "the first commit applied through hub a", || async {
+        (flotilla_e2e::value(&client, "notes", "note", "v").await.as_deref() == Some("1")).then_some(())
+    })
+    .await;
+    let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(client.clone(), "notes");
+    let rv_before = api.get("note").await.unwrap().metadata.resource_version;
+
+    // The leader dies without a word (its lease runs out on its own).
+    let killed = Instant::now();
+    a.kill();
+    eventually(30, "hub b leads and listens", || async { listening(pb).then_some(()) }).await;
+    let took_over = killed.elapsed();
+    let mut operator = operator_client(&certs, pb).await;
+    let view = eventually(30, "hub b shows the fleet as it was", || {
+        let mut operator = operator.clone();
+        async move {
+            let v = operator.list_clusters(ListClustersRequest::default()).await.ok()?.into_inner();
+            let c = v.clusters.iter().find(|c| c.name == "c")?;
+            c.connected.then_some(v)
+        }
+    })
+    .await;
+    let reconnected = killed.elapsed();
+    assert!(!view.revision.is_empty(), "the revision restored from etcd");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(api.get("note").await.unwrap().metadata.resource_version, rv_before, "nothing re-applied");
+
+    // The next commit reaches the cluster through hub b.
+    commit(&repo, &[("apps/notes/cm.yaml", Some(&note("2")))], "second");
+    eventually(60, "the second commit applied through hub b", || async {
+        (flotilla_e2e::value(&client, "notes", "note", "v").await.as_deref() == Some("2")).then_some(())
+    })
+    .await;
+    let applied = killed.elapsed();
+    eprintln!(
+        "fail-over: b led and listened {:.1} s after a was killed, the agent was connected to b after {:.1} s, \
+         the next commit was applied {:.1} s after the kill (lease 3 s)",
+        took_over.as_secs_f64(),
+        reconnected.as_secs_f64(),
+        applied.as_secs_f64()
+    );
+    let _ = operator.list_clusters(ListClustersRequest::default()).await.expect("b answers operators");
+    assert!(took_over < Duration::from_secs(10), "{took_over:?}");
+}
