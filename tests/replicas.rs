@@ -143,3 +143,47 @@ async fn the_leader_dies_and_a_standby_serves_the_fleet_within_seconds() {
     let _ = operator.list_clusters(ListClustersRequest::default()).await.expect("b answers operators");
     assert!(took_over < Duration::from_secs(10), "{took_over:?}");
 }
+
+/// `kill -SIG pid`.
+fn signal(p: &Proc, sig: &str) {
+    let ok = std::process::Command::new("kill").args([sig, &p.child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_lease_is_deposed_and_stops_when_it_wakes() {
+    flotilla_common::install_crypto_provider();
+    let tmp_dir = tempfile::tempdir().unwrap();
+    let tmp = tmp_dir.path();
+    eprintln!("work directory (logs): {}", tmp.display());
+    let etcd = flotilla_e2e::etcd::Etcd::start();
+    issue_certs(tmp, "c", "alice");
+    let repo = tmp.join("fleet");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    commit(&repo, &[("clusters/c.yaml", Some("labels: {}\n"))], "first");
+    let url = format!("file://{}", repo.display());
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = hub(tmp, "a", pa, &url, &etcd.url());
+    eventually(30, "hub a leads", || async { listening(pa).then_some(()) }).await;
+    let _b = hub(tmp, "b", pb, &url, &etcd.url());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A pause longer than the lease (a stalled VM, a stop-the-world pause): b leads meanwhile.
+    signal(&a, "-STOP");
+    eventually(30, "hub b leads while a is paused", || async { listening(pb).then_some(()) }).await;
+    signal(&a, "-CONT");
+    // a wakes up, finds it no longer holds the lease, and stops acting: the process ends.
+    let woke = Instant::now();
+    let status = eventually(20, "hub a stops", || {
+        let done = a.child.try_wait().ok().flatten();
+        async move { done }
+    })
+    .await;
+    assert!(!status.success(), "a deposed leader exits with an error: {status:?}");
+    let log = std::fs::read_to_string(tmp.join("hub-a.log")).unwrap_or_default();
+    assert!(log.contains("lost the leadership lease"), "{log}");
+    eprintln!("the deposed leader stopped {:.1} s after it woke", woke.elapsed().as_secs_f64());
+    let mut operator = operator_client(&tmp.join("certs"), pb).await;
+    operator.list_clusters(ListClustersRequest::default()).await.expect("b serves");
+    a.kill();
+}
