@@ -142,6 +142,8 @@ async fn the_leader_dies_and_a_standby_serves_the_fleet_within_seconds() {
     );
     let _ = operator.list_clusters(ListClustersRequest::default()).await.expect("b answers operators");
     assert!(took_over < Duration::from_secs(10), "{took_over:?}");
+    let agent_log = std::fs::read_to_string(tmp.join("agent.log")).unwrap_or_default();
+    assert!(agent_log.contains("a new leading hub"), "the agent saw the new leader's higher epoch: {agent_log}");
 }
 
 /// `kill -SIG pid`.

@@ -50,12 +50,14 @@ fn now_ms() -> i64 {
 /// keeps enforcing the last desired state meanwhile.
 pub async fn run(cfg: AgentConfig, engine: EngineHandle, shutdown: CancellationToken) {
     let hubs = hub_urls(&cfg.hub);
+    // The highest leader epoch seen, across sessions and hubs.
+    let epoch = std::sync::atomic::AtomicU64::new(0);
     let mut backoff = Duration::from_millis(500);
     let mut next = fastrand::usize(0..hubs.len().max(1));
     loop {
         let started = tokio::time::Instant::now();
         let hub = hubs.get(next % hubs.len().max(1)).cloned().unwrap_or_else(|| cfg.hub.clone());
-        match session(&cfg, &hub, &engine, &shutdown).await {
+        match session(&cfg, &hub, &engine, &epoch, &shutdown).await {
             Ok(()) => return,
             Err(e) => warn!(%hub, error = %e, "session with the hub ended; the cluster keeps its last desired state"),
         }
@@ -77,6 +79,22 @@ pub async fn run(cfg: AgentConfig, engine: EngineHandle, shutdown: CancellationT
     }
 }
 
+/// Records a desired state's epoch, or refuses it: a lower epoch than one seen is a deposed leader's (its
+/// session ends; the agent moves to another hub).
+pub fn accept_epoch(seen: &std::sync::atomic::AtomicU64, epoch: u64) -> Result<(), String> {
+    let before = seen.fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
+    if epoch < before {
+        return Err(format!(
+            "the hub sent a desired state of epoch {epoch}, but a leader of epoch {before} has been seen: a deposed \
+             leader's state is never applied"
+        ));
+    }
+    if epoch > before && before > 0 {
+        info!(epoch, previous = before, "a new leading hub");
+    }
+    Ok(())
+}
+
 /// `https://a:7443,https://b:7443` → each hub replica's URL.
 pub fn hub_urls(list: &str) -> Vec<String> {
     list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_string).collect()
@@ -92,6 +110,7 @@ async fn session(
     cfg: &AgentConfig,
     hub: &str,
     engine: &EngineHandle,
+    epoch: &std::sync::atomic::AtomicU64,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let mut tls = ClientTlsConfig::new()
@@ -193,6 +212,7 @@ async fn session(
             m = inbound.message() => match m {
                 Ok(Some(pb::HubMessage { msg: Some(msg) })) => match msg {
                     pb::hub_message::Msg::Desired(d) => {
+                        accept_epoch(epoch, d.epoch)?;
                         // Chunks and bundles of digests the new state no longer wants are dropped.
                         chunks.retain(|digest, _| d.apps.iter().any(|a| &a.digest == digest));
                         bundles.retain(|digest, _| d.apps.iter().any(|a| &a.digest == digest));
@@ -242,5 +262,22 @@ async fn session(
             .collect();
         engine.set_desired(apps).await?;
         send(&tx, pb::agent_message::Msg::Ack(pb::Ack { seq: desired.seq })).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lower_epoch_is_refused_and_equal_or_higher_ones_are_taken() {
+        let seen = std::sync::atomic::AtomicU64::new(0);
+        assert!(accept_epoch(&seen, 0).is_ok(), "a single hub");
+        assert!(accept_epoch(&seen, 12).is_ok());
+        assert!(accept_epoch(&seen, 12).is_ok());
+        let e = accept_epoch(&seen, 7).unwrap_err();
+        assert!(e.contains("epoch 7") && e.contains("epoch 12"), "{e}");
+        assert!(accept_epoch(&seen, 30).is_ok());
+        assert_eq!(hub_urls(" https://a:1, ,https://b:2"), vec!["https://a:1", "https://b:2"]);
     }
 }

@@ -59,6 +59,8 @@ pub struct Options {
     pub tick: Option<Duration>,
     /// How often agents' observations are written (one transaction for all clusters).
     pub flush: Duration,
+    /// The leader's epoch (hub replicas: its election key's creation revision; 0 for a single hub).
+    pub epoch: u64,
 }
 
 impl Default for Options {
@@ -68,6 +70,7 @@ impl Default for Options {
             grace: DEFAULT_GRACE,
             tick: Some(Duration::from_secs(1)),
             flush: Duration::from_secs(1),
+            epoch: 0,
         }
     }
 }
@@ -92,6 +95,8 @@ pub struct Shared {
     pub started_ms: i64,
     pub grace_ms: i64,
     pub shutdown: CancellationToken,
+    /// The leader's epoch, sent with every desired state (0 for a single hub).
+    pub epoch: u64,
 }
 
 impl Shared {
@@ -159,6 +164,7 @@ impl Hub {
             clock: opts.clock.clone(),
             started_ms,
             grace_ms: opts.grace.as_millis() as i64,
+            epoch: opts.epoch,
             shutdown,
         });
         let (commands, rx) = mpsc::channel(64);

@@ -176,6 +176,7 @@ pub async fn run(
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut epoch = 0;
     let store: Arc<dyn Store> = match &cfg.store {
         StoreChoice::Embedded => Arc::new(crate::store::RedbStore::open(&cfg.data_dir.join("hub.redb"))?),
         #[cfg(feature = "etcd")]
@@ -185,6 +186,7 @@ pub async fn run(
             let Some(lead) = crate::leader::campaign(&client, &etcd.prefix, replica, *lease, &shutdown).await? else {
                 return Ok(());
             };
+            epoch = lead.fence.create_revision.max(0) as u64;
             let (e, fence) = (etcd.clone(), lead.fence.clone());
             let store = tokio::task::spawn_blocking(move || crate::etcd::EtcdStore::open(&e, Some(fence))).await??;
             // A leader that can no longer prove it leads stops at once; a standby takes over.
@@ -204,7 +206,7 @@ pub async fn run(
     };
     let follower =
         Follower::new(cfg.repo.clone(), cfg.branch.clone(), cfg.data_dir.join("repo.git")).with_auth(cfg.auth.clone());
-    let opts = Options { grace: cfg.grace, ..Options::default() };
+    let opts = Options { grace: cfg.grace, epoch, ..Options::default() };
     let hub = Hub::with_options(store, follower, shutdown.clone(), opts)?;
     let webhook = match &cfg.webhook {
         Some((addr, secret)) => {

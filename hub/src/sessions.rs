@@ -311,6 +311,7 @@ async fn send_loop(
                         seq,
                         revision: state.revision.clone(),
                         apps: msg,
+                        epoch: hub.shared.epoch,
                     }),
                 )
                 .await?;
