@@ -41,6 +41,26 @@ fn listening(port: u16) -> bool {
     TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
 }
 
+/// `flotilla hubs -o json` against the hub on `port`.
+fn hubs(tmp: &Path, port: u16) -> serde_json::Value {
+    let out = std::process::Command::new(binary("flotilla"))
+        .args(["hubs", "--hub", &format!("https://localhost:{port}"), "--operator", "alice", "--certs"])
+        .arg(tmp.join("certs"))
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn state_of(v: &serde_json::Value, name: &str) -> Option<(String, u64)> {
+    v["hubs"]
+        .as_array()?
+        .iter()
+        .find(|h| h["name"] == name)
+        .map(|h| (h["state"].as_str().unwrap_or_default().to_string(), h["sessions"].as_u64().unwrap_or(0)))
+}
+
 fn note(v: &str) -> String {
     format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: note}}\ndata: {{v: '{v}'}}\n")
 }
@@ -103,6 +123,13 @@ async fn the_leader_dies_and_a_standby_serves_the_fleet_within_seconds() {
         (flotilla_e2e::value(&client, "notes", "note", "v").await.as_deref() == Some("1")).then_some(())
     })
     .await;
+    let seen = eventually(20, "flotilla hubs shows a leading with the session, b standing by", || async {
+        let v = hubs(tmp, pa);
+        (state_of(&v, "a") == Some(("leading".into(), 1)) && state_of(&v, "b").is_some_and(|(s, _)| s == "standby"))
+            .then_some(v)
+    })
+    .await;
+    assert_eq!(seen["store"], "etcd");
     let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(client.clone(), "notes");
     let rv_before = api.get("note").await.unwrap().metadata.resource_version;
 
@@ -142,6 +169,11 @@ async fn the_leader_dies_and_a_standby_serves_the_fleet_within_seconds() {
     );
     let _ = operator.list_clusters(ListClustersRequest::default()).await.expect("b answers operators");
     assert!(took_over < Duration::from_secs(10), "{took_over:?}");
+    eventually(20, "flotilla hubs shows b leading with the session, a gone", || async {
+        let v = hubs(tmp, pb);
+        (state_of(&v, "b") == Some(("leading".into(), 1)) && state_of(&v, "a").is_none()).then_some(())
+    })
+    .await;
     let agent_log = std::fs::read_to_string(tmp.join("agent.log")).unwrap_or_default();
     assert!(agent_log.contains("a new leading hub"), "the agent saw the new leader's higher epoch: {agent_log}");
 }

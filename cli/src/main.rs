@@ -45,6 +45,11 @@ enum Command {
         #[command(flatten)]
         hub: HubFlags,
     },
+    /// The hub's replicas: which one leads since when, and each one's agent sessions.
+    Hubs {
+        #[command(flatten)]
+        hub: HubFlags,
+    },
     /// Run the whole path on this machine: certificates, a fleet repository, the hub, simulated clusters and
     /// their agents; then commit a change and watch it propagate.
     Demo {
@@ -278,6 +283,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("{} files of the fleet cannot be read at {to}", r.broken_files);
             }
             Ok(())
+        }
+        Command::Hubs { hub: h } => {
+            let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
+            view::hubs(&mut client, h.output).await
         }
         Command::Clusters { selector, problems, hub: h } => {
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;

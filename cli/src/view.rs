@@ -307,6 +307,45 @@ pub async fn clusters(
     Ok(())
 }
 
+/// The hub's replicas: which leads since when, each one's sessions.
+pub async fn hubs(client: &mut PlatformServiceClient<Channel>, out: Output) -> anyhow::Result<()> {
+    let r = client.list_hubs(flotilla_proto::platform::v1::ListHubsRequest {}).await.map_err(status_err)?.into_inner();
+    print!("{}", render_hubs(&r, out)?);
+    Ok(())
+}
+
+pub fn render_hubs(r: &flotilla_proto::platform::v1::ListHubsResponse, out: Output) -> anyhow::Result<String> {
+    if out != Output::Table {
+        let v = json!({
+            "store": r.store,
+            "hubs": r.hubs.iter().map(|h| json!({
+                "name": h.name, "address": h.address, "state": h.state, "leader": h.leader,
+                "leaderSinceUnixMs": h.leader_since_unix_ms, "sessions": h.sessions,
+                "startedUnixMs": h.started_unix_ms, "seenUnixMs": h.seen_unix_ms,
+            })).collect::<Vec<_>>(),
+        });
+        print(&v, out)?;
+        return Ok(String::new());
+    }
+    let mut s = format!(
+        "store: {}\n{:<24} {:<22} {:<9} {:<14} {:<9} {}\n",
+        r.store, "REPLICA", "ADDRESS", "STATE", "LEADS SINCE", "SESSIONS", "SEEN"
+    );
+    for h in &r.hubs {
+        let since = if h.leader { ago(h.leader_since_unix_ms) } else { "-".into() };
+        s.push_str(&format!(
+            "{:<24} {:<22} {:<9} {:<14} {:<9} {}\n",
+            h.name,
+            h.address,
+            h.state,
+            since,
+            h.sessions,
+            ago(h.seen_unix_ms)
+        ));
+    }
+    Ok(s)
+}
+
 pub async fn cluster(client: &mut PlatformServiceClient<Channel>, name: &str, out: Output) -> anyhow::Result<()> {
     let c = client.get_cluster(GetClusterRequest { name: name.to_string() }).await.map_err(status_err)?.into_inner();
     print!("{}", render_cluster(&c, out)?);

@@ -97,6 +97,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// The leader's epoch, sent with every desired state (0 for a single hub).
     pub epoch: u64,
+    /// The hub's replicas as last seen (`flotilla hubs`), and the store they share.
+    pub replicas: Mutex<(String, Vec<flotilla_proto::platform::v1::HubReplica>)>,
 }
 
 impl Shared {
@@ -165,6 +167,7 @@ impl Hub {
             started_ms,
             grace_ms: opts.grace.as_millis() as i64,
             epoch: opts.epoch,
+            replicas: Mutex::new(("embedded".into(), Vec::new())),
             shutdown,
         });
         let (commands, rx) = mpsc::channel(64);

@@ -134,3 +134,80 @@ async fn keep(
         }
     }
 }
+
+/// Keeps this replica's presence under `<prefix>/replicas/<name>` (its own lease: gone within the lease after
+/// the replica is), saying where it serves, since when, whether it leads and how many sessions it holds.
+#[allow(clippy::too_many_arguments)]
+pub async fn register(
+    mut client: Client,
+    prefix: String,
+    name: String,
+    address: String,
+    started_ms: i64,
+    ttl: Duration,
+    sessions: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    leading: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let key = format!("{prefix}/replicas/{name}");
+    let mut lease = None;
+    loop {
+        if lease.is_none() {
+            lease = client.lease_grant(ttl.as_secs().max(2) as i64, None).await.ok().map(|l| l.id());
+        }
+        if let Some(id) = lease {
+            let value = serde_json::json!({
+                "address": address,
+                "started": started_ms,
+                "sessions": sessions.load(std::sync::atomic::Ordering::Relaxed),
+                "leading": leading.load(std::sync::atomic::Ordering::SeqCst),
+                "seen": crate::hub::now_ms(),
+            });
+            let put = client.put(key.as_str(), value.to_string(), Some(PutOptions::new().with_lease(id))).await;
+            let kept = async {
+                let (mut k, mut s) = client.lease_keep_alive(id).await?;
+                k.keep_alive().await?;
+                Ok::<_, etcd_client::Error>(s.message().await?.is_some_and(|r| r.ttl() > 0))
+            };
+            if put.is_err() || !matches!(kept.await, Ok(true)) {
+                lease = None;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                if let Some(id) = lease {
+                    let _ = client.lease_revoke(id).await;
+                }
+                return;
+            }
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+    }
+}
+
+/// Every replica's presence, and who leads since when.
+pub async fn replicas(
+    mut client: Client,
+    prefix: &str,
+) -> Result<Vec<flotilla_proto::platform::v1::HubReplica>, etcd_client::Error> {
+    let leader = current(&mut client, prefix).await?;
+    let dir = format!("{prefix}/replicas/");
+    let resp = client.get(dir.as_str(), Some(etcd_client::GetOptions::new().with_prefix())).await?;
+    let mut out = Vec::new();
+    for kv in resp.kvs() {
+        let name = String::from_utf8_lossy(kv.key()).trim_start_matches(&dir).to_string();
+        let v: serde_json::Value = serde_json::from_slice(kv.value()).unwrap_or_default();
+        let is_leader = leader.as_ref().is_some_and(|(l, _)| *l == name);
+        out.push(flotilla_proto::platform::v1::HubReplica {
+            address: v["address"].as_str().unwrap_or_default().to_string(),
+            leader: is_leader,
+            leader_since_unix_ms: if is_leader { leader.as_ref().map_or(0, |(_, s)| *s) } else { 0 },
+            sessions: v["sessions"].as_u64().unwrap_or(0) as u32,
+            started_unix_ms: v["started"].as_i64().unwrap_or(0),
+            state: if is_leader { "leading" } else { "standby" }.into(),
+            seen_unix_ms: v["seen"].as_i64().unwrap_or(0),
+            name,
+        });
+    }
+    Ok(out)
+}

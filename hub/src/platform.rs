@@ -266,6 +266,12 @@ impl PlatformService for PlatformApi {
         }
     }
 
+    async fn list_hubs(&self, req: Request<api::ListHubsRequest>) -> Result<Response<api::ListHubsResponse>, Status> {
+        operator(&req)?;
+        let (store, hubs) = self.0.shared.replicas.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Ok(Response::new(api::ListHubsResponse { hubs, store }))
+    }
+
     async fn explain(&self, req: Request<api::ExplainRequest>) -> Result<Response<api::ExplainResponse>, Status> {
         operator(&req)?;
         let r = req.into_inner();

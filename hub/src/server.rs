@@ -177,11 +177,32 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut epoch = 0;
+    let started_ms = crate::hub::now_ms();
+    // What this replica tells the others (and `flotilla hubs`): its sessions, whether it leads.
+    let sessions_now = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    #[cfg(feature = "etcd")]
+    let mut replica_view: Option<(etcd_client::Client, String)> = None;
     let store: Arc<dyn Store> = match &cfg.store {
         StoreChoice::Embedded => Arc::new(crate::store::RedbStore::open(&cfg.data_dir.join("hub.redb"))?),
         #[cfg(feature = "etcd")]
         StoreChoice::Etcd { etcd, replica, lease } => {
             let client = etcd.connect().await?;
+            tokio::spawn(
+                crate::leader::register(
+                    client.clone(),
+                    etcd.prefix.clone(),
+                    replica.clone(),
+                    cfg.listen.to_string(),
+                    started_ms,
+                    *lease,
+                    sessions_now.clone(),
+                    leading.clone(),
+                    shutdown.clone(),
+                )
+                .instrument(tracing::info_span!("replica-presence")),
+            );
+            replica_view = Some((client.clone(), etcd.prefix.clone()));
             info!(%replica, prefix = %etcd.prefix, "campaigning to lead the hub replicas");
             let Some(lead) = crate::leader::campaign(&client, &etcd.prefix, replica, *lease, &shutdown).await? else {
                 return Ok(());
@@ -208,6 +229,47 @@ pub async fn run(
         Follower::new(cfg.repo.clone(), cfg.branch.clone(), cfg.data_dir.join("repo.git")).with_auth(cfg.auth.clone());
     let opts = Options { grace: cfg.grace, epoch, ..Options::default() };
     let hub = Hub::with_options(store, follower, shutdown.clone(), opts)?;
+    leading.store(true, std::sync::atomic::Ordering::SeqCst);
+    {
+        // The replicas' view, every 2 s: this hub's sessions, and (on etcd) every replica's word.
+        let (hub, sessions_now, stop) = (hub.clone(), sessions_now.clone(), shutdown.clone());
+        let address = cfg.listen.to_string();
+        #[cfg(feature = "etcd")]
+        let view = replica_view.take();
+        tokio::spawn(
+            async move {
+                loop {
+                    let n = hub.shared.sessions.present().len() as u32;
+                    sessions_now.store(n, std::sync::atomic::Ordering::Relaxed);
+                    let me = flotilla_proto::platform::v1::HubReplica {
+                        name: "this hub".into(),
+                        address: address.clone(),
+                        leader: true,
+                        leader_since_unix_ms: started_ms,
+                        sessions: n,
+                        started_unix_ms: started_ms,
+                        state: "leading".into(),
+                        seen_unix_ms: crate::hub::now_ms(),
+                    };
+                    #[allow(unused_mut)]
+                    let mut seen = ("embedded".to_string(), vec![me]);
+                    #[cfg(feature = "etcd")]
+                    if let Some((client, prefix)) = &view {
+                        match crate::leader::replicas(client.clone(), prefix).await {
+                            Ok(list) => seen = ("etcd".to_string(), list),
+                            Err(e) => warn!(error = %e, "reading the replicas from etcd failed"),
+                        }
+                    }
+                    *hub.shared.replicas.lock().unwrap_or_else(|p| p.into_inner()) = seen;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+            }
+            .instrument(tracing::debug_span!("replica-view")),
+        );
+    }
     let webhook = match &cfg.webhook {
         Some((addr, secret)) => {
             let l = tokio::net::TcpListener::bind(addr).await?;
