@@ -176,6 +176,7 @@ pub async fn run(
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    #[allow(unused_mut)]
     let mut epoch = 0;
     let started_ms = crate::hub::now_ms();
     // What this replica tells the others (and `flotilla hubs`): its sessions, whether it leads.
