@@ -10,6 +10,8 @@
 //! planning, sessions, the store), not the clusters'.
 //!
 //! `cargo bench -p flotilla-hub --bench rollout_scale` (release); `FLOTILLA_BENCH_SIZES=2000` for one size.
+//! With the hub's state on a real etcd (started here; Debian's etcd-server) and its size printed at the end:
+//! `FLOTILLA_BENCH_STORE=etcd cargo bench -p flotilla-hub --features etcd --bench rollout_scale`.
 
 use flotilla_proto::agent::v1 as pb;
 use flotilla_proto::agent::v1::agent_service_client::AgentServiceClient;
@@ -108,7 +110,7 @@ fn hub_child(dir: PathBuf, repo: String) {
             webhook: None,
             in_process: None,
             grace: flotilla_hub::hub::DEFAULT_GRACE,
-            store: Default::default(),
+            store: bench_store(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -123,6 +125,19 @@ fn hub_child(dir: PathBuf, repo: String) {
         shutdown.cancel();
         let _ = hub.await;
     });
+}
+
+/// The store the hub child uses: embedded, or the etcd `FLOTILLA_BENCH_ETCD` names.
+fn bench_store() -> flotilla_hub::server::StoreChoice {
+    #[cfg(feature = "etcd")]
+    if let Ok(url) = std::env::var("FLOTILLA_BENCH_ETCD") {
+        return flotilla_hub::server::StoreChoice::Etcd {
+            etcd: flotilla_hub::etcd::EtcdConfig::parse(&url, "/flotilla/bench", None).expect("etcd url"),
+            replica: "bench".into(),
+            lease: Duration::from_secs(10),
+        };
+    }
+    flotilla_hub::server::StoreChoice::Embedded
 }
 
 fn tls(certs: &Path, who: &str) -> ClientTlsConfig {
@@ -226,6 +241,10 @@ async fn complete(op: &mut PlatformServiceClient<Channel>, app: &str, revision: 
 }
 
 fn run(n: usize) {
+    let etcd = (std::env::var("FLOTILLA_BENCH_STORE").as_deref() == Ok("etcd")).then(|| {
+        assert!(cfg!(feature = "etcd"), "FLOTILLA_BENCH_STORE=etcd needs --features etcd");
+        flotilla_e2e::etcd::Etcd::start()
+    });
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().to_path_buf();
     let names: Vec<String> = (0..n).map(|i| format!("c-{i:05}")).collect();
@@ -261,6 +280,7 @@ fn run(n: usize) {
     git(&repo, &["commit", "-q", "-m", "nobody"]);
 
     let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .envs(etcd.as_ref().map(|e| ("FLOTILLA_BENCH_ETCD", e.url())))
         .env("FLOTILLA_BENCH_ROLE", "hub")
         .env("FLOTILLA_BENCH_DIR", &dir)
         .env("FLOTILLA_BENCH_REPO", format!("file://{}", repo.display()))
@@ -378,6 +398,19 @@ fn run(n: usize) {
     drop(child.stdin.take());
     let _ = child.wait();
     rt.shutdown_timeout(Duration::from_secs(1));
+    #[cfg(feature = "etcd")]
+    if let Some(e) = &etcd {
+        let cfg = flotilla_hub::etcd::EtcdConfig::parse(&e.url(), "/flotilla/bench", None).expect("etcd url");
+        let store = flotilla_hub::etcd::EtcdStore::open(&cfg, None).expect("etcd store");
+        let (keys, bytes) = store.size().expect("size");
+        let db = store.db_size().expect("db size");
+        println!(
+            "  etcd store after the rollouts: {keys} keys, {:.1} MiB of keys and values; etcd's database file {:.1} MiB (before compaction and defragmentation)",
+            bytes as f64 / (1 << 20) as f64,
+            db as f64 / (1 << 20) as f64
+        );
+    }
+    drop(etcd);
 }
 
 fn main() {

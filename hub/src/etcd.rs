@@ -434,6 +434,15 @@ impl EtcdStore {
         Ok(out)
     }
 
+    /// The size of etcd's database file (all prefixes, history included), as the member it asks reports it.
+    pub fn db_size(&self) -> Result<i64, StoreError> {
+        let mut m = self.client.maintenance_client();
+        let status = self
+            .run(async move { m.status().await })
+            .map_err(|e| StoreError::ReadFailed { key: "status".into(), source: boxed(e) })?;
+        Ok(status.db_size())
+    }
+
     /// Bytes stored under the prefix, and the number of keys: for the size benchmark.
     pub fn size(&self) -> Result<(usize, usize), StoreError> {
         let all = self.raw_scan(&format!("{}/", self.prefix))?;
