@@ -427,15 +427,33 @@ pub mod etcd {
     impl Etcd {
         /// Starts etcd with its data in a temporary directory and waits until it answers.
         pub fn start() -> Etcd {
+            Self::start_with(None)
+        }
+
+        /// Starts etcd serving TLS with the fleet's hub certificate and asking clients for a certificate of the
+        /// fleet's CA (`certs` as `flotilla certs` writes it).
+        pub fn start_tls(certs: &Path) -> Etcd {
+            Self::start_with(Some(certs))
+        }
+
+        fn start_with(certs: Option<&Path>) -> Etcd {
             let program =
                 ["etcd", "/usr/bin/etcd"].into_iter().find(|p| Command::new(p).arg("--version").output().is_ok());
             let program = program.expect("etcd is needed: apt-get install etcd-server (scripts/test.sh installs it)");
             let dir = tempfile::tempdir().expect("temp dir");
             let (client, peer) = (free_port(), free_port());
-            let c = format!("http://127.0.0.1:{client}");
+            let scheme = if certs.is_some() { "https" } else { "http" };
+            let c = format!("{scheme}://127.0.0.1:{client}");
             let p = format!("http://127.0.0.1:{peer}");
             let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
-            let child = Command::new(program)
+            let mut cmd = Command::new(program);
+            if let Some(certs) = certs {
+                cmd.arg("--cert-file").arg(certs.join("hub.pem"));
+                cmd.arg("--key-file").arg(certs.join("hub-key.pem"));
+                cmd.arg("--trusted-ca-file").arg(certs.join("ca.pem"));
+                cmd.arg("--client-cert-auth");
+            }
+            let child = cmd
                 .args(["--name", "t", "--data-dir"])
                 .arg(dir.path().join("data"))
                 .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])

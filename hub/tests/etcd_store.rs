@@ -143,4 +143,38 @@ mod on_etcd {
         stop_a.cancel();
         stop_b.cancel();
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_to_etcd_with_certificates_of_the_fleet_ca() {
+        let tmp = tempfile::tempdir().unwrap();
+        flotilla_e2e::issue_certs(tmp.path(), "c", "hub-etcd");
+        let certs = tmp.path().join("certs");
+        let etcd = flotilla_e2e::etcd::Etcd::start_tls(&certs);
+        let read = |f: &str| std::fs::read_to_string(certs.join(f)).unwrap();
+        let url = format!("etcds://127.0.0.1:{}", etcd.port);
+        let tls = flotilla_hub::etcd::EtcdTls {
+            ca_pem: read("ca.pem"),
+            cert_pem: Some(read("operators/hub-etcd.pem")),
+            key_pem: Some(read("operators/hub-etcd-key.pem")),
+        };
+        let with_cert = EtcdConfig::parse(&url, "/flotilla/tls", Some(tls.clone())).unwrap();
+        let without_cert = EtcdConfig::parse(
+            &url,
+            "/flotilla/tls",
+            Some(flotilla_hub::etcd::EtcdTls { cert_pem: None, key_pem: None, ..tls }),
+        )
+        .unwrap();
+        let plain = EtcdConfig::parse(&format!("etcd://127.0.0.1:{}", etcd.port), "/flotilla/tls", None).unwrap();
+        tokio::task::spawn_blocking(move || {
+            let s = EtcdStore::open(&with_cert, None).unwrap();
+            s.commit(Batch::default().put("a", "over TLS")).unwrap();
+            assert_eq!(s.get("a").unwrap().as_deref(), Some(&b"over TLS"[..]));
+            for (what, cfg) in [("no client certificate", without_cert), ("no TLS", plain)] {
+                let refused = EtcdStore::open(&cfg, None).and_then(|s| s.get("a"));
+                assert!(refused.is_err(), "{what}: {refused:?}");
+            }
+        })
+        .await
+        .unwrap();
+    }
 }
