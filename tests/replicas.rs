@@ -221,3 +221,110 @@ async fn a_leader_paused_past_its_lease_is_deposed_and_stops_when_it_wakes() {
     operator.list_clusters(ListClustersRequest::default()).await.expect("b serves");
     a.kill();
 }
+
+fn agent(tmp: &Path, name: &str, hub_port: u16) -> Proc {
+    let certs = tmp.join("certs");
+    let args: Vec<String> = vec![
+        "--hub".into(),
+        format!("https://localhost:{hub_port}"),
+        "--ca".into(),
+        certs.join("ca.pem").display().to_string(),
+        "--cert".into(),
+        certs.join("clusters/c.pem").display().to_string(),
+        "--key".into(),
+        certs.join("clusters/c-key.pem").display().to_string(),
+        "--kubeconfig".into(),
+        tmp.join("kc/c.kubeconfig").display().to_string(),
+        "--replica".into(),
+        name.into(),
+        "--lease-seconds".into(),
+        "3".into(),
+    ];
+    spawn("flotilla-agent", &args, &tmp.join(format!("agent-{name}.log")))
+}
+
+fn log(tmp: &Path, name: &str) -> String {
+    std::fs::read_to_string(tmp.join(format!("agent-{name}.log"))).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_of_one_cluster_one_active_and_a_standby_takes_over_without_reapplying() {
+    flotilla_common::install_crypto_provider();
+    let tmp_dir = tempfile::tempdir().unwrap();
+    let tmp = tmp_dir.path();
+    eprintln!("work directory (logs): {}", tmp.display());
+    issue_certs(tmp, "c", "alice");
+    let repo = tmp.join("fleet");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    commit(
+        &repo,
+        &[
+            ("clusters/c.yaml", Some("labels: {}\n")),
+            ("apps/notes/app.yaml", Some("namespace: notes\ntargets: [{selector: {}}]\n")),
+            ("apps/notes/cm.yaml", Some(&note("1"))),
+        ],
+        "first",
+    );
+    let sim_args: Vec<String> = ["--listen", "127.0.0.1:0", "--cluster", "c", "--kubeconfig-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([tmp.join("kc").display().to_string()])
+        .collect();
+    let _sim = spawn("flotilla-sim", &sim_args, &tmp.join("sim.log"));
+    eventually(20, "the simulator", || async { tmp.join("kc/server").exists().then_some(()) }).await;
+    let port = free_port();
+    let _hub = flotilla_e2e::start_hub(tmp, port, &format!("file://{}", repo.display()));
+    let mut agents = vec![agent(tmp, "agent-a", port)];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agents.push(agent(tmp, "agent-b", port));
+    let client = kube(&tmp.join("kc"), "c").await;
+    eventually(60, "applied by the active agent", || async {
+        (flotilla_e2e::value(&client, "notes", "note", "v").await.as_deref() == Some("1")).then_some(())
+    })
+    .await;
+    let (active, standby) = eventually(20, "one active agent and one standby", || async {
+        let (a, b) = (log(tmp, "agent-a"), log(tmp, "agent-b"));
+        let is_active = |l: &str| l.contains("this agent is the active one");
+        let is_standby = |l: &str| l.contains("standby: another agent of this cluster is active");
+        match (is_active(&a), is_active(&b)) {
+            (true, false) if is_standby(&b) => Some((0, 1)),
+            (false, true) if is_standby(&a) => Some((1, 0)),
+            _ => None,
+        }
+    })
+    .await;
+    let names = ["agent-a", "agent-b"];
+    let mut operator = operator_client(&tmp.join("certs"), port).await;
+    let view = operator.list_clusters(ListClustersRequest::default()).await.unwrap().into_inner();
+    assert!(view.clusters[0].connected, "one session, the active agent's");
+    assert!(!log(tmp, names[standby]).contains("connected to the hub"), "the standby holds no hub session");
+    let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(client.clone(), "notes");
+    let rv_before = api.get("note").await.unwrap().metadata.resource_version;
+
+    // The active agent's pod dies.
+    let killed = Instant::now();
+    agents[active].kill();
+    eventually(30, "the standby takes over", || async {
+        log(tmp, names[standby]).contains("this agent is the active one").then_some(())
+    })
+    .await;
+    let took_over = killed.elapsed();
+    eventually(30, "the new active agent connects to the hub", || async {
+        log(tmp, names[standby]).contains("connected to the hub").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(api.get("note").await.unwrap().metadata.resource_version, rv_before, "nothing re-applied");
+    commit(&repo, &[("apps/notes/cm.yaml", Some(&note("2")))], "second");
+    eventually(60, "the next commit applied by the new active agent", || async {
+        (flotilla_e2e::value(&client, "notes", "note", "v").await.as_deref() == Some("2")).then_some(())
+    })
+    .await;
+    eprintln!(
+        "agent fail-over: the standby was active {:.1} s after the active agent was killed (lease 3 s); the next \
+         commit was applied {:.1} s after the kill",
+        took_over.as_secs_f64(),
+        killed.elapsed().as_secs_f64()
+    );
+}

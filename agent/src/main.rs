@@ -6,6 +6,7 @@ use flotilla_agent::apply::Applier;
 use flotilla_agent::engine::{start, EngineConfig};
 use flotilla_agent::session::{run, AgentConfig};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(name = "flotilla-agent", version, about = "Flotilla agent")]
@@ -34,6 +35,13 @@ struct Args {
     /// Most API calls in flight at once.
     #[arg(long, env = "FLOTILLA_AGENT_CONCURRENCY", default_value_t = 8)]
     concurrency: usize,
+    /// Run as one of several agents of this cluster (a Deployment with replicas, a DaemonSet): this agent's
+    /// name (the pod's); the one holding the `flotilla-agent` Lease in the state namespace is active.
+    #[arg(long, env = "FLOTILLA_AGENT_REPLICA")]
+    replica: Option<String>,
+    /// Seconds of the agents' Lease: a standby takes over when the active agent has not renewed it for this long.
+    #[arg(long, env = "FLOTILLA_AGENT_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
 }
 
 #[tokio::main]
@@ -61,9 +69,34 @@ async fn main() -> anyhow::Result<()> {
     let client = flotilla_agent::kube_client::client(kube_cfg)?;
     let shutdown = flotilla_common::process::shutdown_on_signal();
     let applier = std::sync::Arc::new(Applier::with_concurrency(client, args.concurrency));
+    let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(identity) = args.replica.clone() {
+        // Only the active agent applies and talks to the hub; a standby waits for the Lease.
+        let lease = flotilla_agent::lease::LeaseConfig {
+            namespace: args.state_namespace.clone(),
+            identity,
+            duration: Duration::from_secs(args.lease_seconds.max(2)),
+        };
+        flotilla_agent::state::StateStore::new(applier.client(), &args.state_namespace)
+            .ensure_namespace(applier.client())
+            .await
+            .context("creating the state namespace")?;
+        let Some(held) = flotilla_agent::lease::acquire(applier.client(), lease, shutdown.clone()).await else {
+            return Ok(());
+        };
+        let (stop, flag) = (shutdown.clone(), lost.clone());
+        tokio::spawn(async move {
+            held.lost.cancelled().await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            stop.cancel();
+        });
+    }
     let engine_cfg = EngineConfig { state_namespace: args.state_namespace, ..EngineConfig::default() };
     // The state kept in the cluster is enforced before (and without) any hub.
     let engine = start(applier, engine_cfg, shutdown.clone()).await.context("starting the engine")?;
     run(cfg, engine, shutdown).await;
+    if lost.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!("this agent lost the agents' Lease and stopped (another agent of the cluster is active)");
+    }
     Ok(())
 }
