@@ -52,6 +52,13 @@ impl PlatformService for WhoAmI {
     ) -> Result<Response<flotilla_proto::platform::v1::ExplainResponse>, Status> {
         Err(Status::unimplemented("not part of this test"))
     }
+
+    async fn list_hubs(
+        &self,
+        _: Request<flotilla_proto::platform::v1::ListHubsRequest>,
+    ) -> Result<Response<flotilla_proto::platform::v1::ListHubsResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
 }
 
 async fn serve(ca: &FleetCa) -> (String, tokio::sync::oneshot::Sender<()>) {

@@ -242,7 +242,9 @@ async fn complete(op: &mut PlatformServiceClient<Channel>, app: &str, revision: 
 
 fn run(n: usize) {
     let etcd = (std::env::var("FLOTILLA_BENCH_STORE").as_deref() == Ok("etcd")).then(|| {
-        assert!(cfg!(feature = "etcd"), "FLOTILLA_BENCH_STORE=etcd needs --features etcd");
+        if !cfg!(feature = "etcd") {
+            panic!("FLOTILLA_BENCH_STORE=etcd needs --features etcd");
+        }
         flotilla_e2e::etcd::Etcd::start()
     });
     let tmp = tempfile::tempdir().expect("tempdir");
