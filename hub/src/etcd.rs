@@ -102,6 +102,9 @@ pub struct EtcdStore {
     fence: Option<Fence>,
     /// Taken on drop (shut down in the background: the store may be dropped on an async thread).
     rt: Option<tokio::runtime::Runtime>,
+    /// Commits and garbage collection one at a time: a collection never sees chunks whose pointer is not
+    /// written yet.
+    writing: std::sync::Mutex<()>,
 }
 
 impl Drop for EtcdStore {
@@ -169,7 +172,7 @@ impl EtcdStore {
         let c = cfg.clone();
         let client = Self::wait(&rt, async move { c.connect().await })
             .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: boxed(e) })?;
-        let store = EtcdStore { client, prefix: cfg.prefix.clone(), fence, rt: Some(rt) };
+        let store = EtcdStore { client, prefix: cfg.prefix.clone(), fence, rt: Some(rt), writing: Default::default() };
         store
             .roll_forward()
             .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: Box::new(e) })?;
@@ -187,7 +190,7 @@ impl EtcdStore {
         let c = cfg.clone();
         let client = Self::wait(&rt, async move { c.connect().await })
             .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: boxed(e) })?;
-        Ok(EtcdStore { client, prefix: cfg.prefix.clone(), fence: None, rt: Some(rt) })
+        Ok(EtcdStore { client, prefix: cfg.prefix.clone(), fence: None, rt: Some(rt), writing: Default::default() })
     }
 
     /// Whether a batch is being applied (or was left half-applied).
@@ -376,6 +379,7 @@ impl EtcdStore {
 
     /// Chunks no key points at any more (left by overwritten or deleted chunked values): deleted.
     pub fn collect_garbage(&self) -> Result<usize, StoreError> {
+        let _one_at_a_time = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let live: std::collections::HashSet<String> = self
             .raw_scan(&format!("{}/k/", self.prefix))?
             .into_iter()
@@ -483,6 +487,7 @@ impl Store for EtcdStore {
     }
 
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let _one_at_a_time = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let ops = batch.0;
         // Bytes the keys' own transaction carries (values over MAX_VALUE become small pointers).
         let inline: usize = ops

@@ -223,7 +223,24 @@ pub async fn run(
                     _ = stop.cancelled() => {}
                 }
             });
-            Arc::new(store)
+            let store = Arc::new(store);
+            // Chunks of values overwritten or deleted (bundles no state references any more), every 5 minutes.
+            let (gc, stop) = (store.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(300)) => {}
+                    }
+                    let g = gc.clone();
+                    match tokio::task::spawn_blocking(move || g.collect_garbage()).await {
+                        Ok(Ok(n)) if n > 0 => info!(values = n, "collected the chunks of values no key holds any more"),
+                        Ok(Err(e)) => warn!(error = %crate::hub::error_chain(&e), "collecting unused chunks failed"),
+                        _ => {}
+                    }
+                }
+            });
+            store
         }
     };
     let follower =
