@@ -2,7 +2,7 @@
 //! that knows both. The leader is killed: the standby leads within the lease, restores the fleet's state from
 //! etcd, the agent moves to it and re-applies nothing, and the next commit reaches the cluster.
 
-use flotilla_e2e::{binary, commit, eventually, free_port, git, issue_certs, kube, operator_client, spawn, Proc};
+use flotilla_e2e::{binary, commit, eventually, free_port, issue_certs, kube, operator_client, spawn, Proc};
 use flotilla_proto::platform::v1::ListClustersRequest;
 use std::net::TcpStream;
 use std::path::Path;
@@ -61,6 +61,19 @@ fn state_of(v: &serde_json::Value, name: &str) -> Option<(String, u64)> {
         .map(|h| (h["state"].as_str().unwrap_or_default().to_string(), h["sessions"].as_u64().unwrap_or(0)))
 }
 
+/// A fleet of one cluster `c` and one app `notes` (a ConfigMap `note`, v: 1).
+fn notes_repo(tmp: &Path) -> std::path::PathBuf {
+    let first = note("1");
+    flotilla_e2e::fleet_repo_with(
+        tmp,
+        &[
+            ("clusters/c.yaml", Some("labels: {}\n")),
+            ("apps/notes/app.yaml", Some("namespace: notes\ntargets: [{selector: {}}]\n")),
+            ("apps/notes/cm.yaml", Some(&first)),
+        ],
+    )
+}
+
 fn note(v: &str) -> String {
     format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: note}}\ndata: {{v: '{v}'}}\n")
 }
@@ -74,26 +87,9 @@ async fn the_leader_dies_and_a_standby_serves_the_fleet_within_seconds() {
     eprintln!("work directory (logs): {}", tmp.display());
     let etcd = flotilla_e2e::etcd::Etcd::start();
     issue_certs(tmp, "c", "alice");
-    let repo = tmp.join("fleet");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    commit(
-        &repo,
-        &[
-            ("clusters/c.yaml", Some("labels: {}\n")),
-            ("apps/notes/app.yaml", Some("namespace: notes\ntargets: [{selector: {}}]\n")),
-            ("apps/notes/cm.yaml", Some(&note("1"))),
-        ],
-        "first",
-    );
+    let repo = notes_repo(tmp);
     let url = format!("file://{}", repo.display());
-    let sim_args: Vec<String> = ["--listen", "127.0.0.1:0", "--cluster", "c", "--kubeconfig-dir"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([tmp.join("kc").display().to_string()])
-        .collect();
-    let _sim = spawn("flotilla-sim", &sim_args, &tmp.join("sim.log"));
-    eventually(20, "the simulator", || async { tmp.join("kc/server").exists().then_some(()) }).await;
+    let _sim = flotilla_e2e::start_sim(tmp, "c");
 
     let (pa, pb) = (free_port(), free_port());
     let mut a = hub(tmp, "a", pa, &url, &etcd.url());
@@ -105,19 +101,8 @@ async fn the_leader_dies_and_a_standby_serves_the_fleet_within_seconds() {
     assert!(log_b.contains("standby: another replica leads"), "{log_b}");
 
     let certs = tmp.join("certs");
-    let agent_args: Vec<String> = vec![
-        "--hub".into(),
-        format!("https://localhost:{pa},https://localhost:{pb}"),
-        "--ca".into(),
-        certs.join("ca.pem").display().to_string(),
-        "--cert".into(),
-        certs.join("clusters/c.pem").display().to_string(),
-        "--key".into(),
-        certs.join("clusters/c-key.pem").display().to_string(),
-        "--kubeconfig".into(),
-        tmp.join("kc/c.kubeconfig").display().to_string(),
-    ];
-    let _agent = spawn("flotilla-agent", &agent_args, &tmp.join("agent.log"));
+    let both = format!("https://localhost:{pa},https://localhost:{pb}");
+    let _agent = flotilla_e2e::start_agent_with(tmp, &both, "c", "c", &[], "");
     let client = kube(&tmp.join("kc"), "c").await;
     eventually(60, "the first commit applied through hub a", || async {
         (flotilla_e2e::value(&client, "notes", "note", "v").await.as_deref() == Some("1")).then_some(())
@@ -174,7 +159,7 @@ async fn the_leader_dies_and_a_standby_serves_the_fleet_within_seconds() {
         (state_of(&v, "b") == Some(("leading".into(), 1)) && state_of(&v, "a").is_none()).then_some(())
     })
     .await;
-    let agent_log = std::fs::read_to_string(tmp.join("agent.log")).unwrap_or_default();
+    let agent_log = std::fs::read_to_string(tmp.join("agent-c-as-c.log")).unwrap_or_default();
     assert!(agent_log.contains("a new leading hub"), "the agent saw the new leader's higher epoch: {agent_log}");
 }
 
@@ -192,10 +177,7 @@ async fn a_leader_paused_past_its_lease_is_deposed_and_stops_when_it_wakes() {
     eprintln!("work directory (logs): {}", tmp.display());
     let etcd = flotilla_e2e::etcd::Etcd::start();
     issue_certs(tmp, "c", "alice");
-    let repo = tmp.join("fleet");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    commit(&repo, &[("clusters/c.yaml", Some("labels: {}\n"))], "first");
+    let repo = flotilla_e2e::fleet_repo_with(tmp, &[("clusters/c.yaml", Some("labels: {}\n"))]);
     let url = format!("file://{}", repo.display());
     let (pa, pb) = (free_port(), free_port());
     let mut a = hub(tmp, "a", pa, &url, &etcd.url());
@@ -223,28 +205,19 @@ async fn a_leader_paused_past_its_lease_is_deposed_and_stops_when_it_wakes() {
 }
 
 fn agent(tmp: &Path, name: &str, hub_port: u16) -> Proc {
-    let certs = tmp.join("certs");
-    let args: Vec<String> = vec![
-        "--hub".into(),
-        format!("https://localhost:{hub_port}"),
-        "--ca".into(),
-        certs.join("ca.pem").display().to_string(),
-        "--cert".into(),
-        certs.join("clusters/c.pem").display().to_string(),
-        "--key".into(),
-        certs.join("clusters/c-key.pem").display().to_string(),
-        "--kubeconfig".into(),
-        tmp.join("kc/c.kubeconfig").display().to_string(),
-        "--replica".into(),
-        name.into(),
-        "--lease-seconds".into(),
-        "3".into(),
-    ];
-    spawn("flotilla-agent", &args, &tmp.join(format!("agent-{name}.log")))
+    let hub = format!("https://localhost:{hub_port}");
+    flotilla_e2e::start_agent_with(
+        tmp,
+        &hub,
+        "c",
+        "c",
+        &["--replica", name, "--lease-seconds", "3"],
+        &format!("-{name}"),
+    )
 }
 
 fn log(tmp: &Path, name: &str) -> String {
-    std::fs::read_to_string(tmp.join(format!("agent-{name}.log"))).unwrap_or_default()
+    std::fs::read_to_string(tmp.join(format!("agent-c-as-c-{name}.log"))).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,25 +227,8 @@ async fn two_agents_of_one_cluster_one_active_and_a_standby_takes_over_without_r
     let tmp = tmp_dir.path();
     eprintln!("work directory (logs): {}", tmp.display());
     issue_certs(tmp, "c", "alice");
-    let repo = tmp.join("fleet");
-    std::fs::create_dir_all(&repo).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    commit(
-        &repo,
-        &[
-            ("clusters/c.yaml", Some("labels: {}\n")),
-            ("apps/notes/app.yaml", Some("namespace: notes\ntargets: [{selector: {}}]\n")),
-            ("apps/notes/cm.yaml", Some(&note("1"))),
-        ],
-        "first",
-    );
-    let sim_args: Vec<String> = ["--listen", "127.0.0.1:0", "--cluster", "c", "--kubeconfig-dir"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([tmp.join("kc").display().to_string()])
-        .collect();
-    let _sim = spawn("flotilla-sim", &sim_args, &tmp.join("sim.log"));
-    eventually(20, "the simulator", || async { tmp.join("kc/server").exists().then_some(()) }).await;
+    let repo = notes_repo(tmp);
+    let _sim = flotilla_e2e::start_sim(tmp, "c");
     let port = free_port();
     let _hub = flotilla_e2e::start_hub(tmp, port, &format!("file://{}", repo.display()));
     let mut agents = vec![agent(tmp, "agent-a", port)];

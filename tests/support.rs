@@ -198,10 +198,16 @@ pub fn start_hub_with(tmp: &Path, port: u16, repo_url: &str, extra: &[String]) -
 }
 
 pub fn start_agent(tmp: &Path, hub_port: u16, cluster: &str, cert_name: &str) -> Proc {
+    start_agent_with(tmp, &format!("https://localhost:{hub_port}"), cluster, cert_name, &[], "")
+}
+
+/// An agent of `cluster` with `cert_name`'s certificate for the hubs `hubs` (comma-separated URLs), more
+/// arguments, its log at `tmp/agent-<cluster>-as-<cert_name><tag>.log`.
+pub fn start_agent_with(tmp: &Path, hubs: &str, cluster: &str, cert_name: &str, extra: &[&str], tag: &str) -> Proc {
     let certs = tmp.join("certs");
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "--hub".into(),
-        format!("https://localhost:{hub_port}"),
+        hubs.into(),
         "--ca".into(),
         certs.join("ca.pem").display().to_string(),
         "--cert".into(),
@@ -211,7 +217,33 @@ pub fn start_agent(tmp: &Path, hub_port: u16, cluster: &str, cert_name: &str) ->
         "--kubeconfig".into(),
         tmp.join("kc").join(format!("{cluster}.kubeconfig")).display().to_string(),
     ];
-    spawn("flotilla-agent", &args, &tmp.join(format!("agent-{cluster}-as-{cert_name}.log")))
+    args.extend(extra.iter().map(|a| a.to_string()));
+    spawn("flotilla-agent", &args, &tmp.join(format!("agent-{cluster}-as-{cert_name}{tag}.log")))
+}
+
+/// The simulator serving `clusters` (comma-separated), kubeconfigs in `tmp/kc`; returns once it serves.
+pub fn start_sim(tmp: &Path, clusters: &str) -> Proc {
+    let args: Vec<String> = ["--listen", "127.0.0.1:0", "--cluster", clusters, "--kubeconfig-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([tmp.join("kc").display().to_string()])
+        .collect();
+    let p = spawn("flotilla-sim", &args, &tmp.join("sim.log"));
+    let end = Instant::now() + Duration::from_secs(20);
+    while !tmp.join("kc/server").exists() {
+        assert!(Instant::now() < end, "the simulator did not start: {}", tmp.join("sim.log").display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+/// A fleet repository at `tmp/fleet` (branch main) with one commit of `files`.
+pub fn fleet_repo_with(tmp: &Path, files: &[(&str, Option<&str>)]) -> PathBuf {
+    let repo = tmp.join("fleet");
+    std::fs::create_dir_all(&repo).expect("repo dir");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    commit(&repo, files, "first");
+    repo
 }
 
 /// Polls `f` every 100 ms for at most `secs` seconds.

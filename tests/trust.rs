@@ -209,13 +209,7 @@ async fn a_drifted_secret_shows_nowhere_and_a_webhook_flood_stops_nothing() {
         ],
         "first",
     );
-    let sim_args: Vec<String> = ["--listen", "127.0.0.1:0", "--cluster", "c", "--kubeconfig-dir"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([tmp.join("kc").display().to_string()])
-        .collect();
-    let _sim = flotilla_e2e::spawn("flotilla-sim", &sim_args, &tmp.join("sim.log"));
-    eventually(20, "the simulator", || async { tmp.join("kc/server").exists().then_some(()) }).await;
+    let _sim = flotilla_e2e::start_sim(tmp, "c");
     let (port, hook) = (free_port(), free_port());
     let hook_args = vec!["--webhook-listen".to_string(), format!("127.0.0.1:{hook}")];
     let _hub = flotilla_e2e::start_hub_with(tmp, port, &format!("file://{}", repo.display()), &hook_args);

@@ -163,16 +163,7 @@ impl EtcdStore {
     /// Opens the store; `fence`: writes succeed only while that election key is the one it names (None: a
     /// single writer with no election, for tests and tools). A pending journal is rolled forward first.
     pub fn open(cfg: &EtcdConfig, fence: Option<Fence>) -> Result<EtcdStore, StoreError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("etcd-store")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: boxed(e) })?;
-        let c = cfg.clone();
-        let client = Self::wait(&rt, async move { c.connect().await })
-            .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: boxed(e) })?;
-        let store = EtcdStore { client, prefix: cfg.prefix.clone(), fence, rt: Some(rt), writing: Default::default() };
+        let store = Self::connected(cfg, fence)?;
         store
             .roll_forward()
             .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: Box::new(e) })?;
@@ -182,15 +173,23 @@ impl EtcdStore {
     /// Opens the store without rolling a pending journal forward (a reader, for tests of what readers see).
     #[doc(hidden)]
     pub fn open_without_recovery(cfg: &EtcdConfig) -> Result<EtcdStore, StoreError> {
+        Self::connected(cfg, None)
+    }
+
+    fn connected(cfg: &EtcdConfig, fence: Option<Fence>) -> Result<EtcdStore, StoreError> {
+        let failed = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::OpenFailed {
+            path: cfg.endpoints.join(","),
+            source: e,
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(2)
+            .thread_name("etcd-store")
             .enable_all()
             .build()
-            .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: boxed(e) })?;
+            .map_err(|e| failed(boxed(e)))?;
         let c = cfg.clone();
-        let client = Self::wait(&rt, async move { c.connect().await })
-            .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: boxed(e) })?;
-        Ok(EtcdStore { client, prefix: cfg.prefix.clone(), fence: None, rt: Some(rt), writing: Default::default() })
+        let client = Self::wait(&rt, async move { c.connect().await }).map_err(|e| failed(boxed(e)))?;
+        Ok(EtcdStore { client, prefix: cfg.prefix.clone(), fence, rt: Some(rt), writing: Default::default() })
     }
 
     /// Whether a batch is being applied (or was left half-applied).
