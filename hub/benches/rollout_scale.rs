@@ -162,7 +162,14 @@ async fn agent(port: u16, certs: PathBuf, cluster: String, chatty: Arc<AtomicBoo
         }
     };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let _ = tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(pb::Hello { protocol: flotilla_hub::report::MIN_AGENT_PROTOCOL, ..Default::default() })) }).await;
+    let _ = tx
+        .send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                protocol: flotilla_hub::report::MIN_AGENT_PROTOCOL,
+                ..Default::default()
+            })),
+        })
+        .await;
     let Ok(resp) = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await else { return };
     let mut inbound = resp.into_inner();
     let mut apps: BTreeMap<String, (String, String)> = BTreeMap::new();
