@@ -202,6 +202,20 @@ async fn a_leader_paused_past_its_lease_is_deposed_and_stops_when_it_wakes() {
     let mut operator = operator_client(&tmp.join("certs"), pb).await;
     operator.list_clusters(ListClustersRequest::default()).await.expect("b serves");
     a.kill();
+
+    // A leader stopped gracefully gives its lease back: a standby leads at once, well inside the lease.
+    let pc = free_port();
+    let _c = hub(tmp, "c", pc, &url, &etcd.url());
+    eventually(20, "hub c stands by", || async {
+        std::fs::read_to_string(tmp.join("hub-c.log")).unwrap_or_default().contains("standby").then_some(())
+    })
+    .await;
+    let stopped = Instant::now();
+    signal(&_b, "-TERM");
+    eventually(10, "hub c leads", || async { listening(pc).then_some(()) }).await;
+    let handed_over = stopped.elapsed();
+    eprintln!("a graceful stop handed over in {:.1} s (lease 3 s)", handed_over.as_secs_f64());
+    assert!(handed_over < Duration::from_millis(2500), "{handed_over:?}");
 }
 
 fn agent(tmp: &Path, name: &str, hub_port: u16) -> Proc {

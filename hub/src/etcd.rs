@@ -105,7 +105,14 @@ pub struct EtcdStore {
     /// Commits and garbage collection one at a time: a collection never sees chunks whose pointer is not
     /// written yet.
     writing: std::sync::Mutex<()>,
+    /// Soft state (agents' reports, rewritten every second) not written yet: visible to reads at once, written
+    /// with the next immediate batch or after [`SOFT_WRITE_EVERY`] (the `Durability::Soft` contract), so
+    /// 10,000 agents reporting every second do not write etcd 10,000 times a second.
+    soft: std::sync::Mutex<(BTreeMap<String, Option<Vec<u8>>>, Option<std::time::Instant>)>,
 }
+
+/// How long soft state may wait for an immediate batch before it is written on its own.
+pub const SOFT_WRITE_EVERY: Duration = Duration::from_secs(30);
 
 impl Drop for EtcdStore {
     fn drop(&mut self) {
@@ -189,7 +196,14 @@ impl EtcdStore {
             .map_err(|e| failed(boxed(e)))?;
         let c = cfg.clone();
         let client = Self::wait(&rt, async move { c.connect().await }).map_err(|e| failed(boxed(e)))?;
-        Ok(EtcdStore { client, prefix: cfg.prefix.clone(), fence, rt: Some(rt), writing: Default::default() })
+        Ok(EtcdStore {
+            client,
+            prefix: cfg.prefix.clone(),
+            fence,
+            rt: Some(rt),
+            writing: Default::default(),
+            soft: Default::default(),
+        })
     }
 
     /// Whether a batch is being applied (or was left half-applied).
@@ -455,6 +469,9 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.soft.lock().unwrap_or_else(|p| p.into_inner()).0.get(key) {
+            return Ok(v.clone());
+        }
         if let Some(v) = self.overlay(key)?.remove(key) {
             return Ok(v);
         }
@@ -476,7 +493,16 @@ impl Store for EtcdStore {
             let key = k.strip_prefix(&strip).unwrap_or(&k).to_string();
             out.insert(key, self.resolve(v)?);
         }
-        for (k, v) in self.overlay(prefix)? {
+        let soft: Vec<(String, Option<Vec<u8>>)> = {
+            let buffered = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+            buffered
+                .0
+                .range(prefix.to_string()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        for (k, v) in self.overlay(prefix)?.into_iter().chain(soft) {
             match v {
                 Some(v) => out.insert(k, v),
                 None => out.remove(&k),
@@ -487,7 +513,50 @@ impl Store for EtcdStore {
 
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         let _one_at_a_time = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        let ops = batch.0;
+        let ops = {
+            let mut soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+            let is_soft = batch.1 == crate::store::Durability::Soft;
+            let mut own = batch.0;
+            if is_soft {
+                for op in std::mem::take(&mut own) {
+                    match op {
+                        Op::Put(k, v) => soft.0.insert(k, Some(v)),
+                        Op::Delete(k) => soft.0.insert(k, None),
+                    };
+                }
+                let since = *soft.1.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() < SOFT_WRITE_EVERY {
+                    return Ok(());
+                }
+            }
+            // The soft state waiting goes first; this batch's own operations win over it.
+            let mut ops: Vec<Op> = std::mem::take(&mut soft.0)
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Some(v) => Op::Put(k, v),
+                    None => Op::Delete(k),
+                })
+                .collect();
+            soft.1 = None;
+            ops.extend(own);
+            ops
+        };
+        let written = self.write_ops(&ops);
+        if written.is_err() {
+            // Kept for the next attempt (the hub's state still has it).
+            let mut soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
+            for op in &ops {
+                if let Op::Put(k, v) = op {
+                    soft.0.entry(k.clone()).or_insert_with(|| Some(v.clone()));
+                }
+            }
+        }
+        written
+    }
+}
+
+impl EtcdStore {
+    fn write_ops(&self, ops: &[Op]) -> Result<(), StoreError> {
         // Bytes the keys' own transaction carries (values over MAX_VALUE become small pointers).
         let inline: usize = ops
             .iter()
@@ -498,11 +567,11 @@ impl Store for EtcdStore {
             .sum();
         if ops.len() <= MAX_TXN_OPS && inline <= MAX_VALUE {
             // One transaction: atomic by itself (large values' chunks are written first).
-            return self.apply(&ops);
+            return self.apply(ops);
         }
         // The journal: immutable parts, then the flip that makes the batch visible, then the keys.
-        let seq = self.write_journal(&ops)?;
-        self.apply(&ops)?;
+        let seq = self.write_journal(ops)?;
+        self.apply(ops)?;
         self.finish_journal(&seq)
     }
 }

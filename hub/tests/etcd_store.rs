@@ -177,4 +177,30 @@ mod on_etcd {
         .await
         .unwrap();
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn soft_state_is_read_at_once_and_written_with_the_next_immediate_batch() {
+        let etcd = flotilla_e2e::etcd::Etcd::start();
+        let cfg = EtcdConfig::parse(&etcd.url(), "/flotilla/s", None).unwrap();
+        tokio::task::spawn_blocking(move || {
+            let writer = EtcdStore::open(&cfg, None).unwrap();
+            let other = EtcdStore::open(&cfg, None).unwrap();
+            let mut reports = Batch::default();
+            for i in 0..10_000 {
+                reports = reports.put(format!("reports/c-{i:05}"), "healthy");
+            }
+            let started = Instant::now();
+            writer.commit(reports.soft()).unwrap();
+            eprintln!("10,000 reports taken as soft state in {:.3} s", started.elapsed().as_secs_f64());
+            assert_eq!(writer.keys("reports/").unwrap().len(), 10_000, "read at once by the writer");
+            assert_eq!(writer.get("reports/c-00007").unwrap().as_deref(), Some(&b"healthy"[..]));
+            assert!(other.keys("reports/").unwrap().is_empty(), "not in etcd yet");
+            writer.commit(Batch::default().put("desired/c-00007", "d1").delete("reports/c-00009")).unwrap();
+            assert_eq!(other.keys("reports/").unwrap().len(), 9_999, "written with the next immediate batch");
+            assert_eq!(other.get("desired/c-00007").unwrap().as_deref(), Some(&b"d1"[..]));
+            assert_eq!(writer.get("reports/c-00009").unwrap(), None, "the batch's own operations win");
+        })
+        .await
+        .unwrap();
+    }
 }
