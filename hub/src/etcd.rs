@@ -108,8 +108,11 @@ pub struct EtcdStore {
     /// Soft state (agents' reports, rewritten every second) not written yet: visible to reads at once, written
     /// with the next immediate batch or after [`SOFT_WRITE_EVERY`] (the `Durability::Soft` contract), so
     /// 10,000 agents reporting every second do not write etcd 10,000 times a second.
-    soft: std::sync::Mutex<(BTreeMap<String, Option<Vec<u8>>>, Option<std::time::Instant>)>,
+    soft: std::sync::Mutex<(Pending, Option<std::time::Instant>)>,
 }
+
+/// Operations waiting to be written: key → the value to put, or None to delete.
+type Pending = BTreeMap<String, Option<Vec<u8>>>;
 
 /// How long soft state may wait for an immediate batch before it is written on its own.
 pub const SOFT_WRITE_EVERY: Duration = Duration::from_secs(30);
