@@ -2,27 +2,17 @@
 //! unless the fleet allows them, a YAML alias bomb ends at the memory limit, output is capped, and shared
 //! bases are part of the content address of every app that includes them.
 
+mod support;
+
+use support::{tools, tree};
+
 use flotilla_common::fleet::render::{render_fleet, RenderCache, Tools};
 use flotilla_common::fleet::{parse, Tree};
-use flotilla_common::tools::SystemTools;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-fn tree(files: &[(&str, &str)]) -> Tree {
-    files.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect()
-}
-
-fn tools() -> SystemTools {
-    let t = SystemTools::detect();
-    assert!(
-        t.kustomize_program().is_some(),
-        "kubectl (or kustomize) is needed: install kubectl, https://kubernetes.io/docs/tasks/tools/"
-    );
-    t
-}
 
 /// A loopback HTTP server that counts connections and answers every request with one ConfigMap.
 fn counting_server() -> (String, Arc<AtomicUsize>) {

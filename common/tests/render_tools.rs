@@ -1,21 +1,12 @@
 //! Rendering through the real tools: kubectl's kustomize (installed with kubectl) and helm where present.
 
+mod support;
+
+use support::{tools, tree};
+
 use flotilla_common::fleet::render::{render_fleet, RenderCache};
 use flotilla_common::fleet::{parse, Bundle, Tree};
 use flotilla_common::tools::SystemTools;
-
-fn tree(files: &[(&str, &str)]) -> Tree {
-    files.iter().map(|(p, c)| (p.to_string(), c.as_bytes().to_vec())).collect()
-}
-
-fn tools() -> SystemTools {
-    let t = SystemTools::detect();
-    assert!(
-        t.kustomize_program().is_some(),
-        "kubectl (or kustomize) is needed: install kubectl, https://kubernetes.io/docs/tasks/tools/"
-    );
-    t
-}
 
 fn overlay_fleet() -> Tree {
     tree(&[
