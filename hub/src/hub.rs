@@ -91,6 +91,9 @@ pub struct Shared {
     snapshot: ArcSwap<State>,
     pub sessions: Sessions,
     bundles: Mutex<HashMap<String, Bytes>>,
+    /// Reads of bundles missing from `bundles`, one at a time: 10,000 sessions wanting a new bundle at once
+    /// read it from the store once, not 10,000 times.
+    loading: tokio::sync::Mutex<()>,
     pub clock: Clock,
     pub started_ms: i64,
     pub grace_ms: i64,
@@ -110,6 +113,11 @@ impl Shared {
     /// A bundle's bytes, read from the store once and shared by every session that sends it.
     pub async fn bundle(&self, digest: &str) -> Result<Bytes, String> {
         if let Some(b) = self.bundles.lock().unwrap_or_else(|p| p.into_inner()).get(digest) {
+            return Ok(b.clone());
+        }
+        let _one_read = self.loading.lock().await;
+        if let Some(b) = self.bundles.lock().unwrap_or_else(|p| p.into_inner()).get(digest) {
+            // Read by the session that held the lock before this one.
             return Ok(b.clone());
         }
         let store = self.store.clone();
@@ -163,6 +171,7 @@ impl Hub {
             snapshot: ArcSwap::from_pointee(state),
             sessions: Sessions::default(),
             bundles: Mutex::default(),
+            loading: tokio::sync::Mutex::default(),
             clock: opts.clock.clone(),
             started_ms,
             grace_ms: opts.grace.as_millis() as i64,
@@ -522,5 +531,57 @@ async fn writer(
     if state.rollouts_running() {
         let t = state.clock((shared.clock)());
         let _ = commit(&shared, &mut state, t).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Batch, MemStore, StoreError};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A store that counts reads.
+    #[derive(Default)]
+    struct Counting {
+        inner: MemStore,
+        gets: AtomicUsize,
+    }
+
+    impl Store for Counting {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            self.inner.get(key)
+        }
+        fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.inner.scan(prefix)
+        }
+        fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+            self.inner.commit(batch)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_sessions_wanting_one_new_bundle_read_it_from_the_store_once() {
+        let store = Arc::new(Counting::default());
+        let key = crate::keys::Key::Bundle("sha256:b").path();
+        store.commit(Batch::default().put(key, vec![7u8; 1 << 20])).unwrap();
+        let follower = Follower::new("file:///nonexistent", "main", std::env::temp_dir().join("flotilla-unused-b"));
+        let shutdown = CancellationToken::new();
+        let hub =
+            Hub::with_options(store.clone(), follower, shutdown.clone(), Options { tick: None, ..Options::default() })
+                .unwrap();
+        let reads_before = store.gets.load(Ordering::SeqCst);
+        let all: Vec<_> = (0..200)
+            .map(|_| {
+                let shared = hub.shared.clone();
+                tokio::spawn(async move { shared.bundle("sha256:b").await.map(|b| b.len()) })
+            })
+            .collect();
+        for t in all {
+            assert_eq!(t.await.unwrap(), Ok(1 << 20));
+        }
+        assert_eq!(store.gets.load(Ordering::SeqCst) - reads_before, 1, "one read for 200 sessions");
+        shutdown.cancel();
     }
 }
