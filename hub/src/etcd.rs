@@ -31,6 +31,20 @@ pub const MAX_VALUE: usize = 900 * 1024;
 /// How long one etcd call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const CHUNKED: &[u8] = b"\0flotilla-chunks:";
+/// Keys per page of a range read.
+const PAGE_KEYS: usize = 64;
+
+/// The first key after every key starting with `prefix` (etcd's prefix range end).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
 
 /// Where the store lives: endpoints, TLS, the key prefix.
 #[derive(Debug, Clone)]
@@ -264,7 +278,7 @@ impl EtcdStore {
     fn txn(&self, ops: Vec<TxnOp>) -> Result<(), StoreError> {
         let n = ops.len();
         let txn = Txn::new().when(self.compares()).and_then(ops);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let resp = self.run(async move { kv.txn(txn).await });
         match resp {
             Ok(r) if r.succeeded() => Ok(()),
@@ -306,14 +320,9 @@ impl EtcdStore {
         let (dir, n, len) = (parts.next().unwrap_or_default(), parts.next(), parts.next());
         let n: usize = n.and_then(|n| n.parse().ok()).unwrap_or(0);
         let len: usize = len.and_then(|n| n.parse().ok()).unwrap_or(0);
-        let mut kv = self.client.kv_client();
-        let prefix = format!("{dir}/");
-        let resp = self
-            .run(async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await })
-            .map_err(|e| StoreError::ReadFailed { key: dir.to_string(), source: boxed(e) })?;
         let mut out = Vec::with_capacity(len);
-        for kv in resp.kvs().iter().take(n) {
-            out.extend_from_slice(kv.value());
+        for (_, v) in self.raw_scan(&format!("{dir}/"))?.into_iter().take(n) {
+            out.extend_from_slice(&v);
         }
         if out.len() != len {
             return Err(StoreError::ReadFailed {
@@ -327,7 +336,7 @@ impl EtcdStore {
     /// The batch being applied, if one is: its operations.
     fn pending(&self) -> Result<Option<(String, Vec<Op>)>, StoreError> {
         let head = format!("{}/journal", self.prefix);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let h = head.clone();
         let resp = self
             .run(async move { kv.get(h, None).await })
@@ -335,14 +344,9 @@ impl EtcdStore {
         let Some(kv0) = resp.kvs().first() else { return Ok(None) };
         let seq = String::from_utf8_lossy(kv0.value()).split(' ').next().unwrap_or_default().to_string();
         let dir = format!("{}/j/{seq}/", self.prefix);
-        let mut kv = self.client.kv_client();
-        let d = dir.clone();
-        let parts = self
-            .run(async move { kv.get(d, Some(GetOptions::new().with_prefix())).await })
-            .map_err(|e| StoreError::ReadFailed { key: dir.clone(), source: boxed(e) })?;
         let mut bytes = Vec::new();
-        for p in parts.kvs() {
-            bytes.extend_from_slice(p.value());
+        for (_, part) in self.raw_scan(&dir)? {
+            bytes.extend_from_slice(&part);
         }
         let ops = decode_ops(&bytes).ok_or_else(|| StoreError::ReadFailed {
             key: dir.clone(),
@@ -417,22 +421,45 @@ impl EtcdStore {
         Ok(dead.len())
     }
 
+    /// A kv client that takes answers as large as a page can be.
+    fn kv(&self) -> etcd_client::KvClient {
+        self.client.kv_client().max_decoding_message_size(PAGE_KEYS * (MAX_VALUE + 4096) + (1 << 20))
+    }
+
+    /// Every key under `prefix` with its value, read in pages of [`PAGE_KEYS`] (one answer for 10,000 keys
+    /// would exceed any message limit).
     fn raw_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut kv = self.client.kv_client();
-        let p = prefix.to_string();
-        let resp = self
-            .run(async move { kv.get(p, Some(GetOptions::new().with_prefix())).await })
-            .map_err(|e| StoreError::ReadFailed { key: format!("{prefix}*"), source: boxed(e) })?;
-        Ok(resp.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).to_string(), kv.value().to_vec())).collect())
+        self.paged(prefix, false)
     }
 
     fn raw_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let mut kv = self.client.kv_client();
-        let p = prefix.to_string();
-        let resp = self
-            .run(async move { kv.get(p, Some(GetOptions::new().with_prefix().with_keys_only())).await })
-            .map_err(|e| StoreError::ReadFailed { key: format!("{prefix}*"), source: boxed(e) })?;
-        Ok(resp.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).to_string()).collect())
+        Ok(self.paged(prefix, true)?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    fn paged(&self, prefix: &str, keys_only: bool) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut out = Vec::new();
+        loop {
+            let mut kv = self.kv();
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE_KEYS as i64);
+            if keys_only {
+                opts = opts.with_keys_only();
+            }
+            let start = from.clone();
+            let resp = self
+                .run(async move { kv.get(start, Some(opts)).await })
+                .map_err(|e| StoreError::ReadFailed { key: format!("{prefix}*"), source: boxed(e) })?;
+            let kvs = resp.kvs();
+            out.extend(kvs.iter().map(|kv| (String::from_utf8_lossy(kv.key()).to_string(), kv.value().to_vec())));
+            match kvs.last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// The journal's operations on keys under `prefix`, for readers to overlay.
@@ -478,7 +505,7 @@ impl Store for EtcdStore {
         if let Some(v) = self.overlay(key)?.remove(key) {
             return Ok(v);
         }
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let k = self.data_key(key);
         let resp = self
             .run(async move { kv.get(k, None).await })

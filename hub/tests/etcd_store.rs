@@ -51,6 +51,15 @@ mod on_etcd {
             a.commit(batch).unwrap();
             eprintln!("a batch of 5,000 keys committed in {:.2} s", started.elapsed().as_secs_f64());
             assert_eq!(a.keys("desired/").unwrap().len(), 5000);
+            // Reads of more than one message's worth: 40 values of 800 KiB (32 MB) under one prefix, read in pages.
+            let mut wide = Batch::default();
+            for i in 0..40 {
+                wide = wide.put(format!("wide/{i:02}"), vec![b'w'; 800 << 10]);
+            }
+            a.commit(wide).unwrap();
+            let read = a.scan("wide/").unwrap();
+            assert_eq!(read.len(), 40);
+            assert!(read.iter().all(|(_, v)| v.len() == 800 << 10));
             let (keys, bytes) = a.size().unwrap();
             eprintln!("store size: {keys} keys, {bytes} bytes");
         })
