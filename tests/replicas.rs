@@ -182,7 +182,7 @@ async fn a_leader_paused_past_its_lease_is_deposed_and_stops_when_it_wakes() {
     let (pa, pb) = (free_port(), free_port());
     let mut a = hub(tmp, "a", pa, &url, &etcd.url());
     eventually(30, "hub a leads", || async { listening(pa).then_some(()) }).await;
-    let _b = hub(tmp, "b", pb, &url, &etcd.url());
+    let b = hub(tmp, "b", pb, &url, &etcd.url());
     tokio::time::sleep(Duration::from_secs(1)).await;
     // A pause longer than the lease (a stalled VM, a stop-the-world pause): b leads meanwhile.
     signal(&a, "-STOP");
@@ -211,7 +211,7 @@ async fn a_leader_paused_past_its_lease_is_deposed_and_stops_when_it_wakes() {
     })
     .await;
     let stopped = Instant::now();
-    signal(&_b, "-TERM");
+    signal(&b, "-TERM");
     eventually(10, "hub c leads", || async { listening(pc).then_some(()) }).await;
     let handed_over = stopped.elapsed();
     eprintln!("a graceful stop handed over in {:.1} s (lease 3 s)", handed_over.as_secs_f64());

@@ -150,12 +150,18 @@ pub async fn register(
     shutdown: CancellationToken,
 ) {
     let key = format!("{prefix}/replicas/{name}");
-    let mut lease = None;
+    // The lease and one keep-alive stream for it, made again only when renewing fails.
+    let mut lease: Option<(i64, etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
     loop {
         if lease.is_none() {
-            lease = client.lease_grant(ttl.as_secs().max(2) as i64, None).await.ok().map(|l| l.id());
+            if let Ok(l) = client.lease_grant(ttl.as_secs().max(2) as i64, None).await {
+                if let Ok((k, st)) = client.lease_keep_alive(l.id()).await {
+                    lease = Some((l.id(), k, st));
+                }
+            }
         }
-        if let Some(id) = lease {
+        let mut failed = false;
+        if let Some((id, keeper, stream)) = lease.as_mut() {
             let value = serde_json::json!({
                 "address": address,
                 "started": started_ms,
@@ -163,19 +169,19 @@ pub async fn register(
                 "leading": leading.load(std::sync::atomic::Ordering::SeqCst),
                 "seen": crate::hub::now_ms(),
             });
-            let put = client.put(key.as_str(), value.to_string(), Some(PutOptions::new().with_lease(id))).await;
-            let kept = async {
-                let (mut k, mut s) = client.lease_keep_alive(id).await?;
-                k.keep_alive().await?;
-                Ok::<_, etcd_client::Error>(s.message().await?.is_some_and(|r| r.ttl() > 0))
+            let put = client.put(key.as_str(), value.to_string(), Some(PutOptions::new().with_lease(*id))).await;
+            let renewed = async {
+                keeper.keep_alive().await?;
+                Ok::<_, etcd_client::Error>(stream.message().await?.is_some_and(|r| r.ttl() > 0))
             };
-            if put.is_err() || !matches!(kept.await, Ok(true)) {
-                lease = None;
-            }
+            failed = put.is_err() || !matches!(renewed.await, Ok(true));
+        }
+        if failed {
+            lease = None;
         }
         tokio::select! {
             _ = shutdown.cancelled() => {
-                if let Some(id) = lease {
+                if let Some((id, ..)) = lease {
                     let _ = client.lease_revoke(id).await;
                 }
                 return;

@@ -67,7 +67,8 @@ impl SourceLimiter {
         s
     }
 
-    /// A new connection from `ip`: admitted (and counted open) or refused.
+    /// A new connection from `ip`: admitted (and counted open) or refused. A source that has used up its
+    /// requests gets no new connection either; the connection itself spends nothing (its requests do).
     pub fn connect(&mut self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
         let max = self.limits.connections;
         let s = self.source(ip, now);
@@ -77,7 +78,6 @@ impl SourceLimiter {
         if s.tokens < 1.0 {
             return Err(Refusal::Rate);
         }
-        s.tokens -= 1.0;
         s.open += 1;
         Ok(())
     }

@@ -256,7 +256,6 @@ impl AppRun {
     /// Why object `i` may not be written on this cluster, if it may not: the agent's own namespace, or the
     /// guard the hub put in the bundle (checked again here, after placement).
     pub fn refusal(&self, i: usize, state_namespace: &str) -> Option<String> {
-        let o = self.desired(i);
         let r = &self.refs[i];
         let named = r.kind == "Namespace" && r.group().is_empty() && r.name == state_namespace;
         if r.namespace == state_namespace || named {
@@ -265,6 +264,14 @@ impl AppRun {
             ));
         }
         let guard = self.policy.guard.as_ref()?;
+        // Only RBAC objects are judged on their content (what they bind or grant); the rest on their identity,
+        // so the apply path parses no object twice.
+        let o = if r.group() == "rbac.authorization.k8s.io" {
+            self.desired(i)
+        } else {
+            serde_json::json!({"apiVersion": r.api_version, "kind": r.kind,
+                "metadata": {"name": r.name, "namespace": r.namespace}})
+        };
         guard.check(&o, self.scope[i]).err().map(|why| format!("{r} is refused: {why}"))
     }
 
