@@ -512,4 +512,124 @@ pub mod etcd {
             let _ = self.child.wait();
         }
     }
+
+    /// A cluster of etcd members on loopback, each of which can be stopped and started again (same data).
+    pub struct EtcdCluster {
+        members: Vec<Member>,
+        _dir: tempfile::TempDir,
+    }
+
+    struct Member {
+        name: String,
+        client: u16,
+        args: Vec<String>,
+        child: Option<std::process::Child>,
+        log: std::path::PathBuf,
+    }
+
+    impl Member {
+        fn start(&mut self) {
+            let program = ["etcd", "/usr/bin/etcd"]
+                .into_iter()
+                .find(|p| Command::new(p).arg("--version").output().is_ok())
+                .expect("etcd is needed: apt-get install etcd-server (scripts/test.sh installs it)");
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+            let child = Command::new(program)
+                .args(&self.args)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("starting etcd");
+            self.child = Some(child);
+        }
+    }
+
+    impl EtcdCluster {
+        /// Starts `n` members and waits until every one answers.
+        pub fn start(n: usize) -> EtcdCluster {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+            let initial: Vec<String> =
+                ports.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}")).collect();
+            let mut members: Vec<Member> = ports
+                .iter()
+                .enumerate()
+                .map(|(i, (c, p))| {
+                    let (c, p) = (format!("http://127.0.0.1:{c}"), format!("http://127.0.0.1:{p}"));
+                    let args: Vec<String> = [
+                        "--name",
+                        &format!("m{i}"),
+                        "--data-dir",
+                        &dir.path().join(format!("m{i}")).display().to_string(),
+                        "--listen-client-urls",
+                        &c,
+                        "--advertise-client-urls",
+                        &c,
+                        "--listen-peer-urls",
+                        &p,
+                        "--initial-advertise-peer-urls",
+                        &p,
+                        "--initial-cluster",
+                        &initial.join(","),
+                        "--initial-cluster-token",
+                        "flotilla-test",
+                        "--heartbeat-interval",
+                        "100",
+                        "--election-timeout",
+                        "1000",
+                        "--log-level",
+                        "warn",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                    Member {
+                        name: format!("m{i}"),
+                        client: ports[i].0,
+                        args,
+                        child: None,
+                        log: dir.path().join(format!("m{i}.log")),
+                    }
+                })
+                .collect();
+            for m in &mut members {
+                m.start();
+            }
+            for m in &members {
+                wait_for_port(m.client, "etcd");
+            }
+            EtcdCluster { members, _dir: dir }
+        }
+
+        /// `etcd://` with every member, as `flotilla-hub --store` takes it.
+        pub fn url(&self) -> String {
+            let all: Vec<String> = self.members.iter().map(|m| format!("127.0.0.1:{}", m.client)).collect();
+            format!("etcd://{}", all.join(","))
+        }
+
+        /// Kills member `i` (kill -9).
+        pub fn stop(&mut self, i: usize) {
+            if let Some(mut c) = self.members[i].child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            eprintln!("etcd member {} stopped", self.members[i].name);
+        }
+
+        /// Starts member `i` again on its data.
+        pub fn resume(&mut self, i: usize) {
+            self.members[i].start();
+            wait_for_port(self.members[i].client, "etcd");
+            eprintln!("etcd member {} started again", self.members[i].name);
+        }
+    }
+
+    impl Drop for EtcdCluster {
+        fn drop(&mut self) {
+            for i in 0..self.members.len() {
+                self.stop(i);
+            }
+        }
+    }
 }

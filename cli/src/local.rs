@@ -165,6 +165,7 @@ impl LocalFleet {
             in_process: hub_rx,
             grace: flotilla_hub::hub::DEFAULT_GRACE,
             store: Default::default(),
+            advertise: None,
         };
         let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
         let addr = bound_rx.await.context("the hub did not start")?;

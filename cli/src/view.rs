@@ -322,24 +322,32 @@ pub fn render_hubs(r: &flotilla_proto::platform::v1::ListHubsResponse, out: Outp
                 "name": h.name, "address": h.address, "state": h.state, "leader": h.leader,
                 "leaderSinceUnixMs": h.leader_since_unix_ms, "sessions": h.sessions,
                 "startedUnixMs": h.started_unix_ms, "seenUnixMs": h.seen_unix_ms,
+                "appliedRevision": h.applied_revision, "lagRevisions": h.lag_revisions, "caughtUp": h.caught_up,
             })).collect::<Vec<_>>(),
         });
         print(&v, out)?;
         return Ok(String::new());
     }
     let mut s = format!(
-        "store: {}\n{:<24} {:<22} {:<9} {:<14} {:<9} {}\n",
-        r.store, "REPLICA", "ADDRESS", "STATE", "LEADS SINCE", "SESSIONS", "SEEN"
+        "store: {}\n{:<24} {:<22} {:<9} {:<14} {:<9} {:<16} {}\n",
+        r.store, "REPLICA", "ADDRESS", "STATE", "LEADS SINCE", "SESSIONS", "LAG", "SEEN"
     );
     for h in &r.hubs {
         let since = if h.leader { ago(h.leader_since_unix_ms) } else { "-".into() };
+        let lag = match (r.store.as_str(), h.lag_revisions) {
+            ("embedded", _) => "-".to_string(),
+            (_, l) if l < 0 => "unknown".to_string(),
+            (_, l) if h.caught_up => format!("{l} rev"),
+            (_, l) => format!("{l} rev (behind)"),
+        };
         s.push_str(&format!(
-            "{:<24} {:<22} {:<9} {:<14} {:<9} {}\n",
+            "{:<24} {:<22} {:<9} {:<14} {:<9} {:<16} {}\n",
             h.name,
             h.address,
             h.state,
             since,
             h.sessions,
+            lag,
             ago(h.seen_unix_ms)
         ));
     }

@@ -161,7 +161,8 @@ impl FleetCa {
         params.subject_alt_names.push(SanType::URI(uri));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = match id {
-            Identity::Hub => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            // Client too: a standby replica forwards operators' controls to the leader with it.
+            Identity::Hub => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
             _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
         params.use_authority_key_identifier_extension = true;
@@ -189,6 +190,25 @@ pub fn identity_of(der: &[u8]) -> Result<Identity, IdentityError> {
         1 => Ok(found.remove(0)),
         _ => Err(IdentityError::AmbiguousIdentity),
     }
+}
+
+/// The DNS names (then IP addresses, as text) a PEM certificate is valid for, in its order.
+pub fn host_names(cert_pem: &str) -> Vec<String> {
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else { return Vec::new() };
+    let Ok(cert) = pem.parse_x509() else { return Vec::new() };
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
+    let (mut dns, mut ips) = (Vec::new(), Vec::new());
+    for g in &san.value.general_names {
+        match g {
+            x509_parser::extensions::GeneralName::DNSName(d) => dns.push(d.to_string()),
+            x509_parser::extensions::GeneralName::IPAddress(b) if b.len() == 4 => {
+                ips.push(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string())
+            }
+            _ => {}
+        }
+    }
+    dns.extend(ips);
+    dns
 }
 
 pub const CA_CERT: &str = "ca.pem";
@@ -307,6 +327,7 @@ mod tests {
         assert_eq!(identity_of(&der(&c.cert_pem)).unwrap(), Identity::Cluster("eu-1".into()));
         let h = ca.issue(&Identity::Hub, &["localhost".into(), "127.0.0.1".into()]).unwrap();
         assert_eq!(identity_of(&der(&h.cert_pem)).unwrap(), Identity::Hub);
+        assert_eq!(host_names(&h.cert_pem), vec!["localhost".to_string(), "127.0.0.1".to_string()]);
         assert!(matches!(ca.issue(&Identity::Cluster("Not Valid".into()), &[]), Err(IdentityError::InvalidName(_))));
         // The CA itself names nobody.
         assert!(matches!(identity_of(&der(ca.cert_pem())), Err(IdentityError::NoIdentity)));

@@ -111,6 +111,7 @@ fn hub_child(dir: PathBuf, repo: String) {
             in_process: None,
             grace: flotilla_hub::hub::DEFAULT_GRACE,
             store: bench_store(),
+            advertise: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();

@@ -34,6 +34,35 @@ const CHUNKED: &[u8] = b"\0flotilla-chunks:";
 /// Keys per page of a range read.
 const PAGE_KEYS: usize = 64;
 
+/// Whether an etcd call failed before a member could answer it (the member the client picked is down, or
+/// is electing a new raft leader): worth another try, which the client sends to another member.
+pub fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
+/// Runs an etcd call, again after a transient failure (up to 6 tries within about two seconds). Every call
+/// the hub makes is safe to repeat: puts of the same values, fenced transactions, reads.
+pub async fn retrying<T, F, Fut>(mut call: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tries = 0u64;
+    loop {
+        match call().await {
+            Err(e) if transient(&e) && tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(60 * tries + fastrand::u64(0..40))).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The first key after every key starting with `prefix` (etcd's prefix range end).
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -113,7 +142,7 @@ pub struct Fence {
 pub struct EtcdStore {
     client: Client,
     prefix: String,
-    fence: Option<Fence>,
+    writer: std::sync::Mutex<Writer>,
     /// Taken on drop (shut down in the background: the store may be dropped on an async thread).
     rt: Option<tokio::runtime::Runtime>,
     /// Commits and garbage collection one at a time: a collection never sees chunks whose pointer is not
@@ -123,6 +152,18 @@ pub struct EtcdStore {
     /// with the next immediate batch or after [`SOFT_WRITE_EVERY`] (the `Durability::Soft` contract), so
     /// 10,000 agents reporting every second do not write etcd 10,000 times a second.
     soft: std::sync::Mutex<(Pending, Option<std::time::Instant>)>,
+}
+
+/// Who writes through a store.
+#[derive(Debug, Clone)]
+enum Writer {
+    /// One writer and no election (tests, tools).
+    Single,
+    /// The leader: every write is fenced by its election key.
+    Leader(Fence),
+    /// A standby replica: writes only its agents' reports, each cluster's key on its own (never a journal:
+    /// the journal is the leader's).
+    Replica,
 }
 
 /// Operations waiting to be written: key → the value to put, or None to delete.
@@ -187,7 +228,7 @@ impl EtcdStore {
     /// Opens the store; `fence`: writes succeed only while that election key is the one it names (None: a
     /// single writer with no election, for tests and tools). A pending journal is rolled forward first.
     pub fn open(cfg: &EtcdConfig, fence: Option<Fence>) -> Result<EtcdStore, StoreError> {
-        let store = Self::connected(cfg, fence)?;
+        let store = Self::connected(cfg, fence.map_or(Writer::Single, Writer::Leader))?;
         store
             .roll_forward()
             .map_err(|e| StoreError::OpenFailed { path: cfg.endpoints.join(","), source: Box::new(e) })?;
@@ -197,10 +238,45 @@ impl EtcdStore {
     /// Opens the store without rolling a pending journal forward (a reader, for tests of what readers see).
     #[doc(hidden)]
     pub fn open_without_recovery(cfg: &EtcdConfig) -> Result<EtcdStore, StoreError> {
-        Self::connected(cfg, None)
+        Self::connected(cfg, Writer::Single)
     }
 
-    fn connected(cfg: &EtcdConfig, fence: Option<Fence>) -> Result<EtcdStore, StoreError> {
+    /// Opens the store for a standby replica: it reads everything and writes only agents' reports (the keys
+    /// under `reports/`), until [`EtcdStore::promote`] makes it the leader's.
+    pub fn open_replica(cfg: &EtcdConfig) -> Result<EtcdStore, StoreError> {
+        Self::connected(cfg, Writer::Replica)
+    }
+
+    /// This replica leads from now on: its writes are fenced by `fence`; a journal the previous leader left is
+    /// rolled forward first.
+    pub fn promote(&self, fence: Fence) -> Result<(), StoreError> {
+        let _one_at_a_time = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Writer::Leader(fence);
+        self.roll_forward()
+    }
+
+    /// This replica no longer leads: it writes only its agents' reports again.
+    pub fn demote(&self) {
+        *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Writer::Replica;
+        self.soft.lock().unwrap_or_else(|p| p.into_inner()).0.clear();
+    }
+
+    /// The etcd client and the fleet's prefix (for the replica's watch).
+    pub fn client(&self) -> (Client, String) {
+        (self.client.clone(), self.prefix.clone())
+    }
+
+    /// The value a watched `<prefix>/k/…` key holds (chunks gathered).
+    pub fn resolve_value(&self, raw: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        self.resolve(raw)
+    }
+
+    /// The operations of the batch being applied, if one is (what readers overlay).
+    pub fn pending_ops(&self) -> Result<Option<Vec<Op>>, StoreError> {
+        Ok(self.pending()?.map(|(_, ops)| ops))
+    }
+
+    fn connected(cfg: &EtcdConfig, writer: Writer) -> Result<EtcdStore, StoreError> {
         let failed = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::OpenFailed {
             path: cfg.endpoints.join(","),
             source: e,
@@ -216,7 +292,7 @@ impl EtcdStore {
         Ok(EtcdStore {
             client,
             prefix: cfg.prefix.clone(),
-            fence,
+            writer: std::sync::Mutex::new(writer),
             rt: Some(rt),
             writing: Default::default(),
             soft: Default::default(),
@@ -268,9 +344,9 @@ impl EtcdStore {
     }
 
     fn compares(&self) -> Vec<Compare> {
-        match &self.fence {
-            Some(f) => vec![Compare::create_revision(f.key.as_str(), CompareOp::Equal, f.create_revision)],
-            None => Vec::new(),
+        match &*self.writer.lock().unwrap_or_else(|p| p.into_inner()) {
+            Writer::Leader(f) => vec![Compare::create_revision(f.key.as_str(), CompareOp::Equal, f.create_revision)],
+            Writer::Single | Writer::Replica => Vec::new(),
         }
     }
 
@@ -278,8 +354,11 @@ impl EtcdStore {
     fn txn(&self, ops: Vec<TxnOp>) -> Result<(), StoreError> {
         let n = ops.len();
         let txn = Txn::new().when(self.compares()).and_then(ops);
-        let mut kv = self.kv();
-        let resp = self.run(async move { kv.txn(txn).await });
+        let kv = self.kv();
+        let resp = self.run(retrying(move || {
+            let (mut kv, txn) = (kv.clone(), txn.clone());
+            async move { kv.txn(txn).await }
+        }));
         match resp {
             Ok(r) if r.succeeded() => Ok(()),
             Ok(_) => Err(StoreError::CommitFailed {
@@ -336,10 +415,13 @@ impl EtcdStore {
     /// The batch being applied, if one is: its operations.
     fn pending(&self) -> Result<Option<(String, Vec<Op>)>, StoreError> {
         let head = format!("{}/journal", self.prefix);
-        let mut kv = self.kv();
+        let kv = self.kv();
         let h = head.clone();
         let resp = self
-            .run(async move { kv.get(h, None).await })
+            .run(retrying(move || {
+                let (mut kv, h) = (kv.clone(), h.clone());
+                async move { kv.get(h, None).await }
+            }))
             .map_err(|e| StoreError::ReadFailed { key: head.clone(), source: boxed(e) })?;
         let Some(kv0) = resp.kvs().first() else { return Ok(None) };
         let seq = String::from_utf8_lossy(kv0.value()).split(' ').next().unwrap_or_default().to_string();
@@ -441,14 +523,17 @@ impl EtcdStore {
         let mut from = prefix.as_bytes().to_vec();
         let mut out = Vec::new();
         loop {
-            let mut kv = self.kv();
+            let kv = self.kv();
             let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE_KEYS as i64);
             if keys_only {
                 opts = opts.with_keys_only();
             }
             let start = from.clone();
             let resp = self
-                .run(async move { kv.get(start, Some(opts)).await })
+                .run(retrying(move || {
+                    let (mut kv, start, opts) = (kv.clone(), start.clone(), opts.clone());
+                    async move { kv.get(start, Some(opts)).await }
+                }))
                 .map_err(|e| StoreError::ReadFailed { key: format!("{prefix}*"), source: boxed(e) })?;
             let kvs = resp.kvs();
             out.extend(kvs.iter().map(|kv| (String::from_utf8_lossy(kv.key()).to_string(), kv.value().to_vec())));
@@ -505,10 +590,13 @@ impl Store for EtcdStore {
         if let Some(v) = self.overlay(key)?.remove(key) {
             return Ok(v);
         }
-        let mut kv = self.kv();
+        let kv = self.kv();
         let k = self.data_key(key);
         let resp = self
-            .run(async move { kv.get(k, None).await })
+            .run(retrying(move || {
+                let (mut kv, k) = (kv.clone(), k.clone());
+                async move { kv.get(k, None).await }
+            }))
             .map_err(|e| StoreError::ReadFailed { key: key.into(), source: boxed(e) })?;
         match resp.kvs().first() {
             Some(kv) => Ok(Some(self.resolve(kv.value().to_vec())?)),
@@ -543,6 +631,9 @@ impl Store for EtcdStore {
 
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         let _one_at_a_time = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*self.writer.lock().unwrap_or_else(|p| p.into_inner()), Writer::Replica) {
+            return self.commit_reports(batch);
+        }
         let ops = {
             let mut soft = self.soft.lock().unwrap_or_else(|p| p.into_inner());
             let is_soft = batch.1 == crate::store::Durability::Soft;
@@ -586,6 +677,24 @@ impl Store for EtcdStore {
 }
 
 impl EtcdStore {
+    /// A standby's write: agents' reports only, at once (the leader waits for them), each key on its own.
+    fn commit_reports(&self, batch: Batch) -> Result<(), StoreError> {
+        let reports = crate::keys::Prefix::Report.as_str();
+        if let Some(op) =
+            batch.0.iter().find(|op| !matches!(op, Op::Put(k, _) | Op::Delete(k) if k.starts_with(reports)))
+        {
+            let key = match op {
+                Op::Put(k, _) | Op::Delete(k) => k,
+            };
+            return Err(StoreError::CommitFailed {
+                ops: batch.0.len(),
+                source: format!("a standby replica writes only agents' reports, not {key} (only the leader does)")
+                    .into(),
+            });
+        }
+        self.apply(&batch.0)
+    }
+
     fn write_ops(&self, ops: &[Op]) -> Result<(), StoreError> {
         // Bytes the keys' own transaction carries (values over MAX_VALUE become small pointers).
         let inline: usize = ops

@@ -16,7 +16,7 @@ use flotilla_common::fleet::parse;
 use flotilla_common::fleet::render::{render_fleet, RenderCache};
 use flotilla_common::tools::SystemTools;
 use flotilla_proto::agent::v1 as pb;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -61,6 +61,11 @@ pub struct Options {
     pub flush: Duration,
     /// The leader's epoch (hub replicas: its election key's creation revision; 0 for a single hub).
     pub epoch: u64,
+    /// Start as a standby replica: serve from the state other replicas write, act on nothing (until
+    /// [`Hub::promote`]).
+    pub standby: bool,
+    /// How a standby reaches the leader.
+    pub forward: Option<crate::forward::Forward>,
 }
 
 impl Default for Options {
@@ -71,6 +76,8 @@ impl Default for Options {
             tick: Some(Duration::from_secs(1)),
             flush: Duration::from_secs(1),
             epoch: 0,
+            standby: false,
+            forward: None,
         }
     }
 }
@@ -80,9 +87,22 @@ enum Command {
     Synced(Box<Synced>, oneshot::Sender<Result<String, String>>),
     SourceFailed(String),
     SourceCurrent,
-    Control { app: String, action: Control, who: String, reply: oneshot::Sender<Result<String, String>> },
+    Control {
+        app: String,
+        action: Control,
+        who: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
     Tick(oneshot::Sender<()>),
     Flush(oneshot::Sender<()>),
+    /// Keys another replica wrote (a standby follows the leader; the leader follows standbys' reports).
+    Followed(BTreeMap<String, Option<Vec<u8>>>),
+    /// The state read again in full (a watch that fell behind etcd's compaction).
+    Reloaded(Box<State>),
+    /// This replica leads from now on, with this epoch (its store is already fenced).
+    Promote(u64, oneshot::Sender<Result<(), String>>),
+    /// This replica no longer leads (its lease is lost): it stops acting and stands by.
+    Demote(oneshot::Sender<()>),
 }
 
 /// What sessions, the platform API and the writer share.
@@ -98,8 +118,13 @@ pub struct Shared {
     pub started_ms: i64,
     pub grace_ms: i64,
     pub shutdown: CancellationToken,
-    /// The leader's epoch, sent with every desired state (0 for a single hub).
-    pub epoch: u64,
+    /// The leader's epoch, sent with every desired state (0 for a single hub; a standby sends the epoch of
+    /// the leader it follows).
+    epoch: std::sync::atomic::AtomicU64,
+    /// Whether this hub acts (follows Git, steps rollouts, executes controls) or stands by.
+    leading: std::sync::atomic::AtomicBool,
+    /// How a standby reaches the leader (controls and refreshes are forwarded to it).
+    pub forward: Option<crate::forward::Forward>,
     /// The hub's replicas as last seen (`flotilla hubs`), and the store they share.
     pub replicas: Mutex<(String, Vec<flotilla_proto::platform::v1::HubReplica>)>,
 }
@@ -130,6 +155,20 @@ impl Shared {
         let bytes = Bytes::from(bytes);
         self.bundles.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.to_string(), bytes.clone());
         Ok(bytes)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A standby follows a new leader's epoch (never a lower one).
+    pub fn follow_epoch(&self, epoch: u64) {
+        self.epoch.fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this hub leads (a single hub always does).
+    pub fn leading(&self) -> bool {
+        self.leading.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the restart grace is still running.
@@ -175,7 +214,9 @@ impl Hub {
             clock: opts.clock.clone(),
             started_ms,
             grace_ms: opts.grace.as_millis() as i64,
-            epoch: opts.epoch,
+            epoch: opts.epoch.into(),
+            leading: (!opts.standby).into(),
+            forward: opts.forward.clone(),
             replicas: Mutex::new(("embedded".into(), Vec::new())),
             shutdown,
         });
@@ -362,7 +403,10 @@ impl Hub {
     pub async fn follow(self: Arc<Self>, poll: Duration) {
         let shutdown = self.shared.shutdown.clone();
         loop {
-            self.sync_once().await;
+            // Only the leader follows Git; a standby waits until it leads.
+            if self.shared.leading() {
+                self.sync_once().await;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(poll) => {}
@@ -371,8 +415,114 @@ impl Hub {
         }
     }
 
+    /// Fetches now (a standby asks the leader to).
     pub fn refresh(&self) {
+        match self.shared.forward.clone().filter(|_| !self.shared.leading()) {
+            Some(f) => {
+                tokio::spawn(async move {
+                    if let Err(e) = f.refresh("webhook").await {
+                        warn!(error = %e.message(), "asking the leader to fetch failed");
+                    }
+                });
+            }
+            None => self.refresh.notify_one(),
+        }
+    }
+
+    /// Keys another replica wrote (see [`Command::Followed`]).
+    pub async fn followed(&self, changes: BTreeMap<String, Option<Vec<u8>>>) {
+        let _ = self.commands.send(Command::Followed(changes)).await;
+    }
+
+    /// The whole state read again (a standby's watch fell behind compaction).
+    pub async fn reloaded(&self, state: State) {
+        let _ = self.commands.send(Command::Reloaded(Box::new(state))).await;
+    }
+
+    /// This replica stops acting and stands by (it lost its lease; its store writes no more than reports).
+    pub async fn demote(&self) {
+        // At once: the writer may be waiting on a commit that cannot succeed any more.
+        self.shared.leading.store(false, std::sync::atomic::Ordering::SeqCst);
+        let (reply, rx) = oneshot::channel();
+        if self.commands.send(Command::Demote(reply)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// This replica leads from now on (its store is fenced already): the writer reads the state again and
+    /// acts; the Git follower starts with its next poll.
+    pub async fn promote(&self, epoch: u64) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Promote(epoch, reply)).await.map_err(|_| "the hub is shutting down".to_string())?;
+        rx.await.map_err(|_| "the hub is shutting down".to_string())??;
         self.refresh.notify_one();
+        Ok(())
+    }
+}
+
+/// What a standby's writer answers to what only the leader does.
+pub const NOT_LEADING: &str = "this hub replica does not lead (another replica does; retry there)";
+
+/// Time the hub was down does not count against running rollouts (a restart, or a new leader taking over).
+async fn resume(shared: &Shared, state: &mut Arc<State>, opts: &Options) {
+    let now = (opts.clock)();
+    if state.rollouts_running() && state.clock_ms > 0 && now > state.clock_ms {
+        let down = now - state.clock_ms;
+        info!(down_s = down / 1000, "resuming rollouts; their timers move on by the time the hub was down");
+        let t = state.resumed(down, now);
+        if let Err(e) = commit(shared, state, t).await {
+            warn!(error = %e, "recording the restart failed");
+        }
+    }
+}
+
+/// Keys another replica wrote, applied to this replica's state. The leader takes only reports (of clusters
+/// whose session another replica holds); a standby takes everything but the reports of its own sessions —
+/// those it holds newer, and writes again (`rewrite`) when another replica's older copy overwrote them.
+async fn followed(
+    shared: &Shared,
+    state: &mut Arc<State>,
+    mut changes: BTreeMap<String, Option<Vec<u8>>>,
+    rewrite: &mut BTreeSet<String>,
+) {
+    let reports = crate::keys::Prefix::Report;
+    let leading = shared.leading();
+    let local = shared.sessions.present();
+    changes.retain(|k, v| {
+        if !k.starts_with(reports.as_str()) {
+            return !leading;
+        }
+        let c = reports.name(k);
+        if !local.contains(c) {
+            return true;
+        }
+        // The newer of the two wins (two replicas briefly holding one cluster's session never write in turns).
+        let Some(mine) = state.reports.get(c) else { return true };
+        let theirs: Option<crate::report::ClusterReport> = v.as_ref().and_then(|v| serde_json::from_slice(v).ok());
+        match theirs {
+            Some(t) if t.last_seen_unix_ms > mine.last_seen_unix_ms => true,
+            Some(t) if t == **mine => false,
+            _ => {
+                rewrite.insert(c.to_string());
+                false
+            }
+        }
+    });
+    if changes.is_empty() {
+        return;
+    }
+    let (from, store) = (state.clone(), shared.store.clone());
+    let applied = tokio::task::spawn_blocking(move || from.apply_changes(&changes, &*store)).await;
+    match applied {
+        Ok(Ok((next, woken))) => {
+            *state = Arc::new(next);
+            shared.snapshot.store(state.clone());
+            for c in woken {
+                shared.sessions.wake(&c);
+            }
+        }
+        Ok(Err(e)) => warn!(error = %error_chain(&e), "applying what another replica wrote failed"),
+        Err(e) => warn!(error = %e, "applying what another replica wrote failed"),
     }
 }
 
@@ -411,16 +561,11 @@ async fn writer(
     opts: Options,
 ) {
     let mut state = shared.state();
-    let now = (opts.clock)();
-    // Time the hub was down does not count against running rollouts.
-    if state.rollouts_running() && state.clock_ms > 0 && now > state.clock_ms {
-        let down = now - state.clock_ms;
-        info!(down_s = down / 1000, "resuming rollouts; their timers move on by the time the hub was down");
-        let t = state.resumed(down, now);
-        if let Err(e) = commit(&shared, &mut state, t).await {
-            warn!(error = %e, "recording the restart failed");
-        }
+    if shared.leading() {
+        resume(&shared, &mut state, &opts).await;
     }
+    // Clusters whose report another replica overwrote while this one holds their session: written again.
+    let mut rewrite: BTreeSet<String> = BTreeSet::new();
     let mut pending: BTreeMap<String, Observed> = BTreeMap::new();
     let mut flush = tokio::time::interval(opts.flush);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -433,7 +578,7 @@ async fn writer(
     let step = |state: &State| {
         let now = (shared.clock)();
         let grace = shared.in_grace(now);
-        let online = shared.sessions.present();
+        let online = shared.sessions.online();
         state.tick(now, &|c: &str| grace || online.contains(c))
     };
     loop {
@@ -442,7 +587,67 @@ async fn writer(
             _ = shutdown.cancelled() => break,
             cmd = commands.recv() => {
                 let Some(cmd) = cmd else { break };
+                let standby = !shared.leading();
                 match cmd {
+                    Command::Synced(_, reply) if standby => {
+                        let _ = reply.send(Err(NOT_LEADING.to_string()));
+                    }
+                    Command::Control { reply, .. } if standby => {
+                        let _ = reply.send(Err(NOT_LEADING.to_string()));
+                    }
+                    Command::SourceFailed(_) | Command::SourceCurrent if standby => {}
+                    Command::Tick(reply) if standby => {
+                        let _ = reply.send(());
+                    }
+                    Command::Followed(changes) => {
+                        followed(&shared, &mut state, changes, &mut rewrite).await;
+                        if !rewrite.is_empty() {
+                            let t = state.rewritten(&std::mem::take(&mut rewrite));
+                            if let Err(e) = commit(&shared, &mut state, t).await {
+                                warn!(error = %e, "writing agents' reports again failed");
+                            }
+                        }
+                    }
+                    Command::Reloaded(next) => {
+                        if standby {
+                            let woken: Vec<String> = next.clusters.keys().cloned().collect();
+                            state = Arc::new(*next);
+                            shared.snapshot.store(state.clone());
+                            woken.iter().for_each(|c| shared.sessions.wake(c));
+                        }
+                    }
+                    Command::Promote(epoch, reply) => {
+                        let s2 = shared.store.clone();
+                        let loaded = tokio::task::spawn_blocking(move || State::load(&*s2)).await;
+                        match loaded {
+                            Ok(Ok(loaded)) => {
+                                state = Arc::new(loaded);
+                                shared.snapshot.store(state.clone());
+                                shared.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
+                                shared.leading.store(true, std::sync::atomic::Ordering::SeqCst);
+                                info!(epoch, "this replica leads: it follows Git, steps rollouts and executes controls");
+                                resume(&shared, &mut state, &opts).await;
+                                shared.sessions.wake_all();
+                                let _ = reply.send(Ok(()));
+                            }
+                            Ok(Err(e)) => {
+                                let _ = reply.send(Err(format!("reading the state to lead from failed: {}", error_chain(&e))));
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(format!("reading the state to lead from failed: {e}")));
+                            }
+                        }
+                    }
+                    Command::Demote(reply) => {
+                        shared.leading.store(false, std::sync::atomic::Ordering::SeqCst);
+                        // What it holds may be ahead of etcd (writes refused): read again, as a standby.
+                        let s2 = shared.store.clone();
+                        if let Ok(Ok(loaded)) = tokio::task::spawn_blocking(move || State::load(&*s2)).await {
+                            state = Arc::new(loaded);
+                            shared.snapshot.store(state.clone());
+                        }
+                        let _ = reply.send(());
+                    }
                     Command::Synced(s, reply) => {
                         let t = state.synced(&s, (shared.clock)());
                         let _ = reply.send(commit(&shared, &mut state, t).await);
@@ -492,7 +697,7 @@ async fn writer(
                     warn!(error = %e, "storing agents' reports failed");
                 }
             }
-            _ = tick.tick(), if opts.tick.is_some() => {
+            _ = tick.tick(), if opts.tick.is_some() && shared.leading() => {
                 let t = step(&state);
                 if let Err(e) = commit(&shared, &mut state, t).await {
                     warn!(error = %e, "storing a rollout step failed");
@@ -523,6 +728,10 @@ async fn writer(
     let mut t = state.observed(pending);
     // Reports are written soft while running; the last ones, and every soft write before them, reach the disk.
     t.batch.1 = crate::store::Durability::Immediate;
+    if !shared.leading() {
+        let _ = commit(&shared, &mut state, t).await;
+        return;
+    }
     if t.batch.0.is_empty() {
         t.batch = t.batch.put(crate::keys::Key::Clock.path(), (shared.clock)().to_string());
         t.next.clock_ms = (shared.clock)();

@@ -3,11 +3,14 @@
 //! guarded by it, so once the key is gone (the lease expired, the leader stopped) or another replica's, the old
 //! leader's writes fail. A leader whose lease it cannot renew stops acting within the lease's TTL.
 
-use crate::etcd::Fence;
+use crate::etcd::{retrying, Fence};
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
+
+/// A replica at most this many revisions behind etcd (when it last looked) is caught up.
+pub const LAG_READY: i64 = 1000;
 
 /// The election key under a fleet's prefix.
 pub fn election_key(prefix: &str) -> String {
@@ -27,7 +30,11 @@ pub struct Leadership {
 
 /// Who leads now, if anyone: (replica name, since Unix ms).
 pub async fn current(client: &mut Client, prefix: &str) -> Result<Option<(String, i64)>, etcd_client::Error> {
-    let resp = client.get(election_key(prefix), None).await?;
+    let resp = retrying(|| {
+        let mut c = client.clone();
+        async move { c.get(election_key(prefix), None).await }
+    })
+    .await?;
     Ok(resp.kvs().first().map(|kv| {
         let v = String::from_utf8_lossy(kv.value()).to_string();
         let (name, since) = v.rsplit_once(' ').unwrap_or((v.as_str(), "0"));
@@ -48,12 +55,21 @@ pub async fn campaign(
     let ttl_secs = ttl.as_secs().max(2) as i64;
     let mut announced = None;
     loop {
-        let lease = client.lease_grant(ttl_secs, None).await?.id();
+        let lease = retrying(|| {
+            let mut c = client.clone();
+            async move { c.lease_grant(ttl_secs, None).await }
+        })
+        .await?
+        .id();
         let since = crate::hub::now_ms();
         let txn = Txn::new()
             .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.as_str(), format!("{me} {since}"), Some(PutOptions::new().with_lease(lease)))]);
-        let resp = client.txn(txn).await?;
+        let resp = retrying(|| {
+            let (mut c, txn) = (client.clone(), txn.clone());
+            async move { c.txn(txn).await }
+        })
+        .await?;
         if resp.succeeded() {
             let create_revision = resp.header().map_or(0, |h| h.revision());
             let lost = CancellationToken::new();
@@ -94,43 +110,71 @@ async fn keep(
 ) {
     let mut last_ok = tokio::time::Instant::now();
     let every = ttl / 3;
-    let mut keeper = client.lease_keep_alive(lease).await.ok();
+    let mut keeper = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
                 let _ = client.lease_revoke(lease).await;
                 return;
             }
+            // Given up by the replica (it could not take up the lead): the key goes at once, for another.
+            _ = lost.cancelled() => {
+                let _ = tokio::time::timeout(every, client.lease_revoke(lease)).await;
+                return;
+            }
             _ = tokio::time::sleep(every) => {}
         }
-        let renewed = match keeper.as_mut() {
-            Some((k, stream)) => match tokio::time::timeout(every, async {
-                k.keep_alive().await?;
-                stream.message().await
-            })
-            .await
-            {
-                Ok(Ok(Some(r))) => r.ttl() > 0,
-                _ => false,
-            },
-            None => false,
-        };
+        let renewed = tokio::time::timeout(every, renew(&client, &mut keeper, lease)).await.unwrap_or(false);
+        let read = retrying(|| {
+            let (mut c, k) = (client.clone(), key.clone());
+            async move { c.get(k, None).await }
+        });
         let still_mine = renewed
             && matches!(
-                tokio::time::timeout(every, client.get(key.as_str(), None)).await,
+                tokio::time::timeout(every, read).await,
                 Ok(Ok(r)) if r.kvs().first().is_some_and(|kv| kv.create_revision() == create_revision)
             );
         if still_mine {
             last_ok = tokio::time::Instant::now();
             continue;
         }
-        if !renewed {
-            keeper = client.lease_keep_alive(lease).await.ok();
-        }
         if last_ok.elapsed() + every >= ttl || renewed && !still_mine {
             warn!(%key, "the leader's lease was not renewed in time or the key is another's: stopping as leader");
             lost.cancel();
             return;
+        }
+    }
+}
+
+type Keeper = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// Renews the lease once over its keep-alive stream, opening the stream again (on another member) as often as
+/// it fails; the caller bounds the time.
+async fn renew(client: &Client, keeper: &mut Option<Keeper>, lease: i64) -> bool {
+    loop {
+        if keeper.is_none() {
+            match retrying(|| {
+                let mut c = client.clone();
+                async move { c.lease_keep_alive(lease).await }
+            })
+            .await
+            {
+                Ok(k) => *keeper = Some(k),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        if let Some((k, stream)) = keeper.as_mut() {
+            let answer = async {
+                k.keep_alive().await?;
+                stream.message().await
+            };
+            match answer.await {
+                Ok(Some(r)) => return r.ttl() > 0,
+                _ => *keeper = None,
+            }
         }
     }
 }
@@ -147,6 +191,8 @@ pub async fn register(
     ttl: Duration,
     sessions: std::sync::Arc<std::sync::atomic::AtomicU32>,
     leading: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    progress: std::sync::Arc<crate::mirror::Progress>,
+    lease_out: tokio::sync::watch::Sender<Option<i64>>,
     shutdown: CancellationToken,
 ) {
     let key = format!("{prefix}/replicas/{name}");
@@ -157,19 +203,33 @@ pub async fn register(
             if let Ok(l) = client.lease_grant(ttl.as_secs().max(2) as i64, None).await {
                 if let Ok((k, st)) = client.lease_keep_alive(l.id()).await {
                     lease = Some((l.id(), k, st));
+                    let _ = lease_out.send(Some(l.id()));
                 }
             }
         }
         let mut failed = false;
         if let Some((id, keeper, stream)) = lease.as_mut() {
+            // How far behind etcd this replica's state is: revisions not applied yet when it last looked.
+            let lag = match crate::mirror::current_revision(&mut client).await {
+                Ok(now) => (now - progress.applied.load(std::sync::atomic::Ordering::SeqCst)).max(0),
+                Err(_) => -1,
+            };
             let value = serde_json::json!({
+                "applied": progress.applied.load(std::sync::atomic::Ordering::SeqCst),
+                "lag": lag,
+                "watching": progress.watching.load(std::sync::atomic::Ordering::SeqCst),
                 "address": address,
                 "started": started_ms,
                 "sessions": sessions.load(std::sync::atomic::Ordering::Relaxed),
                 "leading": leading.load(std::sync::atomic::Ordering::SeqCst),
                 "seen": crate::hub::now_ms(),
             });
-            let put = client.put(key.as_str(), value.to_string(), Some(PutOptions::new().with_lease(*id))).await;
+            let id = *id;
+            let put = retrying(|| {
+                let (mut c, k, v) = (client.clone(), key.clone(), value.to_string());
+                async move { c.put(k, v, Some(PutOptions::new().with_lease(id))).await }
+            })
+            .await;
             let renewed = async {
                 keeper.keep_alive().await?;
                 Ok::<_, etcd_client::Error>(stream.message().await?.is_some_and(|r| r.ttl() > 0))
@@ -178,6 +238,7 @@ pub async fn register(
         }
         if failed {
             lease = None;
+            let _ = lease_out.send(None);
         }
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -198,7 +259,11 @@ pub async fn replicas(
 ) -> Result<Vec<flotilla_proto::platform::v1::HubReplica>, etcd_client::Error> {
     let leader = current(&mut client, prefix).await?;
     let dir = format!("{prefix}/replicas/");
-    let resp = client.get(dir.as_str(), Some(etcd_client::GetOptions::new().with_prefix())).await?;
+    let resp = retrying(|| {
+        let (mut c, d) = (client.clone(), dir.clone());
+        async move { c.get(d, Some(etcd_client::GetOptions::new().with_prefix())).await }
+    })
+    .await?;
     let mut out = Vec::new();
     for kv in resp.kvs() {
         let name = String::from_utf8_lossy(kv.key()).trim_start_matches(&dir).to_string();
@@ -212,6 +277,10 @@ pub async fn replicas(
             started_unix_ms: v["started"].as_i64().unwrap_or(0),
             state: if is_leader { "leading" } else { "standby" }.into(),
             seen_unix_ms: v["seen"].as_i64().unwrap_or(0),
+            applied_revision: v["applied"].as_i64().unwrap_or(0),
+            lag_revisions: v["lag"].as_i64().unwrap_or(-1),
+            caught_up: v["watching"].as_bool().unwrap_or(false)
+                && v["lag"].as_i64().is_some_and(|l| (0..=LAG_READY).contains(&l)),
             name,
         });
     }

@@ -11,6 +11,7 @@
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod forward;
 pub mod git;
 pub mod hub;
 pub mod keys;
@@ -18,6 +19,8 @@ pub mod keys;
 pub mod leader;
 pub mod limits;
 pub mod machine;
+#[cfg(feature = "etcd")]
+pub mod mirror;
 pub mod platform;
 pub mod report;
 pub mod rollouts;

@@ -172,6 +172,123 @@ impl State {
         Ok(st)
     }
 
+    /// The reports of `clusters` written again as this state holds them (another replica overwrote them with
+    /// an older copy). The state does not change.
+    pub fn rewritten(&self, clusters: &BTreeSet<String>) -> Transition {
+        let mut batch = Batch::default();
+        for c in clusters {
+            if let Some(r) = self.reports.get(c) {
+                batch = batch.put(Key::Report(c).path(), json(&**r));
+            }
+        }
+        Transition { next: self.clone(), batch, woken: BTreeSet::new(), reply: Ok(String::new()) }
+    }
+
+    /// This state with store keys changed by another writer (a replica following the leader through etcd):
+    /// `changes` maps a store key to its new value (None: deleted). A rollout's record is made of two keys;
+    /// when only one of them changed, the other is read from `store`. Returns the next state and the clusters
+    /// whose desired state (or membership of the inventory) changed. Applying every key of a store to an empty
+    /// state gives what [`State::load`] reads.
+    pub fn apply_changes(
+        &self,
+        changes: &BTreeMap<String, Option<Vec<u8>>>,
+        store: &dyn Store,
+    ) -> Result<(State, BTreeSet<String>), LoadError> {
+        fn parse<T: serde::de::DeserializeOwned>(key: &str, v: &[u8]) -> Result<T, LoadError> {
+            serde_json::from_slice(v).map_err(|source| LoadError::Corrupt { key: key.to_string(), source })
+        }
+        let text = |v: &Option<Vec<u8>>| v.as_ref().map(|v| String::from_utf8_lossy(v).into_owned());
+        let mut next = self.clone();
+        let mut woken = BTreeSet::new();
+        let mut rollouts: BTreeSet<&str> = BTreeSet::new();
+        let (mut bundles, mut audit) = (None::<BTreeSet<String>>, None::<BTreeSet<String>>);
+        for (k, v) in changes {
+            match k.as_str() {
+                "source/revision" => next.revision = text(v).unwrap_or_default(),
+                "source/error" => next.source_error = text(v),
+                "hub/clock" => next.clock_ms = text(v).and_then(|t| t.parse().ok()).unwrap_or_default(),
+                "fleet/clusters" => {
+                    let clusters: BTreeMap<String, ClusterSpec> =
+                        v.as_ref().map(|v| parse(k, v)).transpose()?.unwrap_or_default();
+                    let before = &*self.clusters;
+                    let changed = before.keys().chain(clusters.keys()).filter(|c| before.get(*c) != clusters.get(*c));
+                    woken.extend(changed.cloned());
+                    next.clusters = Arc::new(clusters);
+                }
+                "fleet/problems" => {
+                    next.problems = Arc::new(v.as_ref().map(|v| parse(k, v)).transpose()?.unwrap_or_default())
+                }
+                "fleet/rendering" => next.rendering = v.as_ref().map(|v| parse(k, v)).transpose()?.unwrap_or_default(),
+                "fleet/specs" => {
+                    next.specs = Arc::new(v.as_ref().map(|v| parse(k, v)).transpose()?.unwrap_or_default())
+                }
+                _ if k.starts_with(Prefix::Desired.as_str()) => {
+                    let c = Prefix::Desired.name(k).to_string();
+                    match v {
+                        Some(v) => next.desired.insert(c.clone(), Arc::new(parse(k, v)?)),
+                        None => next.desired.remove(&c),
+                    };
+                    woken.insert(c);
+                }
+                _ if k.starts_with(Prefix::Report.as_str()) => {
+                    let c = Prefix::Report.name(k).to_string();
+                    match v {
+                        Some(v) => next.reports.insert(c, Arc::new(parse(k, v)?)),
+                        None => next.reports.remove(&c),
+                    };
+                }
+                _ if k.starts_with(Prefix::RolloutData.as_str()) => {
+                    rollouts.insert(Prefix::RolloutData.name(k));
+                }
+                _ if k.starts_with(Prefix::Rollout.as_str()) => {
+                    rollouts.insert(Prefix::Rollout.name(k));
+                }
+                _ if k.starts_with(Prefix::Bundle.as_str()) => {
+                    let set = bundles.get_or_insert_with(|| (*self.bundles).clone());
+                    let d = Prefix::Bundle.name(k).to_string();
+                    if v.is_some() {
+                        set.insert(d);
+                    } else {
+                        set.remove(&d);
+                    }
+                }
+                _ if k.starts_with(Prefix::Audit.as_str()) => {
+                    let set = audit.get_or_insert_with(|| self.audit.iter().cloned().collect());
+                    if v.is_some() {
+                        set.insert(k.clone());
+                    } else {
+                        set.remove(k);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for app in rollouts {
+            let (pk, dk) = (Key::Rollout(app).path(), Key::RolloutData(app).path());
+            let part = |key: &str| -> Result<Option<Vec<u8>>, LoadError> {
+                match changes.get(key) {
+                    Some(v) => Ok(v.clone()),
+                    None => Ok(store.get(key)?),
+                }
+            };
+            let (progress, data) = (part(&pk)?, part(&dk)?);
+            if progress.is_none() {
+                next.rollouts.remove(app);
+                continue;
+            }
+            let rec = Record::from_stored(progress.as_deref(), data.as_deref())
+                .map_err(|source| LoadError::Corrupt { key: pk.clone(), source })?;
+            next.rollouts.insert(app.to_string(), Arc::new(rec));
+        }
+        if let Some(b) = bundles {
+            next.bundles = Arc::new(b);
+        }
+        if let Some(a) = audit {
+            next.audit = Arc::new(a.into_iter().collect());
+        }
+        Ok((next, woken))
+    }
+
     /// The desired state as one map (for the pure functions of `state` and `rollouts`).
     pub fn desired_map(&self) -> Desired {
         self.desired.iter().map(|(c, a)| (c.clone(), (**a).clone())).collect()

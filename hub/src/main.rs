@@ -75,6 +75,10 @@ struct Args {
     /// Seconds of the leader's lease: a leader that cannot renew it stops within this time.
     #[arg(long, env = "FLOTILLA_HUB_LEASE_SECONDS", default_value_t = 5)]
     lease_seconds: u64,
+    /// Where the other hub replicas reach this one, `HOST:PORT` (default: the listen address; in Kubernetes the
+    /// pod's address). Standbys forward operators' controls and webhooks' fetches to the leader there.
+    #[arg(long, env = "FLOTILLA_HUB_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 /// The store the flags name.
@@ -152,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
         in_process: None,
         grace: Duration::from_secs(args.restart_grace_seconds),
         store,
+        advertise: args.advertise,
     };
     run(cfg, shutdown, None).await
 }

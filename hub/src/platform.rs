@@ -31,6 +31,13 @@ pub fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
 fn operator<T>(req: &Request<T>) -> Result<String, Status> {
     match caller(req)? {
         Identity::Operator(o) => Ok(o),
+        // A standby hub replica forwarding an operator's control: it checked the operator's certificate.
+        Identity::Hub => match req.metadata().get(crate::forward::ON_BEHALF_OF).and_then(|v| v.to_str().ok()) {
+            Some(o) if flotilla_common::identity::valid_name(o) => Ok(o.to_string()),
+            _ => {
+                Err(Status::permission_denied("a hub replica may only forward an operator's call, naming the operator"))
+            }
+        },
         other => Err(Status::permission_denied(format!(
             "{other} may not use the platform API; an operator certificate is required"
         ))),
@@ -51,7 +58,8 @@ pub fn cluster_view(st: &State, sessions: &Sessions, name: &str) -> Option<api::
     let targeted = crate::rollouts::targeted(desired.map(|d| &**d), st.rollouts.iter().map(|(a, r)| (a, &**r)), name);
     let (mut in_sync, mut held_back, mut broken) = (0u32, 0u32, 0u32);
     let mut problems = Vec::new();
-    if presence.is_none() {
+    let elsewhere = if presence.is_none() { sessions.remote(name) } else { None };
+    if presence.is_none() && elsewhere.is_none() {
         problems.push("its agent is not connected".to_string());
     }
     problems.extend(report.map(|r| r.problems()).unwrap_or_default());
@@ -112,7 +120,7 @@ pub fn cluster_view(st: &State, sessions: &Sessions, name: &str) -> Option<api::
     Some(api::Cluster {
         name: name.to_string(),
         labels: spec.labels.clone().into_iter().collect(),
-        connected: presence.is_some(),
+        connected: presence.is_some() || elsewhere.is_some(),
         revision,
         apps_in_sync: in_sync,
         apps_total: total,
@@ -213,7 +221,15 @@ impl PlatformService for PlatformApi {
 
     async fn refresh(&self, req: Request<api::RefreshRequest>) -> Result<Response<api::RefreshResponse>, Status> {
         let who = operator(&req)?;
+        let forwarded = req.metadata().contains_key(crate::forward::ON_BEHALF_OF);
+        if let Some(f) = self.0.shared.forward.as_ref().filter(|_| !self.0.shared.leading() && !forwarded) {
+            info!(operator = %who, "refresh requested: forwarded to the leader");
+            return f.refresh(&who).await.map(Response::new);
+        }
         info!(operator = %who, "refresh requested");
+        if !self.0.shared.leading() {
+            return Err(Status::unavailable(crate::hub::NOT_LEADING));
+        }
         self.0.refresh();
         Ok(Response::new(api::RefreshResponse { revision: self.0.state().revision.clone() }))
     }
@@ -246,7 +262,13 @@ impl PlatformService for PlatformApi {
     ) -> Result<Response<api::ControlRolloutResponse>, Status> {
         use api::control_rollout_request::Action as A;
         let who = operator(&req)?;
+        // A forwarded call is never forwarded again (two standbys with an old view would pass it around).
+        let forwarded = req.metadata().contains_key(crate::forward::ON_BEHALF_OF);
         let r = req.into_inner();
+        if let Some(f) = self.0.shared.forward.as_ref().filter(|_| !self.0.shared.leading() && !forwarded) {
+            info!(operator = %who, app = %r.app, "rollout control: forwarded to the leader");
+            return f.control(&who, r).await.map(Response::new);
+        }
         let action = match A::try_from(r.action).unwrap_or(A::Unspecified) {
             A::Pause => Control::Pause,
             A::Resume => Control::Resume,

@@ -8,7 +8,6 @@ pub use crate::hub::{error_chain, Clock, Hub, Options};
 use crate::platform::PlatformApi;
 pub use crate::report::{AppReport, ClusterReport, Rendering};
 use crate::sessions::AgentApi;
-use crate::store::Store;
 use flotilla_proto::agent::v1::agent_service_server::AgentServiceServer;
 use flotilla_proto::platform::v1::platform_service_server::PlatformServiceServer;
 use std::net::SocketAddr;
@@ -150,6 +149,8 @@ pub struct HubConfig {
     /// After a start, how long offline rules wait for agents to reconnect.
     pub grace: Duration,
     pub store: StoreChoice,
+    /// Where other hub replicas reach this one (`host:port`); the bound address when None.
+    pub advertise: Option<String>,
 }
 
 /// Where the hub keeps its state.
@@ -175,83 +176,91 @@ pub async fn run(
     shutdown: CancellationToken,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
-    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    #[allow(unused_mut)]
-    let mut epoch = 0;
     let started_ms = crate::hub::now_ms();
     // What this replica tells the others (and `flotilla hubs`): its sessions, whether it leads.
     let sessions_now = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Bound first: replicas say where they serve.
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    let follower =
+        Follower::new(cfg.repo.clone(), cfg.branch.clone(), cfg.data_dir.join("repo.git")).with_auth(cfg.auth.clone());
+    #[allow(unused_mut)]
+    let mut opts = Options { grace: cfg.grace, ..Options::default() };
     #[cfg(feature = "etcd")]
     let mut replica_view: Option<(etcd_client::Client, String)> = None;
-    let store: Arc<dyn Store> = match &cfg.store {
-        StoreChoice::Embedded => Arc::new(crate::store::RedbStore::open(&cfg.data_dir.join("hub.redb"))?),
+    let hub = match &cfg.store {
+        StoreChoice::Embedded => {
+            let store = Arc::new(crate::store::RedbStore::open(&cfg.data_dir.join("hub.redb"))?);
+            leading.store(true, std::sync::atomic::Ordering::SeqCst);
+            Hub::with_options(store, follower, shutdown.clone(), opts)?
+        }
         #[cfg(feature = "etcd")]
         StoreChoice::Etcd { etcd, replica, lease } => {
             let client = etcd.connect().await?;
+            let progress = Arc::new(crate::mirror::Progress::default());
+            let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
             tokio::spawn(
                 crate::leader::register(
                     client.clone(),
                     etcd.prefix.clone(),
                     replica.clone(),
-                    cfg.listen.to_string(),
+                    advertised(&cfg, addr),
                     started_ms,
                     *lease,
                     sessions_now.clone(),
                     leading.clone(),
+                    progress.clone(),
+                    lease_tx,
                     shutdown.clone(),
                 )
                 .instrument(tracing::info_span!("replica-presence")),
             );
             replica_view = Some((client.clone(), etcd.prefix.clone()));
-            info!(%replica, prefix = %etcd.prefix, "campaigning to lead the hub replicas");
-            let Some(lead) = crate::leader::campaign(&client, &etcd.prefix, replica, *lease, &shutdown).await? else {
-                return Ok(());
+            // Every replica serves agents and operators from the state in etcd, followed by a watch from the
+            // revision it was read at; only the one that wins the election acts.
+            let from = crate::mirror::current_revision(&mut client.clone()).await?;
+            let e = etcd.clone();
+            let store = Arc::new(tokio::task::spawn_blocking(move || crate::etcd::EtcdStore::open_replica(&e)).await??);
+            let domain = flotilla_common::identity::host_names(&cfg.tls.cert_pem)
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| "localhost".into());
+            opts.standby = true;
+            opts.forward =
+                Some(crate::forward::Forward::new(&cfg.tls.ca_pem, &cfg.tls.cert_pem, &cfg.tls.key_pem, &domain));
+            let hub = Hub::with_options(store.clone(), follower, shutdown.clone(), opts)?;
+            tokio::spawn(
+                crate::mirror::follow(hub.clone(), store.clone(), replica.clone(), from, progress)
+                    .instrument(tracing::info_span!("follow-etcd")),
+            );
+            tokio::spawn(
+                crate::mirror::publish_sessions(
+                    hub.clone(),
+                    client.clone(),
+                    etcd.prefix.clone(),
+                    replica.clone(),
+                    lease_rx,
+                )
+                .instrument(tracing::info_span!("session-presence")),
+            );
+            let lead = LeadTask {
+                hub: hub.clone(),
+                store,
+                client,
+                prefix: etcd.prefix.clone(),
+                replica: replica.clone(),
+                lease: *lease,
+                leading: leading.clone(),
             };
-            epoch = lead.fence.create_revision.max(0) as u64;
-            let (e, fence) = (etcd.clone(), lead.fence.clone());
-            let store = tokio::task::spawn_blocking(move || crate::etcd::EtcdStore::open(&e, Some(fence))).await??;
-            // A leader that can no longer prove it leads stops at once; a standby takes over.
-            let (stop, flag) = (shutdown.clone(), lost.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = lead.lost.cancelled() => {
-                        warn!("lost the leadership lease: stopping this replica (a standby takes over)");
-                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                        stop.cancel();
-                    }
-                    _ = stop.cancelled() => {}
-                }
-            });
-            let store = Arc::new(store);
-            // Chunks of values overwritten or deleted (bundles no state references any more), every 5 minutes.
-            let (gc, stop) = (store.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(300)) => {}
-                    }
-                    let g = gc.clone();
-                    match tokio::task::spawn_blocking(move || g.collect_garbage()).await {
-                        Ok(Ok(n)) if n > 0 => info!(values = n, "collected the chunks of values no key holds any more"),
-                        Ok(Err(e)) => warn!(error = %crate::hub::error_chain(&e), "collecting unused chunks failed"),
-                        _ => {}
-                    }
-                }
-            });
-            store
+            tokio::spawn(lead.run().instrument(tracing::info_span!("campaign", %replica)));
+            hub
         }
     };
-    let follower =
-        Follower::new(cfg.repo.clone(), cfg.branch.clone(), cfg.data_dir.join("repo.git")).with_auth(cfg.auth.clone());
-    let opts = Options { grace: cfg.grace, epoch, ..Options::default() };
-    let hub = Hub::with_options(store, follower, shutdown.clone(), opts)?;
-    leading.store(true, std::sync::atomic::Ordering::SeqCst);
     {
         // The replicas' view, every 2 s: this hub's sessions, and (on etcd) every replica's word.
         let (hub, sessions_now, stop) = (hub.clone(), sessions_now.clone(), shutdown.clone());
-        let address = cfg.listen.to_string();
+        let address = advertised(&cfg, addr);
         #[cfg(feature = "etcd")]
         let view = replica_view.take();
         tokio::spawn(
@@ -268,13 +277,20 @@ pub async fn run(
                         started_unix_ms: started_ms,
                         state: "leading".into(),
                         seen_unix_ms: crate::hub::now_ms(),
+                        caught_up: true,
+                        ..Default::default()
                     };
                     #[allow(unused_mut)]
                     let mut seen = ("embedded".to_string(), vec![me]);
                     #[cfg(feature = "etcd")]
                     if let Some((client, prefix)) = &view {
                         match crate::leader::replicas(client.clone(), prefix).await {
-                            Ok(list) => seen = ("etcd".to_string(), list),
+                            Ok(list) => {
+                                if let Some(f) = &hub.shared.forward {
+                                    f.set_leader(list.iter().find(|r| r.leader).map(|r| r.address.clone()));
+                                }
+                                seen = ("etcd".to_string(), list);
+                            }
                             Err(e) => warn!(error = %e, "reading the replicas from etcd failed"),
                         }
                     }
@@ -301,8 +317,6 @@ pub async fn run(
         }
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
-    let addr = listener.local_addr()?;
     info!(%addr, repo = %crate::git::redacted_url(&cfg.repo), branch = %cfg.branch, "hub listening");
     if let Some(b) = bound {
         let _ = b.send(addr);
@@ -316,8 +330,89 @@ pub async fn run(
         let _ = w.await;
     }
     served?;
-    if lost.load(std::sync::atomic::Ordering::SeqCst) {
-        anyhow::bail!("this replica lost the leadership lease and stopped acting");
-    }
     Ok(())
+}
+
+/// Where other replicas reach this one: `--advertise`, else the bound address.
+fn advertised(cfg: &HubConfig, bound: SocketAddr) -> String {
+    cfg.advertise.clone().unwrap_or_else(|| bound.to_string())
+}
+
+/// A replica's campaign: when it wins, its store is fenced and its writer acts; when it loses the lease, the
+/// process stops (a supervisor starts it again, as a standby).
+#[cfg(feature = "etcd")]
+struct LeadTask {
+    hub: Arc<Hub>,
+    store: Arc<crate::etcd::EtcdStore>,
+    client: etcd_client::Client,
+    prefix: String,
+    replica: String,
+    lease: Duration,
+    leading: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[cfg(feature = "etcd")]
+impl LeadTask {
+    /// Campaigns; leads while it holds the lease; stands by again when it loses it (etcd lost its quorum, the
+    /// process stalled past its lease): it stops acting within the lease and campaigns again.
+    async fn run(self) {
+        let shutdown = self.hub.shared.shutdown.clone();
+        info!(replica = %self.replica, prefix = %self.prefix, "campaigning to lead the hub replicas");
+        loop {
+            let lead =
+                match crate::leader::campaign(&self.client, &self.prefix, &self.replica, self.lease, &shutdown).await {
+                    Ok(Some(lead)) => lead,
+                    Ok(None) => return,
+                    Err(e) => {
+                        warn!(error = %e, "campaigning failed (etcd unreachable, or without quorum): trying again");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..500))) => {}
+                        }
+                        continue;
+                    }
+                };
+            let epoch = lead.fence.create_revision.max(0) as u64;
+            let (store, fence) = (self.store.clone(), lead.fence.clone());
+            let promoted = match tokio::task::spawn_blocking(move || store.promote(fence)).await {
+                Ok(Ok(())) => self.hub.promote(epoch).await,
+                Ok(Err(e)) => Err(format!("taking over the store failed: {}", crate::hub::error_chain(&e))),
+                Err(e) => Err(format!("taking over the store failed: {e}")),
+            };
+            match promoted {
+                Ok(()) => {
+                    self.leading.store(true, std::sync::atomic::Ordering::SeqCst);
+                    self.lead(&lead).await;
+                }
+                Err(e) => warn!(error = %e, "this replica won the election but cannot lead"),
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+            // Lost (or never took up) the lead: stop acting, stand by, campaign again.
+            self.leading.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.store.demote();
+            lead.lost.cancel();
+            warn!("lost the leadership lease: this replica stopped acting and stands by (another replica leads, or etcd has no quorum)");
+            self.hub.demote().await;
+        }
+    }
+
+    /// While leading: collects unused chunks every 5 minutes; returns when the lease is lost (or at shutdown).
+    async fn lead(&self, lead: &crate::leader::Leadership) {
+        let shutdown = self.hub.shared.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = lead.lost.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(300)) => {}
+            }
+            let g = self.store.clone();
+            match tokio::task::spawn_blocking(move || g.collect_garbage()).await {
+                Ok(Ok(n)) if n > 0 => info!(values = n, "collected the chunks of values no key holds any more"),
+                Ok(Err(e)) => warn!(error = %crate::hub::error_chain(&e), "collecting unused chunks failed"),
+                _ => {}
+            }
+        }
+    }
 }

@@ -44,6 +44,8 @@ pub struct Sessions {
     next_id: AtomicU64,
     /// Sessions refused, logged once a minute rather than once per attempt.
     refused: Mutex<Option<crate::limits::Tally>>,
+    /// Clusters whose session another hub replica holds: cluster → replica (from the replicas' presence keys).
+    remote: Mutex<HashMap<String, String>>,
 }
 
 impl Sessions {
@@ -101,6 +103,36 @@ impl Sessions {
     /// The clusters with a live session.
     pub fn present(&self) -> HashSet<String> {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    /// The clusters with a live session here or at another hub replica.
+    pub fn online(&self) -> HashSet<String> {
+        let mut all = self.present();
+        all.extend(self.remote.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned());
+        all
+    }
+
+    /// The replica holding the cluster's session, when another replica holds it.
+    pub fn remote(&self, cluster: &str) -> Option<String> {
+        self.remote.lock().unwrap_or_else(|p| p.into_inner()).get(cluster).cloned()
+    }
+
+    /// Records which clusters' sessions other replicas hold (None: the cluster's session ended there).
+    pub fn set_remote(&self, changes: impl IntoIterator<Item = (String, Option<String>)>) {
+        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        for (cluster, replica) in changes {
+            match replica {
+                Some(r) => remote.insert(cluster, r),
+                None => remote.remove(&cluster),
+            };
+        }
+    }
+
+    /// Wakes every session (a new leader: its epoch).
+    pub fn wake_all(&self) {
+        for p in self.live.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            p.wake.notify_one();
+        }
     }
 
     /// Wakes the cluster's session: its desired state changed.
@@ -311,7 +343,7 @@ async fn send_loop(
                         seq,
                         revision: state.revision.clone(),
                         apps: msg,
-                        epoch: hub.shared.epoch,
+                        epoch: hub.shared.epoch(),
                     }),
                 )
                 .await?;

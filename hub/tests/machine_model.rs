@@ -155,6 +155,9 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         m.apply(t)
     };
     sync(&mut m, 1, 1);
+    // A replica that follows the store's changes (as standbys follow etcd) sees what the writer has.
+    let mut replica = State::default();
+    let mut store_before: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for s in steps {
         let before = m.state.clone();
         let before_versions = m.versions();
@@ -235,6 +238,24 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         // Memory equals the store.
         let loaded = State::load(&*m.store).unwrap();
         prop_assert_eq!(&loaded, &m.state, "memory equals the store after {:?}", s);
+        let store_after: BTreeMap<String, Vec<u8>> = m.store.scan("").unwrap().into_iter().collect();
+        let mut changes: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+        for (k, v) in &store_after {
+            if store_before.get(k) != Some(v) {
+                changes.insert(k.clone(), Some(v.clone()));
+            }
+        }
+        for k in store_before.keys().filter(|k| !store_after.contains_key(*k)) {
+            changes.insert(k.clone(), None);
+        }
+        let (followed, woken) = replica.apply_changes(&changes, &*m.store).unwrap();
+        prop_assert_eq!(&followed, &loaded, "a replica following the changes sees the store after {:?}", s);
+        for c in CLUSTERS {
+            let moved = replica.desired.get(c) != followed.desired.get(c);
+            prop_assert!(!moved || woken.contains(c), "{} changed and was not woken after {:?}", c, s);
+        }
+        replica = followed;
+        store_before = store_after;
         // A rollback's own rollout may move clusters back; once a commit starts another, it is over.
         let state = &m.state;
         m.rolled_back.retain(|app, rev| {
