@@ -18,6 +18,7 @@ struct Hub {
     name: String,
     port: u16,
     webhook: u16,
+    health: u16,
     proc: Option<Proc>,
     log: PathBuf,
     runs: u32,
@@ -33,6 +34,7 @@ impl Hub {
             name: name.into(),
             port: free_port(),
             webhook: free_port(),
+            health: free_port(),
             proc: None,
             log: PathBuf::new(),
             runs: 0,
@@ -49,6 +51,8 @@ impl Hub {
             &format!("127.0.0.1:{}", self.port),
             "--webhook-listen",
             &format!("127.0.0.1:{}", self.webhook),
+            "--health-listen",
+            &format!("127.0.0.1:{}", self.health),
             "--repo",
             repo,
             "--data-dir",
@@ -90,6 +94,17 @@ impl Hub {
         if let Some(mut p) = self.proc.take() {
             p.kill();
         }
+    }
+
+    /// `GET /readyz`: the status code and the text.
+    fn ready(&self) -> (u16, String) {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.health)) else { return (0, String::new()) };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n");
+        let mut response = String::new();
+        let _ = s.read_to_string(&mut response);
+        let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (code, response.rsplit("\r\n\r\n").next().unwrap_or_default().to_string())
     }
 
     fn url(&self) -> String {
@@ -360,6 +375,7 @@ async fn etcd_losing_a_member_is_no_outage_losing_two_stops_the_hubs_until_quoru
     commit(&repo, &[("apps/notes/cm.yaml", Some(&note("2")))], "second");
     eventually(60, "the second commit applied with one etcd member down", || v("2")).await;
 
+    eventually(20, "hub a ready with one etcd member down", || async { (a.ready().0 == 200).then_some(()) }).await;
     // Two down: no quorum. The hubs write nothing (the leader's lease cannot be renewed) and say so.
     etcd.stop(1);
     let lost = Instant::now();
@@ -373,6 +389,9 @@ async fn etcd_losing_a_member_is_no_outage_losing_two_stops_the_hubs_until_quoru
         lost.elapsed().as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let (code, why) = a.ready();
+    assert_eq!(code, 503, "without quorum a replica is not ready: {why}");
+    eprintln!("without quorum: /readyz {code} {}", why.trim());
     assert_eq!(
         flotilla_e2e::value(&client, "notes", "note", "v").await.as_deref(),
         Some("2"),
@@ -409,6 +428,9 @@ async fn a_leader_paused_past_its_lease_steps_down_when_it_wakes() {
     let b = Hub::start(tmp, "b", &url, &etcd.url());
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(b.leads(), 0);
+    // A standby caught up with etcd is ready: it serves current state.
+    eventually(20, "the standby is ready", || async { (b.ready().0 == 200).then_some(()) }).await;
+    assert_eq!(a.ready().0, 200, "{:?}", a.ready());
     // A pause longer than the lease (a stalled VM, a stop-the-world pause): b leads meanwhile.
     signal(a.proc.as_ref().unwrap(), "-STOP");
     eventually(30, "hub b leads while a is paused", || async { (b.leads() > 0).then_some(()) }).await;

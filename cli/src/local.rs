@@ -166,6 +166,7 @@ impl LocalFleet {
             grace: flotilla_hub::hub::DEFAULT_GRACE,
             store: Default::default(),
             advertise: None,
+            health: None,
         };
         let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
         let addr = bound_rx.await.context("the hub did not start")?;

@@ -112,6 +112,7 @@ fn hub_child(dir: PathBuf, repo: String) {
             grace: flotilla_hub::hub::DEFAULT_GRACE,
             store: bench_store(),
             advertise: None,
+            health: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();

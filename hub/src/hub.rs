@@ -125,6 +125,8 @@ pub struct Shared {
     leading: std::sync::atomic::AtomicBool,
     /// How a standby reaches the leader (controls and refreshes are forwarded to it).
     pub forward: Option<crate::forward::Forward>,
+    /// Why this hub does not serve current state (None: it does): a replica behind etcd.
+    pub behind: Mutex<Option<String>>,
     /// The hub's replicas as last seen (`flotilla hubs`), and the store they share.
     pub replicas: Mutex<(String, Vec<flotilla_proto::platform::v1::HubReplica>)>,
 }
@@ -164,6 +166,14 @@ impl Shared {
     /// A standby follows a new leader's epoch (never a lower one).
     pub fn follow_epoch(&self, epoch: u64) {
         self.epoch.fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this hub serves current state (`/readyz`).
+    pub fn readiness(&self) -> Result<(), String> {
+        match self.behind.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
     }
 
     /// Whether this hub leads (a single hub always does).
@@ -217,6 +227,7 @@ impl Hub {
             epoch: opts.epoch.into(),
             leading: (!opts.standby).into(),
             forward: opts.forward.clone(),
+            behind: Mutex::new(None),
             replicas: Mutex::new(("embedded".into(), Vec::new())),
             shutdown,
         });

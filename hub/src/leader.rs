@@ -210,10 +210,12 @@ pub async fn register(
         let mut failed = false;
         if let Some((id, keeper, stream)) = lease.as_mut() {
             // How far behind etcd this replica's state is: revisions not applied yet when it last looked.
-            let lag = match crate::mirror::current_revision(&mut client).await {
-                Ok(now) => (now - progress.applied.load(std::sync::atomic::Ordering::SeqCst)).max(0),
-                Err(_) => -1,
+            // A read etcd cannot answer in time (no quorum) counts as not knowing: not ready.
+            let lag = match tokio::time::timeout(ttl / 3, crate::mirror::current_revision(&mut client)).await {
+                Ok(Ok(now)) => (now - progress.applied.load(std::sync::atomic::Ordering::SeqCst)).max(0),
+                _ => -1,
             };
+            progress.lag.store(lag, std::sync::atomic::Ordering::SeqCst);
             let value = serde_json::json!({
                 "applied": progress.applied.load(std::sync::atomic::Ordering::SeqCst),
                 "lag": lag,

@@ -13,6 +13,7 @@
 pub mod etcd;
 pub mod forward;
 pub mod git;
+pub mod health;
 pub mod hub;
 pub mod keys;
 #[cfg(feature = "etcd")]

@@ -79,6 +79,10 @@ struct Args {
     /// pod's address). Standbys forward operators' controls and webhooks' fetches to the leader there.
     #[arg(long, env = "FLOTILLA_HUB_ADVERTISE")]
     advertise: Option<String>,
+    /// Where to serve `/healthz` (alive) and `/readyz` (serving current state: a replica caught up with etcd),
+    /// plain HTTP, for probes.
+    #[arg(long, env = "FLOTILLA_HUB_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
 }
 
 /// The store the flags name.
@@ -157,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
         grace: Duration::from_secs(args.restart_grace_seconds),
         store,
         advertise: args.advertise,
+        health: args.health_listen,
     };
     run(cfg, shutdown, None).await
 }

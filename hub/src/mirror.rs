@@ -18,6 +18,23 @@ use tracing::{debug, info, warn};
 pub struct Progress {
     pub applied: AtomicI64,
     pub watching: std::sync::atomic::AtomicBool,
+    /// Revisions behind etcd when the replica last looked (-1: it could not look).
+    pub lag: AtomicI64,
+}
+
+impl Progress {
+    /// Why the replica does not serve current state, if it does not.
+    pub fn behind(&self) -> Option<String> {
+        let lag = self.lag.load(Ordering::SeqCst);
+        if !self.watching.load(Ordering::SeqCst) {
+            return Some("not following etcd (its watch is not running)".into());
+        }
+        match lag {
+            l if l < 0 => Some("etcd cannot be reached".into()),
+            l if l > crate::leader::LAG_READY => Some(format!("{l} revisions behind etcd")),
+            _ => None,
+        }
+    }
 }
 
 /// Where replicas publish which clusters' sessions they hold.

@@ -151,6 +151,8 @@ pub struct HubConfig {
     pub store: StoreChoice,
     /// Where other hub replicas reach this one (`host:port`); the bound address when None.
     pub advertise: Option<String>,
+    /// Where to serve `/healthz` and `/readyz` (plain HTTP).
+    pub health: Option<SocketAddr>,
 }
 
 /// Where the hub keeps its state.
@@ -188,7 +190,7 @@ pub async fn run(
     #[allow(unused_mut)]
     let mut opts = Options { grace: cfg.grace, ..Options::default() };
     #[cfg(feature = "etcd")]
-    let mut replica_view: Option<(etcd_client::Client, String)> = None;
+    let mut replica_view: Option<(etcd_client::Client, String, Arc<crate::mirror::Progress>)> = None;
     let hub = match &cfg.store {
         StoreChoice::Embedded => {
             let store = Arc::new(crate::store::RedbStore::open(&cfg.data_dir.join("hub.redb"))?);
@@ -216,7 +218,7 @@ pub async fn run(
                 )
                 .instrument(tracing::info_span!("replica-presence")),
             );
-            replica_view = Some((client.clone(), etcd.prefix.clone()));
+            replica_view = Some((client.clone(), etcd.prefix.clone(), progress.clone()));
             // Every replica serves agents and operators from the state in etcd, followed by a watch from the
             // revision it was read at; only the one that wins the election acts.
             let from = crate::mirror::current_revision(&mut client.clone()).await?;
@@ -230,6 +232,7 @@ pub async fn run(
             opts.forward =
                 Some(crate::forward::Forward::new(&cfg.tls.ca_pem, &cfg.tls.cert_pem, &cfg.tls.key_pem, &domain));
             let hub = Hub::with_options(store.clone(), follower, shutdown.clone(), opts)?;
+            *hub.shared.behind.lock().unwrap_or_else(|p| p.into_inner()) = Some("starting to follow etcd".into());
             tokio::spawn(
                 crate::mirror::follow(hub.clone(), store.clone(), replica.clone(), from, progress)
                     .instrument(tracing::info_span!("follow-etcd")),
@@ -283,7 +286,8 @@ pub async fn run(
                     #[allow(unused_mut)]
                     let mut seen = ("embedded".to_string(), vec![me]);
                     #[cfg(feature = "etcd")]
-                    if let Some((client, prefix)) = &view {
+                    if let Some((client, prefix, progress)) = &view {
+                        *hub.shared.behind.lock().unwrap_or_else(|p| p.into_inner()) = progress.behind();
                         match crate::leader::replicas(client.clone(), prefix).await {
                             Ok(list) => {
                                 if let Some(f) = &hub.shared.forward {
@@ -303,6 +307,11 @@ pub async fn run(
             }
             .instrument(tracing::debug_span!("replica-view")),
         );
+    }
+    if let Some(addr) = cfg.health {
+        let l = tokio::net::TcpListener::bind(addr).await?;
+        info!(addr = %l.local_addr()?, "health endpoints /healthz and /readyz listening");
+        tokio::spawn(crate::health::serve(hub.clone(), l).instrument(tracing::info_span!("health")));
     }
     let webhook = match &cfg.webhook {
         Some((addr, secret)) => {
