@@ -59,6 +59,17 @@ async fn deploy_manifests_pass_a_server_side_dry_run() {
             ][..],
         ),
         (
+            "hub-replicas.yaml",
+            &[
+                "secret/flotilla-hub-certs",
+                "secret/flotilla-hub-etcd",
+                "deployment.apps/flotilla-hub",
+                "poddisruptionbudget.policy/flotilla-hub",
+                "service/flotilla-hub",
+                "service/flotilla-hub-webhook",
+            ][..],
+        ),
+        (
             "agent.yaml",
             &[
                 "serviceaccount/flotilla-agent",

@@ -66,7 +66,12 @@ pub struct Options {
     pub standby: bool,
     /// How a standby reaches the leader.
     pub forward: Option<crate::forward::Forward>,
+    /// Why the hub does not serve current state, asked when an agent connects and by `/readyz`.
+    pub behind: Option<Behind>,
 }
+
+/// Says why a hub does not serve current state (None: it does).
+pub type Behind = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl Default for Options {
     fn default() -> Self {
@@ -78,6 +83,7 @@ impl Default for Options {
             epoch: 0,
             standby: false,
             forward: None,
+            behind: None,
         }
     }
 }
@@ -125,8 +131,8 @@ pub struct Shared {
     leading: std::sync::atomic::AtomicBool,
     /// How a standby reaches the leader (controls and refreshes are forwarded to it).
     pub forward: Option<crate::forward::Forward>,
-    /// Why this hub does not serve current state (None: it does): a replica behind etcd.
-    pub behind: Mutex<Option<String>>,
+    /// Why this hub does not serve current state, if it does not (a replica behind etcd).
+    behind: Option<Behind>,
     /// The hub's replicas as last seen (`flotilla hubs`), and the store they share.
     pub replicas: Mutex<(String, Vec<flotilla_proto::platform::v1::HubReplica>)>,
 }
@@ -170,7 +176,7 @@ impl Shared {
 
     /// Whether this hub serves current state (`/readyz`).
     pub fn readiness(&self) -> Result<(), String> {
-        match self.behind.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        match self.behind.as_ref().and_then(|b| b()) {
             Some(why) => Err(why),
             None => Ok(()),
         }
@@ -227,7 +233,7 @@ impl Hub {
             epoch: opts.epoch.into(),
             leading: (!opts.standby).into(),
             forward: opts.forward.clone(),
-            behind: Mutex::new(None),
+            behind: opts.behind.clone(),
             replicas: Mutex::new(("embedded".into(), Vec::new())),
             shutdown,
         });

@@ -227,16 +227,21 @@ pub async fn register(
                 "seen": crate::hub::now_ms(),
             });
             let id = *id;
-            let put = retrying(|| {
-                let (mut c, k, v) = (client.clone(), key.clone(), value.to_string());
-                async move { c.put(k, v, Some(PutOptions::new().with_lease(id))).await }
-            })
+            // Each step within a third of the lease: without etcd's quorum they would wait far longer, and the
+            // lag above must be measured again soon (readiness depends on it).
+            let put = tokio::time::timeout(
+                ttl / 3,
+                retrying(|| {
+                    let (mut c, k, v) = (client.clone(), key.clone(), value.to_string());
+                    async move { c.put(k, v, Some(PutOptions::new().with_lease(id))).await }
+                }),
+            )
             .await;
-            let renewed = async {
+            let renewed = tokio::time::timeout(ttl / 3, async {
                 keeper.keep_alive().await?;
                 Ok::<_, etcd_client::Error>(stream.message().await?.is_some_and(|r| r.ttl() > 0))
-            };
-            failed = put.is_err() || !matches!(renewed.await, Ok(true));
+            });
+            failed = !matches!(put, Ok(Ok(_))) || !matches!(renewed.await, Ok(Ok(true)));
         }
         if failed {
             lease = None;

@@ -190,7 +190,7 @@ pub async fn run(
     #[allow(unused_mut)]
     let mut opts = Options { grace: cfg.grace, ..Options::default() };
     #[cfg(feature = "etcd")]
-    let mut replica_view: Option<(etcd_client::Client, String, Arc<crate::mirror::Progress>)> = None;
+    let mut replica_view: Option<(etcd_client::Client, String)> = None;
     let hub = match &cfg.store {
         StoreChoice::Embedded => {
             let store = Arc::new(crate::store::RedbStore::open(&cfg.data_dir.join("hub.redb"))?);
@@ -218,7 +218,7 @@ pub async fn run(
                 )
                 .instrument(tracing::info_span!("replica-presence")),
             );
-            replica_view = Some((client.clone(), etcd.prefix.clone(), progress.clone()));
+            replica_view = Some((client.clone(), etcd.prefix.clone()));
             // Every replica serves agents and operators from the state in etcd, followed by a watch from the
             // revision it was read at; only the one that wins the election acts.
             let from = crate::mirror::current_revision(&mut client.clone()).await?;
@@ -231,8 +231,9 @@ pub async fn run(
             opts.standby = true;
             opts.forward =
                 Some(crate::forward::Forward::new(&cfg.tls.ca_pem, &cfg.tls.cert_pem, &cfg.tls.key_pem, &domain));
+            let p = progress.clone();
+            opts.behind = Some(Arc::new(move || p.behind()));
             let hub = Hub::with_options(store.clone(), follower, shutdown.clone(), opts)?;
-            *hub.shared.behind.lock().unwrap_or_else(|p| p.into_inner()) = Some("starting to follow etcd".into());
             tokio::spawn(
                 crate::mirror::follow(hub.clone(), store.clone(), replica.clone(), from, progress)
                     .instrument(tracing::info_span!("follow-etcd")),
@@ -286,8 +287,7 @@ pub async fn run(
                     #[allow(unused_mut)]
                     let mut seen = ("embedded".to_string(), vec![me]);
                     #[cfg(feature = "etcd")]
-                    if let Some((client, prefix, progress)) = &view {
-                        *hub.shared.behind.lock().unwrap_or_else(|p| p.into_inner()) = progress.behind();
+                    if let Some((client, prefix)) = &view {
                         match crate::leader::replicas(client.clone(), prefix).await {
                             Ok(list) => {
                                 if let Some(f) = &hub.shared.forward {

@@ -172,6 +172,11 @@ impl AgentService for AgentApi {
             _ => return Err(Status::invalid_argument("the first message of a session must be a Hello")),
         };
         let hub = self.0.clone();
+        // A replica that is not caught up with etcd would send a state older than the one the agent may hold:
+        // the agent is sent to another replica instead (it keeps enforcing what it has meanwhile).
+        if let Err(why) = hub.shared.readiness() {
+            return Err(Status::unavailable(format!("this hub replica does not serve current state: {why}")));
+        }
         let presence = hub.shared.sessions.open(&cluster)?;
         let (tx, rx) = mpsc::channel(16);
         let span = tracing::info_span!("agent-session", %cluster, session = presence.id);
