@@ -174,6 +174,16 @@ impl Shared {
         self.epoch.fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The whole state read from the store again (off the async workers).
+    pub async fn load_again(&self) -> Result<State, String> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || State::load(&*store)).await {
+            Ok(Ok(state)) => Ok(state),
+            Ok(Err(e)) => Err(format!("reading the state from the store failed: {}", error_chain(&e))),
+            Err(e) => Err(format!("reading the state from the store failed: {e}")),
+        }
+    }
+
     /// Whether this hub serves current state (`/readyz`).
     pub fn readiness(&self) -> Result<(), String> {
         match self.behind.as_ref().and_then(|b| b()) {
@@ -204,6 +214,8 @@ pub struct Hub {
     /// One fetch at a time: a fetch that outlives its time limit keeps the repository until it ends.
     fetching: Arc<Mutex<()>>,
     refresh: Notify,
+    /// A standby's refresh on its way to the leader.
+    forwarding: Arc<std::sync::atomic::AtomicBool>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -249,6 +261,7 @@ impl Hub {
             cache: Arc::default(),
             fetching: Arc::default(),
             refresh: Notify::new(),
+            forwarding: Arc::default(),
             writer: Mutex::new(Some(writer)),
         }))
     }
@@ -435,13 +448,17 @@ impl Hub {
     /// Fetches now (a standby asks the leader to).
     pub fn refresh(&self) {
         match self.shared.forward.clone().filter(|_| !self.shared.leading()) {
-            Some(f) => {
+            // One request to the leader at a time: a burst of webhooks while one is on its way adds nothing.
+            Some(f) if !self.forwarding.swap(true, std::sync::atomic::Ordering::SeqCst) => {
+                let forwarding = self.forwarding.clone();
                 tokio::spawn(async move {
                     if let Err(e) = f.refresh("webhook").await {
                         warn!(error = %e.message(), "asking the leader to fetch failed");
                     }
+                    forwarding.store(false, std::sync::atomic::Ordering::SeqCst);
                 });
             }
+            Some(_) => {}
             None => self.refresh.notify_one(),
         }
     }
@@ -495,13 +512,9 @@ async fn resume(shared: &Shared, state: &mut Arc<State>, opts: &Options) {
 
 /// Keys another replica wrote, applied to this replica's state. The leader takes only reports (of clusters
 /// whose session another replica holds); a standby takes everything but the reports of its own sessions —
-/// those it holds newer, and writes again (`rewrite`) when another replica's older copy overwrote them.
-async fn followed(
-    shared: &Shared,
-    state: &mut Arc<State>,
-    mut changes: BTreeMap<String, Option<Vec<u8>>>,
-    rewrite: &mut BTreeSet<String>,
-) {
+/// those it holds newer, and writes again when another replica's older copy overwrote them.
+async fn followed(shared: &Shared, state: &mut Arc<State>, mut changes: BTreeMap<String, Option<Vec<u8>>>) {
+    let mut rewrite = BTreeSet::new();
     let reports = crate::keys::Prefix::Report;
     let leading = shared.leading();
     let local = shared.sessions.present();
@@ -525,6 +538,12 @@ async fn followed(
             }
         }
     });
+    if !rewrite.is_empty() {
+        let t = state.rewritten(&rewrite);
+        if let Err(e) = commit(shared, state, t).await {
+            warn!(error = %e, "writing agents' reports again failed");
+        }
+    }
     if changes.is_empty() {
         return;
     }
@@ -581,8 +600,6 @@ async fn writer(
     if shared.leading() {
         resume(&shared, &mut state, &opts).await;
     }
-    // Clusters whose report another replica overwrote while this one holds their session: written again.
-    let mut rewrite: BTreeSet<String> = BTreeSet::new();
     let mut pending: BTreeMap<String, Observed> = BTreeMap::new();
     let mut flush = tokio::time::interval(opts.flush);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -616,28 +633,29 @@ async fn writer(
                     Command::Tick(reply) if standby => {
                         let _ = reply.send(());
                     }
-                    Command::Followed(changes) => {
-                        followed(&shared, &mut state, changes, &mut rewrite).await;
-                        if !rewrite.is_empty() {
-                            let t = state.rewritten(&std::mem::take(&mut rewrite));
-                            if let Err(e) = commit(&shared, &mut state, t).await {
-                                warn!(error = %e, "writing agents' reports again failed");
-                            }
-                        }
+                    Command::Followed(changes) => followed(&shared, &mut state, changes).await,
+                    Command::Reloaded(next) if standby => {
+                        let woken: BTreeSet<String> = state.clusters.keys().chain(next.clusters.keys()).cloned().collect();
+                        state = Arc::new(*next);
+                        shared.snapshot.store(state.clone());
+                        woken.iter().for_each(|c| shared.sessions.wake(c));
                     }
                     Command::Reloaded(next) => {
-                        if standby {
-                            let woken: Vec<String> = next.clusters.keys().cloned().collect();
-                            state = Arc::new(*next);
-                            shared.snapshot.store(state.clone());
-                            woken.iter().for_each(|c| shared.sessions.wake(c));
+                        // The leader takes only the reports (as it does from the watch), for every cluster.
+                        let reports = crate::keys::Prefix::Report;
+                        let mut changes: BTreeMap<String, Option<Vec<u8>>> = state
+                            .reports
+                            .keys()
+                            .map(|c| (format!("{}{c}", reports.as_str()), None))
+                            .collect();
+                        for (c, r) in &next.reports {
+                            changes.insert(format!("{}{c}", reports.as_str()), serde_json::to_vec(&**r).ok());
                         }
+                        followed(&shared, &mut state, changes).await;
                     }
                     Command::Promote(epoch, reply) => {
-                        let s2 = shared.store.clone();
-                        let loaded = tokio::task::spawn_blocking(move || State::load(&*s2)).await;
-                        match loaded {
-                            Ok(Ok(loaded)) => {
+                        match shared.load_again().await {
+                            Ok(loaded) => {
                                 state = Arc::new(loaded);
                                 shared.snapshot.store(state.clone());
                                 shared.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
@@ -647,21 +665,20 @@ async fn writer(
                                 shared.sessions.wake_all();
                                 let _ = reply.send(Ok(()));
                             }
-                            Ok(Err(e)) => {
-                                let _ = reply.send(Err(format!("reading the state to lead from failed: {}", error_chain(&e))));
-                            }
                             Err(e) => {
-                                let _ = reply.send(Err(format!("reading the state to lead from failed: {e}")));
+                                let _ = reply.send(Err(e));
                             }
                         }
                     }
                     Command::Demote(reply) => {
                         shared.leading.store(false, std::sync::atomic::Ordering::SeqCst);
                         // What it holds may be ahead of etcd (writes refused): read again, as a standby.
-                        let s2 = shared.store.clone();
-                        if let Ok(Ok(loaded)) = tokio::task::spawn_blocking(move || State::load(&*s2)).await {
-                            state = Arc::new(loaded);
-                            shared.snapshot.store(state.clone());
+                        match shared.load_again().await {
+                            Ok(loaded) => {
+                                state = Arc::new(loaded);
+                                shared.snapshot.store(state.clone());
+                            }
+                            Err(e) => warn!(error = %e, "standing by on the state in memory"),
                         }
                         let _ = reply.send(());
                     }

@@ -196,19 +196,25 @@ pub async fn register(
     shutdown: CancellationToken,
 ) {
     let key = format!("{prefix}/replicas/{name}");
-    // The lease and one keep-alive stream for it, made again only when renewing fails.
-    let mut lease: Option<(i64, etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    // The lease and its keep-alive stream (opened again on another member when it fails; `renew`).
+    let mut lease: Option<(i64, Option<Keeper>)> = None;
     loop {
         if lease.is_none() {
-            if let Ok(l) = client.lease_grant(ttl.as_secs().max(2) as i64, None).await {
-                if let Ok((k, st)) = client.lease_keep_alive(l.id()).await {
-                    lease = Some((l.id(), k, st));
-                    let _ = lease_out.send(Some(l.id()));
-                }
+            let granted = tokio::time::timeout(
+                ttl / 3,
+                retrying(|| {
+                    let mut c = client.clone();
+                    async move { c.lease_grant(ttl.as_secs().max(2) as i64, None).await }
+                }),
+            )
+            .await;
+            if let Ok(Ok(l)) = granted {
+                lease = Some((l.id(), None));
+                let _ = lease_out.send(Some(l.id()));
             }
         }
         let mut failed = false;
-        if let Some((id, keeper, stream)) = lease.as_mut() {
+        if let Some((id, keeper)) = lease.as_mut() {
             // How far behind etcd this replica's state is: revisions not applied yet when it last looked.
             // A read etcd cannot answer in time (no quorum) counts as not knowing: not ready.
             let lag = match tokio::time::timeout(ttl / 3, crate::mirror::current_revision(&mut client)).await {
@@ -237,11 +243,8 @@ pub async fn register(
                 }),
             )
             .await;
-            let renewed = tokio::time::timeout(ttl / 3, async {
-                keeper.keep_alive().await?;
-                Ok::<_, etcd_client::Error>(stream.message().await?.is_some_and(|r| r.ttl() > 0))
-            });
-            failed = !matches!(put, Ok(Ok(_))) || !matches!(renewed.await, Ok(Ok(true)));
+            let renewed = tokio::time::timeout(ttl / 3, renew(&client, keeper, id)).await.unwrap_or(false);
+            failed = !matches!(put, Ok(Ok(_))) || !renewed;
         }
         if failed {
             lease = None;

@@ -180,7 +180,7 @@ async fn follow_from(
                 compacted = resp.compact_revision(),
                 "the watch fell behind etcd's compaction: reading everything again"
             );
-            return reload(hub, store, client).await.map(Some);
+            return reload(hub, client).await.map(Some);
         }
         let revision = resp.header().map_or(last, |h| h.revision());
         let seen: Vec<Seen> = resp.events().iter().filter_map(|e| classify(prefix, e)).collect();
@@ -216,7 +216,7 @@ async fn follow_from(
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
                         warn!(error = %crate::hub::error_chain(&e), "reading what another replica wrote failed");
-                        return reload(hub, store, client).await.map(Some);
+                        return reload(hub, client).await.map(Some);
                     }
                     Err(e) => warn!(error = %e, "reading what another replica wrote failed"),
                 }
@@ -253,12 +253,10 @@ fn resolve(store: &EtcdStore, seen: Vec<Seen>) -> Result<BTreeMap<String, Option
 }
 
 /// Reads the whole state again; returns the revision it was read at (or before).
-async fn reload(hub: &Arc<Hub>, store: &Arc<EtcdStore>, client: &mut Client) -> Result<i64, etcd_client::Error> {
+async fn reload(hub: &Arc<Hub>, client: &mut Client) -> Result<i64, etcd_client::Error> {
     let revision = current_revision(client).await?;
-    let s = store.clone();
-    match tokio::task::spawn_blocking(move || crate::machine::State::load(&*s)).await {
-        Ok(Ok(state)) => hub.reloaded(state).await,
-        Ok(Err(e)) => warn!(error = %crate::hub::error_chain(&e), "reading the state again failed"),
+    match hub.shared.load_again().await {
+        Ok(state) => hub.reloaded(state).await,
         Err(e) => warn!(error = %e, "reading the state again failed"),
     }
     Ok(revision)
