@@ -384,6 +384,7 @@ async fn a_hub_killed_or_on_a_wiped_store_fails_skips_and_deletes_nothing() {
                 agent_version: "duplicate".into(),
                 applied: vec![],
                 protocol: 1,
+                ..Default::default()
             })),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);

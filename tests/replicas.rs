@@ -429,10 +429,22 @@ async fn a_leader_paused_past_its_lease_steps_down_when_it_wakes() {
     eprintln!("work directory (logs): {}", tmp.display());
     let etcd = flotilla_e2e::etcd::Etcd::start();
     issue_certs(tmp, "c", "alice");
-    let repo = flotilla_e2e::fleet_repo_with(tmp, &[("clusters/c.yaml", Some("labels: {}\n"))]);
+    let repo = notes_repo(tmp);
     let url = format!("file://{}", repo.display());
+    let _sim = flotilla_e2e::start_sim(tmp, "c");
     let a = Hub::start(tmp, "a", &url, &etcd.url());
     eventually(30, "hub a leads", || async { (a.leads() > 0).then_some(()) }).await;
+    // The agent knows only a: what it reports, a holds (soft state, not yet in etcd).
+    let _agent = flotilla_e2e::start_agent_with(tmp, &a.url(), "c", "c", &[], "");
+    let in_sync = |port: u16| {
+        let certs = tmp.join("certs");
+        async move {
+            let mut op = operator_client(&certs, port).await;
+            let v = op.list_clusters(ListClustersRequest::default()).await.ok()?.into_inner();
+            v.clusters.iter().find(|c| c.name == "c").filter(|c| c.apps_total == 1 && c.apps_in_sync == 1).map(|_| ())
+        }
+    };
+    eventually(60, "the app in sync on c, as a sees it", || in_sync(a.port)).await;
     let b = Hub::start(tmp, "b", &url, &etcd.url());
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(b.leads(), 0);
@@ -457,6 +469,9 @@ async fn a_leader_paused_past_its_lease_steps_down_when_it_wakes() {
     })
     .await;
     eprintln!("{seen}");
+    // What a's sessions reported while it led reaches the new leader when a stands down (its agent stays
+    // connected to a and says nothing new).
+    eventually(20, "b sees the app in sync on c", || in_sync(b.port)).await;
     let mut operator = operator_client(&tmp.join("certs"), a.port).await;
     operator.list_clusters(ListClustersRequest::default()).await.expect("a serves operators as a standby");
 

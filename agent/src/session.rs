@@ -50,14 +50,14 @@ fn now_ms() -> i64 {
 /// keeps enforcing the last desired state meanwhile.
 pub async fn run(cfg: AgentConfig, engine: EngineHandle, shutdown: CancellationToken) {
     let hubs = hub_urls(&cfg.hub);
-    // The highest leader epoch seen, across sessions and hubs.
-    let epoch = std::sync::atomic::AtomicU64::new(0);
+    // The highest leader epoch and store revision seen, across sessions and hubs.
+    let seen = Seen::default();
     let mut backoff = Duration::from_millis(500);
     let mut next = fastrand::usize(0..hubs.len().max(1));
     loop {
         let started = tokio::time::Instant::now();
         let hub = hubs.get(next % hubs.len().max(1)).cloned().unwrap_or_else(|| cfg.hub.clone());
-        match session(&cfg, &hub, &engine, &epoch, &shutdown).await {
+        match session(&cfg, &hub, &engine, &seen, &shutdown).await {
             Ok(()) => return,
             Err(e) => warn!(%hub, error = %e, "session with the hub ended; the cluster keeps its last desired state"),
         }
@@ -95,6 +95,21 @@ pub fn accept_epoch(seen: &std::sync::atomic::AtomicU64, epoch: u64) -> Result<(
     Ok(())
 }
 
+/// Records a desired state's store revision, or refuses it: older than one already sent is a replica behind the
+/// leader (its session ends; the agent moves to another hub). 0 (a single hub) is never compared.
+pub fn accept_store_revision(seen: &std::sync::atomic::AtomicU64, revision: u64) -> Result<(), String> {
+    if revision == 0 {
+        return Ok(());
+    }
+    let before = seen.fetch_max(revision, std::sync::atomic::Ordering::SeqCst);
+    if revision < before {
+        return Err(format!(
+            "the hub sent a desired state as of store revision {revision}, older than one of revision {before} it              was sent before: a replica behind the leader's state is never applied"
+        ));
+    }
+    Ok(())
+}
+
 /// `https://a:7443,https://b:7443` → each hub replica's URL.
 pub fn hub_urls(list: &str) -> Vec<String> {
     list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_string).collect()
@@ -106,11 +121,18 @@ async fn send(tx: &Tx, msg: pb::agent_message::Msg) -> Result<(), String> {
     tx.send(pb::AgentMessage { msg: Some(msg) }).await.map_err(|_| "the stream to the hub closed".to_string())
 }
 
+/// What the agent has seen of its hubs, so no hub can take it back in time.
+#[derive(Default)]
+struct Seen {
+    epoch: std::sync::atomic::AtomicU64,
+    store_revision: std::sync::atomic::AtomicU64,
+}
+
 async fn session(
     cfg: &AgentConfig,
     hub: &str,
     engine: &EngineHandle,
-    epoch: &std::sync::atomic::AtomicU64,
+    seen: &Seen,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let mut tls = ClientTlsConfig::new()
@@ -153,6 +175,7 @@ async fn session(
             .into_iter()
             .map(|(app, (digest, revision))| pb::AppliedApp { app, digest, revision })
             .collect(),
+        store_revision: seen.store_revision.load(std::sync::atomic::Ordering::SeqCst),
     };
     send(&tx, pb::agent_message::Msg::Hello(hello)).await?;
     let mut inbound = AgentServiceClient::new(channel)
@@ -212,7 +235,8 @@ async fn session(
             m = inbound.message() => match m {
                 Ok(Some(pb::HubMessage { msg: Some(msg) })) => match msg {
                     pb::hub_message::Msg::Desired(d) => {
-                        accept_epoch(epoch, d.epoch)?;
+                        accept_epoch(&seen.epoch, d.epoch)?;
+                        accept_store_revision(&seen.store_revision, d.store_revision)?;
                         // Chunks and bundles of digests the new state no longer wants are dropped.
                         chunks.retain(|digest, _| d.apps.iter().any(|a| &a.digest == digest));
                         bundles.retain(|digest, _| d.apps.iter().any(|a| &a.digest == digest));
@@ -268,6 +292,19 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_older_store_revision_is_refused_and_a_single_hub_is_never_compared() {
+        let seen = std::sync::atomic::AtomicU64::new(0);
+        assert!(accept_store_revision(&seen, 0).is_ok(), "a single hub");
+        assert!(accept_store_revision(&seen, 500).is_ok());
+        assert!(accept_store_revision(&seen, 500).is_ok(), "the same state again");
+        let e = accept_store_revision(&seen, 499).unwrap_err();
+        assert!(e.contains("revision 499") && e.contains("revision 500"), "{e}");
+        assert!(accept_store_revision(&seen, 0).is_ok(), "0 says nothing about age");
+        assert!(accept_store_revision(&seen, 900).is_ok());
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 900);
+    }
 
     #[test]
     fn a_lower_epoch_is_refused_and_equal_or_higher_ones_are_taken() {

@@ -28,6 +28,15 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 const WAVES: &str = "waves:\n- {name: w1, selector: {matchLabels: {ring: '1'}}}\n- {name: w2, selector: {matchLabels: {ring: '2'}}}\n- {name: w3, selector: {matchLabels: {ring: '3'}}}\n- {name: w4, selector: {matchLabels: {ring: '4'}}}\n- {name: w5, selector: {matchLabels: {ring: '5'}}}\n";
 
+/// How long the hub's etcd store may hold agents' reports before writing them (`etcd::SOFT_WRITE_EVERY`; the
+/// bench builds without the etcd feature too).
+const SOFT_WRITE_EVERY: Duration = Duration::from_secs(30);
+#[cfg(feature = "etcd")]
+const _: () = assert!(SOFT_WRITE_EVERY.as_secs() == flotilla_hub::etcd::SOFT_WRITE_EVERY.as_secs());
+
+/// The hub replicas' lease on etcd (the fail-over phase kills the leader).
+const LEASE_SECONDS: u64 = 3;
+
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
         .args(args)
@@ -129,14 +138,52 @@ fn hub_child(dir: PathBuf, repo: String) {
     });
 }
 
+/// A hub child (replica `replica` on etcd when `etcd` is set) and the port it serves on.
+fn spawn_hub(dir: &Path, repo: &Path, etcd: Option<&str>, replica: &str) -> (std::process::Child, u16) {
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .envs(etcd.map(|e| ("FLOTILLA_BENCH_ETCD", e.to_string())))
+        .env("FLOTILLA_BENCH_REPLICA", replica)
+        .env("FLOTILLA_BENCH_ROLE", "hub")
+        .env("FLOTILLA_BENCH_DIR", dir)
+        .env("FLOTILLA_BENCH_REPO", format!("file://{}", repo.display()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("hub child");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
+    (child, line.trim().parse().expect("port"))
+}
+
+/// etcd's own counters from its `/metrics` (plain HTTP on the client port): the sum of every series of `name`.
+fn etcd_metric(port: u16, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return 0.0 };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: etcd\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What etcd received from its clients (bytes) and the keys it wrote, so far.
+fn etcd_written(port: Option<u16>) -> (f64, f64) {
+    port.map_or((0.0, 0.0), |p| {
+        (etcd_metric(p, "etcd_network_client_grpc_received_bytes_total"), etcd_metric(p, "etcd_mvcc_put_total"))
+    })
+}
+
 /// The store the hub child uses: embedded, or the etcd `FLOTILLA_BENCH_ETCD` names.
 fn bench_store() -> flotilla_hub::server::StoreChoice {
     #[cfg(feature = "etcd")]
     if let Ok(url) = std::env::var("FLOTILLA_BENCH_ETCD") {
         return flotilla_hub::server::StoreChoice::Etcd {
             etcd: flotilla_hub::etcd::EtcdConfig::parse(&url, "/flotilla/bench", None).expect("etcd url"),
-            replica: "bench".into(),
-            lease: Duration::from_secs(10),
+            replica: std::env::var("FLOTILLA_BENCH_REPLICA").unwrap_or_else(|_| "bench-a".into()),
+            lease: Duration::from_secs(LEASE_SECONDS),
         };
     }
     flotilla_hub::server::StoreChoice::Embedded
@@ -152,11 +199,35 @@ fn tls(certs: &Path, who: &str) -> ClientTlsConfig {
 
 /// A stand-in agent that behaves like one: Hello, chunks received, Ack, reports, heartbeats; reports every
 /// second while `chatty` is set.
-async fn agent(port: u16, certs: PathBuf, cluster: String, chatty: Arc<AtomicBool>) {
+/// When its session ends (its hub replica died, or refused it), it opens one with the next hub of `hubs`, as
+/// an agent with several hubs does.
+async fn agent(hubs: Hubs, certs: PathBuf, cluster: String, chatty: Arc<AtomicBool>) {
+    // Digests it holds (its Hello on a reconnect: nothing is sent again).
+    let mut apps: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for attempt in 0usize.. {
+        let port = {
+            let h = hubs.lock().unwrap();
+            h[attempt % h.len()]
+        };
+        session(port, &certs, &cluster, &chatty, &mut apps).await;
+        tokio::time::sleep(Duration::from_millis(100 + fastrand::u64(0..200))).await;
+    }
+}
+
+/// The hub replicas' ports, in the order stand-in agents try them.
+type Hubs = Arc<Mutex<Vec<u16>>>;
+
+async fn session(
+    port: u16,
+    certs: &Path,
+    cluster: &str,
+    chatty: &AtomicBool,
+    apps: &mut BTreeMap<String, (String, String)>,
+) {
     let channel = loop {
         let ep = Endpoint::from_shared(format!("https://localhost:{port}"))
             .expect("url")
-            .tls_config(tls(&certs, &format!("clusters/{cluster}")))
+            .tls_config(tls(certs, &format!("clusters/{cluster}")))
             .expect("tls");
         match ep.connect().await {
             Ok(c) => break c,
@@ -168,13 +239,20 @@ async fn agent(port: u16, certs: PathBuf, cluster: String, chatty: Arc<AtomicBoo
         .send(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
                 protocol: flotilla_hub::report::MIN_AGENT_PROTOCOL,
+                applied: apps
+                    .iter()
+                    .map(|(app, (digest, revision))| pb::AppliedApp {
+                        app: app.clone(),
+                        digest: digest.clone(),
+                        revision: revision.clone(),
+                    })
+                    .collect(),
                 ..Default::default()
             })),
         })
         .await;
     let Ok(resp) = AgentServiceClient::new(channel).session(ReceiverStream::new(rx)).await else { return };
     let mut inbound = resp.into_inner();
-    let mut apps: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
     let mut every_second = tokio::time::interval(Duration::from_secs(1));
     let status = |apps: &BTreeMap<String, (String, String)>| {
@@ -201,9 +279,9 @@ async fn agent(port: u16, certs: PathBuf, cluster: String, chatty: Arc<AtomicBoo
         tokio::select! {
             m = inbound.message() => match m {
                 Ok(Some(pb::HubMessage { msg: Some(pb::hub_message::Msg::Desired(d)) })) => {
-                    apps = d.apps.iter().map(|a| (a.app.clone(), (a.digest.clone(), a.revision.clone()))).collect();
+                    *apps = d.apps.iter().map(|a| (a.app.clone(), (a.digest.clone(), a.revision.clone()))).collect();
                     let ack = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Ack(pb::Ack { seq: d.seq })) };
-                    if tx.send(ack).await.is_err() || tx.send(status(&apps)).await.is_err() {
+                    if tx.send(ack).await.is_err() || tx.send(status(apps)).await.is_err() {
                         return;
                     }
                 }
@@ -218,7 +296,7 @@ async fn agent(port: u16, certs: PathBuf, cluster: String, chatty: Arc<AtomicBoo
                 }
             }
             _ = every_second.tick() => {
-                if chatty.load(Ordering::Relaxed) && tx.send(status(&apps)).await.is_err() {
+                if chatty.load(Ordering::Relaxed) && tx.send(status(apps)).await.is_err() {
                     return;
                 }
             }
@@ -290,19 +368,8 @@ fn run(n: usize) {
     git(&repo, &["add", "-A"]);
     git(&repo, &["commit", "-q", "-m", "nobody"]);
 
-    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
-        .envs(etcd.as_ref().map(|e| ("FLOTILLA_BENCH_ETCD", e.url())))
-        .env("FLOTILLA_BENCH_ROLE", "hub")
-        .env("FLOTILLA_BENCH_DIR", &dir)
-        .env("FLOTILLA_BENCH_REPO", format!("file://{}", repo.display()))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("hub child");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
-    let port: u16 = line.trim().parse().expect("port");
+    let etcd_url = etcd.as_ref().map(|e| e.url());
+    let (mut child, port) = spawn_hub(&dir, &repo, etcd_url.as_deref(), "bench-a");
     let pid = child.id();
     // The hub's store commits, as it logs them: (when, operations).
     let commits: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
@@ -336,9 +403,10 @@ fn run(n: usize) {
         let first_sync = t.elapsed();
         // The connect storm.
         let chatty = Arc::new(AtomicBool::new(false));
+        let hubs: Hubs = Arc::new(Mutex::new(vec![port]));
         let t = Instant::now();
         for c in &names {
-            tokio::spawn(agent(port, certs.clone(), c.clone(), chatty.clone()));
+            tokio::spawn(agent(hubs.clone(), certs.clone(), c.clone(), chatty.clone()));
         }
         loop {
             let r = op
@@ -371,8 +439,11 @@ fn run(n: usize) {
         std::fs::write(repo.join("apps/web/web.yaml"), web("2")).expect("write");
         git(&repo, &["commit", "-q", "-am", "two"]);
         let rev2 = git(&repo, &["rev-parse", "HEAD"]);
+        let etcd_port = etcd.as_ref().map(|e| e.port);
+        let written_before = etcd_written(etcd_port);
         op.refresh(RefreshRequest {}).await.expect("refresh");
         let took = complete(&mut op, "web", &rev2, Duration::from_secs(600)).await;
+        let written_rollout = etcd_written(etcd_port);
         tokio::time::sleep(Duration::from_secs(2)).await;
         let loaded = rss_kib(pid);
         // Every agent reports every second for 10 s.
@@ -382,6 +453,12 @@ fn run(n: usize) {
         tokio::time::sleep(Duration::from_secs(10)).await;
         chatty.store(false, Ordering::Relaxed);
         let window = from.elapsed().as_secs_f64();
+        // Reports are soft state: written with the next immediate batch or within 30 s.
+        let reports_from = etcd_written(etcd_port);
+        if etcd.is_some() {
+            tokio::time::sleep(SOFT_WRITE_EVERY + Duration::from_secs(3)).await;
+        }
+        let reports_to = etcd_written(etcd_port);
         let (n_commits, ops) = commits
             .lock()
             .unwrap()
@@ -405,6 +482,23 @@ fn run(n: usize) {
             n_commits as f64 / window,
             ops as f64 / window
         );
+        if etcd.is_some() {
+            let (bytes, puts) = (written_rollout.0 - written_before.0, written_rollout.1 - written_before.1);
+            println!(
+                "  etcd written for the measured commit (5 waves, {n} clusters' desired state): {:.1} MiB in {puts:.0} key writes, {:.1} MiB per wave step, {:.0} bytes per cluster",
+                bytes / (1 << 20) as f64,
+                bytes / 5.0 / (1 << 20) as f64,
+                bytes / n as f64
+            );
+            let (bytes, puts) = (reports_to.0 - reports_from.0, reports_to.1 - reports_from.1);
+            println!(
+                "  etcd written for agents' reports (soft state, within {} s): {:.1} MiB in {puts:.0} key writes, {:.0} bytes per report written",
+                SOFT_WRITE_EVERY.as_secs(),
+                bytes / (1 << 20) as f64,
+                bytes / puts.max(1.0)
+            );
+            failover(&dir, &repo, etcd_url.as_deref().unwrap_or_default(), &mut child, &mut op, &hubs, &certs, n).await;
+        }
     });
     drop(child.stdin.take());
     let _ = child.wait();
@@ -422,6 +516,79 @@ fn run(n: usize) {
         );
     }
     drop(etcd);
+}
+
+/// The leader killed (kill -9) in the middle of a rollout over every cluster, with every agent connected to
+/// it: a standby leads, the agents move to it, the rollout takes its next step. Prints each time.
+#[allow(clippy::too_many_arguments)]
+async fn failover(
+    dir: &Path,
+    repo: &Path,
+    etcd: &str,
+    leader: &mut std::process::Child,
+    op: &mut PlatformServiceClient<Channel>,
+    hubs: &Hubs,
+    certs: &Path,
+    n: usize,
+) {
+    let (mut standby, port_b) = spawn_hub(dir, repo, Some(etcd), "bench-b");
+    let mut op_b = operator(port_b, certs).await;
+    let t = Instant::now();
+    loop {
+        let h = op_b.list_hubs(flotilla_proto::platform::v1::ListHubsRequest {}).await.map(|r| r.into_inner().hubs);
+        if h.is_ok_and(|h| h.len() == 2 && h.iter().all(|r| r.caught_up)) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "the standby did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let caught_up = t.elapsed();
+    hubs.lock().unwrap().push(port_b);
+    std::fs::write(repo.join("apps/web/web.yaml"), web("3")).expect("write");
+    git(repo, &["commit", "-q", "-am", "three"]);
+    let rev3 = git(repo, &["rev-parse", "HEAD"]);
+    op.refresh(RefreshRequest {}).await.expect("refresh");
+    let passed = |r: &flotilla_proto::platform::v1::Rollout| r.waves.iter().filter(|w| w.phase == "passed").count();
+    let at_kill = loop {
+        let list = op.list_rollouts(ListRolloutsRequest { app: "web".into() }).await.map(|r| r.into_inner()).ok();
+        if let Some(r) = list.and_then(|l| l.rollouts.into_iter().next()).filter(|r| r.revision == rev3) {
+            if passed(&r) >= 1 {
+                break passed(&r);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let killed = Instant::now();
+    let _ = leader.kill();
+    let _ = leader.wait();
+    let mut led = None;
+    let stepped = loop {
+        if led.is_none() {
+            let h = op_b.list_hubs(flotilla_proto::platform::v1::ListHubsRequest {}).await.map(|r| r.into_inner().hubs);
+            if h.is_ok_and(|h| h.iter().any(|r| r.leader && r.name == "bench-b")) {
+                led = Some(killed.elapsed());
+            }
+        }
+        if led.is_some() {
+            let list = op_b.list_rollouts(ListRolloutsRequest { app: "web".into() }).await.map(|r| r.into_inner()).ok();
+            if let Some(r) = list.and_then(|l| l.rollouts.into_iter().next()).filter(|r| r.revision == rev3) {
+                if passed(&r) > at_kill || r.phase == "complete" {
+                    break killed.elapsed();
+                }
+            }
+        }
+        assert!(killed.elapsed() < Duration::from_secs(300), "no rollout step within 5 minutes of the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let rest = complete(&mut op_b, "web", &rev3, Duration::from_secs(600)).await;
+    println!(
+        "  fail-over (lease {LEASE_SECONDS} s; the standby caught up {caught_up:.1?} after it started; all {n} agents on the killed leader): new leader {:.2?} after kill -9, the rollout's next wave passed {:.2?} after it ({at_kill} of 5 passed at the kill), complete {:.2?} later",
+        led.unwrap_or_default(),
+        stepped,
+        rest
+    );
+    drop(standby.stdin.take());
+    let _ = standby.wait();
 }
 
 fn main() {

@@ -63,6 +63,18 @@ where
     }
 }
 
+/// A batch's operations, one per key: the last (in a batch the last operation on a key is the one that counts;
+/// etcd refuses a transaction that names a key twice). Soft state waiting to be written and the batch that
+/// takes it along may both hold an agent's report.
+fn last_per_key(ops: &[Op]) -> Vec<&Op> {
+    let mut last: BTreeMap<&str, &Op> = BTreeMap::new();
+    for op in ops {
+        let (Op::Put(k, _) | Op::Delete(k)) = op;
+        last.insert(k.as_str(), op);
+    }
+    last.into_values().collect()
+}
+
 /// The first key after every key starting with `prefix` (etcd's prefix range end).
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
@@ -152,6 +164,8 @@ pub struct EtcdStore {
     /// with the next immediate batch or after [`SOFT_WRITE_EVERY`] (the `Durability::Soft` contract), so
     /// 10,000 agents reporting every second do not write etcd 10,000 times a second.
     soft: std::sync::Mutex<(Pending, Option<std::time::Instant>)>,
+    /// etcd's revision after this store's last successful write.
+    written: std::sync::atomic::AtomicI64,
 }
 
 /// Who writes through a store.
@@ -296,6 +310,7 @@ impl EtcdStore {
             rt: Some(rt),
             writing: Default::default(),
             soft: Default::default(),
+            written: Default::default(),
         })
     }
 
@@ -360,7 +375,11 @@ impl EtcdStore {
             async move { kv.txn(txn).await }
         }));
         match resp {
-            Ok(r) if r.succeeded() => Ok(()),
+            Ok(r) if r.succeeded() => {
+                let revision = r.header().map_or(0, |h| h.revision());
+                self.written.fetch_max(revision, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
             Ok(_) => Err(StoreError::CommitFailed {
                 ops: n,
                 source: "fenced: this hub no longer holds the leader's election key (another replica leads)".into(),
@@ -449,7 +468,7 @@ impl EtcdStore {
     fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
         let mut txn_ops = Vec::with_capacity(MAX_TXN_OPS);
         let mut bytes = 0;
-        for op in ops {
+        for op in last_per_key(ops) {
             let size = match op {
                 Op::Put(k, v) => k.len() + v.len().min(MAX_VALUE),
                 Op::Delete(k) => k.len(),
@@ -629,6 +648,10 @@ impl Store for EtcdStore {
         Ok(out.into_iter().collect())
     }
 
+    fn revision(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::SeqCst).max(0) as u64
+    }
+
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         let _one_at_a_time = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(*self.writer.lock().unwrap_or_else(|p| p.into_inner()), Writer::Replica) {
@@ -718,6 +741,21 @@ impl EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_named_twice_in_a_batch_is_written_once_with_its_last_operation() {
+        let ops = vec![
+            Op::Put("reports/a".into(), b"old".to_vec()),
+            Op::Put("desired/a".into(), b"d".to_vec()),
+            Op::Put("reports/a".into(), b"new".to_vec()),
+            Op::Put("reports/b".into(), b"b".to_vec()),
+            Op::Delete("reports/b".into()),
+        ];
+        let kept = last_per_key(&ops);
+        assert_eq!(kept.len(), 3);
+        assert!(kept.contains(&&Op::Put("reports/a".into(), b"new".to_vec())));
+        assert!(kept.contains(&&Op::Delete("reports/b".into())));
+    }
 
     #[test]
     fn journal_ops_round_trip() {

@@ -105,6 +105,8 @@ enum Command {
     Followed(BTreeMap<String, Option<Vec<u8>>>),
     /// The state read again in full (a watch that fell behind etcd's compaction).
     Reloaded(Box<State>),
+    /// Every key another replica wrote up to this store revision has been followed.
+    Caught(u64),
     /// This replica leads from now on, with this epoch (its store is already fenced).
     Promote(u64, oneshot::Sender<Result<(), String>>),
     /// This replica no longer leads (its lease is lost): it stops acting and stands by.
@@ -133,6 +135,9 @@ pub struct Shared {
     pub forward: Option<crate::forward::Forward>,
     /// Why this hub does not serve current state, if it does not (a replica behind etcd).
     behind: Option<Behind>,
+    /// The store revision the published state is at least as new as (etcd's; 0 for a single hub): set after
+    /// the state is published, so a reader that reads it first and the state second never overstates it.
+    revision: std::sync::atomic::AtomicU64,
     /// The hub's replicas as last seen (`flotilla hubs`), and the store they share.
     pub replicas: Mutex<(String, Vec<flotilla_proto::platform::v1::HubReplica>)>,
 }
@@ -192,6 +197,11 @@ impl Shared {
         }
     }
 
+    /// See [`Shared::revision`]: read it before the state it stamps.
+    pub fn revision(&self) -> u64 {
+        self.revision.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Whether this hub leads (a single hub always does).
     pub fn leading(&self) -> bool {
         self.leading.load(std::sync::atomic::Ordering::SeqCst)
@@ -246,6 +256,7 @@ impl Hub {
             leading: (!opts.standby).into(),
             forward: opts.forward.clone(),
             behind: opts.behind.clone(),
+            revision: Default::default(),
             replicas: Mutex::new(("embedded".into(), Vec::new())),
             shutdown,
         });
@@ -468,6 +479,11 @@ impl Hub {
         let _ = self.commands.send(Command::Followed(changes)).await;
     }
 
+    /// Everything other replicas wrote up to `revision` has been sent with [`Hub::followed`].
+    pub async fn caught_up_to(&self, revision: u64) {
+        let _ = self.commands.send(Command::Caught(revision)).await;
+    }
+
     /// The whole state read again (a standby's watch fell behind compaction).
     pub async fn reloaded(&self, state: State) {
         let _ = self.commands.send(Command::Reloaded(Box::new(state))).await;
@@ -583,6 +599,11 @@ async fn commit(shared: &Shared, state: &mut Arc<State>, t: Transition) -> Resul
         shared.bundles.lock().unwrap_or_else(|p| p.into_inner()).retain(|d, _| next.bundles.contains(d));
     }
     shared.snapshot.store(next.clone());
+    // The leader writes every desired state: its state is as new as its last write. (A standby's own writes
+    // are reports; how new its state is, its watch says.)
+    if shared.leading() {
+        shared.revision.fetch_max(shared.store.revision(), std::sync::atomic::Ordering::SeqCst);
+    }
     *state = next;
     for c in &t.woken {
         shared.sessions.wake(c);
@@ -634,6 +655,10 @@ async fn writer(
                         let _ = reply.send(());
                     }
                     Command::Followed(changes) => followed(&shared, &mut state, changes).await,
+                    // After the changes sent before it: the state is now at least this new.
+                    Command::Caught(revision) => {
+                        shared.revision.fetch_max(revision, std::sync::atomic::Ordering::SeqCst);
+                    }
                     Command::Reloaded(next) if standby => {
                         let woken: BTreeSet<String> = state.clusters.keys().chain(next.clusters.keys()).cloned().collect();
                         state = Arc::new(*next);
@@ -672,9 +697,22 @@ async fn writer(
                     }
                     Command::Demote(reply) => {
                         shared.leading.store(false, std::sync::atomic::Ordering::SeqCst);
-                        // What it holds may be ahead of etcd (writes refused): read again, as a standby.
+                        // The reports of its own sessions, some only in memory (soft state): written as a standby
+                        // writes them, so neither its own reload nor the next leader loses them (the agents stay
+                        // connected and say nothing again until something changes).
+                        let local: BTreeSet<String> = shared.sessions.present().into_iter().collect();
+                        let t = state.rewritten(&local);
+                        if let Err(e) = commit(&shared, &mut state, t).await {
+                            warn!(error = %e, "writing the reports of this replica's sessions failed");
+                        }
+                        // What else it holds may be ahead of etcd (writes refused): read again, as a standby.
                         match shared.load_again().await {
-                            Ok(loaded) => {
+                            Ok(mut loaded) => {
+                                for c in &local {
+                                    if let Some(r) = state.reports.get(c) {
+                                        loaded.reports.insert(c.clone(), r.clone());
+                                    }
+                                }
                                 state = Arc::new(loaded);
                                 shared.snapshot.store(state.clone());
                             }

@@ -44,12 +44,13 @@ pub async fn current(client: &mut Client, prefix: &str) -> Result<Option<(String
 
 /// Campaigns until this replica leads (Some) or `shutdown` (None). `me` names the replica in the key.
 pub async fn campaign(
+    cfg: &crate::etcd::EtcdConfig,
     client: &Client,
-    prefix: &str,
     me: &str,
     ttl: Duration,
     shutdown: &CancellationToken,
 ) -> Result<Option<Leadership>, etcd_client::Error> {
+    let prefix = cfg.prefix.as_str();
     let key = election_key(prefix);
     let mut client = client.clone();
     let ttl_secs = ttl.as_secs().max(2) as i64;
@@ -73,10 +74,10 @@ pub async fn campaign(
         if resp.succeeded() {
             let create_revision = resp.header().map_or(0, |h| h.revision());
             let lost = CancellationToken::new();
-            tokio::spawn(
-                keep(client.clone(), lease, ttl, key.clone(), create_revision, lost.clone(), shutdown.clone())
-                    .instrument(tracing::info_span!("leader-lease")),
-            );
+            let (k, l, stop) = (key.clone(), lost.clone(), shutdown.clone());
+            on_own_thread("leader-lease", cfg, lost.clone(), move |client| {
+                keep(client, lease, ttl, k, create_revision, l, stop)
+            });
             info!(replica = me, %key, revision = create_revision, "this replica leads");
             return Ok(Some(Leadership { fence: Fence { key, create_revision }, lease, lost, since_ms: since }));
         }
@@ -94,6 +95,38 @@ pub async fn campaign(
             _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// Runs `task` with an etcd client of its own on a thread of its own: a lease is renewed on time however busy
+/// the hub's runtime is (10,000 agent sessions and a 1 MiB bundle sent to each of them keep two cores busy for
+/// a minute; a renewal queued behind them would be late). `failed` is cancelled when it cannot even start.
+pub fn on_own_thread<F, Fut>(name: &str, cfg: &crate::etcd::EtcdConfig, failed: CancellationToken, task: F)
+where
+    F: FnOnce(Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let (cfg, span) = (cfg.clone(), tracing::info_span!("etcd-lease", task = name));
+    let spawned = std::thread::Builder::new().name(name.to_string()).spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            failed.cancel();
+            return;
+        };
+        rt.block_on(
+            async move {
+                match cfg.connect().await {
+                    Ok(client) => task(client).await,
+                    Err(e) => {
+                        warn!(error = %e, "connecting to etcd failed");
+                        failed.cancel();
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    });
+    if spawned.is_err() {
+        warn!("starting a thread for the etcd lease failed");
     }
 }
 

@@ -182,8 +182,27 @@ async fn follow_from(
             );
             return reload(hub, client).await.map(Some);
         }
-        let revision = resp.header().map_or(last, |h| h.revision());
-        let seen: Vec<Seen> = resp.events().iter().filter_map(|e| classify(prefix, e)).collect();
+        // A response without events answers a progress request: every event up to its revision has been sent
+        // (on every watch of the stream), and everything sent before it has been handed to the writer.
+        if resp.events().is_empty() {
+            if !resp.created() {
+                last = resp.header().map_or(last, |h| h.revision()).max(last);
+                progress.applied.fetch_max(last, Ordering::SeqCst);
+                hub.caught_up_to(last.max(0) as u64).await;
+            }
+            continue;
+        }
+        // The leader wrote everything but the standbys' reports itself: it neither reads nor applies the rest.
+        let leading = hub.shared.leading();
+        let reports = crate::keys::Prefix::Report.as_str();
+        let seen: Vec<Seen> = resp
+            .events()
+            .iter()
+            .filter_map(|e| classify(prefix, e))
+            .filter(|s| {
+                !leading || !matches!(s, Seen::Journal) && !matches!(s, Seen::Key(k, _) if !k.starts_with(reports))
+            })
+            .collect();
         if !seen.is_empty() {
             let mut sessions = Vec::new();
             let mut keys = Vec::new();
@@ -222,8 +241,8 @@ async fn follow_from(
                 }
             }
         }
-        last = revision.max(last);
-        progress.applied.fetch_max(last, Ordering::SeqCst);
+        // How new the state is now, etcd says in its answer to this.
+        stream.request_progress().await?;
     }
 }
 

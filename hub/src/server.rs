@@ -202,22 +202,15 @@ pub async fn run(
             let client = etcd.connect().await?;
             let progress = Arc::new(crate::mirror::Progress::default());
             let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
-            tokio::spawn(
-                crate::leader::register(
-                    client.clone(),
-                    etcd.prefix.clone(),
-                    replica.clone(),
-                    advertised(&cfg, addr),
-                    started_ms,
-                    *lease,
-                    sessions_now.clone(),
-                    leading.clone(),
-                    progress.clone(),
-                    lease_tx,
-                    shutdown.clone(),
-                )
-                .instrument(tracing::info_span!("replica-presence")),
-            );
+            // The presence lease on a thread of its own, as the leader's: renewed on time under any load.
+            let (prefix, name, address) = (etcd.prefix.clone(), replica.clone(), advertised(&cfg, addr));
+            let (n, l, p, stop) = (sessions_now.clone(), leading.clone(), progress.clone(), shutdown.clone());
+            let lease_ttl = *lease;
+            // (It cannot fail to connect: the client above just did; if it did, the replica would be absent from
+            // `flotilla hubs`, and still serve.)
+            crate::leader::on_own_thread("replica-presence", etcd, CancellationToken::new(), move |c| {
+                crate::leader::register(c, prefix, name, address, started_ms, lease_ttl, n, l, p, lease_tx, stop)
+            });
             replica_view = Some((client.clone(), etcd.prefix.clone()));
             // Every replica serves agents and operators from the state in etcd, followed by a watch from the
             // revision it was read at; only the one that wins the election acts.
@@ -234,6 +227,8 @@ pub async fn run(
             let p = progress.clone();
             opts.behind = Some(Arc::new(move || p.behind()));
             let hub = Hub::with_options(store.clone(), follower, shutdown.clone(), opts)?;
+            // What it read is at least as new as the revision it asked for before reading.
+            hub.caught_up_to(from.max(0) as u64).await;
             tokio::spawn(
                 crate::mirror::follow(hub.clone(), store.clone(), replica.clone(), from, progress)
                     .instrument(tracing::info_span!("follow-etcd")),
@@ -252,7 +247,7 @@ pub async fn run(
                 hub: hub.clone(),
                 store,
                 client,
-                prefix: etcd.prefix.clone(),
+                etcd: etcd.clone(),
                 replica: replica.clone(),
                 lease: *lease,
                 leading: leading.clone(),
@@ -354,7 +349,7 @@ struct LeadTask {
     hub: Arc<Hub>,
     store: Arc<crate::etcd::EtcdStore>,
     client: etcd_client::Client,
-    prefix: String,
+    etcd: crate::etcd::EtcdConfig,
     replica: String,
     lease: Duration,
     leading: Arc<std::sync::atomic::AtomicBool>,
@@ -366,10 +361,10 @@ impl LeadTask {
     /// process stalled past its lease): it stops acting within the lease and campaigns again.
     async fn run(self) {
         let shutdown = self.hub.shared.shutdown.clone();
-        info!(replica = %self.replica, prefix = %self.prefix, "campaigning to lead the hub replicas");
+        info!(replica = %self.replica, prefix = %self.etcd.prefix, "campaigning to lead the hub replicas");
         loop {
             let lead =
-                match crate::leader::campaign(&self.client, &self.prefix, &self.replica, self.lease, &shutdown).await {
+                match crate::leader::campaign(&self.etcd, &self.client, &self.replica, self.lease, &shutdown).await {
                     Ok(Some(lead)) => lead,
                     Ok(None) => return,
                     Err(e) => {

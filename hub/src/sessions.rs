@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn, Instrument};
 
+/// How long a new session waits for this replica to catch up with the state its agent was sent elsewhere.
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+
 /// New sessions one certificate may open per minute; more are refused until the minute has passed.
 pub const SESSIONS_PER_MINUTE: usize = 20;
 
@@ -177,6 +180,19 @@ impl AgentService for AgentApi {
         if let Err(why) = hub.shared.readiness() {
             return Err(Status::unavailable(format!("this hub replica does not serve current state: {why}")));
         }
+        // Nor one older than a state the agent was already sent (by the leader, or a replica further ahead):
+        // it waits a little for its watch, then sends the agent elsewhere.
+        let waited = tokio::time::Instant::now();
+        while hub.shared.revision() < hello.store_revision {
+            if waited.elapsed() > CATCH_UP_WAIT {
+                return Err(Status::unavailable(format!(
+                    "this hub replica's state (store revision {}) is older than the one the agent was sent ({})",
+                    hub.shared.revision(),
+                    hello.store_revision
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let presence = hub.shared.sessions.open(&cluster)?;
         let (tx, rx) = mpsc::channel(16);
         let span = tracing::info_span!("agent-session", %cluster, session = presence.id);
@@ -303,6 +319,8 @@ async fn send_loop(
     let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
     let shutdown = hub.shared.shutdown.clone();
     loop {
+        // Read before the state: the state is at least this new.
+        let store_revision = hub.shared.revision();
         let state = hub.state();
         // A cluster absent from the inventory receives nothing; a cluster the hub has no record of yet (an empty
         // store before its first commit) is sent nothing either: it keeps running what it runs.
@@ -349,6 +367,7 @@ async fn send_loop(
                         revision: state.revision.clone(),
                         apps: msg,
                         epoch: hub.shared.epoch(),
+                        store_revision,
                     }),
                 )
                 .await?;

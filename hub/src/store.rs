@@ -75,6 +75,10 @@ pub trait Store: Send + Sync + 'static {
         Ok(self.scan(prefix)?.into_iter().map(|(k, _)| k).collect())
     }
     fn commit(&self, batch: Batch) -> Result<(), StoreError>;
+    /// The store's revision after this store's last write (etcd's; 0 for stores without one).
+    fn revision(&self) -> u64 {
+        0
+    }
 }
 
 /// A store in memory that can be told to fail its next commits: for tests of what a failed commit leaves.

@@ -32,6 +32,12 @@ mod on_etcd {
             assert!(b.scan("").unwrap().is_empty(), "another fleet's prefix sees nothing of this one");
             a.commit(Batch::default().delete("clusters/eu-1")).unwrap();
             assert_eq!(a.get("clusters/eu-1").unwrap(), None);
+            // A batch naming a key twice (etcd refuses such a transaction): the last operation counts.
+            a.commit(Batch::default().put("clusters/eu-3", "first").put("other", "w").put("clusters/eu-3", "last"))
+                .unwrap();
+            assert_eq!(a.get("clusters/eu-3").unwrap().as_deref(), Some(&b"last"[..]));
+            a.commit(Batch::default().put("clusters/eu-3", "again").delete("clusters/eu-3")).unwrap();
+            assert_eq!(a.get("clusters/eu-3").unwrap(), None);
 
             // A value of 3 MiB (etcd takes at most 1.5 MiB per request): chunked, read back whole.
             let big: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
@@ -100,9 +106,9 @@ mod on_etcd {
         let client = cfg.connect().await.unwrap();
         let ttl = Duration::from_secs(3);
         let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
-        let a = leader::campaign(&client, &cfg.prefix, "a", ttl, &stop_a).await.unwrap().unwrap();
-        let (c2, p2, s2) = (client.clone(), cfg.prefix.clone(), stop_b.clone());
-        let b = tokio::spawn(async move { leader::campaign(&c2, &p2, "b", ttl, &s2).await });
+        let a = leader::campaign(&cfg, &client, "a", ttl, &stop_a).await.unwrap().unwrap();
+        let (c2, cfg2, s2) = (client.clone(), cfg.clone(), stop_b.clone());
+        let b = tokio::spawn(async move { leader::campaign(&cfg2, &c2, "b", ttl, &s2).await });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!b.is_finished(), "b stands by while a leads");
         let (ca, fa) = (cfg.clone(), a.fence.clone());
