@@ -514,6 +514,14 @@ fn run(n: usize) {
             bytes as f64 / (1 << 20) as f64,
             db as f64 / (1 << 20) as f64
         );
+        let families: Vec<String> = store
+            .sizes()
+            .expect("sizes")
+            .into_iter()
+            .filter(|(_, (_, b))| *b >= 64 << 10)
+            .map(|(f, (k, b))| format!("{f} {k} keys {:.1} MiB", b as f64 / (1 << 20) as f64))
+            .collect();
+        println!("    by key family (64 KiB or more): {}", families.join(", "));
     }
     drop(etcd);
 }
@@ -558,9 +566,30 @@ async fn failover(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // Who holds the election key, read from etcd itself (not through a replica busy with the agents).
+    #[cfg(feature = "etcd")]
+    let elected = {
+        let cfg = flotilla_hub::etcd::EtcdConfig::parse(etcd, "/flotilla/bench", None).expect("etcd url");
+        let client = cfg.connect().await.expect("etcd client");
+        move || {
+            let mut c = client.clone();
+            async move { flotilla_hub::leader::current(&mut c, "/flotilla/bench").await.ok().flatten().map(|(n, _)| n) }
+        }
+    };
     let killed = Instant::now();
     let _ = leader.kill();
     let _ = leader.wait();
+    #[cfg(feature = "etcd")]
+    let key_taken = {
+        while elected().await.as_deref() != Some("bench-b") {
+            assert!(killed.elapsed() < Duration::from_secs(60), "nobody took the election key");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        killed.elapsed()
+    };
+    // (Without etcd there is no fail-over phase.)
+    #[cfg(not(feature = "etcd"))]
+    let key_taken = Duration::ZERO;
     let mut led = None;
     let stepped = loop {
         if led.is_none() {
@@ -582,7 +611,8 @@ async fn failover(
     };
     let rest = complete(&mut op_b, "web", &rev3, Duration::from_secs(600)).await;
     println!(
-        "  fail-over (lease {LEASE_SECONDS} s; the standby caught up {caught_up:.1?} after it started; all {n} agents on the killed leader): new leader {:.2?} after kill -9, the rollout's next wave passed {:.2?} after it ({at_kill} of 5 passed at the kill), complete {:.2?} later",
+        "  fail-over (lease {LEASE_SECONDS} s; the standby caught up {caught_up:.1?} after it started; all {n} agents on the killed leader): the standby held the election key {:.2?} after kill -9 and said it leads after {:.2?}, the rollout's next wave passed {:.2?} after the kill ({at_kill} of 5 passed at the kill), complete {:.2?} later",
+        key_taken,
         led.unwrap_or_default(),
         stepped,
         rest

@@ -166,6 +166,8 @@ pub struct EtcdStore {
     soft: std::sync::Mutex<(Pending, Option<std::time::Instant>)>,
     /// etcd's revision after this store's last successful write.
     written: std::sync::atomic::AtomicI64,
+    /// How long soft state may wait ([`SOFT_WRITE_EVERY`]; shorter in tests).
+    soft_every: Duration,
 }
 
 /// Who writes through a store.
@@ -311,7 +313,14 @@ impl EtcdStore {
             writing: Default::default(),
             soft: Default::default(),
             written: Default::default(),
+            soft_every: SOFT_WRITE_EVERY,
         })
+    }
+
+    /// How long soft state may wait before it is written (tests shorten it).
+    #[doc(hidden)]
+    pub fn set_soft_every(&mut self, every: Duration) {
+        self.soft_every = every;
     }
 
     /// Whether a batch is being applied (or was left half-applied).
@@ -599,6 +608,35 @@ impl EtcdStore {
         let all = self.raw_scan(&format!("{}/", self.prefix))?;
         Ok((all.len(), all.iter().map(|(k, v)| k.len() + v.len()).sum()))
     }
+
+    /// Keys and bytes per key family (`desired`, `reports`, `rollout-data`, …: a chunked value counted whole
+    /// under its own key's family; `chunks` then says what its chunks take), for the size benchmark.
+    pub fn sizes(&self) -> Result<BTreeMap<String, (usize, usize)>, StoreError> {
+        let root = format!("{}/", self.prefix);
+        let mut out: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for (k, v) in self.raw_scan(&root)? {
+            let rest = k.strip_prefix(&root).unwrap_or(&k);
+            let (family, size) = match rest.split_once('/') {
+                Some(("k", key)) => {
+                    let len = match v.strip_prefix(CHUNKED) {
+                        Some(p) => {
+                            String::from_utf8_lossy(p).split(' ').nth(2).and_then(|n| n.parse().ok()).unwrap_or(0)
+                        }
+                        None => v.len(),
+                    };
+                    (key.split('/').next().unwrap_or(key).to_string(), key.len() + len)
+                }
+                Some(("c", _)) => ("chunks".to_string(), rest.len() + v.len()),
+                Some(("j", _)) => ("journal".to_string(), rest.len() + v.len()),
+                Some((top, _)) => (top.to_string(), rest.len() + v.len()),
+                None => (rest.to_string(), rest.len() + v.len()),
+            };
+            let e = out.entry(family).or_default();
+            e.0 += 1;
+            e.1 += size;
+        }
+        Ok(out)
+    }
 }
 
 impl Store for EtcdStore {
@@ -652,6 +690,15 @@ impl Store for EtcdStore {
         self.written.load(std::sync::atomic::Ordering::SeqCst).max(0) as u64
     }
 
+    fn flush_soft(&self) -> Result<(), StoreError> {
+        let due = self.soft.lock().unwrap_or_else(|p| p.into_inner()).1.is_some_and(|t| t.elapsed() >= self.soft_every);
+        if due {
+            // An empty immediate batch: what waits goes with it.
+            self.commit(Batch::default())?;
+        }
+        Ok(())
+    }
+
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         let _one_at_a_time = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         if matches!(*self.writer.lock().unwrap_or_else(|p| p.into_inner()), Writer::Replica) {
@@ -669,7 +716,7 @@ impl Store for EtcdStore {
                     };
                 }
                 let since = *soft.1.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() < SOFT_WRITE_EVERY {
+                if since.elapsed() < self.soft_every {
                     return Ok(());
                 }
             }

@@ -624,6 +624,9 @@ async fn writer(
     let mut pending: BTreeMap<String, Observed> = BTreeMap::new();
     let mut flush = tokio::time::interval(opts.flush);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Soft state the store holds back is written within its time even when nothing else commits.
+    let mut soft = tokio::time::interval(Duration::from_secs(5));
+    soft.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick = tokio::time::interval(opts.tick.unwrap_or(Duration::from_secs(3600)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_clock = 0i64;
@@ -767,6 +770,12 @@ async fn writer(
                 let t = state.observed(std::mem::take(&mut pending));
                 if let Err(e) = commit(&shared, &mut state, t).await {
                     warn!(error = %e, "storing agents' reports failed");
+                }
+            }
+            _ = soft.tick() => {
+                let store = shared.store.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.flush_soft()).await {
+                    warn!(error = %error_chain(&e), "writing agents' reports held back failed");
                 }
             }
             _ = tick.tick(), if opts.tick.is_some() && shared.leading() => {

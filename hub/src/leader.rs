@@ -98,6 +98,26 @@ pub async fn campaign(
     }
 }
 
+/// [`campaign`] on a thread of its own, with a client of its own (see [`on_own_thread`]): a replica busy with
+/// a reconnect storm of agents takes a vacant lead on time.
+pub async fn campaign_apart(
+    cfg: &crate::etcd::EtcdConfig,
+    me: &str,
+    ttl: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Option<Leadership>, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (c2, me, stop) = (cfg.clone(), me.to_string(), shutdown.clone());
+    let failed = CancellationToken::new();
+    on_own_thread("campaign", cfg, failed.clone(), move |client| async move {
+        let _ = tx.send(campaign(&c2, &client, &me, ttl, &stop).await.map_err(|e| e.to_string()));
+    });
+    tokio::select! {
+        r = rx => r.unwrap_or_else(|_| Err("the campaign stopped".into())),
+        _ = failed.cancelled() => Err("connecting to etcd failed".into()),
+    }
+}
+
 /// Runs `task` with an etcd client of its own on a thread of its own: a lease is renewed on time however busy
 /// the hub's runtime is (10,000 agent sessions and a 1 MiB bundle sent to each of them keep two cores busy for
 /// a minute; a renewal queued behind them would be late). `failed` is cancelled when it cannot even start.

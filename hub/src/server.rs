@@ -246,7 +246,6 @@ pub async fn run(
             let lead = LeadTask {
                 hub: hub.clone(),
                 store,
-                client,
                 etcd: etcd.clone(),
                 replica: replica.clone(),
                 lease: *lease,
@@ -348,7 +347,6 @@ fn advertised(cfg: &HubConfig, bound: SocketAddr) -> String {
 struct LeadTask {
     hub: Arc<Hub>,
     store: Arc<crate::etcd::EtcdStore>,
-    client: etcd_client::Client,
     etcd: crate::etcd::EtcdConfig,
     replica: String,
     lease: Duration,
@@ -363,19 +361,18 @@ impl LeadTask {
         let shutdown = self.hub.shared.shutdown.clone();
         info!(replica = %self.replica, prefix = %self.etcd.prefix, "campaigning to lead the hub replicas");
         loop {
-            let lead =
-                match crate::leader::campaign(&self.etcd, &self.client, &self.replica, self.lease, &shutdown).await {
-                    Ok(Some(lead)) => lead,
-                    Ok(None) => return,
-                    Err(e) => {
-                        warn!(error = %e, "campaigning failed (etcd unreachable, or without quorum): trying again");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..500))) => {}
-                        }
-                        continue;
+            let lead = match crate::leader::campaign_apart(&self.etcd, &self.replica, self.lease, &shutdown).await {
+                Ok(Some(lead)) => lead,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(error = %e, "campaigning failed (etcd unreachable, or without quorum): trying again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..500))) => {}
                     }
-                };
+                    continue;
+                }
+            };
             let epoch = lead.fence.create_revision.max(0) as u64;
             let (store, fence) = (self.store.clone(), lead.fence.clone());
             let promoted = match tokio::task::spawn_blocking(move || store.promote(fence)).await {

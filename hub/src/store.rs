@@ -79,6 +79,11 @@ pub trait Store: Send + Sync + 'static {
     fn revision(&self) -> u64 {
         0
     }
+    /// Writes soft state that has waited its longest, when no immediate commit took it along (the etcd store
+    /// holds it in memory, where other replicas cannot see it). The hub calls it every few seconds.
+    fn flush_soft(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A store in memory that can be told to fail its next commits: for tests of what a failed commit leaves.

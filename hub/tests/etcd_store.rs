@@ -68,6 +68,10 @@ mod on_etcd {
             assert!(read.iter().all(|(_, v)| v.len() == 800 << 10));
             let (keys, bytes) = a.size().unwrap();
             eprintln!("store size: {keys} keys, {bytes} bytes");
+            let families = a.sizes().unwrap();
+            assert_eq!(families["wide"].0, 40);
+            assert!(families["wide"].1 >= 40 * (800 << 10), "{families:?}");
+            assert_eq!(families["desired"].0, 5000, "{families:?}");
         })
         .await
         .unwrap();
@@ -214,6 +218,16 @@ mod on_etcd {
             assert_eq!(other.keys("reports/").unwrap().len(), 9_999, "written with the next immediate batch");
             assert_eq!(other.get("desired/c-00007").unwrap().as_deref(), Some(&b"d1"[..]));
             assert_eq!(writer.get("reports/c-00009").unwrap(), None, "the batch's own operations win");
+
+            // With nothing else to commit, soft state is written once it has waited its time.
+            let mut writer = writer;
+            writer.set_soft_every(Duration::from_millis(500));
+            writer.commit(Batch::default().put("reports/late", "healthy").soft()).unwrap();
+            writer.flush_soft().unwrap();
+            assert_eq!(other.get("reports/late").unwrap(), None, "not due yet");
+            std::thread::sleep(Duration::from_millis(600));
+            writer.flush_soft().unwrap();
+            assert_eq!(other.get("reports/late").unwrap().as_deref(), Some(&b"healthy"[..]), "written when due");
         })
         .await
         .unwrap();
