@@ -70,6 +70,71 @@ pub struct RecordData {
     pub rejected: Option<(String, PerCluster)>,
 }
 
+/// Clusters sharing one value of a per-cluster map: a rollout's clusters mostly share one bundle, so 10,000 of
+/// them take a list of names (about 100 KB) instead of 10,000 copies of the value (about 2 MB).
+type Groups = Vec<(DesiredApp, Vec<String>)>;
+
+fn group(p: &PerCluster) -> Groups {
+    let mut out: Groups = Vec::new();
+    for (c, d) in p {
+        match out.iter_mut().find(|(v, _)| v == d) {
+            Some((_, clusters)) => clusters.push(c.clone()),
+            None => out.push((d.clone(), vec![c.clone()])),
+        }
+    }
+    out
+}
+
+fn ungroup(g: Groups) -> PerCluster {
+    g.into_iter().flat_map(|(d, clusters)| clusters.into_iter().map(move |c| (c, d.clone()))).collect()
+}
+
+/// How [`RecordData`] is stored: every per-cluster map as [`Groups`].
+#[derive(Serialize, Deserialize)]
+struct StoredData {
+    /// The format (2); records written before it are plain maps ([`AnyData::Plain`]).
+    grouped: u32,
+    candidates: Groups,
+    before: Groups,
+    good: Option<(String, Groups)>,
+    history: Vec<(String, Groups)>,
+    rejected: Option<(String, Groups)>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AnyData {
+    Grouped(StoredData),
+    Plain(RecordData),
+}
+
+impl From<&RecordData> for StoredData {
+    fn from(d: &RecordData) -> StoredData {
+        let named = |(rev, p): &(String, PerCluster)| (rev.clone(), group(p));
+        StoredData {
+            grouped: 2,
+            candidates: group(&d.candidates),
+            before: group(&d.before),
+            good: d.good.as_ref().map(named),
+            history: d.history.iter().map(named).collect(),
+            rejected: d.rejected.as_ref().map(named),
+        }
+    }
+}
+
+impl From<StoredData> for RecordData {
+    fn from(s: StoredData) -> RecordData {
+        let named = |(rev, g): (String, Groups)| (rev, ungroup(g));
+        RecordData {
+            candidates: ungroup(s.candidates),
+            before: ungroup(s.before),
+            good: s.good.map(named),
+            history: s.history.into_iter().map(named).collect(),
+            rejected: s.rejected.map(named),
+        }
+    }
+}
+
 /// What a rollout step changes: stored under `rollouts/<app>` at every step.
 #[derive(Serialize)]
 struct ProgressRef<'a> {
@@ -106,13 +171,17 @@ impl Record {
 
     /// The bulky part, as stored.
     pub fn data_json(&self) -> Vec<u8> {
-        serde_json::to_vec(&*self.data).unwrap_or_default()
+        serde_json::to_vec(&StoredData::from(&*self.data)).unwrap_or_default()
     }
 
     /// A record from its stored parts.
     pub fn from_stored(progress: Option<&[u8]>, data: Option<&[u8]>) -> Result<Record, serde_json::Error> {
         let p: Progress = progress.map(serde_json::from_slice).transpose()?.unwrap_or_default();
-        let d: RecordData = data.map(serde_json::from_slice).transpose()?.unwrap_or_default();
+        let d: RecordData = match data.map(serde_json::from_slice::<AnyData>).transpose()? {
+            Some(AnyData::Grouped(g)) => g.into(),
+            Some(AnyData::Plain(d)) => d,
+            None => RecordData::default(),
+        };
         Ok(Record { rollout: p.rollout, timeline: p.timeline, blocked: p.blocked, noted: p.noted, data: Arc::new(d) })
     }
 
@@ -529,6 +598,46 @@ pub fn targeted<'a>(
     let mut out: BTreeSet<&str> = desired.into_iter().flat_map(|d| d.keys().map(String::as_str)).collect();
     out.extend(records.filter(|(_, r)| r.targets(cluster)).map(|(a, _)| a.as_str()));
     out
+}
+
+#[cfg(test)]
+mod stored {
+    use super::*;
+
+    /// As the hub stores them: a sha256 digest and a commit id.
+    fn at(digest: &str) -> DesiredApp {
+        DesiredApp {
+            digest: format!("{digest}{}", "0".repeat(64 - digest.len() + 7)),
+            revision: "5f3a9c2e1b7d4a6c8e0f2b4d6a8c0e2f4b6d8a0c".into(),
+            size: 1_048_576,
+            error: None,
+            adopt: false,
+        }
+    }
+
+    #[test]
+    fn per_cluster_maps_are_stored_grouped_and_read_back_whole_and_old_records_still_read() {
+        let mut candidates = PerCluster::new();
+        for i in 0..10_000 {
+            candidates.insert(format!("c-{i:05}"), at(if i % 100 == 0 { "sha256:b" } else { "sha256:a" }));
+        }
+        let data = RecordData {
+            candidates: candidates.clone(),
+            before: candidates.iter().take(10).map(|(c, _)| (c.clone(), at("sha256:old"))).collect(),
+            good: Some(("r0".into(), candidates.clone())),
+            history: vec![("r0".into(), candidates.clone()), ("r1".into(), candidates.clone())],
+            rejected: None,
+        };
+        let rec = Record { data: Arc::new(data.clone()), ..Record::default() };
+        let stored = rec.data_json();
+        let plain = serde_json::to_vec(&data).unwrap();
+        assert!(stored.len() * 10 < plain.len(), "grouped {} bytes, plain {} bytes", stored.len(), plain.len());
+        let back = Record::from_stored(Some(&rec.progress_json()), Some(&stored)).unwrap();
+        assert_eq!(*back.data, data);
+        // A record an earlier version wrote (plain maps) reads the same.
+        let old = Record::from_stored(Some(&rec.progress_json()), Some(&plain)).unwrap();
+        assert_eq!(*old.data, data);
+    }
 }
 
 #[cfg(test)]
