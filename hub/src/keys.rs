@@ -9,7 +9,9 @@
 //! | `fleet/rendering` | how the current commit was rendered, JSON |
 //! | `fleet/specs` | each app's rollout spec at the current commit (or why it is broken), JSON |
 //! | `hub/clock` | the last time (Unix ms) the hub was known to run, for the downtime of a restart |
-//! | `desired/<cluster>` | the cluster's desired state (app → digest, revision), JSON |
+//! | `fleet/desired-clusters` | the clusters the hub has a desired state for (some with no app), JSON |
+//! | `releases/<app>` | the app's desired state on every cluster: clusters grouped by value (digest, revision), JSON |
+//! | `desired/<cluster>` | (read from stores written before releases) the cluster's desired state, JSON |
 //! | `reports/<cluster>` | what the cluster's agent last reported, JSON |
 //! | `rollouts/<app>` | the app's rollout progress and timeline, JSON |
 //! | `rollout-data/<app>` | the app's rollout content per cluster, history, JSON |
@@ -26,6 +28,8 @@ pub enum Key<'a> {
     Rendering,
     Specs,
     Clock,
+    DesiredClusters,
+    Release(&'a str),
     Desired(&'a str),
     Report(&'a str),
     Rollout(&'a str),
@@ -37,6 +41,7 @@ pub enum Key<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prefix {
     Desired,
+    Release,
     Report,
     Rollout,
     RolloutData,
@@ -48,6 +53,7 @@ impl Prefix {
     pub fn as_str(self) -> &'static str {
         match self {
             Prefix::Desired => "desired/",
+            Prefix::Release => "releases/",
             Prefix::Report => "reports/",
             Prefix::Rollout => "rollouts/",
             Prefix::RolloutData => "rollout-data/",
@@ -72,6 +78,8 @@ impl Key<'_> {
             Key::Rendering => "fleet/rendering".into(),
             Key::Specs => "fleet/specs".into(),
             Key::Clock => "hub/clock".into(),
+            Key::DesiredClusters => "fleet/desired-clusters".into(),
+            Key::Release(a) => format!("{}{a}", Prefix::Release.as_str()),
             Key::Desired(c) => format!("{}{c}", Prefix::Desired.as_str()),
             Key::Report(c) => format!("{}{c}", Prefix::Report.as_str()),
             Key::Rollout(a) => format!("{}{a}", Prefix::Rollout.as_str()),
@@ -99,6 +107,7 @@ mod tests {
     fn keys_round_trip_their_names() {
         for (k, p) in [
             (Key::Desired("eu-1"), Prefix::Desired),
+            (Key::Release("shop"), Prefix::Release),
             (Key::Report("eu-1"), Prefix::Report),
             (Key::Rollout("shop"), Prefix::Rollout),
             (Key::RolloutData("shop"), Prefix::RolloutData),

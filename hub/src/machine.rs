@@ -45,6 +45,9 @@ pub struct State {
     pub audit: Arc<VecDeque<String>>,
     /// The last time the hub recorded that it runs.
     pub clock_ms: i64,
+    /// The desired state was read from per-cluster keys (a store written before releases): the next change of
+    /// desired state writes every release and removes those keys.
+    pub desired_legacy: bool,
 }
 
 /// A new commit, parsed and rendered (outside the writer: rendering may take seconds).
@@ -151,6 +154,18 @@ impl State {
         }
         for (k, v) in store.scan(Prefix::Desired.as_str())? {
             st.desired.insert(Prefix::Desired.name(&k).to_string(), Arc::new(parse(&k, &v)?));
+            st.desired_legacy = true;
+        }
+        if let Some(v) = value(Key::DesiredClusters)? {
+            let clusters: Vec<String> = parse(&Key::DesiredClusters.path(), &v)?;
+            let mut desired: BTreeMap<String, Apps> = clusters.into_iter().map(|c| (c, Apps::new())).collect();
+            for (k, v) in store.scan(Prefix::Release.as_str())? {
+                let app = Prefix::Release.name(&k);
+                for (c, d) in rollouts::ungroup(parse(&k, &v)?) {
+                    desired.entry(c).or_default().insert(app.to_string(), d);
+                }
+            }
+            st.desired.extend(desired.into_iter().map(|(c, a)| (c, Arc::new(a))));
         }
         for (k, v) in store.scan(Prefix::Report.as_str())? {
             st.reports.insert(Prefix::Report.name(&k).to_string(), Arc::new(parse(&k, &v)?));
@@ -201,6 +216,7 @@ impl State {
         let mut next = self.clone();
         let mut woken = BTreeSet::new();
         let mut rollouts: BTreeSet<&str> = BTreeSet::new();
+        let mut releases: BTreeMap<&str, &Option<Vec<u8>>> = BTreeMap::new();
         let (mut bundles, mut audit) = (None::<BTreeSet<String>>, None::<BTreeSet<String>>);
         for (k, v) in changes {
             match k.as_str() {
@@ -222,10 +238,31 @@ impl State {
                 "fleet/specs" => {
                     next.specs = Arc::new(v.as_ref().map(|v| parse(k, v)).transpose()?.unwrap_or_default())
                 }
+                "fleet/desired-clusters" => {
+                    let listed: BTreeSet<String> = v.as_ref().map(|v| parse(k, v)).transpose()?.unwrap_or_default();
+                    let unlisted: Vec<String> = next.desired.keys().filter(|c| !listed.contains(*c)).cloned().collect();
+                    for c in unlisted {
+                        next.desired.remove(&c);
+                        woken.insert(c);
+                    }
+                    for c in listed {
+                        if !next.desired.contains_key(&c) {
+                            next.desired.insert(c.clone(), Arc::new(Apps::new()));
+                            woken.insert(c);
+                        }
+                    }
+                    next.desired_legacy = false;
+                }
+                _ if k.starts_with(Prefix::Release.as_str()) => {
+                    releases.insert(Prefix::Release.name(k), v);
+                }
                 _ if k.starts_with(Prefix::Desired.as_str()) => {
                     let c = Prefix::Desired.name(k).to_string();
                     match v {
-                        Some(v) => next.desired.insert(c.clone(), Arc::new(parse(k, v)?)),
+                        Some(v) => {
+                            next.desired_legacy = true;
+                            next.desired.insert(c.clone(), Arc::new(parse(k, v)?))
+                        }
                         None => next.desired.remove(&c),
                     };
                     woken.insert(c);
@@ -261,6 +298,28 @@ impl State {
                     }
                 }
                 _ => {}
+            }
+        }
+        // Releases after the clusters with a record (`fleet/desired-clusters` sorts before them).
+        for (app, v) in releases {
+            let key = Key::Release(app).path();
+            let members: rollouts::PerCluster = match v {
+                Some(v) => rollouts::ungroup(parse(&key, v)?),
+                None => rollouts::PerCluster::new(),
+            };
+            let names: BTreeSet<String> = next.desired.keys().chain(members.keys()).cloned().collect();
+            for c in names {
+                let now = members.get(&c);
+                let had = next.desired.get(&c).and_then(|m| m.get(app));
+                if now == had {
+                    continue;
+                }
+                let apps = Arc::make_mut(next.desired.entry(c.clone()).or_default());
+                match now {
+                    Some(d) => apps.insert(app.to_string(), d.clone()),
+                    None => apps.remove(app),
+                };
+                woken.insert(c);
             }
         }
         for app in rollouts {
@@ -312,12 +371,51 @@ impl State {
         out
     }
 
+    /// The store keys of the desired state that changed from this state to `next`: `releases/<app>` of every app
+    /// whose value changed on some cluster (all its clusters, grouped by value: a wave step is a few keys
+    /// whatever the number of clusters it releases), `fleet/desired-clusters` when the clusters with a record
+    /// changed. A state read from per-cluster keys writes everything once and removes them.
+    fn write_desired(&self, next: &mut State, batch: &mut Batch) {
+        let mut apps: BTreeSet<String> = BTreeSet::new();
+        let migrate = self.desired_legacy;
+        let clusters: BTreeSet<&String> = self.desired.keys().chain(next.desired.keys()).collect();
+        for c in clusters {
+            let (a, b) = (self.desired.get(c), next.desired.get(c));
+            if migrate || a.zip(b).is_some_and(|(a, b)| Arc::ptr_eq(a, b)) {
+                continue;
+            }
+            let (a, b) = (a.map(|m| &**m), b.map(|m| &**m));
+            for app in a.into_iter().flat_map(|m| m.keys()).chain(b.into_iter().flat_map(|m| m.keys())) {
+                if a.and_then(|m| m.get(app)) != b.and_then(|m| m.get(app)) {
+                    apps.insert(app.clone());
+                }
+            }
+        }
+        if migrate {
+            apps.extend(next.desired.values().flat_map(|m| m.keys().cloned()));
+            for c in self.desired.keys() {
+                batch.0.push(crate::store::Op::Delete(Key::Desired(c).path()));
+            }
+            next.desired_legacy = false;
+        }
+        for app in &apps {
+            let groups = rollouts::group(next.desired.iter().filter_map(|(c, m)| m.get(app).map(|d| (c, d))));
+            batch.0.push(match groups.is_empty() {
+                true => crate::store::Op::Delete(Key::Release(app).path()),
+                false => crate::store::Op::Put(Key::Release(app).path(), json(&groups)),
+            });
+        }
+        if migrate || !self.desired.keys().eq(next.desired.keys()) {
+            let names: Vec<&String> = next.desired.keys().collect();
+            batch.0.push(crate::store::Op::Put(Key::DesiredClusters.path(), json(&names)));
+        }
+    }
+
     /// Writes one cluster's desired state into `next` and the batch, if it changed.
-    fn put_desired(&self, next: &mut State, batch: &mut Batch, woken: &mut BTreeSet<String>, c: &str, apps: Apps) {
+    fn put_desired(&self, next: &mut State, woken: &mut BTreeSet<String>, c: &str, apps: Apps) {
         if self.desired.get(c).map(|a| &**a) == Some(&apps) {
             return;
         }
-        batch.0.push(crate::store::Op::Put(Key::Desired(c).path(), json(&apps)));
         next.desired.insert(c.to_string(), Arc::new(apps));
         woken.insert(c.to_string());
     }
@@ -363,10 +461,9 @@ impl State {
             woken.insert(c.clone());
         }
         for (c, apps) in &adv.desired {
-            self.put_desired(&mut next, &mut batch, &mut woken, c, apps.clone());
+            self.put_desired(&mut next, &mut woken, c, apps.clone());
         }
         for gone in self.desired.keys().filter(|c| !adv.desired.contains_key(*c)) {
-            batch = batch.delete(Key::Desired(gone).path());
             next.desired.remove(gone);
             woken.insert(gone.clone());
         }
@@ -426,6 +523,7 @@ impl State {
             .put(Key::Specs.path(), json(&*next.specs))
             .put(Key::Revision.path(), s.revision.clone())
             .delete(Key::SourceError.path());
+        self.write_desired(&mut next, &mut batch);
         Transition { next, batch, woken, reply: Ok(format!("advanced to {}", s.revision)) }
     }
 
@@ -509,10 +607,11 @@ impl State {
             if !stepped.progressed && stepped.changes.is_empty() {
                 continue;
             }
-            apply_changes(&mut next, &mut batch, &mut woken, app, stepped.changes);
+            apply_changes(&mut next, &mut woken, app, stepped.changes);
             Self::put_record(&mut batch, app, &rec, stepped.completed);
             next.rollouts.insert(app.clone(), Arc::new(rec));
         }
+        self.write_desired(&mut next, &mut batch);
         Transition { next, batch, woken, reply: Ok(String::new()) }
     }
 
@@ -529,7 +628,7 @@ impl State {
         let result = rollouts::control(app, &mut rec, &current, &ctx, action);
         let reply = match result {
             Ok((message, changes)) => {
-                apply_changes(&mut next, &mut batch, &mut woken, app, changes);
+                apply_changes(&mut next, &mut woken, app, changes);
                 Self::put_record(&mut batch, app, &rec, true);
                 next.rollouts.insert(app.to_string(), Arc::new(rec));
                 Ok(message)
@@ -552,6 +651,7 @@ impl State {
             }
         }
         next.audit = Arc::new(kept);
+        self.write_desired(&mut next, &mut batch);
         Transition { next, batch, woken, reply }
     }
 
@@ -674,13 +774,7 @@ impl State {
 }
 
 /// Applies desired-state changes of one app to `next` and the batch.
-fn apply_changes(
-    next: &mut State,
-    batch: &mut Batch,
-    woken: &mut BTreeSet<String>,
-    app: &str,
-    changes: rollouts::Changes,
-) {
+fn apply_changes(next: &mut State, woken: &mut BTreeSet<String>, app: &str, changes: rollouts::Changes) {
     let mut per: BTreeMap<String, Apps> = BTreeMap::new();
     for (c, v) in changes {
         let apps = per.entry(c.clone()).or_insert_with(|| next.clone_desired(&c).unwrap_or_default());
@@ -691,7 +785,6 @@ fn apply_changes(
     }
     for (c, apps) in per {
         if next.desired.get(&c).map(|a| &**a) != Some(&apps) {
-            batch.0.push(crate::store::Op::Put(Key::Desired(&c).path(), json(&apps)));
             next.desired.insert(c.clone(), Arc::new(apps));
             woken.insert(c);
         }

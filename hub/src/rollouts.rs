@@ -72,9 +72,9 @@ pub struct RecordData {
 
 /// Clusters sharing one value of a per-cluster map: a rollout's clusters mostly share one bundle, so 10,000 of
 /// them take a list of names (about 100 KB) instead of 10,000 copies of the value (about 2 MB).
-type Groups = Vec<(DesiredApp, Vec<String>)>;
+pub(crate) type Groups = Vec<(DesiredApp, Vec<String>)>;
 
-fn group(p: &PerCluster) -> Groups {
+pub(crate) fn group<'a>(p: impl IntoIterator<Item = (&'a String, &'a DesiredApp)>) -> Groups {
     let mut out: Groups = Vec::new();
     for (c, d) in p {
         match out.iter_mut().find(|(v, _)| v == d) {
@@ -85,7 +85,7 @@ fn group(p: &PerCluster) -> Groups {
     out
 }
 
-fn ungroup(g: Groups) -> PerCluster {
+pub(crate) fn ungroup(g: Groups) -> PerCluster {
     g.into_iter().flat_map(|(d, clusters)| clusters.into_iter().map(move |c| (c, d.clone()))).collect()
 }
 

@@ -234,3 +234,39 @@ fn a_rollout_says_which_released_cluster_cannot_reach_its_api_server() {
         "{view:?}"
     );
 }
+
+#[test]
+fn desired_state_is_stored_per_app_and_a_store_of_per_cluster_keys_is_read_then_rewritten() {
+    let store = MemStore::default();
+    let t = State::default().synced(&synced("r1", "one", 300), 0);
+    store.commit(t.batch).unwrap();
+    let st = t.next;
+    // 300 clusters on one bundle: one release key and the list of clusters, not 300 keys.
+    assert!(store.keys("desired/").unwrap().is_empty());
+    assert_eq!(store.keys("releases/").unwrap(), vec!["releases/shop"]);
+    let release = store.get("releases/shop").unwrap().unwrap();
+    assert!(release.len() < 300 * 20, "{} bytes for 300 clusters", release.len());
+    assert_eq!(State::load(&store).unwrap(), st);
+
+    // A store an earlier version wrote: one key per cluster.
+    let legacy = MemStore::default();
+    let mut batch = flotilla_hub::store::Batch::default();
+    for (k, v) in store.scan("").unwrap() {
+        if k != "fleet/desired-clusters" && !k.starts_with("releases/") {
+            batch = batch.put(k, v);
+        }
+    }
+    for (c, apps) in &st.desired {
+        batch = batch.put(format!("desired/{c}"), serde_json::to_vec(&**apps).unwrap());
+    }
+    legacy.commit(batch).unwrap();
+    let old = State::load(&legacy).unwrap();
+    assert!(old.desired_legacy);
+    assert_eq!(old.desired, st.desired, "read the same");
+    // The next change of desired state writes the releases and removes the per-cluster keys.
+    let t = old.synced(&synced("r2", "two", 300), 0);
+    legacy.commit(t.batch).unwrap();
+    assert!(legacy.keys("desired/").unwrap().is_empty());
+    assert!(!t.next.desired_legacy);
+    assert_eq!(State::load(&legacy).unwrap(), t.next);
+}
