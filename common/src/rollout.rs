@@ -244,8 +244,66 @@ pub enum WavePhase {
 pub struct WaveState {
     pub spec: WaveSpec,
     pub phase: WavePhase,
+    /// Stored grouped (see [`progress_groups`]): a rollout's progress is written at every step, and 10,000
+    /// clusters as one object each would be about 650 KB every time.
+    #[serde(with = "progress_groups")]
     pub clusters: Vec<ClusterProgress>,
     pub approved_by: Option<String>,
+}
+
+/// A wave's clusters as groups of those with the same outcome and release time, their names listed: a few
+/// dozen groups instead of one object per cluster. Read back in name order, which is the order waves keep
+/// (`RolloutSpec::assign` lists clusters by name); a list in another order is written as it is. The
+/// one-object-per-cluster form of earlier versions is read too.
+mod progress_groups {
+    use super::{ClusterOutcome, ClusterProgress};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    type Group = (ClusterOutcome, Option<i64>, Vec<String>);
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        /// Objects: an order other than by name, or an earlier version's.
+        Plain(Vec<ClusterProgress>),
+        Grouped {
+            grouped: Vec<Group>,
+        },
+    }
+
+    pub fn serialize<S: Serializer>(clusters: &[ClusterProgress], s: S) -> Result<S::Ok, S::Error> {
+        if !clusters.windows(2).all(|w| w[0].name < w[1].name) {
+            return Stored::Plain(clusters.to_vec()).serialize(s);
+        }
+        let mut grouped: Vec<Group> = Vec::new();
+        for c in clusters {
+            match grouped.iter_mut().find(|(o, r, _)| *o == c.outcome && *r == c.released_ms) {
+                Some((_, _, names)) => names.push(c.name.clone()),
+                None => grouped.push((c.outcome.clone(), c.released_ms, vec![c.name.clone()])),
+            }
+        }
+        Stored::Grouped { grouped }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ClusterProgress>, D::Error> {
+        Ok(match Stored::deserialize(d)? {
+            Stored::Plain(list) => list,
+            Stored::Grouped { grouped } => {
+                let mut list: Vec<ClusterProgress> = grouped
+                    .into_iter()
+                    .flat_map(|(outcome, released_ms, names)| {
+                        names.into_iter().map(move |name| ClusterProgress {
+                            name,
+                            outcome: outcome.clone(),
+                            released_ms,
+                        })
+                    })
+                    .collect();
+                list.sort_by(|a, b| a.name.cmp(&b.name));
+                list
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -658,6 +716,54 @@ pub fn explain(r: &Rollout, cluster: &str) -> String {
             }
             format!("{cluster} waits in wave {}", w.spec.name)
         }
+    }
+}
+
+#[cfg(test)]
+mod stored {
+    use super::*;
+
+    fn wave(clusters: Vec<ClusterProgress>) -> WaveState {
+        let spec = WaveSpec {
+            name: "w".into(),
+            selector: LabelSelector::default(),
+            max_parallel: None,
+            failure_budget: Amount::Count(0),
+            bake_seconds: 0,
+            progress_deadline_seconds: 600,
+            approval: false,
+            on_failure: OnFailure::Halt,
+        };
+        WaveState { spec, phase: WavePhase::Progressing, clusters, approved_by: None }
+    }
+
+    #[test]
+    fn a_waves_clusters_are_stored_grouped_and_read_back_in_order() {
+        let clusters: Vec<ClusterProgress> = (0..10_000)
+            .map(|i| ClusterProgress {
+                name: format!("c-{i:05}"),
+                outcome: match i % 10 {
+                    0 => ClusterOutcome::Updating,
+                    1 => ClusterOutcome::Failed("not healthy within 600 s".into()),
+                    _ => ClusterOutcome::Healthy,
+                },
+                released_ms: Some(1_700_000_000_000 + (i / 1000) as i64),
+            })
+            .collect();
+        let w = wave(clusters.clone());
+        let stored = serde_json::to_vec(&w).unwrap();
+        let plain = serde_json::to_vec(&clusters).unwrap();
+        assert!(stored.len() * 4 < plain.len(), "grouped {} bytes, plain {} bytes", stored.len(), plain.len());
+        assert_eq!(serde_json::from_slice::<WaveState>(&stored).unwrap(), w);
+        // The one-object-per-cluster form of earlier versions still reads.
+        let mut old = serde_json::to_value(&w).unwrap();
+        old["clusters"] = serde_json::to_value(&w.clusters).unwrap();
+        assert_eq!(serde_json::from_value::<WaveState>(old).unwrap(), w);
+        // Another order is kept as it is.
+        let mut shuffled = clusters;
+        shuffled.swap(0, 5);
+        let w = wave(shuffled);
+        assert_eq!(serde_json::from_slice::<WaveState>(&serde_json::to_vec(&w).unwrap()).unwrap(), w);
     }
 }
 
