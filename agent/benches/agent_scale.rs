@@ -106,7 +106,7 @@ fn main() {
     rt.block_on(async move {
         let bytes = std::fs::read(&bundle_path).expect("bundle");
         let objects = flotilla_common::fleet::Bundle::parse(&bytes).expect("bundle").len();
-        let desired = DesiredApp { app: "big".into(), digest, revision: "r1".into(), bundle: Some(Arc::new(bytes)) };
+        let desired = DesiredApp { app: "big".into(), digest, revision: "r1".into(), bundle: Some(Arc::new(bytes)), traceparent: String::new() };
         let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
         let client = flotilla_agent::kube_client::client(cfg).expect("client");

@@ -110,6 +110,18 @@ impl ApplyError {
         }
     }
 
+    /// The `code` label of the failure: the HTTP status the API server answered, else what happened
+    /// (`timeout`, `unreachable`, `malformed`, `not_served`).
+    pub fn code(&self) -> String {
+        match (self, self.kube()) {
+            (_, Some(kube::Error::Api(s))) => s.code.to_string(),
+            (ApplyError::Timeout { .. }, _) => "timeout".into(),
+            (ApplyError::Malformed { .. }, _) => "malformed".into(),
+            (ApplyError::UnknownKind { .. }, _) => "not_served".into(),
+            _ => "unreachable".into(),
+        }
+    }
+
     /// The API server refused the object itself (422 Invalid, 400 BadRequest, 403 Forbidden from admission
     /// or policy): retrying the same content at once cannot help. The object is marked; the rest applies.
     pub fn is_rejection(&self) -> bool {
@@ -214,6 +226,7 @@ impl Applier {
 
     /// Records an answer (`None`) or the lack of one.
     pub fn observe(&self, failure: Option<String>) {
+        crate::telemetry::METRICS.api_reachable.set(failure.is_none() as i64);
         let mut r = self.reach.lock().unwrap_or_else(|p| p.into_inner());
         match failure {
             None => *r = Reach::default(),
@@ -251,16 +264,23 @@ impl Applier {
         loop {
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let permit = self.permits.acquire().await;
+            let started = std::time::Instant::now();
             let outcome = tokio::time::timeout(CALL_TIMEOUT, f()).await;
             drop(permit);
+            let m = &crate::telemetry::METRICS;
             let err = match outcome {
                 Ok(Ok(v)) => {
+                    if verb == "apply" {
+                        let kind = vec![("kind", m.kind_label(object))];
+                        m.apply_seconds.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
+                    }
                     self.observe(None);
                     return Ok(v);
                 }
                 Ok(Err(source)) => ApplyError::Api { object: object.to_string(), verb, source: Box::new(source) },
                 Err(_) => ApplyError::Timeout { object: object.to_string(), verb, after: CALL_TIMEOUT },
             };
+            m.api_errors.get_or_create(&vec![("code", err.code())]).inc();
             if err.is_unreachable() {
                 self.observe(Some(err.kube().map_or_else(|| err.to_string(), in_words)));
             } else {
@@ -486,7 +506,10 @@ impl Applier {
             ..Default::default()
         };
         match self.call(&object, "delete", || api.delete(&r.name, &dp)).await {
-            Ok(_) => Ok(Pruned::Deleted),
+            Ok(_) => {
+                crate::telemetry::METRICS.pruned.inc();
+                Ok(Pruned::Deleted)
+            }
             Err(e) if api_code(&e) == Some(404) => Ok(Pruned::AlreadyGone),
             Err(e) if api_code(&e) == Some(409) => {
                 Ok(Pruned::Kept(format!("{r} was replaced while being pruned: left alone")))

@@ -10,3 +10,4 @@ pub mod kube_client;
 pub mod lease;
 pub mod session;
 pub mod state;
+pub mod telemetry;

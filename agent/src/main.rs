@@ -42,19 +42,58 @@ struct Args {
     /// Seconds of the agents' Lease: a standby takes over when the active agent has not renewed it for this long.
     #[arg(long, env = "FLOTILLA_AGENT_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
+    /// Where to serve `/metrics` (Prometheus), `/healthz` (alive) and `/readyz` (its state read from the
+    /// cluster and enforced), plain HTTP.
+    #[arg(long, env = "FLOTILLA_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// OTLP/gRPC collector for traces (`http://HOST:4317`): the agent's spans of the commits the hub traces.
+    #[arg(long, env = "FLOTILLA_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// `text`, or `json` (one object per line, with trace and span ids inside traced steps).
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT", default_value = "text")]
+    log_format: flotilla_common::telemetry::LogFormat,
+}
+
+/// What `/metrics` and `/readyz` ask.
+struct Observe(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl flotilla_common::telemetry::endpoint::Observed for Observe {
+    fn metrics(&self) -> String {
+        flotilla_agent::telemetry::METRICS.encode()
+    }
+    fn ready(&self) -> Result<(), String> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("the agent has not read its state from the cluster yet".into())
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     flotilla_common::install_crypto_provider();
-    flotilla_common::process::init_tracing();
     let args = Args::parse();
     let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let cert_pem = read(&args.cert)?;
+    let cluster = match flotilla_common::identity::identity_of_pem(&cert_pem) {
+        Ok(flotilla_common::identity::Identity::Cluster(c)) => c,
+        Ok(other) => anyhow::bail!("{} is the certificate of {other}, not of a cluster", args.cert.display()),
+        Err(e) => anyhow::bail!("{}: {e}", args.cert.display()),
+    };
+    let _ = flotilla_agent::telemetry::CLUSTER.set(cluster.clone());
+    let _telemetry = flotilla_common::telemetry::init(&flotilla_common::telemetry::Options {
+        service: "flotilla-agent",
+        instance: cluster,
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        log_format: args.log_format,
+        roots: flotilla_common::telemetry::Roots::FollowOnly,
+    })?;
     let cfg = AgentConfig {
         hub: args.hub,
         hub_name: args.hub_name,
         ca_pem: read(&args.ca)?,
-        cert_pem: read(&args.cert)?,
+        cert_pem,
         key_pem: read(&args.key)?,
         in_process: None,
     };
@@ -68,6 +107,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let client = flotilla_agent::kube_client::client(kube_cfg)?;
     let shutdown = flotilla_common::process::shutdown_on_signal();
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(addr) = args.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        tracing::info!(addr = %l.local_addr()?, "/metrics, /healthz and /readyz listening");
+        let observe = std::sync::Arc::new(Observe(ready.clone()));
+        tokio::spawn(flotilla_common::telemetry::endpoint::serve(observe, l, shutdown.clone()));
+    }
     let applier = std::sync::Arc::new(Applier::with_concurrency(client, args.concurrency));
     let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(identity) = args.replica.clone() {
@@ -94,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
     let engine_cfg = EngineConfig { state_namespace: args.state_namespace, ..EngineConfig::default() };
     // The state kept in the cluster is enforced before (and without) any hub.
     let engine = start(applier, engine_cfg, shutdown.clone()).await.context("starting the engine")?;
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
     run(cfg, engine, shutdown).await;
     if lost.load(std::sync::atomic::Ordering::SeqCst) {
         anyhow::bail!("this agent lost the agents' Lease and stopped (another agent of the cluster is active)");

@@ -59,7 +59,10 @@ pub async fn run(cfg: AgentConfig, engine: EngineHandle, shutdown: CancellationT
         let hub = hubs.get(next % hubs.len().max(1)).cloned().unwrap_or_else(|| cfg.hub.clone());
         match session(&cfg, &hub, &engine, &seen, &shutdown).await {
             Ok(()) => return,
-            Err(e) => warn!(%hub, error = %e, "session with the hub ended; the cluster keeps its last desired state"),
+            Err(e) => {
+                crate::telemetry::METRICS.session_failures.inc();
+                warn!(%hub, error = %e, "session with the hub ended; the cluster keeps its last desired state")
+            }
         }
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(500);
@@ -76,6 +79,22 @@ pub async fn run(cfg: AgentConfig, engine: EngineHandle, shutdown: CancellationT
         if round_done {
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
+    }
+}
+
+/// `flotilla_agent_connected` is 1 while one of these lives (one per session).
+struct Connected;
+
+impl Connected {
+    fn now() -> Connected {
+        crate::telemetry::METRICS.connected.set(1);
+        Connected
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        crate::telemetry::METRICS.connected.set(0);
     }
 }
 
@@ -184,6 +203,8 @@ async fn session(
         .map_err(|s| format!("the hub refused the session: {}: {}", s.code(), s.message()))?
         .into_inner();
     info!(%hub, "connected to the hub");
+    crate::telemetry::METRICS.sessions.inc();
+    let _connected = Connected::now();
     let mut statuses = engine.statuses();
     let mut reach = engine.reach();
     // Sent first on every session, then when it changes.
@@ -228,6 +249,7 @@ async fn session(
                         reported.insert(s.app.clone(), s.clone());
                     }
                     send(&tx, pb::agent_message::Msg::Status(pb::StatusReport { apps: changed, api })).await?;
+                    crate::telemetry::METRICS.reports_sent.inc();
                 }
                 last_report = tokio::time::Instant::now();
                 report_due = false;
@@ -235,6 +257,7 @@ async fn session(
             m = inbound.message() => match m {
                 Ok(Some(pb::HubMessage { msg: Some(msg) })) => match msg {
                     pb::hub_message::Msg::Desired(d) => {
+                        crate::telemetry::METRICS.desired_states.inc();
                         accept_epoch(&seen.epoch, d.epoch)?;
                         accept_store_revision(&seen.store_revision, d.store_revision)?;
                         // Chunks and bundles of digests the new state no longer wants are dropped.
@@ -282,6 +305,7 @@ async fn session(
                 digest: a.digest.clone(),
                 revision: a.revision.clone(),
                 bundle: bundles.get(&a.digest).cloned(),
+                traceparent: a.traceparent.clone(),
             })
             .collect();
         engine.set_desired(apps).await?;

@@ -58,6 +58,7 @@ async fn kube_prometheus_as_one_app_converges() {
         digest: b.digest.clone(),
         revision: "r".into(),
         bundle: Some(Arc::new(b.bytes.clone())),
+        traceparent: String::new(),
     };
     h.set_desired(vec![app]).await.unwrap();
     status_of(&h, "monitoring", "every object applied", 180, |s| {
@@ -102,6 +103,7 @@ async fn kube_prometheus_as_one_app_converges() {
         digest: b.digest.clone(),
         revision: "r2".into(),
         bundle: Some(Arc::new(b.bytes.clone())),
+        traceparent: String::new(),
     };
     let digest = with_rules.digest.clone();
     h.set_desired(vec![with_rules]).await.unwrap();

@@ -84,6 +84,7 @@ fn crafted(objects: &[&str]) -> DesiredApp {
         digest: flotilla_common::fleet::digest_of(text.as_bytes()),
         revision: "r".into(),
         bundle: Some(Arc::new(text.into_bytes())),
+        traceparent: String::new(),
     }
 }
 

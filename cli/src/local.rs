@@ -166,7 +166,8 @@ impl LocalFleet {
             grace: flotilla_hub::hub::DEFAULT_GRACE,
             store: Default::default(),
             advertise: None,
-            health: None,
+            metrics: None,
+            traces: None,
         };
         let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
         let addr = bound_rx.await.context("the hub did not start")?;

@@ -192,6 +192,14 @@ pub fn identity_of(der: &[u8]) -> Result<Identity, IdentityError> {
     }
 }
 
+/// The identity of a PEM certificate (its first certificate).
+pub fn identity_of_pem(cert_pem: &str) -> Result<Identity, IdentityError> {
+    match x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) {
+        Ok((_, pem)) => identity_of(&pem.contents),
+        Err(_) => Err(IdentityError::NoIdentity),
+    }
+}
+
 /// The DNS names (then IP addresses, as text) a PEM certificate is valid for, in its order.
 pub fn host_names(cert_pem: &str) -> Vec<String> {
     let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()) else { return Vec::new() };

@@ -8,6 +8,8 @@ pub mod identity;
 pub mod process;
 pub mod rollout;
 pub mod selector;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 pub mod tools;
 pub mod yaml;
 

@@ -121,7 +121,8 @@ fn hub_child(dir: PathBuf, repo: String) {
             grace: flotilla_hub::hub::DEFAULT_GRACE,
             store: bench_store(),
             advertise: None,
-            health: None,
+            metrics: None,
+            traces: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();

@@ -68,6 +68,8 @@ pub struct Options {
     pub forward: Option<crate::forward::Forward>,
     /// Why the hub does not serve current state, asked when an agent connects and by `/readyz`.
     pub behind: Option<Behind>,
+    /// Traces of commits (an OTLP exporter is installed), and how many clusters' spans each records.
+    pub traces: Option<usize>,
 }
 
 /// Says why a hub does not serve current state (None: it does).
@@ -84,6 +86,7 @@ impl Default for Options {
             standby: false,
             forward: None,
             behind: None,
+            traces: None,
         }
     }
 }
@@ -140,6 +143,10 @@ pub struct Shared {
     revision: std::sync::atomic::AtomicU64,
     /// The hub's replicas as last seen (`flotilla hubs`), and the store they share.
     pub replicas: Mutex<(String, Vec<flotilla_proto::platform::v1::HubReplica>)>,
+    pub metrics: crate::metrics::HubMetrics,
+    pub traces: crate::traces::Traces,
+    /// Whether a fetch of the fleet repository has finished since the start (successful or not).
+    pub followed_once: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -189,7 +196,21 @@ impl Shared {
         }
     }
 
-    /// Whether this hub serves current state (`/readyz`).
+    /// `/readyz`: the store is open and the hub serves current state ([`Shared::readiness`]), and it has a
+    /// commit to serve: one in its store, or one fetch of the repository has finished (a hub whose store holds a
+    /// commit serves it while the repository is away).
+    pub fn ready(&self) -> Result<(), String> {
+        self.readiness()?;
+        if self.leading()
+            && self.state().revision.is_empty()
+            && !self.followed_once.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err("the fleet repository has not been fetched yet".into());
+        }
+        Ok(())
+    }
+
+    /// Whether this hub serves current state (agents are refused while it does not).
     pub fn readiness(&self) -> Result<(), String> {
         match self.behind.as_ref().and_then(|b| b()) {
             Some(why) => Err(why),
@@ -258,6 +279,9 @@ impl Hub {
             behind: opts.behind.clone(),
             revision: Default::default(),
             replicas: Mutex::new(("embedded".into(), Vec::new())),
+            metrics: Default::default(),
+            traces: crate::traces::Traces::new(opts.traces.is_some(), opts.traces.unwrap_or(0)),
+            followed_once: Default::default(),
             shutdown,
         });
         let (commands, rx) = mpsc::channel(64);
@@ -310,6 +334,10 @@ impl Hub {
         let cmd = Command::Control { app: app.to_string(), action: action.clone(), who: who.to_string(), reply };
         self.commands.send(cmd).await.map_err(|_| "the hub is shutting down".to_string())?;
         let result = rx.await.map_err(|_| "the hub is shutting down".to_string())?;
+        let name: String = format!("{action:?}").chars().take_while(|c| c.is_alphanumeric()).collect();
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        let labels = vec![("action", name.to_lowercase()), ("result", outcome.to_string())];
+        self.shared.metrics.controls.get_or_create(&labels).inc();
         info!(operator = %who, %app, ?action, result = ?result, "rollout control");
         result
     }
@@ -371,12 +399,15 @@ impl Hub {
     }
 
     async fn source_failed(&self, msg: String) {
+        self.shared.followed_once.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.metrics.git_fetches.get_or_create(&crate::metrics::label("result", "failed")).inc();
         warn!(error = %msg, "following the fleet repository failed; serving the last good state");
         let _ = self.commands.send(Command::SourceFailed(msg)).await;
     }
 
     /// Fetches once and, on a new commit, renders it and advances every cluster's desired state.
     pub async fn sync_once(&self) {
+        let fetch_started = std::time::SystemTime::now();
         let f = self.follower.clone();
         let lock = self.fetching.clone();
         let fetched = tokio::task::spawn_blocking(move || {
@@ -399,17 +430,33 @@ impl Hub {
                     .await
             }
         };
+        let m = &self.shared.metrics;
+        self.shared.followed_once.store(true, std::sync::atomic::Ordering::SeqCst);
+        m.git_last_success.set(now_ms() as f64 / 1000.0);
         if snap.revision == self.state().revision {
+            m.git_fetches.get_or_create(&crate::metrics::label("result", "current")).inc();
             let _ = self.commands.send(Command::SourceCurrent).await;
             return;
         }
+        m.git_fetches.get_or_create(&crate::metrics::label("result", "new")).inc();
         let revision = snap.revision.clone();
+        let commit = self.shared.traces.begin_commit(&revision, fetch_started);
         let (tools, cache) = (self.tools.clone(), self.cache.clone());
         let started = std::time::Instant::now();
+        let (parse_span, render_span) = (
+            tracing::info_span!(target: "flotilla::trace", "parse", flotilla.revision = %revision),
+            tracing::info_span!(target: "flotilla::trace", "render", flotilla.revision = %revision),
+        );
+        if self.shared.traces.enabled() {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let _ = parse_span.set_parent(commit.clone());
+            let _ = render_span.set_parent(commit.clone());
+        }
         let rendered = tokio::task::spawn_blocking(move || {
-            let fleet = parse(&snap.tree);
+            let fleet = parse_span.in_scope(|| parse(&snap.tree));
+            drop(parse_span);
             let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-            let rendered = render_fleet(&fleet, &*tools, &mut cache);
+            let rendered = render_span.in_scope(|| render_fleet(&fleet, &*tools, &mut cache));
             (fleet, rendered)
         })
         .instrument(tracing::info_span!("render", %revision))
@@ -419,16 +466,33 @@ impl Hub {
             Err(e) => return self.source_failed(format!("rendering {revision} failed: {e}")).await,
         };
         let rendering = Rendering::new(rendered.stats, started.elapsed().as_millis() as u64);
+        m.render_seconds.observe(started.elapsed().as_secs_f64());
+        m.commit_renders.observe(rendering.renders as f64);
+        m.renders.get_or_create(&crate::metrics::label("kind", "rendered")).inc_by(rendering.rendered);
+        m.renders.get_or_create(&crate::metrics::label("kind", "reused")).inc_by(rendering.renders.saturating_sub(rendering.rendered));
         for p in &fleet.problems() {
             warn!(%revision, problem = %p, "fleet repository problem");
         }
         let (clusters, apps) = (fleet.clusters.len(), fleet.apps.len());
         let synced = Synced { revision: revision.clone(), fleet: Arc::new(fleet), rendered, rendering };
         let (tx, rx) = oneshot::channel();
+        let gate_started = std::time::SystemTime::now();
         if self.commands.send(Command::Synced(Box::new(synced), tx)).await.is_err() {
             return;
         }
-        match rx.await {
+        let answer = rx.await;
+        if self.shared.traces.enabled() {
+            use opentelemetry::trace::TraceContextExt;
+            let attrs = vec![opentelemetry::KeyValue::new("flotilla.revision", revision.clone())];
+            flotilla_common::telemetry::record("gate", &commit, gate_started, std::time::SystemTime::now(), attrs);
+            if let Ok(Err(e)) = &answer {
+                commit.span().set_status(opentelemetry::trace::Status::error(e.clone()));
+            }
+            commit.span().set_attribute(opentelemetry::KeyValue::new("flotilla.clusters", clusters as i64));
+            commit.span().set_attribute(opentelemetry::KeyValue::new("flotilla.apps", apps as i64));
+            commit.span().end();
+        }
+        match answer {
             Ok(Ok(_)) => info!(
                 %revision, clusters, apps,
                 cluster_apps = rendering.cluster_apps, renders = rendering.renders, rendered = rendering.rendered,
@@ -587,18 +651,26 @@ async fn commit(shared: &Shared, state: &mut Arc<State>, t: Transition) -> Resul
     let store = shared.store.clone();
     let batch = t.batch;
     let ops = batch.0.len();
+    let bytes: usize = batch.0.iter().map(|op| if let crate::store::Op::Put(k, v) = op { k.len() + v.len() } else { 0 }).sum();
     let started = std::time::Instant::now();
-    tokio::task::spawn_blocking(move || store.commit(batch))
+    let committed = tokio::task::spawn_blocking(move || store.commit(batch))
         .await
-        .map_err(|e| format!("the store commit did not finish: {e}"))?
-        .map_err(|e| format!("storing the change failed, nothing changed: {}", error_chain(&e)))?;
-    tracing::debug!(ops, millis = started.elapsed().as_millis() as u64, "committed");
+        .map_err(|e| format!("the store commit did not finish: {e}"))
+        .and_then(|r| r.map_err(|e| format!("storing the change failed, nothing changed: {}", error_chain(&e))));
+    if let Err(e) = committed {
+        shared.metrics.store_commit_failures.inc();
+        return Err(e);
+    }
+    shared.metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
+    shared.metrics.store_commit_bytes.observe(bytes as f64);
+    tracing::debug!(ops, bytes, millis = started.elapsed().as_millis() as u64, "committed");
     let next = Arc::new(t.next);
     // Bundles nothing references any more leave the shared cache.
     if next.bundles != state.bundles {
         shared.bundles.lock().unwrap_or_else(|p| p.into_inner()).retain(|d, _| next.bundles.contains(d));
     }
     shared.snapshot.store(next.clone());
+    shared.traces.rollouts_changed(state, &next);
     // The leader writes every desired state: its state is as new as its last write. (A standby's own writes
     // are reports; how new its state is, its watch says.)
     if shared.leading() {

@@ -7,19 +7,19 @@
 //! schema, [`report`] the bounds of agents' reports); [`hub`] runs it: one writer commits every transition to
 //! the [`store`] (embedded redb) and publishes immutable snapshots; [`sessions`] serves agents, [`platform`]
 //! operators, [`server`] the process around them; [`webhook`] turns GitHub and GitLab push events into
-//! immediate fetches.
+//! immediate fetches; [`metrics`] and [`traces`] say what it does (Prometheus, OpenTelemetry).
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod forward;
 pub mod git;
-pub mod health;
 pub mod hub;
 pub mod keys;
 #[cfg(feature = "etcd")]
 pub mod leader;
 pub mod limits;
 pub mod machine;
+pub mod metrics;
 #[cfg(feature = "etcd")]
 pub mod mirror;
 pub mod platform;
@@ -29,4 +29,5 @@ pub mod server;
 pub mod sessions;
 pub mod state;
 pub mod store;
+pub mod traces;
 pub mod webhook;

@@ -79,10 +79,19 @@ struct Args {
     /// pod's address). Standbys forward operators' controls and webhooks' fetches to the leader there.
     #[arg(long, env = "FLOTILLA_HUB_ADVERTISE")]
     advertise: Option<String>,
-    /// Where to serve `/healthz` (alive) and `/readyz` (serving current state: a replica caught up with etcd),
-    /// plain HTTP, for probes.
-    #[arg(long, env = "FLOTILLA_HUB_HEALTH_LISTEN")]
-    health_listen: Option<std::net::SocketAddr>,
+    /// Where to serve `/metrics` (Prometheus), `/healthz` (alive) and `/readyz` (serving current state: the
+    /// store open, a commit to serve, a replica caught up with etcd), plain HTTP. `--health-listen` is the same.
+    #[arg(long, alias = "health-listen", env = "FLOTILLA_HUB_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// OTLP/gRPC collector for traces (`http://HOST:4317`): one trace per commit. Off when unset.
+    #[arg(long, env = "FLOTILLA_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Clusters per commit whose spans (the hub's send, the agent's apply and healthy) a trace records.
+    #[arg(long, env = "FLOTILLA_TRACE_CLUSTERS", default_value_t = flotilla_hub::traces::CLUSTER_SPANS)]
+    trace_clusters: usize,
+    /// `text`, or `json` (one object per line, with trace and span ids inside traced steps).
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT", default_value = "text")]
+    log_format: flotilla_common::telemetry::LogFormat,
 }
 
 /// The store the flags name.
@@ -122,8 +131,14 @@ fn store_choice(args: &Args) -> anyhow::Result<flotilla_hub::server::StoreChoice
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     flotilla_common::install_crypto_provider();
-    flotilla_common::process::init_tracing();
     let args = Args::parse();
+    let _telemetry = flotilla_common::telemetry::init(&flotilla_common::telemetry::Options {
+        service: "flotilla-hub",
+        instance: args.replica.clone().unwrap_or_else(|| args.listen.to_string()),
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        log_format: args.log_format,
+        roots: flotilla_common::telemetry::Roots::Keep,
+    })?;
     let read = |f: &str| {
         let p = args.certs.join(f);
         std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
@@ -161,7 +176,8 @@ async fn main() -> anyhow::Result<()> {
         grace: Duration::from_secs(args.restart_grace_seconds),
         store,
         advertise: args.advertise,
-        health: args.health_listen,
+        metrics: args.metrics_listen,
+        traces: args.otlp_endpoint.is_some().then_some(args.trace_clusters),
     };
     run(cfg, shutdown, None).await
 }

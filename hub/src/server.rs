@@ -151,8 +151,10 @@ pub struct HubConfig {
     pub store: StoreChoice,
     /// Where other hub replicas reach this one (`host:port`); the bound address when None.
     pub advertise: Option<String>,
-    /// Where to serve `/healthz` and `/readyz` (plain HTTP).
-    pub health: Option<SocketAddr>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (plain HTTP).
+    pub metrics: Option<SocketAddr>,
+    /// Commits are traced (an OTLP exporter is installed), recording the spans of this many clusters each.
+    pub traces: Option<usize>,
 }
 
 /// Where the hub keeps its state.
@@ -172,6 +174,19 @@ pub enum StoreChoice {
     },
 }
 
+/// What `/metrics` and `/readyz` ask.
+struct Observe(Arc<Hub>);
+
+impl flotilla_common::telemetry::endpoint::Observed for Observe {
+    fn metrics(&self) -> String {
+        let s = &self.0.shared;
+        s.metrics.encode(&s.state(), &s.sessions, s.leading())
+    }
+    fn ready(&self) -> Result<(), String> {
+        self.0.shared.ready()
+    }
+}
+
 /// Runs a hub until `shutdown` is cancelled. Returns the bound address through `bound`.
 pub async fn run(
     cfg: HubConfig,
@@ -188,7 +203,7 @@ pub async fn run(
     let follower =
         Follower::new(cfg.repo.clone(), cfg.branch.clone(), cfg.data_dir.join("repo.git")).with_auth(cfg.auth.clone());
     #[allow(unused_mut)]
-    let mut opts = Options { grace: cfg.grace, ..Options::default() };
+    let mut opts = Options { grace: cfg.grace, traces: cfg.traces, ..Options::default() };
     #[cfg(feature = "etcd")]
     let mut replica_view: Option<(etcd_client::Client, String)> = None;
     let hub = match &cfg.store {
@@ -302,10 +317,11 @@ pub async fn run(
             .instrument(tracing::debug_span!("replica-view")),
         );
     }
-    if let Some(addr) = cfg.health {
+    if let Some(addr) = cfg.metrics {
         let l = tokio::net::TcpListener::bind(addr).await?;
-        info!(addr = %l.local_addr()?, "health endpoints /healthz and /readyz listening");
-        tokio::spawn(crate::health::serve(hub.clone(), l).instrument(tracing::info_span!("health")));
+        info!(addr = %l.local_addr()?, "/metrics, /healthz and /readyz listening");
+        let task = flotilla_common::telemetry::endpoint::serve(Arc::new(Observe(hub.clone())), l, shutdown.clone());
+        tokio::spawn(task.instrument(tracing::info_span!("metrics")));
     }
     let webhook = match &cfg.webhook {
         Some((addr, secret)) => {

@@ -178,6 +178,7 @@ impl AgentService for AgentApi {
         // A replica that is not caught up with etcd would send a state older than the one the agent may hold:
         // the agent is sent to another replica instead (it keeps enforcing what it has meanwhile).
         if let Err(why) = hub.shared.readiness() {
+            hub.shared.metrics.sessions_refused.get_or_create(&crate::metrics::label("reason", "not_ready")).inc();
             return Err(Status::unavailable(format!("this hub replica does not serve current state: {why}")));
         }
         // Nor one older than a state the agent was already sent (by the leader, or a replica further ahead):
@@ -185,6 +186,7 @@ impl AgentService for AgentApi {
         let waited = tokio::time::Instant::now();
         while hub.shared.revision() < hello.store_revision {
             if waited.elapsed() > CATCH_UP_WAIT {
+                hub.shared.metrics.sessions_refused.get_or_create(&crate::metrics::label("reason", "behind")).inc();
                 return Err(Status::unavailable(format!(
                     "this hub replica's state (store revision {}) is older than the one the agent was sent ({})",
                     hub.shared.revision(),
@@ -193,7 +195,10 @@ impl AgentService for AgentApi {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let presence = hub.shared.sessions.open(&cluster)?;
+        let presence = hub.shared.sessions.open(&cluster).inspect_err(|_| {
+            hub.shared.metrics.sessions_refused.get_or_create(&crate::metrics::label("reason", "rate")).inc();
+        })?;
+        hub.shared.metrics.sessions_opened.inc();
         let (tx, rx) = mpsc::channel(16);
         let span = tracing::info_span!("agent-session", %cluster, session = presence.id);
         tokio::spawn(
@@ -210,6 +215,7 @@ impl AgentService for AgentApi {
                     hello.applied.iter().map(|a| (a.app.clone(), (a.digest.clone(), a.revision.clone()))).collect();
                 let result = run_session(&hub, &cluster, &presence, held, inbound, &tx).await;
                 hub.shared.sessions.close(&cluster, presence.id);
+                hub.shared.metrics.sessions_closed.inc();
                 match result {
                     Ok(()) => info!("agent disconnected"),
                     Err(e) => warn!(error = %e, "agent session ended"),
@@ -286,6 +292,7 @@ async fn run_session(
                             held.insert(a.app.clone(), (a.digest.clone(), a.revision.clone()));
                         }
                     }
+                    hub.shared.metrics.reports.inc();
                     let obs = Observed { apps: report.apps, api: report.api, seen_ms: now_ms(), ..Default::default() };
                     if observer.send((cluster.to_string(), obs)).await.is_err() {
                         return Ok(());
@@ -343,6 +350,11 @@ async fn send_loop(
                         revision: d.revision.clone(),
                         size: d.size,
                         chunks,
+                        traceparent: if missing {
+                            hub.shared.traces.sending(&state, cluster, app, &d.digest, &d.revision)
+                        } else {
+                            String::new()
+                        },
                     });
                     if missing && !to_send.iter().any(|(dg, _)| dg == &d.digest) {
                         let bytes = hub.shared.bundle(&d.digest).await?;

@@ -84,6 +84,8 @@ pub struct DesiredApp {
     pub revision: String,
     /// The bundle, unless the engine holds this digest already.
     pub bundle: Option<Arc<Vec<u8>>>,
+    /// The hub's trace context for this digest (empty: untraced).
+    pub traceparent: String,
 }
 
 enum Command {
@@ -144,6 +146,8 @@ struct Engine {
     held: watch::Sender<BTreeMap<String, (String, String)>>,
     reach: watch::Sender<Reach>,
     cfg: EngineConfig,
+    /// The trace spans of apps whose new digest is not healthy yet.
+    traces: HashMap<String, crate::telemetry::AppTrace>,
 }
 
 /// What is kept of an apply's answer: the resourceVersion it produced and its fingerprint.
@@ -200,6 +204,7 @@ pub async fn start(
         held,
         reach,
         cfg,
+        traces: HashMap::new(),
     };
     engine.reindex();
     for run in engine.apps.values_mut() {
@@ -310,6 +315,7 @@ impl Engine {
         // Apps that left the cluster's desired state: their objects go (unless pruning is off), then their state.
         let gone: Vec<String> = self.apps.keys().filter(|a| !wanted.contains(*a)).cloned().collect();
         for app in gone {
+            self.traces.remove(&app);
             if let Some(run) = self.apps.remove(&app) {
                 let state = AppState { leaving: true, ..run.state() };
                 let sync = run.policy.sync.clone();
@@ -355,6 +361,10 @@ impl Engine {
                         inventory.replace(r.clone());
                     }
                     run.inventory = inventory;
+                    match crate::telemetry::AppTrace::start(&d.traceparent, &d.app, &d.digest, &d.revision) {
+                        Some(t) => self.traces.insert(d.app.clone(), t),
+                        None => self.traces.remove(&d.app),
+                    };
                     let _ = self.save(&mut run).await;
                     info!(app = %d.app, digest = %d.digest, objects = run.refs.len(), "new desired state");
                     self.apps.insert(d.app.clone(), run);
@@ -432,13 +442,18 @@ impl Engine {
             let Some(mut run) = self.apps.remove(&name) else { continue };
             self.step(&mut run).await;
             let prev = self.statuses.borrow().get(&name).cloned();
-            statuses.insert(name.clone(), status::status(&run, prev.as_ref(), &self.applier.reach()));
+            let s = status::status(&run, prev.as_ref(), &self.applier.reach());
+            if self.traces.get_mut(&name).is_some_and(|t| t.observe(&s)) {
+                self.traces.remove(&name);
+            }
+            statuses.insert(name.clone(), s);
             self.apps.insert(name, run);
         }
         // Published with every app in place: an app being stepped is still held (a Hello sent meanwhile that
         // left it out would let a hub with no record of the cluster remove it).
         self.publish_held();
         if **self.statuses.borrow() != statuses {
+            crate::telemetry::METRICS.set_statuses(&statuses);
             self.statuses.send_replace(Arc::new(statuses));
         }
     }

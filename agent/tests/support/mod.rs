@@ -101,6 +101,7 @@ pub fn bundle_of(app: &str, app_extra: &str, manifests: &str) -> DesiredApp {
         digest: b.digest.clone(),
         revision: "r".into(),
         bundle: Some(Arc::new(b.bytes.clone())),
+        traceparent: String::new(),
     }
 }
 

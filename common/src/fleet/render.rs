@@ -407,6 +407,9 @@ struct Input<'a> {
 }
 
 /// Renders every cluster's apps at this commit.
+/// Distinct renders of one commit that get a trace span each (the rest are counted on the commit's).
+pub const RENDER_SPANS: usize = 64;
+
 pub fn render_fleet(fleet: &Fleet, tools: &dyn Tools, cache: &mut RenderCache) -> Rendered {
     let runs = AtomicUsize::new(0);
     // 1. The bases each (app, variant) needs: kustomize builds and manifest parsing, once each.
@@ -472,9 +475,17 @@ pub fn render_fleet(fleet: &Fleet, tools: &dyn Tools, cache: &mut RenderCache) -
 
     // 3. Render each distinct input once (reusing the previous commit's good renders).
     let todo: Vec<usize> = (0..inputs.len()).filter(|i| !cache.renders.contains_key(&inputs[*i].key)).collect();
+    // Spans of the first renders, under the caller's (the commit's) span: worker threads do not inherit it.
+    let parent = tracing::Span::current();
+    let spans = AtomicUsize::new(0);
     let done = par_map(&todo, |i| {
         let input = &inputs[*i];
-        render_one(input.app, input.spec, &input.base, &input.resolved, tools, &runs).map(Arc::new)
+        let span = if spans.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < RENDER_SPANS {
+            tracing::info_span!(target: "flotilla::trace", parent: &parent, "render app", flotilla.app = %input.app.name)
+        } else {
+            tracing::Span::none()
+        };
+        span.in_scope(|| render_one(input.app, input.spec, &input.base, &input.resolved, tools, &runs).map(Arc::new))
     });
     let mut renders: Vec<Option<AppResult>> = inputs.iter().map(|i| cache.renders.get(&i.key).cloned()).collect();
     for (i, r) in todo.iter().zip(done) {
