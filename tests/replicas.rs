@@ -3,7 +3,7 @@
 //! leader is killed ten times in a row in the middle of a rollout; etcd members stop; a leader is frozen past
 //! its lease; controls and webhooks sent to standbys take effect.
 
-use flotilla_e2e::{binary, commit, eventually, free_port, issue_certs, kube, operator_client, spawn, Proc};
+use flotilla_e2e::{binary, commit, eventually, free_port, http_get, issue_certs, kube, operator_client, spawn, Proc};
 use flotilla_proto::platform::v1::control_rollout_request::Action;
 use flotilla_proto::platform::v1::{ControlRolloutRequest, ListClustersRequest, ListRolloutsRequest};
 use std::collections::BTreeMap;
@@ -104,17 +104,6 @@ impl Hub {
     fn url(&self) -> String {
         format!("https://localhost:{}", self.port)
     }
-}
-
-/// `GET path` on a loopback port: the status code (0: no answer) and the body.
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n").as_bytes());
-    let mut response = String::new();
-    let _ = s.read_to_string(&mut response);
-    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, response.rsplit("\r\n\r\n").next().unwrap_or_default().to_string())
 }
 
 /// `flotilla hubs -o json` against the hub on `port`.

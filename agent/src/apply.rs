@@ -240,6 +240,15 @@ impl Applier {
     /// Asks the API server for its version: the probe of reachability (bounded by [`CALL_TIMEOUT`]).
     pub async fn probe(&self) {
         let outcome = tokio::time::timeout(CALL_TIMEOUT, self.client.apiserver_version()).await;
+        let failed = match &outcome {
+            Ok(Ok(_)) => None,
+            Ok(Err(kube::Error::Api(s))) => Some(s.code.to_string()),
+            Ok(Err(_)) => Some("unreachable".to_string()),
+            Err(_) => Some("timeout".to_string()),
+        };
+        if let Some(code) = failed {
+            crate::telemetry::METRICS.api_errors.get_or_create(&vec![("code", code)]).inc();
+        }
         self.observe(match outcome {
             Ok(Ok(_)) => None,
             // Any answer but "cannot answer now" is an answer.

@@ -61,7 +61,11 @@ impl Default for AgentMetrics {
         let apply_seconds: Family<Labels, Histogram, fn() -> Histogram> = Family::new_with_constructor(seconds);
         r.register("apply_duration_seconds", "Server-side apply of one object, by kind", apply_seconds.clone());
         let api_errors = Family::<Labels, Counter>::default();
-        r.register("api_errors", "Failed calls to the cluster's API server, by HTTP code or failure", api_errors.clone());
+        r.register(
+            "api_errors",
+            "Failed calls to the cluster's API server, by HTTP code or failure",
+            api_errors.clone(),
+        );
         let pruned = Counter::default();
         r.register("pruned", "Objects deleted because they left the desired state", pruned.clone());
         let api_reachable = Gauge::default();
@@ -70,6 +74,10 @@ impl Default for AgentMetrics {
         r.register("apps", "Apps by phase and health", apps.clone());
         let drift_items = Family::<Labels, Gauge>::default();
         r.register("drift_items", "Objects that drifted from their desired state, by app", drift_items.clone());
+        // Failures without an HTTP code start at zero (codes appear as the API server answers them).
+        for code in ["timeout", "unreachable"] {
+            api_errors.get_or_create(&vec![("code", code.to_string())]);
+        }
         AgentMetrics {
             registry: r,
             connected,
@@ -169,6 +177,12 @@ impl AppTrace {
         ];
         let apply = otel::start("apply", &parent, SystemTime::now(), attrs.clone());
         otel::recording(&apply).then_some(AppTrace { apply: Some(apply), healthy: None, attrs })
+    }
+
+    /// Makes the current span's context current (log lines written meanwhile carry its trace and span ids);
+    /// hold the guard across no await.
+    pub fn attach(&self) -> Option<opentelemetry::ContextGuard> {
+        self.apply.as_ref().or(self.healthy.as_ref()).map(|cx| cx.clone().attach())
     }
 
     /// Moves the spans along with the app's status; true once the trace has nothing left to record.

@@ -311,6 +311,48 @@ impl tracing::field::Visit for Fields {
 mod tests {
     use super::*;
 
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_inside_a_traced_context_carry_its_trace_and_span_ids() {
+        let buf = Buf::default();
+        let b = buf.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(JsonLines)
+            .with_writer(move || b.clone());
+        let subscriber = tracing_subscriber::registry().with(layer);
+        let cx = from_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("engine", cluster = "eu-1");
+            let _s = span.enter();
+            tracing::info!(app = "shop", "outside");
+            let _g = cx.attach();
+            tracing::info!(app = "shop", objects = 2, "inside");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["message"], "outside");
+        assert!(lines[0].get("trace_id").is_none());
+        assert_eq!(lines[0]["spans"][0]["cluster"], "eu-1");
+        assert_eq!(lines[1]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(lines[1]["span_id"], "00f067aa0ba902b7");
+        assert_eq!(lines[1]["objects"], 2);
+        assert_eq!(lines[1]["level"], "INFO");
+    }
+
     #[test]
     fn traceparent_round_trips_and_an_unsampled_one_keeps_the_trace() {
         let sc = SpanContext::new(

@@ -145,7 +145,7 @@ pub struct Shared {
     pub replicas: Mutex<(String, Vec<flotilla_proto::platform::v1::HubReplica>)>,
     pub metrics: crate::metrics::HubMetrics,
     pub traces: crate::traces::Traces,
-    /// Whether a fetch of the fleet repository has finished since the start (successful or not).
+    /// Whether a fetch of the fleet repository has succeeded since the start.
     pub followed_once: std::sync::atomic::AtomicBool,
 }
 
@@ -197,8 +197,8 @@ impl Shared {
     }
 
     /// `/readyz`: the store is open and the hub serves current state ([`Shared::readiness`]), and it has a
-    /// commit to serve: one in its store, or one fetch of the repository has finished (a hub whose store holds a
-    /// commit serves it while the repository is away).
+    /// commit to serve: one in its store, or a fetch of the repository succeeded (a hub whose store holds a
+    /// commit serves it while the repository is away; one with an empty store has nothing to serve yet).
     pub fn ready(&self) -> Result<(), String> {
         self.readiness()?;
         if self.leading()
@@ -399,7 +399,6 @@ impl Hub {
     }
 
     async fn source_failed(&self, msg: String) {
-        self.shared.followed_once.store(true, std::sync::atomic::Ordering::SeqCst);
         self.shared.metrics.git_fetches.get_or_create(&crate::metrics::label("result", "failed")).inc();
         warn!(error = %msg, "following the fleet repository failed; serving the last good state");
         let _ = self.commands.send(Command::SourceFailed(msg)).await;
@@ -469,7 +468,9 @@ impl Hub {
         m.render_seconds.observe(started.elapsed().as_secs_f64());
         m.commit_renders.observe(rendering.renders as f64);
         m.renders.get_or_create(&crate::metrics::label("kind", "rendered")).inc_by(rendering.rendered);
-        m.renders.get_or_create(&crate::metrics::label("kind", "reused")).inc_by(rendering.renders.saturating_sub(rendering.rendered));
+        m.renders
+            .get_or_create(&crate::metrics::label("kind", "reused"))
+            .inc_by(rendering.renders.saturating_sub(rendering.rendered));
         for p in &fleet.problems() {
             warn!(%revision, problem = %p, "fleet repository problem");
         }
@@ -492,6 +493,7 @@ impl Hub {
             commit.span().set_attribute(opentelemetry::KeyValue::new("flotilla.apps", apps as i64));
             commit.span().end();
         }
+        let _in_trace = self.shared.traces.enabled().then(|| commit.clone().attach());
         match answer {
             Ok(Ok(_)) => info!(
                 %revision, clusters, apps,
@@ -651,7 +653,8 @@ async fn commit(shared: &Shared, state: &mut Arc<State>, t: Transition) -> Resul
     let store = shared.store.clone();
     let batch = t.batch;
     let ops = batch.0.len();
-    let bytes: usize = batch.0.iter().map(|op| if let crate::store::Op::Put(k, v) = op { k.len() + v.len() } else { 0 }).sum();
+    let bytes: usize =
+        batch.0.iter().map(|op| if let crate::store::Op::Put(k, v) = op { k.len() + v.len() } else { 0 }).sum();
     let started = std::time::Instant::now();
     let committed = tokio::task::spawn_blocking(move || store.commit(batch))
         .await

@@ -82,7 +82,8 @@ impl Default for HubMetrics {
         let sessions_closed = counter(&mut r, "sessions_closed", "Agent sessions ended");
         let sessions_refused = family(&mut r, "sessions_refused", "Agent sessions refused, by reason");
         let reports = counter(&mut r, "reports", "Status reports received from agents");
-        let git_fetches = family(&mut r, "git_fetches", "Fetches of the fleet repository, by result (new, current, failed)");
+        let git_fetches =
+            family(&mut r, "git_fetches", "Fetches of the fleet repository, by result (new, current, failed)");
         let git_last_success = GaugeF::default();
         r.register(
             "git_last_success_timestamp_seconds",
@@ -90,15 +91,32 @@ impl Default for HubMetrics {
             git_last_success.clone(),
         );
         let render_seconds = seconds();
-        r.register("render_duration_seconds", "Time to parse and render one commit of the fleet", render_seconds.clone());
+        r.register(
+            "render_duration_seconds",
+            "Time to parse and render one commit of the fleet",
+            render_seconds.clone(),
+        );
         let commit_renders = Histogram::new(exponential_buckets(1.0, 4.0, 10));
-        r.register("commit_renders", "Distinct renders one commit needed (reused ones included)", commit_renders.clone());
-        let renders = family(&mut r, "renders", "Distinct renders, by kind (rendered: run now; reused: from the previous commit)");
+        r.register(
+            "commit_renders",
+            "Distinct renders one commit needed (reused ones included)",
+            commit_renders.clone(),
+        );
+        let renders = family(
+            &mut r,
+            "renders",
+            "Distinct renders, by kind (rendered: run now; reused: from the previous commit)",
+        );
         let store_commit_seconds = seconds();
-        r.register("store_commit_duration_seconds", "Time to commit one batch to the store", store_commit_seconds.clone());
+        r.register(
+            "store_commit_duration_seconds",
+            "Time to commit one batch to the store",
+            store_commit_seconds.clone(),
+        );
         let store_commit_bytes = Histogram::new(exponential_buckets(256.0, 4.0, 12));
         r.register("store_commit_bytes", "Bytes of values written by one store batch", store_commit_bytes.clone());
-        let store_commit_failures = counter(&mut r, "store_commit_failures", "Store batches that failed (nothing changed)");
+        let store_commit_failures =
+            counter(&mut r, "store_commit_failures", "Store batches that failed (nothing changed)");
         let controls = family(&mut r, "rollout_controls", "Rollout controls by action and result (ok, refused)");
         let agents_connected = gauge(&mut r, "agents_connected", "Agents with a live session on this hub");
         let clusters = gauge(&mut r, "clusters", "Clusters in the inventory");
@@ -107,20 +125,44 @@ impl Default for HubMetrics {
             "cluster_apps",
             "Apps on clusters by app and state (in sync, applying, held back, failed, broken, adopted, not reported)",
         );
-        let cluster_app_health =
-            family(&mut r, "cluster_app_health", "Apps on clusters by app and reported health");
-        let drift_items = family(&mut r, "drift_items", "Objects that drifted from their desired state, by app, summed over clusters");
+        let cluster_app_health = family(&mut r, "cluster_app_health", "Apps on clusters by app and reported health");
+        let drift_items = family(
+            &mut r,
+            "drift_items",
+            "Objects that drifted from their desired state, by app, summed over clusters",
+        );
         let rollouts = family(&mut r, "rollouts", "Rollouts by phase");
         let waves = family(&mut r, "rollout_waves", "Waves of each app's current rollout by phase");
-        let wave_clusters = family(&mut r, "rollout_wave_clusters", "Clusters of each wave of each app's current rollout by outcome");
+        let wave_clusters =
+            family(&mut r, "rollout_wave_clusters", "Clusters of each wave of each app's current rollout by outcome");
         let wave_released = family(
             &mut r,
             "rollout_wave_released_timestamp_seconds",
             "When a progressing wave first released a cluster (Unix seconds): with time(), how long it has run",
         );
         let leader = gauge(&mut r, "leader", "1 when this hub leads (follows Git, steps rollouts), 0 on a standby");
-        let git_failing = gauge(&mut r, "git_failing", "1 while following the fleet repository fails (the last good state is served)");
-        let problems = gauge(&mut r, "problems", "Problems of the current commit (broken files, apps that cannot be rendered)");
+        let git_failing = gauge(
+            &mut r,
+            "git_failing",
+            "1 while following the fleet repository fails (the last good state is served)",
+        );
+        let problems =
+            gauge(&mut r, "problems", "Problems of the current commit (broken files, apps that cannot be rendered)");
+        // Counters of closed label sets start at zero, so rate() and increase() see their first event.
+        for reason in ["not_ready", "behind", "rate"] {
+            sessions_refused.get_or_create(&label("reason", reason));
+        }
+        for result in ["new", "current", "failed"] {
+            git_fetches.get_or_create(&label("result", result));
+        }
+        for kind in ["rendered", "reused"] {
+            renders.get_or_create(&label("kind", kind));
+        }
+        for action in ["pause", "resume", "approve", "abort", "retry", "rollback"] {
+            for result in ["ok", "refused"] {
+                controls.get_or_create(&vec![("action", action.to_string()), ("result", result.to_string())]);
+            }
+        }
         HubMetrics {
             registry: r,
             sessions_opened,
@@ -283,5 +325,26 @@ impl HubMetrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_declared_before_it_has_a_series() {
+        let m = HubMetrics::default();
+        let text = m.encode(&State::default(), &Sessions::default(), true);
+        for family in [
+            "rollout_controls counter",
+            "sessions_refused counter",
+            "git_fetches counter",
+            "store_commit_duration_seconds histogram",
+        ] {
+            assert!(text.contains(&format!("# TYPE flotilla_hub_{family}")), "{family}:\n{text}");
+        }
+        assert!(text.contains("flotilla_hub_leader 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

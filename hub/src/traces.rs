@@ -140,13 +140,16 @@ impl Traces {
             return String::new();
         }
         // The wave the cluster is in, when the app's rollout is of this revision (waves list clusters by name).
-        let wave = state.rollouts.get(app).and_then(|r| r.rollout.as_ref()).filter(|ro| ro.revision == revision).and_then(
-            |ro| {
+        let wave = state
+            .rollouts
+            .get(app)
+            .and_then(|r| r.rollout.as_ref())
+            .filter(|ro| ro.revision == revision)
+            .and_then(|ro| {
                 ro.waves.iter().enumerate().find_map(|(i, w)| {
                     w.clusters.binary_search_by(|c| c.name.as_str().cmp(cluster)).ok().map(|_| (i, w.spec.name.clone()))
                 })
-            },
-        );
+            });
         let parent = wave
             .as_ref()
             .and_then(|(i, _)| {

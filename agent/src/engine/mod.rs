@@ -366,7 +366,9 @@ impl Engine {
                         None => self.traces.remove(&d.app),
                     };
                     let _ = self.save(&mut run).await;
+                    let _in_trace = self.traces.get(&d.app).map(|t| t.attach());
                     info!(app = %d.app, digest = %d.digest, objects = run.refs.len(), "new desired state");
+                    drop(_in_trace);
                     self.apps.insert(d.app.clone(), run);
                 }
             }
