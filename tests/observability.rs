@@ -422,7 +422,7 @@ async fn metrics_of_hub_and_agents_match_the_fleet_and_every_dashboard_and_alert
     std::fs::rename(tmp.join("hub-data"), tmp.join("hub-data-old")).unwrap();
     let nowhere = format!("git://127.0.0.1:{}/nothing.git", free_port());
     let port = free_port();
-    let _hub2 = start_hub_with(&tmp, free_port(), &nowhere, &["--metrics-listen".into(), format!("127.0.0.1:{port}")]);
+    let hub2 = start_hub_with(&tmp, free_port(), &nowhere, &["--metrics-listen".into(), format!("127.0.0.1:{port}")]);
     eventually(30, "the endpoint", || async { (http_get(port, "/healthz").0 == 200).then_some(()) }).await;
     let (code, body) = eventually(30, "a failed first fetch", || async {
         let m = scrape(port);
@@ -432,6 +432,20 @@ async fn metrics_of_hub_and_agents_match_the_fleet_and_every_dashboard_and_alert
     .await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("fleet repository"), "{body}");
+
+    // The same unreachable repository, with the store that holds the fleet's commit: ready, serving it, and
+    // the metrics say Git is failing.
+    drop(hub2);
+    std::fs::remove_dir_all(tmp.join("hub-data")).unwrap();
+    std::fs::rename(tmp.join("hub-data-old"), tmp.join("hub-data")).unwrap();
+    let port = free_port();
+    let _hub3 = start_hub_with(&tmp, free_port(), &nowhere, &["--metrics-listen".into(), format!("127.0.0.1:{port}")]);
+    eventually(30, "the hub with its store to say Git is failing", || async {
+        let m = scrape(port);
+        (get(&m, "flotilla_hub_git_failing", &[]) == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(http_get(port, "/readyz"), (200, "ready\n".to_string()), "it serves the commit in its store");
 }
 
 /// The alert rules file, read just enough to count its alerts.

@@ -51,7 +51,7 @@ impl Hub {
             &format!("127.0.0.1:{}", self.port),
             "--webhook-listen",
             &format!("127.0.0.1:{}", self.webhook),
-            "--health-listen",
+            "--metrics-listen",
             &format!("127.0.0.1:{}", self.health),
             "--repo",
             repo,
@@ -474,14 +474,16 @@ async fn a_leader_paused_past_its_lease_steps_down_when_it_wakes() {
     assert_eq!(leader_seen(tmp, a.port).as_deref().map(|n| n == "a" || n == "b"), Some(true));
 }
 
-fn agent(tmp: &Path, name: &str, hub_port: u16) -> Proc {
+/// An agent replica of cluster `c`, serving `/metrics` and `/readyz` on `metrics`.
+fn agent(tmp: &Path, name: &str, hub_port: u16, metrics: u16) -> Proc {
     let hub = format!("https://localhost:{hub_port}");
+    let listen = format!("127.0.0.1:{metrics}");
     flotilla_e2e::start_agent_with(
         tmp,
         &hub,
         "c",
         "c",
-        &["--replica", name, "--lease-seconds", "3"],
+        &["--replica", name, "--lease-seconds", "3", "--metrics-listen", &listen],
         &format!("-{name}"),
     )
 }
@@ -500,15 +502,17 @@ async fn two_agents_of_one_cluster_one_active_and_a_standby_takes_over_without_r
     let repo = notes_repo(tmp);
     let _sim = flotilla_e2e::start_sim(tmp, "c");
     let (port, health) = (free_port(), free_port());
-    let extra = ["--health-listen".to_string(), format!("127.0.0.1:{health}")];
+    let extra = ["--metrics-listen".to_string(), format!("127.0.0.1:{health}")];
     let _hub = flotilla_e2e::start_hub_with(tmp, port, &format!("file://{}", repo.display()), &extra);
-    // A single hub on its embedded store is alive and ready once it serves.
+    // A single hub on its embedded store is alive and ready once it has a commit to serve.
     assert_eq!(http_get(health, "/healthz").0, 200);
+    eventually(20, "the hub to be ready", || async { (http_get(health, "/readyz").0 == 200).then_some(()) }).await;
     assert_eq!(http_get(health, "/readyz"), (200, "ready\n".to_string()));
     assert_eq!(http_get(health, "/nothing").0, 404);
-    let mut agents = vec![agent(tmp, "agent-a", port)];
+    let metrics = [free_port(), free_port()];
+    let mut agents = vec![agent(tmp, "agent-a", port, metrics[0])];
     tokio::time::sleep(Duration::from_millis(500)).await;
-    agents.push(agent(tmp, "agent-b", port));
+    agents.push(agent(tmp, "agent-b", port, metrics[1]));
     let client = kube(&tmp.join("kc"), "c").await;
     eventually(60, "applied by the active agent", || async {
         (flotilla_e2e::value(&client, "notes", "note", "v").await.as_deref() == Some("1")).then_some(())
@@ -530,6 +534,12 @@ async fn two_agents_of_one_cluster_one_active_and_a_standby_takes_over_without_r
     let view = operator.list_clusters(ListClustersRequest::default()).await.unwrap().into_inner();
     assert!(view.clusters[0].connected, "one session, the active agent's");
     assert!(!agent_log(tmp, names[standby]).contains("connected to the hub"), "the standby holds no hub session");
+    // Both are ready (the standby does its job: waiting); only the active one is connected.
+    for (i, connected) in [(active, "1"), (standby, "0")] {
+        assert_eq!(http_get(metrics[i], "/readyz").0, 200, "{}", names[i]);
+        let (_, body) = http_get(metrics[i], "/metrics");
+        assert!(body.lines().any(|l| l == format!("flotilla_agent_connected {connected}")), "{}: {body}", names[i]);
+    }
     let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(client.clone(), "notes");
     let rv_before = api.get("note").await.unwrap().metadata.resource_version;
 

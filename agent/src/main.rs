@@ -65,7 +65,7 @@ impl flotilla_common::telemetry::endpoint::Observed for Observe {
         if self.0.load(std::sync::atomic::Ordering::SeqCst) {
             Ok(())
         } else {
-            Err("the agent has not read its state from the cluster yet".into())
+            Err("the agent has not read its state from the cluster yet (it holds the agents' Lease)".into())
         }
     }
 }
@@ -127,9 +127,12 @@ async fn main() -> anyhow::Result<()> {
             .ensure_namespace(applier.client())
             .await
             .context("creating the state namespace")?;
+        // A standby is ready: it does its job, waiting.
+        ready.store(true, std::sync::atomic::Ordering::SeqCst);
         let Some(held) = flotilla_agent::lease::acquire(applier.client(), lease, shutdown.clone()).await else {
             return Ok(());
         };
+        ready.store(false, std::sync::atomic::Ordering::SeqCst);
         let (stop, flag) = (shutdown.clone(), lost.clone());
         tokio::spawn(async move {
             held.lost.cancelled().await;

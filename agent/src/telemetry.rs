@@ -76,7 +76,7 @@ impl Default for AgentMetrics {
         r.register("drift_items", "Objects that drifted from their desired state, by app", drift_items.clone());
         // Failures without an HTTP code start at zero (codes appear as the API server answers them).
         for code in ["timeout", "unreachable"] {
-            api_errors.get_or_create(&vec![("code", code.to_string())]);
+            let _ = api_errors.get_or_create(&vec![("code", code.to_string())]);
         }
         AgentMetrics {
             registry: r,
@@ -112,22 +112,16 @@ impl AgentMetrics {
 
     /// The apps' gauges from the statuses the engine published.
     pub fn set_statuses(&self, statuses: &BTreeMap<String, pb::AppStatus>) {
-        let mut by: BTreeMap<(&'static str, &'static str), i64> = BTreeMap::new();
+        let mut by: BTreeMap<(String, String), i64> = BTreeMap::new();
         self.drift_items.clear();
         for s in statuses.values() {
-            let phase = match pb::Phase::try_from(s.phase).unwrap_or(pb::Phase::Unspecified) {
-                pb::Phase::Pending => "pending",
-                pb::Phase::Applying => "applying",
-                pb::Phase::Applied => "applied",
-                pb::Phase::Failed => "failed",
-                pb::Phase::Unspecified => "unspecified",
-            };
-            *by.entry((phase, health_name(s.health))).or_default() += 1;
+            let key = (flotilla_proto::phase_label(s.phase), flotilla_proto::health_label(s.health));
+            *by.entry(key).or_default() += 1;
             self.drift_items.get_or_create(&vec![("app", s.app.clone())]).set(s.drifted as i64);
         }
         self.apps.clear();
         for ((phase, health), n) in by {
-            self.apps.get_or_create(&vec![("phase", phase.to_string()), ("health", health.to_string())]).set(n);
+            self.apps.get_or_create(&vec![("phase", phase), ("health", health)]).set(n);
         }
     }
 
@@ -137,17 +131,6 @@ impl AgentMetrics {
             out.clear();
         }
         out
-    }
-}
-
-fn health_name(h: i32) -> &'static str {
-    match pb::Health::try_from(h).unwrap_or(pb::Health::Unspecified) {
-        pb::Health::Healthy => "healthy",
-        pb::Health::Progressing => "progressing",
-        pb::Health::Missing => "missing",
-        pb::Health::Degraded => "degraded",
-        pb::Health::Unknown => "unknown",
-        pb::Health::Unspecified => "unspecified",
     }
 }
 

@@ -12,6 +12,13 @@
 //! `cargo bench -p flotilla-hub --bench rollout_scale` (release); `FLOTILLA_BENCH_SIZES=2000` for one size.
 //! With the hub's state on a real etcd (started here; Debian's etcd-server) and its size printed at the end:
 //! `FLOTILLA_BENCH_STORE=etcd cargo bench -p flotilla-hub --features etcd --bench rollout_scale`.
+//!
+//! Each size runs twice: with tracing and metrics off, then on (`FLOTILLA_BENCH_TELEMETRY=off` or `on` for
+//! one): the hub exports one trace per commit over OTLP to a collector in this process, which counts the
+//! spans, and serves `/metrics`, scraped every 5 s (faster than usual) for the whole run. The two runs are
+//! printed side by side at the end. `FLOTILLA_BENCH_TELEMETRY=off` runs only the first.
+//! `FLOTILLA_BENCH_REPEAT=3` runs each pair three times (off, on, off, on, …) and prints the median and the
+//! range of each measure: one run on two cores shared with 10,000 stand-in agents varies by tens of percent.
 
 use flotilla_proto::agent::v1 as pb;
 use flotilla_proto::agent::v1::agent_service_client::AgentServiceClient;
@@ -91,16 +98,43 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user and system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: fields 14 and 15 (utime, stime) in clock ticks (100 per second).
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<f64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    f.get(11).zip(f.get(12)).map_or(0.0, |(u, s)| (u + s) / 100.0)
+}
+
 /// The child: a hub following `repo`, printing its port.
 fn hub_child(dir: PathBuf, repo: String) {
     flotilla_common::install_crypto_provider();
-    // Store commits, for the parent to count (stderr).
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_env_filter("warn,flotilla_hub::hub=debug")
-        .init();
+    let otlp = std::env::var("FLOTILLA_BENCH_OTLP").ok();
+    let metrics = std::env::var("FLOTILLA_BENCH_METRICS").ok().map(|p| format!("127.0.0.1:{p}").parse().expect("addr"));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // Store commits, for the parent to count (stderr).
+    let filter = "warn,flotilla_hub::hub=debug";
+    let _telemetry = match &otlp {
+        None => {
+            tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_env_filter(filter).init();
+            None
+        }
+        Some(endpoint) => {
+            std::env::set_var("RUST_LOG", filter);
+            let _rt = rt.enter();
+            Some(
+                flotilla_common::telemetry::init(&flotilla_common::telemetry::Options {
+                    service: "flotilla-hub",
+                    instance: "bench".into(),
+                    otlp_endpoint: Some(endpoint.clone()),
+                    log_format: flotilla_common::telemetry::LogFormat::Text,
+                    roots: flotilla_common::telemetry::Roots::Keep,
+                })
+                .expect("telemetry"),
+            )
+        }
+    };
     rt.block_on(async move {
         let read = |f: &str| std::fs::read_to_string(dir.join("certs").join(f)).expect("cert");
         let tls = flotilla_hub::server::HubTls {
@@ -121,8 +155,8 @@ fn hub_child(dir: PathBuf, repo: String) {
             grace: flotilla_hub::hub::DEFAULT_GRACE,
             store: bench_store(),
             advertise: None,
-            metrics: None,
-            traces: None,
+            metrics,
+            traces: otlp.is_some().then_some(flotilla_hub::traces::CLUSTER_SPANS),
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -140,9 +174,17 @@ fn hub_child(dir: PathBuf, repo: String) {
 }
 
 /// A hub child (replica `replica` on etcd when `etcd` is set) and the port it serves on.
-fn spawn_hub(dir: &Path, repo: &Path, etcd: Option<&str>, replica: &str) -> (std::process::Child, u16) {
+fn spawn_hub(
+    dir: &Path,
+    repo: &Path,
+    etcd: Option<&str>,
+    replica: &str,
+    telemetry: Option<&Telemetry>,
+) -> (std::process::Child, u16) {
     let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
         .envs(etcd.map(|e| ("FLOTILLA_BENCH_ETCD", e.to_string())))
+        .envs(telemetry.map(|t| ("FLOTILLA_BENCH_OTLP", format!("http://127.0.0.1:{}", t.otlp))))
+        .envs(telemetry.map(|t| ("FLOTILLA_BENCH_METRICS", t.metrics.to_string())))
         .env("FLOTILLA_BENCH_REPLICA", replica)
         .env("FLOTILLA_BENCH_ROLE", "hub")
         .env("FLOTILLA_BENCH_DIR", dir)
@@ -328,6 +370,38 @@ async fn complete(op: &mut PlatformServiceClient<Channel>, app: &str, revision: 
     }
 }
 
+/// Tracing and metrics on: where the hub exports spans and serves `/metrics`, and what came of it.
+struct Telemetry {
+    otlp: u16,
+    metrics: u16,
+    spans: Arc<std::sync::atomic::AtomicU64>,
+    /// Scrapes of `/metrics`: (count, slowest, largest body in bytes).
+    scrapes: Arc<Mutex<(u64, Duration, usize)>>,
+}
+
+/// A collector that counts the spans it receives.
+#[derive(Clone)]
+struct SpanCounter(Arc<std::sync::atomic::AtomicU64>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for SpanCounter {
+    async fn export(
+        &self,
+        req: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let n: usize = req.into_inner().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+fn telemetry_on() -> bool {
+    std::env::var("FLOTILLA_BENCH_TELEMETRY").as_deref() == Ok("on")
+}
+
 fn run(n: usize) {
     let etcd = (std::env::var("FLOTILLA_BENCH_STORE").as_deref() == Ok("etcd")).then(|| {
         if !cfg!(feature = "etcd") {
@@ -370,7 +444,38 @@ fn run(n: usize) {
     git(&repo, &["commit", "-q", "-m", "nobody"]);
 
     let etcd_url = etcd.as_ref().map(|e| e.url());
-    let (mut child, port) = spawn_hub(&dir, &repo, etcd_url.as_deref(), "bench-a");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let telemetry = telemetry_on().then(|| {
+        let t = Telemetry {
+            otlp: flotilla_e2e::free_port(),
+            metrics: flotilla_e2e::free_port(),
+            spans: Arc::default(),
+            scrapes: Arc::default(),
+        };
+        let svc = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+            SpanCounter(t.spans.clone()),
+        );
+        rt.spawn(tonic::transport::Server::builder().add_service(svc).serve(([127, 0, 0, 1], t.otlp).into()));
+        // Prometheus, scraping every 5 s.
+        let (port, scrapes) = (t.metrics, t.scrapes.clone());
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let started = Instant::now();
+                let (code, body) = tokio::task::spawn_blocking(move || flotilla_e2e::http_get(port, "/metrics"))
+                    .await
+                    .unwrap_or_default();
+                if code == 200 {
+                    let mut s = scrapes.lock().unwrap();
+                    s.0 += 1;
+                    s.1 = s.1.max(started.elapsed());
+                    s.2 = s.2.max(body.len());
+                }
+            }
+        });
+        t
+    });
+    let (mut child, port) = spawn_hub(&dir, &repo, etcd_url.as_deref(), "bench-a", telemetry.as_ref());
     let pid = child.id();
     // The hub's store commits, as it logs them: (when, operations).
     let commits: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
@@ -391,7 +496,6 @@ fn run(n: usize) {
         });
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let certs = dir.join("certs");
         let mut op = operator(port, &certs).await;
@@ -483,6 +587,39 @@ fn run(n: usize) {
             n_commits as f64 / window,
             ops as f64 / window
         );
+        let cpu = cpu_seconds(pid);
+        println!("  hub CPU time over the whole run: {cpu:.1} s");
+        let mut summary = serde_json::json!({
+            "clusters": n,
+            "telemetry": telemetry.is_some(),
+            "connect_s": connect.as_secs_f64(),
+            "first_rollout_s": first_rollout.as_secs_f64(),
+            "commit_to_last_wave_s": took.as_secs_f64(),
+            "kib_per_agent_loaded": kib(loaded.saturating_sub(before)),
+            "hub_rss_mib": loaded as f64 / 1024.0,
+            "hub_cpu_s": cpu,
+            "reports_per_s": ops as f64 / window,
+        });
+        if let Some(t) = &telemetry {
+            let (count, slowest, largest) = *t.scrapes.lock().unwrap();
+            let spans = t.spans.load(Ordering::Relaxed);
+            // One scrape with the fleet at rest (the slowest above fell during a storm on the shared cores).
+            let port = t.metrics;
+            let started = Instant::now();
+            let _ = tokio::task::spawn_blocking(move || flotilla_e2e::http_get(port, "/metrics")).await;
+            let rest = started.elapsed();
+            println!(
+                "  telemetry: {spans} spans exported; /metrics scraped {count} times, slowest {slowest:.1?}, at rest {rest:.1?}, largest {:.1} KiB",
+                largest as f64 / 1024.0
+            );
+            summary["scrape_rest_ms"] = (rest.as_secs_f64() * 1000.0).into();
+            summary["spans"] = spans.into();
+            summary["scrape_max_ms"] = (slowest.as_secs_f64() * 1000.0).into();
+            summary["metrics_kib"] = (largest as f64 / 1024.0).into();
+        }
+        if let Ok(path) = std::env::var("FLOTILLA_BENCH_SUMMARY") {
+            std::fs::write(path, summary.to_string()).expect("summary");
+        }
         if etcd.is_some() {
             let (bytes, puts) = (written_rollout.0 - written_before.0, written_rollout.1 - written_before.1);
             println!(
@@ -540,7 +677,7 @@ async fn failover(
     certs: &Path,
     n: usize,
 ) {
-    let (mut standby, port_b) = spawn_hub(dir, repo, Some(etcd), "bench-b");
+    let (mut standby, port_b) = spawn_hub(dir, repo, Some(etcd), "bench-b", None);
     let mut op_b = operator(port_b, certs).await;
     let t = Instant::now();
     loop {
@@ -577,6 +714,7 @@ async fn failover(
             async move { flotilla_hub::leader::current(&mut c, "/flotilla/bench").await.ok().flatten() }
         }
     };
+    #[cfg(feature = "etcd")]
     let killed_ms = flotilla_hub::hub::now_ms();
     let killed = Instant::now();
     let _ = leader.kill();
@@ -635,17 +773,73 @@ fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![2_000, 10_000]);
-    if let [n] = sizes[..] {
-        return run(n);
+    let modes: Vec<&str> = match std::env::var("FLOTILLA_BENCH_TELEMETRY").as_deref() {
+        Ok("on") => vec!["on"],
+        Ok("off") => vec!["off"],
+        _ => vec!["off", "on"],
+    };
+    if let ([n], [_]) = (&sizes[..], &modes[..]) {
+        return run(*n);
     }
-    // Each size in a process of its own: what one run leaves behind (10 GiB of bundle traffic through the
-    // stand-ins' buffers, the page cache) does not slow the next.
+    // Each size and mode in a process of its own: what one run leaves behind (10 GiB of bundle traffic through
+    // the stand-ins' buffers, the page cache) does not slow the next.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let repeat: usize = std::env::var("FLOTILLA_BENCH_REPEAT").ok().and_then(|r| r.parse().ok()).unwrap_or(1).max(1);
+    let mut table = Vec::new();
     for n in sizes {
-        let status = std::process::Command::new(std::env::current_exe().expect("exe"))
-            .args(std::env::args().skip(1))
-            .env("FLOTILLA_BENCH_SIZES", n.to_string())
-            .status()
-            .expect("bench run");
-        assert!(status.success(), "the run with {n} clusters failed");
+        // row[mode] = one summary per repetition.
+        let mut row: Vec<Vec<serde_json::Value>> = vec![Vec::new(); modes.len()];
+        for (i, mode) in (0..repeat).flat_map(|_| modes.iter().enumerate()) {
+            let summary = tmp.path().join(format!("{n}-{mode}.json"));
+            let status = std::process::Command::new(std::env::current_exe().expect("exe"))
+                .args(std::env::args().skip(1))
+                .env("FLOTILLA_BENCH_SIZES", n.to_string())
+                .env("FLOTILLA_BENCH_TELEMETRY", mode)
+                .env("FLOTILLA_BENCH_SUMMARY", &summary)
+                .status()
+                .expect("bench run");
+            assert!(status.success(), "the run with {n} clusters (telemetry {mode}) failed");
+            let s: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&summary).expect("summary")).expect("json");
+            row[i].push(s);
+        }
+        table.push((n, row));
+    }
+    if modes.len() < 2 {
+        return;
+    }
+    println!(
+        "\ntracing and metrics off vs on (on: one trace per commit over OTLP, /metrics scraped every 5 s); median of {repeat} (range):"
+    );
+    println!("| clusters | measure | off | on | on vs off |");
+    println!("|---|---|---|---|---|");
+    for (n, row) in table {
+        let (off, on) = (&row[0], &row[1]);
+        // The median of a measure over the repetitions, and its range.
+        let stat = |runs: &[serde_json::Value], key: &str| {
+            let mut v: Vec<f64> = runs.iter().map(|r| r[key].as_f64().unwrap_or(0.0)).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            (v[v.len() / 2], v[0], v[v.len() - 1])
+        };
+        for (key, what) in [
+            ("connect_s", "connect storm (s)"),
+            ("first_rollout_s", "first rollout, 3 apps (s)"),
+            ("commit_to_last_wave_s", "commit → last wave (s)"),
+            ("kib_per_agent_loaded", "hub memory per agent (KiB)"),
+            ("hub_rss_mib", "hub resident memory (MiB)"),
+            ("hub_cpu_s", "hub CPU time (s)"),
+        ] {
+            let ((a, a0, a1), (b, b0, b1)) = (stat(off, key), stat(on, key));
+            println!(
+                "| {n} | {what} | {a:.2} ({a0:.2}–{a1:.2}) | {b:.2} ({b0:.2}–{b1:.2}) | {:+.1}% |",
+                (b / a.max(1e-9) - 1.0) * 100.0
+            );
+        }
+        let (spans, scrape, kib) = (stat(on, "spans"), stat(on, "scrape_max_ms"), stat(on, "metrics_kib"));
+        let rest = stat(on, "scrape_rest_ms");
+        println!(
+            "| {n} | spans exported; slowest scrape (at rest); /metrics size | | {:.0} spans; {:.0} ms ({:.0} ms); {:.1} KiB | |",
+            spans.0, scrape.0, rest.0, kib.0
+        );
     }
 }

@@ -9,7 +9,6 @@
 use crate::machine::State;
 use crate::sessions::Sessions;
 use flotilla_common::rollout::{ClusterOutcome, RolloutPhase, WavePhase};
-use flotilla_proto::agent::v1 as pb;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -150,17 +149,17 @@ impl Default for HubMetrics {
             gauge(&mut r, "problems", "Problems of the current commit (broken files, apps that cannot be rendered)");
         // Counters of closed label sets start at zero, so rate() and increase() see their first event.
         for reason in ["not_ready", "behind", "rate"] {
-            sessions_refused.get_or_create(&label("reason", reason));
+            let _ = sessions_refused.get_or_create(&label("reason", reason));
         }
         for result in ["new", "current", "failed"] {
-            git_fetches.get_or_create(&label("result", result));
+            let _ = git_fetches.get_or_create(&label("result", result));
         }
         for kind in ["rendered", "reused"] {
-            renders.get_or_create(&label("kind", kind));
+            let _ = renders.get_or_create(&label("kind", kind));
         }
         for action in ["pause", "resume", "approve", "abort", "retry", "rollback"] {
             for result in ["ok", "refused"] {
-                controls.get_or_create(&vec![("action", action.to_string()), ("result", result.to_string())]);
+                let _ = controls.get_or_create(&vec![("action", action.to_string()), ("result", result.to_string())]);
             }
         }
         HubMetrics {
@@ -196,17 +195,6 @@ impl Default for HubMetrics {
 
 pub fn label(key: &'static str, value: impl Into<String>) -> Labels {
     vec![(key, value.into())]
-}
-
-fn health_name(h: i32) -> &'static str {
-    match pb::Health::try_from(h).unwrap_or(pb::Health::Unspecified) {
-        pb::Health::Healthy => "healthy",
-        pb::Health::Progressing => "progressing",
-        pb::Health::Missing => "missing",
-        pb::Health::Degraded => "degraded",
-        pb::Health::Unknown => "unknown",
-        pb::Health::Unspecified => "unspecified",
-    }
 }
 
 fn phase_name(p: &RolloutPhase) -> &'static str {
@@ -253,7 +241,7 @@ impl HubMetrics {
         self.problems.set(state.problems.len() as i64);
         // Counted first, then set, so a scrape never sees a family half filled.
         let mut apps: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
-        let mut health: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
+        let mut health: BTreeMap<(String, String), i64> = BTreeMap::new();
         let mut drift: BTreeMap<String, i64> = BTreeMap::new();
         for name in state.clusters.keys() {
             let Some(view) = crate::platform::cluster_view(state, sessions, name) else { continue };
@@ -270,7 +258,7 @@ impl HubMetrics {
                 };
                 *apps.entry((a.app.clone(), s)).or_default() += 1;
                 if let Some(st) = &a.applied {
-                    *health.entry((a.app.clone(), health_name(st.health))).or_default() += 1;
+                    *health.entry((a.app.clone(), flotilla_proto::health_label(st.health))).or_default() += 1;
                     *drift.entry(a.app.clone()).or_default() += st.drifted as i64;
                 }
             }
@@ -281,7 +269,7 @@ impl HubMetrics {
         }
         self.cluster_app_health.clear();
         for ((app, h), n) in health {
-            self.cluster_app_health.get_or_create(&vec![("app", app), ("health", h.to_string())]).set(n);
+            self.cluster_app_health.get_or_create(&vec![("app", app), ("health", h)]).set(n);
         }
         self.drift_items.clear();
         for (app, n) in drift {
@@ -333,7 +321,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_family_is_declared_before_it_has_a_series() {
+    fn counters_of_closed_label_sets_start_at_zero_and_the_exposition_is_openmetrics() {
         let m = HubMetrics::default();
         let text = m.encode(&State::default(), &Sessions::default(), true);
         for family in [

@@ -183,3 +183,45 @@ impl Traces {
         tp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_records_the_spans_of_a_bounded_number_of_clusters_and_keeps_them_sampled_across_resends() {
+        // A provider that samples everything and exports nothing: spans get real, sampled ids.
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        opentelemetry::global::set_tracer_provider(provider);
+        let traces = Traces::new(true, 100);
+        let commit = traces.begin_commit("r1", SystemTime::now());
+        let trace = otel::trace_id(&commit);
+        assert_eq!(trace.len(), 32);
+        let state = State::default();
+        let sent: Vec<String> =
+            (0..150).map(|i| traces.sending(&state, &format!("c-{i:03}"), "shop", "sha256:x", "r1")).collect();
+        let sampled = |tp: &str| tp.ends_with("-01");
+        assert!(
+            sent.iter().all(|tp| tp.starts_with(&format!("00-{trace}-"))),
+            "every cluster is sent the commit's trace"
+        );
+        assert_eq!(sent.iter().filter(|tp| sampled(tp)).count(), 100, "at most 100 clusters' spans are recorded");
+        assert!(sent[..100].iter().all(|tp| sampled(tp)) && sent[100..].iter().all(|tp| !sampled(tp)));
+        // A reconnect sends again: the clusters recorded stay recorded, the others stay quiet.
+        assert!(sampled(&traces.sending(&state, "c-007", "shop", "sha256:x", "r1")));
+        assert!(!sampled(&traces.sending(&state, "c-140", "shop", "sha256:x", "r1")));
+        // A commit the hub did not trace (before its start) sends no context; nor does a hub without traces.
+        assert_eq!(traces.sending(&state, "c-001", "shop", "sha256:y", "r0"), "");
+        assert_eq!(Traces::new(false, 100).sending(&state, "c-001", "shop", "sha256:x", "r1"), "");
+    }
+
+    #[test]
+    fn only_the_last_commits_are_kept() {
+        let traces = Traces::new(true, 1);
+        for i in 0..COMMITS + 5 {
+            traces.begin_commit(&format!("r{i}"), SystemTime::now());
+        }
+        assert!(traces.commit("r0").is_none() && traces.commit(&format!("r{}", COMMITS + 4)).is_some());
+        assert_eq!(traces.commits.lock().unwrap().len(), COMMITS);
+    }
+}
