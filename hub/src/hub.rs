@@ -462,7 +462,15 @@ impl Hub {
         .await;
         let (fleet, rendered) = match rendered {
             Ok(r) => r,
-            Err(e) => return self.source_failed(format!("rendering {revision} failed: {e}")).await,
+            Err(e) => {
+                let msg = format!("rendering {revision} failed: {e}");
+                if self.shared.traces.enabled() {
+                    use opentelemetry::trace::TraceContextExt;
+                    commit.span().set_status(opentelemetry::trace::Status::error(msg.clone()));
+                    commit.span().end();
+                }
+                return self.source_failed(msg).await;
+            }
         };
         let rendering = Rendering::new(rendered.stats, started.elapsed().as_millis() as u64);
         m.render_seconds.observe(started.elapsed().as_secs_f64());
