@@ -226,6 +226,12 @@ async fn one_commit_is_one_trace_from_fetch_to_healthy_on_every_cluster_across_a
     let hub_log = std::fs::read_to_string(tmp.join(format!("hub-{}.log", std::process::id()))).unwrap();
     let lines: Vec<serde_json::Value> = hub_log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     assert!(!lines.is_empty(), "the hub logs JSON lines");
+    assert!(
+        lines.iter().any(|l| l["message"] == "fleet advanced"
+            && l["revision"] == revision.as_str()
+            && l["trace_id"] == root.trace.as_str()),
+        "the hub's line for the commit carries its trace id"
+    );
     let agent_log = std::fs::read_to_string(tmp.join("agent-us-1-as-us-1-again.log")).unwrap();
     let agent_lines: Vec<serde_json::Value> = agent_log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     assert!(

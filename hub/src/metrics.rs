@@ -244,22 +244,11 @@ impl HubMetrics {
         let mut health: BTreeMap<(String, String), i64> = BTreeMap::new();
         let mut drift: BTreeMap<String, i64> = BTreeMap::new();
         for name in state.clusters.keys() {
-            let Some(view) = crate::platform::cluster_view(state, sessions, name) else { continue };
-            for a in &view.apps {
-                let s = match a.state.as_str() {
-                    "in sync" => "in_sync",
-                    "held back" => "held_back",
-                    "not reported" => "not_reported",
-                    "applying" => "applying",
-                    "failed" => "failed",
-                    "broken" => "broken",
-                    "adopted" => "adopted",
-                    _ => "other",
-                };
-                *apps.entry((a.app.clone(), s)).or_default() += 1;
-                if let Some(st) = &a.applied {
-                    *health.entry((a.app.clone(), flotilla_proto::health_label(st.health))).or_default() += 1;
-                    *drift.entry(a.app.clone()).or_default() += st.drifted as i64;
+            for a in crate::platform::apps_on(state, name) {
+                *apps.entry((a.app.to_string(), a.state.label())).or_default() += 1;
+                if let Some(st) = a.applied {
+                    *health.entry((a.app.to_string(), flotilla_proto::health_label(st.health))).or_default() += 1;
+                    *drift.entry(a.app.to_string()).or_default() += st.drifted as i64;
                 }
             }
         }

@@ -50,12 +50,99 @@ fn short(rev: &str) -> &str {
 
 /// One cluster as operators see it: every app targeted at it (applied, applying, held back by a rollout,
 /// broken at the current commit), its problems, and its session.
-pub fn cluster_view(st: &State, sessions: &Sessions, name: &str) -> Option<api::Cluster> {
-    let spec = st.clusters.get(name)?;
+/// How one app stands on one cluster (what `flotilla clusters` and the metrics count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppState {
+    /// The current commit cannot be used for it (the cluster keeps the last good bundle).
+    Broken,
+    Failed,
+    /// A rollout holds it back.
+    HeldBack,
+    Adopted,
+    InSync,
+    NotReported,
+    Applying,
+}
+
+impl AppState {
+    /// As operators read it ("held back").
+    pub fn words(self) -> &'static str {
+        match self {
+            AppState::Broken => "broken",
+            AppState::Failed => "failed",
+            AppState::HeldBack => "held back",
+            AppState::Adopted => "adopted",
+            AppState::InSync => "in sync",
+            AppState::NotReported => "not reported",
+            AppState::Applying => "applying",
+        }
+    }
+
+    /// As a metric label ("held_back").
+    pub fn label(self) -> &'static str {
+        match self {
+            AppState::HeldBack => "held_back",
+            AppState::InSync => "in_sync",
+            AppState::NotReported => "not_reported",
+            other => other.words(),
+        }
+    }
+}
+
+/// One app targeted at a cluster, with what decides its state.
+pub struct AppOnCluster<'a> {
+    pub app: &'a str,
+    pub desired: Option<&'a crate::state::DesiredApp>,
+    pub applied: Option<&'a pb::AppStatus>,
+    /// The rollout holding it back, when one does.
+    pub waiting: Option<&'a flotilla_common::rollout::Rollout>,
+    pub state: AppState,
+}
+
+/// Every app targeted at `name` (desired there, or in a rollout that targets it), and how it stands.
+pub fn apps_on<'a>(st: &'a State, name: &str) -> Vec<AppOnCluster<'a>> {
     let desired = st.desired.get(name);
     let report = st.reports.get(name);
-    let presence = sessions.get(name);
     let targeted = crate::rollouts::targeted(desired.map(|d| &**d), st.rollouts.iter().map(|(a, r)| (a, &**r)), name);
+    targeted
+        .into_iter()
+        .map(|app| {
+            let d = desired.and_then(|d| d.get(app));
+            let applied = report.and_then(|r| r.apps.get(app)).map(|a| &a.0);
+            let waiting = st
+                .rollouts
+                .get(app)
+                .and_then(|r| r.rollout.as_ref().map(|ro| (ro, r)))
+                .filter(|(ro, _)| !matches!(ro.phase, RolloutPhase::Complete | RolloutPhase::Superseded(_)))
+                .and_then(|(ro, r)| r.data.candidates.get(name).map(|c| (ro, c)))
+                .filter(|(_, c)| d.is_none_or(|d| d.digest != c.digest))
+                .map(|(ro, _)| ro);
+            let state = if d.is_some_and(|d| d.error.is_some()) {
+                AppState::Broken
+            } else if applied.is_some_and(|a| a.phase == pb::Phase::Failed as i32) {
+                AppState::Failed
+            } else if waiting.is_some() {
+                AppState::HeldBack
+            } else if d.is_some_and(|d| d.adopt) {
+                AppState::Adopted
+            } else {
+                match (d, applied) {
+                    (Some(d), Some(a)) if a.digest == d.digest && a.phase == pb::Phase::Applied as i32 => {
+                        AppState::InSync
+                    }
+                    (_, None) => AppState::NotReported,
+                    _ => AppState::Applying,
+                }
+            };
+            AppOnCluster { app, desired: d, applied, waiting, state }
+        })
+        .collect()
+}
+
+pub fn cluster_view(st: &State, sessions: &Sessions, name: &str) -> Option<api::Cluster> {
+    let spec = st.clusters.get(name)?;
+    let report = st.reports.get(name);
+    let presence = sessions.get(name);
     let (mut in_sync, mut held_back, mut broken) = (0u32, 0u32, 0u32);
     let mut problems = Vec::new();
     let elsewhere = if presence.is_none() { sessions.remote(name) } else { None };
@@ -64,48 +151,34 @@ pub fn cluster_view(st: &State, sessions: &Sessions, name: &str) -> Option<api::
     }
     problems.extend(report.map(|r| r.problems()).unwrap_or_default());
     let mut apps = Vec::new();
-    for app in targeted {
-        let d = desired.and_then(|d| d.get(app));
-        let applied = report.and_then(|r| r.apps.get(app)).map(|a| &a.0);
-        let rec = st.rollouts.get(app);
-        let waiting = rec
-            .and_then(|r| r.rollout.as_ref().map(|ro| (ro, r)))
-            .filter(|(ro, _)| !matches!(ro.phase, RolloutPhase::Complete | RolloutPhase::Superseded(_)))
-            .and_then(|(ro, r)| r.data.candidates.get(name).map(|c| (ro, c)))
-            .filter(|(_, c)| d.is_none_or(|d| d.digest != c.digest));
-        let state = if let Some(e) = d.and_then(|d| d.error.as_ref()) {
-            broken += 1;
-            problems.push(format!("{app}: the current commit cannot be used: {e}"));
-            "broken"
-        } else if applied.is_some_and(|a| a.phase == pb::Phase::Failed as i32) {
-            problems.push(format!("{app}: {}", applied.map(|a| a.message.as_str()).unwrap_or_default()));
-            "failed"
-        } else if let Some((ro, _)) = waiting {
-            held_back += 1;
-            if !ro.active() && ro.phase != RolloutPhase::Paused {
-                problems.push(format!("{app}: held back: the rollout of {} is {}", short(&ro.revision), ro.phase));
+    for a in apps_on(st, name) {
+        let (app, d, applied) = (a.app, a.desired, a.applied);
+        match a.state {
+            AppState::Broken => {
+                broken += 1;
+                let e = d.and_then(|d| d.error.as_deref()).unwrap_or_default();
+                problems.push(format!("{app}: the current commit cannot be used: {e}"));
             }
-            "held back"
-        } else if d.is_some_and(|d| d.adopt) {
-            "adopted"
-        } else {
-            match (d, applied) {
-                (Some(d), Some(a)) if a.digest == d.digest && a.phase == pb::Phase::Applied as i32 => {
-                    in_sync += 1;
-                    "in sync"
+            AppState::Failed => {
+                problems.push(format!("{app}: {}", applied.map(|a| a.message.as_str()).unwrap_or_default()));
+            }
+            AppState::HeldBack => {
+                held_back += 1;
+                if let Some(ro) = a.waiting.filter(|ro| !ro.active() && ro.phase != RolloutPhase::Paused) {
+                    problems.push(format!("{app}: held back: the rollout of {} is {}", short(&ro.revision), ro.phase));
                 }
-                (_, None) => "not reported",
-                _ => "applying",
             }
-        };
+            AppState::InSync => in_sync += 1,
+            AppState::Adopted | AppState::NotReported | AppState::Applying => {}
+        }
         apps.push(api::ClusterApp {
             app: app.to_string(),
             desired_digest: d.map(|d| d.digest.clone()).unwrap_or_default(),
             desired_revision: d.map(|d| d.revision.clone()).unwrap_or_default(),
             applied: applied.map(|a| pb::AppStatus { app: app.to_string(), ..a.clone() }),
             error: d.and_then(|d| d.error.clone()).unwrap_or_default(),
-            state: state.to_string(),
-            held_back_revision: waiting.map(|(ro, _)| ro.revision.clone()).unwrap_or_default(),
+            state: a.state.words().to_string(),
+            held_back_revision: a.waiting.map(|ro| ro.revision.clone()).unwrap_or_default(),
         });
     }
     let total = apps.len() as u32;
