@@ -7,8 +7,10 @@
 //! per request) stay in the logs, so a trace holds the steps of a commit and nothing of the fleet's chatter.
 
 use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags, Tracer};
 use opentelemetry::{global, Context, KeyValue};
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use std::collections::HashMap;
@@ -113,7 +115,7 @@ pub fn init(opts: &Options) -> Result<Guard, TelemetryError> {
     };
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
-        .with_endpoint_str(endpoint)
+        .with_endpoint(endpoint.clone())
         .build()
         .map_err(|source| TelemetryError::Exporter { endpoint: endpoint.clone(), source })?;
     let root = match opts.roots {
@@ -132,31 +134,10 @@ pub fn init(opts: &Options) -> Result<Guard, TelemetryError> {
         .build();
     global::set_tracer_provider(provider.clone());
     let traces = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer_for(opts.service))
+        .with_tracer(provider.tracer(opts.service))
         .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() == TARGET));
     tracing_subscriber::registry().with(logs).with(traces).init();
     Ok(Guard(Some(provider)))
-}
-
-/// `with_endpoint` for a borrowed string (the builder trait is generic).
-trait EndpointStr {
-    fn with_endpoint_str(self, e: &str) -> Self;
-}
-
-impl<T: opentelemetry_otlp::WithExportConfig> EndpointStr for T {
-    fn with_endpoint_str(self, e: &str) -> Self {
-        self.with_endpoint(e.to_string())
-    }
-}
-
-trait TracerFor {
-    fn tracer_for(&self, service: &'static str) -> opentelemetry_sdk::trace::SdkTracer;
-}
-
-impl TracerFor for SdkTracerProvider {
-    fn tracer_for(&self, service: &'static str) -> opentelemetry_sdk::trace::SdkTracer {
-        opentelemetry::trace::TracerProvider::tracer(self, service)
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -164,7 +145,7 @@ impl TracerFor for SdkTracerProvider {
 // ---------------------------------------------------------------------------------------------------------
 
 /// Starts a span as a child of `parent` (a root when `parent` holds no span), at `start`; the returned
-/// context holds it: end it with [`end`] (or `cx.span().end()`).
+/// context holds it: end it with `cx.span().end()`.
 pub fn start(name: &'static str, parent: &Context, start: SystemTime, attrs: Vec<KeyValue>) -> Context {
     let tracer = global::tracer("flotilla");
     let span = tracer
@@ -179,10 +160,6 @@ pub fn start(name: &'static str, parent: &Context, start: SystemTime, attrs: Vec
 /// A span that is over already: from `from` to `to`.
 pub fn record(name: &'static str, parent: &Context, from: SystemTime, to: SystemTime, attrs: Vec<KeyValue>) {
     start(name, parent, from, attrs).span().end_with_timestamp(to);
-}
-
-pub fn end(cx: &Context) {
-    cx.span().end();
 }
 
 /// Whether the context holds a span that is recorded (exported).

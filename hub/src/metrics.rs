@@ -76,7 +76,12 @@ impl Default for HubMetrics {
             r.register(name, help, g.clone());
             g
         };
-        let seconds = || Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        let histogram = |r: &mut Registry, name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::new(buckets);
+            r.register(name, help, h.clone());
+            h
+        };
+        let seconds = || exponential_buckets(0.001, 2.0, 18).collect::<Vec<f64>>();
         let sessions_opened = counter(&mut r, "sessions_opened", "Agent sessions opened");
         let sessions_closed = counter(&mut r, "sessions_closed", "Agent sessions ended");
         let sessions_refused = family(&mut r, "sessions_refused", "Agent sessions refused, by reason");
@@ -89,31 +94,27 @@ impl Default for HubMetrics {
             "When a fetch of the fleet repository last succeeded (Unix seconds)",
             git_last_success.clone(),
         );
-        let render_seconds = seconds();
-        r.register(
-            "render_duration_seconds",
-            "Time to parse and render one commit of the fleet",
-            render_seconds.clone(),
-        );
-        let commit_renders = Histogram::new(exponential_buckets(1.0, 4.0, 10));
-        r.register(
+        let render_seconds =
+            histogram(&mut r, "render_duration_seconds", "Time to parse and render one commit of the fleet", seconds());
+        let commit_renders = histogram(
+            &mut r,
             "commit_renders",
             "Distinct renders one commit needed (reused ones included)",
-            commit_renders.clone(),
+            exponential_buckets(1.0, 4.0, 10).collect(),
         );
         let renders = family(
             &mut r,
             "renders",
             "Distinct renders, by kind (rendered: run now; reused: from the previous commit)",
         );
-        let store_commit_seconds = seconds();
-        r.register(
-            "store_commit_duration_seconds",
-            "Time to commit one batch to the store",
-            store_commit_seconds.clone(),
+        let store_commit_seconds =
+            histogram(&mut r, "store_commit_duration_seconds", "Time to commit one batch to the store", seconds());
+        let store_commit_bytes = histogram(
+            &mut r,
+            "store_commit_bytes",
+            "Bytes of keys and values written by one store batch",
+            exponential_buckets(256.0, 4.0, 12).collect(),
         );
-        let store_commit_bytes = Histogram::new(exponential_buckets(256.0, 4.0, 12));
-        r.register("store_commit_bytes", "Bytes of values written by one store batch", store_commit_bytes.clone());
         let store_commit_failures =
             counter(&mut r, "store_commit_failures", "Store batches that failed (nothing changed)");
         let controls = family(&mut r, "rollout_controls", "Rollout controls by action and result (ok, refused)");
