@@ -25,18 +25,21 @@ if [ ! -x /usr/sbin/sshd ]; then
 fi
 # The hub's etcd store: protoc builds etcd-client, and its tests run real etcd processes.
 apt_updated=""
-install_pkg() {  # install_pkg COMMAND PACKAGE
+install_pkg() {  # install_pkg COMMAND-OR-FILE PACKAGE
   command -v "$1" >/dev/null 2>&1 && return 0
+  [ -e "$1" ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "$2 is missing; installing it" >&2
     if [ -z "$apt_updated" ]; then apt-get update -qq >/dev/null; apt_updated=1; fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$2" >/dev/null
   else
-    echo "error: $1 is not installed; install it with: apt-get install -y $2" >&2
+    echo "error: $1 is missing; install it with: apt-get install -y $2" >&2
     exit 1
   fi
 }
 install_pkg protoc protobuf-compiler
+# protoc's well-known types (google/protobuf/descriptor.proto), which etcd-client's protos import.
+install_pkg /usr/include/google/protobuf/descriptor.proto libprotobuf-dev
 install_pkg etcd etcd-server
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "cargo-nextest is missing; installing it" >&2

@@ -168,6 +168,7 @@ impl LocalFleet {
             advertise: None,
             metrics: None,
             traces: None,
+            identities: Default::default(),
         };
         let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
         let addr = bound_rx.await.context("the hub did not start")?;

@@ -137,6 +137,25 @@ enum Command {
         #[command(flatten)]
         hub: HubFlags,
     },
+    /// The audit trail: every mutating call and every refusal (who, what, when, the answer), oldest first.
+    Audit {
+        /// Only records since this long ago (30m, 2h, 7d) or this time (2026-12-07T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this operator's records.
+        #[arg(long)]
+        who: Option<String>,
+        /// At most this many, the newest.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[command(flatten)]
+        hub: HubFlags,
+    },
+    /// Who the hub takes this operator certificate for, its role, and when the certificate expires.
+    Whoami {
+        #[command(flatten)]
+        hub: HubFlags,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -209,6 +228,9 @@ struct Certs {
     /// An operator to issue a platform API certificate for (repeatable or comma-separated).
     #[arg(long = "operator", env = "FLOTILLA_OPERATORS", value_delimiter = ',')]
     operators: Vec<String>,
+    /// How long the certificates issued now are valid (12h, 30d, 1y); the CA is not reissued.
+    #[arg(long, env = "FLOTILLA_CERT_TTL", default_value = "365d", value_parser = flotilla_common::identity::parse_ttl)]
+    ttl: std::time::Duration,
 }
 
 fn main() -> std::process::ExitCode {
@@ -240,11 +262,19 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Certs(c) => {
-            let files =
-                flotilla_common::identity::write_fleet(&c.dir, &c.fleet, &c.hub_hosts, &c.clusters, &c.operators)?;
+            let files = flotilla_common::identity::write_fleet_for(
+                &c.dir,
+                &c.fleet,
+                &c.hub_hosts,
+                &c.clusters,
+                &c.operators,
+                Some(c.ttl),
+            )?;
             for f in files {
                 println!("{}", f.display());
             }
+            let until = chrono::Utc::now() + chrono::Duration::seconds(c.ttl.as_secs() as i64);
+            eprintln!("certificates valid until {}", until.format("%Y-%m-%d %H:%M UTC"));
             Ok(())
         }
         Command::Demo { once, timeout_seconds } => {
@@ -330,6 +360,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Explain { cluster, app, hub: h } => {
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
             flotilla_cli::rollout::explain(&mut client, &cluster, app.as_deref()).await
+        }
+        Command::Audit { since, who, limit, hub: h } => {
+            let now = chrono::Utc::now().timestamp_millis();
+            let since = since.map(|s| flotilla_cli::access::parse_since(&s, now)).transpose()?.unwrap_or(0);
+            let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
+            flotilla_cli::access::audit(&mut client, since, who.as_deref().unwrap_or(""), limit, h.output).await
+        }
+        Command::Whoami { hub: h } => {
+            let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
+            flotilla_cli::access::whoami(&mut client, h.output).await
         }
         Command::Cluster { name, hub: h } => {
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;

@@ -26,12 +26,12 @@ pub async fn connect(
         let p = certs.join(f);
         std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
     };
+    let cert = read(&format!("operators/{operator}.pem"))?;
+    let now = chrono::Utc::now().timestamp_millis();
+    crate::access::check_certificate(&cert, &certs.join(format!("operators/{operator}.pem")), operator, now)?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("ca.pem")?))
-        .identity(Identity::from_pem(
-            read(&format!("operators/{operator}.pem"))?,
-            read(&format!("operators/{operator}-key.pem"))?,
-        ))
+        .identity(Identity::from_pem(cert, read(&format!("operators/{operator}-key.pem"))?))
         .domain_name(hub_name);
     let channel = Channel::from_shared(hub.to_string())
         .with_context(|| format!("invalid hub URL {hub}"))?
@@ -47,9 +47,8 @@ pub async fn connect(
 pub fn status_err(s: tonic::Status) -> anyhow::Error {
     match s.code() {
         tonic::Code::Unavailable => anyhow::anyhow!("the hub is unreachable: {}", s.message()),
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-            anyhow::anyhow!("the hub refused the operator certificate: {}", s.message())
-        }
+        tonic::Code::Unauthenticated => anyhow::anyhow!("the hub refused the operator certificate: {}", s.message()),
+        tonic::Code::PermissionDenied => anyhow::anyhow!("permission denied: {}", s.message()),
         tonic::Code::DeadlineExceeded => anyhow::anyhow!("the hub did not answer in time: {}", s.message()),
         _ => anyhow::anyhow!("{}", s.message()),
     }

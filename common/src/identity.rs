@@ -8,6 +8,7 @@ use rcgen::{
 };
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 const SCHEME: &str = "flotilla://";
 
@@ -148,6 +149,12 @@ impl FleetCa {
     /// Issues a certificate for `id`. `hosts` (DNS names or IP addresses) go into the certificate for the
     /// hub's server certificate.
     pub fn issue(&self, id: &Identity, hosts: &[String]) -> Result<Issued, IdentityError> {
+        self.issue_for(id, hosts, None)
+    }
+
+    /// Issues a certificate for `id` valid from now for `ttl` (`None`: for [`DEFAULT_TTL`]), with a random
+    /// serial number (what a revoked list names).
+    pub fn issue_for(&self, id: &Identity, hosts: &[String], ttl: Option<Duration>) -> Result<Issued, IdentityError> {
         if let Identity::Cluster(n) | Identity::Operator(n) = id {
             if !valid_name(n) {
                 return Err(IdentityError::InvalidName(n.clone()));
@@ -166,10 +173,59 @@ impl FleetCa {
             _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
         params.use_authority_key_identifier_extension = true;
+        set_lifetime(&mut params, ttl.unwrap_or(DEFAULT_TTL));
         let key = KeyPair::generate().map_err(IdentityError::GenerateFailed)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(IdentityError::GenerateFailed)?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
+}
+
+/// How long certificates are valid when nobody says: a year.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Valid from a minute ago (clocks differ a little) for `ttl`, with a random positive 16-byte serial.
+fn set_lifetime(params: &mut CertificateParams, ttl: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = now + time::Duration::seconds(ttl.as_secs().min(100 * 365 * 24 * 3600) as i64);
+    let mut serial = [0u8; 16];
+    if rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut serial).is_err() {
+        // Unique still: the time in nanoseconds.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        serial = t.to_be_bytes();
+    }
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+}
+
+/// A duration as people write it: `12h`, `30d`, `1h 30m`, `90s`.
+pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration ({e}); write 12h, 30d, 90m"))?;
+    if d < Duration::from_secs(60) {
+        return Err(format!("{text:?} is shorter than a minute"));
+    }
+    Ok(d)
+}
+
+/// A certificate's serial number, lowercase hex without separators or leading zeros (as revoked lists are
+/// compared).
+pub fn serial_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let hex = hex::encode(cert.raw_serial());
+    let t = hex.trim_start_matches('0');
+    Some(if t.is_empty() { "0".into() } else { t.to_string() })
+}
+
+/// When a certificate stops being valid (Unix ms).
+pub fn expiry_of(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp() * 1000)
+}
+
+/// The first certificate of a PEM text, as DER.
+pub fn pem_der(cert_pem: &str) -> Option<Vec<u8>> {
+    x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok().map(|(_, p)| p.contents)
 }
 
 /// The identity a DER certificate carries.
@@ -262,6 +318,18 @@ pub fn write_fleet(
     clusters: &[String],
     operators: &[String],
 ) -> Result<Vec<PathBuf>, IdentityError> {
+    write_fleet_for(dir, fleet, hub_hosts, clusters, operators, None)
+}
+
+/// [`write_fleet`], the certificates valid for `ttl` (`None`: [`DEFAULT_TTL`]).
+pub fn write_fleet_for(
+    dir: &Path,
+    fleet: &str,
+    hub_hosts: &[String],
+    clusters: &[String],
+    operators: &[String],
+    ttl: Option<Duration>,
+) -> Result<Vec<PathBuf>, IdentityError> {
     let ca = if dir.join(CA_CERT).exists() && dir.join(CA_KEY).exists() {
         FleetCa::load(dir)?
     } else {
@@ -276,7 +344,7 @@ pub fn write_fleet(
         .chain(operators.iter().map(|o| Identity::Operator(o.clone())));
     for id in ids {
         let hosts: &[String] = if id == Identity::Hub { hub_hosts } else { &[] };
-        let issued = ca.issue(&id, hosts)?;
+        let issued = ca.issue_for(&id, hosts, ttl)?;
         let (cert, key) = cert_paths(dir, &id);
         write(&cert, &issued.cert_pem, false)?;
         write(&key, &issued.key_pem, true)?;

@@ -59,6 +59,20 @@ impl PlatformService for WhoAmI {
     ) -> Result<Response<flotilla_proto::platform::v1::ListHubsResponse>, Status> {
         Err(Status::unimplemented("not part of this test"))
     }
+
+    async fn list_audit(
+        &self,
+        _: Request<flotilla_proto::platform::v1::ListAuditRequest>,
+    ) -> Result<Response<flotilla_proto::platform::v1::ListAuditResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
+
+    async fn who_am_i(
+        &self,
+        _: Request<flotilla_proto::platform::v1::WhoAmIRequest>,
+    ) -> Result<Response<flotilla_proto::platform::v1::WhoAmIResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
 }
 
 async fn serve(ca: &FleetCa) -> (String, tokio::sync::oneshot::Sender<()>) {

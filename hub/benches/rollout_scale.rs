@@ -157,6 +157,7 @@ fn hub_child(dir: PathBuf, repo: String) {
             advertise: None,
             metrics,
             traces: otlp.is_some().then_some(flotilla_hub::traces::CLUSTER_SPANS),
+            identities: Default::default(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();

@@ -70,6 +70,10 @@ pub struct Options {
     pub behind: Option<Behind>,
     /// Traces of commits (an OTLP exporter is installed), and how many clusters' spans each records.
     pub traces: Option<usize>,
+    /// Operator roles, revoked certificates and the audit sink (default: every operator is admin).
+    pub identities: Arc<crate::identities::Identities>,
+    /// This replica's name in audit records (empty for a single hub).
+    pub replica: String,
 }
 
 /// Says why a hub does not serve current state (None: it does).
@@ -87,6 +91,8 @@ impl Default for Options {
             forward: None,
             behind: None,
             traces: None,
+            identities: Arc::default(),
+            replica: String::new(),
         }
     }
 }
@@ -114,6 +120,8 @@ enum Command {
     Promote(u64, oneshot::Sender<Result<(), String>>),
     /// This replica no longer leads (its lease is lost): it stops acting and stands by.
     Demote(oneshot::Sender<()>),
+    /// An audit record on its own (a refusal, a refresh, a join token), stored before the reply.
+    Audit(crate::audit::AuditRecord, oneshot::Sender<()>),
 }
 
 /// What sessions, the platform API and the writer share.
@@ -147,6 +155,8 @@ pub struct Shared {
     pub traces: crate::traces::Traces,
     /// Whether a fetch of the fleet repository has succeeded since the start.
     pub followed_once: std::sync::atomic::AtomicBool,
+    pub identities: Arc<crate::identities::Identities>,
+    pub replica: String,
 }
 
 impl Shared {
@@ -282,6 +292,8 @@ impl Hub {
             metrics: Default::default(),
             traces: crate::traces::Traces::new(opts.traces.is_some(), opts.traces.unwrap_or(0)),
             followed_once: Default::default(),
+            identities: opts.identities.clone(),
+            replica: opts.replica.clone(),
             shutdown,
         });
         let (commands, rx) = mpsc::channel(64);
@@ -343,14 +355,29 @@ impl Hub {
     }
 
     /// The audit records, oldest first.
-    pub fn audit(&self) -> Vec<serde_json::Value> {
+    pub fn audit(&self) -> Vec<crate::audit::AuditRecord> {
         self.shared
             .store
             .scan(crate::keys::Prefix::Audit.as_str())
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .filter_map(|(_, v)| serde_json::from_slice::<crate::audit::AuditRecord>(&v).ok())
+            .map(crate::audit::AuditRecord::normalized)
             .collect()
+    }
+
+    /// Records `rec` (stamped with the time and this replica) in the store and ships it; returns once it is
+    /// stored (or could not be: logged).
+    pub async fn record(&self, mut rec: crate::audit::AuditRecord) {
+        rec.at_unix_ms = (self.shared.clock)();
+        rec.replica = self.shared.replica.clone();
+        if let Some(sink) = &self.shared.identities.sink {
+            sink.ship(&rec);
+        }
+        let (reply, rx) = oneshot::channel();
+        if self.commands.send(Command::Audit(rec, reply)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Marks a cluster's agent connected or not without a session (tests drive rollouts this way).
@@ -682,6 +709,12 @@ async fn commit(shared: &Shared, state: &mut Arc<State>, t: Transition) -> Resul
     }
     shared.snapshot.store(next.clone());
     shared.traces.rollouts_changed(state, &next);
+    // Clusters that left the inventory or were disabled: their sessions look again (and end).
+    if !Arc::ptr_eq(&state.clusters, &next.clusters) {
+        for (c, _) in state.clusters.iter().filter(|(c, _)| next.clusters.get(*c).is_none_or(|n| n.disabled)) {
+            shared.sessions.wake(c);
+        }
+    }
     // The leader writes every desired state: its state is as new as its last write. (A standby's own writes
     // are reports; how new its state is, its watch says.)
     if shared.leading() {
@@ -829,6 +862,15 @@ async fn writer(
                             let _ = commit(&shared, &mut state, t).await;
                         }
                         let _ = reply.send(r);
+                    }
+                    Command::Audit(rec, reply) => {
+                        audit_seq += 1;
+                        // A standby adds its record; the leader also removes the oldest past the bounds.
+                        let t = state.audited(&rec, audit_seq, !standby);
+                        if let Err(e) = commit(&shared, &mut state, t).await {
+                            warn!(error = %e, who = %rec.who, action = %rec.action, "storing an audit record failed");
+                        }
+                        let _ = reply.send(());
                     }
                     Command::Tick(reply) => {
                         let t = step(&state);

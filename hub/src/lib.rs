@@ -7,13 +7,17 @@
 //! schema, [`report`] the bounds of agents' reports); [`hub`] runs it: one writer commits every transition to
 //! the [`store`] (embedded redb) and publishes immutable snapshots; [`sessions`] serves agents, [`platform`]
 //! operators, [`server`] the process around them; [`webhook`] turns GitHub and GitLab push events into
-//! immediate fetches; [`metrics`] and [`traces`] say what it does (Prometheus, OpenTelemetry).
+//! immediate fetches; [`access`] (roles, pure), [`identities`] (roles and revocations in force) and [`audit`]
+//! decide and record who may do what; [`metrics`] and [`traces`] say what it does (Prometheus, OpenTelemetry).
 
+pub mod access;
+pub mod audit;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod forward;
 pub mod git;
 pub mod hub;
+pub mod identities;
 pub mod keys;
 #[cfg(feature = "etcd")]
 pub mod leader;

@@ -5,6 +5,7 @@
 //! a failed commit changes nothing and readers always see a committed state. [`State::load`] reads the same
 //! state back from the store: after a restart memory equals the store.
 
+use crate::audit::AuditRecord;
 use crate::keys::{self, Key, Prefix};
 use crate::report::{bounded, AppReport, ClusterReport, Rendering, MAX_APPS};
 use crate::rollouts::{self, Control, ControlContext, Record};
@@ -635,24 +636,58 @@ impl State {
             }
             Err(e) => Err(e),
         };
-        let audit = serde_json::json!({
-            "at_unix_ms": now_ms, "operator": who, "app": app, "action": format!("{action:?}"),
-            "result": match &reply { Ok(m) => m.clone(), Err(e) => format!("refused: {e}") },
-        });
+        let (action_name, detail) = match action {
+            Control::Pause => ("pause", String::new()),
+            Control::Resume => ("resume", String::new()),
+            Control::Approve(w) => ("approve", format!("wave {w}")),
+            Control::Abort => ("abort", String::new()),
+            Control::Retry => ("retry", String::new()),
+            Control::Rollback { revision, immediate } => {
+                ("rollback", format!("to {revision}{}", if *immediate { " at once" } else { "" }))
+            }
+        };
+        let rec = AuditRecord {
+            at_unix_ms: now_ms,
+            who: who.to_string(),
+            action: action_name.to_string(),
+            app: app.to_string(),
+            detail,
+            allowed: true,
+            answer: match &reply {
+                Ok(m) => m.clone(),
+                Err(e) => format!("refused: {e}"),
+            },
+            replica: String::new(),
+        };
+        Self::put_audit(&mut next, &mut batch, &rec, seq, true);
+        self.write_desired(&mut next, &mut batch);
+        Transition { next, batch, woken, reply }
+    }
+
+    /// An audit record on its own (a refusal, a refresh, a join token): written, and (by the leader) the
+    /// oldest records past the count or the age removed. A standby only adds its record.
+    pub fn audited(&self, rec: &AuditRecord, seq: u64, prune: bool) -> Transition {
+        let mut next = self.clone();
+        let mut batch = Batch::default();
+        Self::put_audit(&mut next, &mut batch, rec, seq, prune);
+        Transition { next, batch, woken: BTreeSet::new(), reply: Ok(String::new()) }
+    }
+
+    fn put_audit(next: &mut State, batch: &mut Batch, rec: &AuditRecord, seq: u64, prune: bool) {
+        let now_ms = rec.at_unix_ms;
         let key = keys::audit(now_ms, seq);
-        batch = batch.put(key.clone(), audit.to_string());
-        let mut kept = (*self.audit).clone();
+        *batch = std::mem::take(batch).put(key.clone(), json(rec));
+        let mut kept = (*next.audit).clone();
         kept.push_back(key);
-        while kept.len() > AUDIT_MAX
-            || kept.front().and_then(|k| keys::audit_time(k)).is_some_and(|t| t < now_ms - AUDIT_AGE_MS)
+        while prune
+            && (kept.len() > AUDIT_MAX
+                || kept.front().and_then(|k| keys::audit_time(k)).is_some_and(|t| t < now_ms - AUDIT_AGE_MS))
         {
             if let Some(old) = kept.pop_front() {
-                batch = batch.delete(old);
+                *batch = std::mem::take(batch).delete(old);
             }
         }
         next.audit = Arc::new(kept);
-        self.write_desired(&mut next, &mut batch);
-        Transition { next, batch, woken, reply }
     }
 
     /// The desired state of one app only, as a map (cheaper than the whole).

@@ -92,6 +92,17 @@ struct Args {
     /// `text`, or `json` (one object per line, with trace and span ids inside traced steps).
     #[arg(long, env = "FLOTILLA_LOG_FORMAT", default_value = "text")]
     log_format: flotilla_common::telemetry::LogFormat,
+    /// Operator roles (viewer, operator, admin, optionally scoped to apps or clusters), read again when the
+    /// file changes (docs/security.md). Without it every operator certificate of the fleet's CA is an admin.
+    #[arg(long, env = "FLOTILLA_HUB_ROLES")]
+    roles: Option<PathBuf>,
+    /// Revoked certificate serials, one per line (hex): their sessions end and their calls are refused
+    /// within seconds of the file changing.
+    #[arg(long, env = "FLOTILLA_HUB_REVOKED")]
+    revoked: Option<PathBuf>,
+    /// Also write every audit record as a JSON line to this file (`-`: stdout), for a log pipeline.
+    #[arg(long, env = "FLOTILLA_HUB_AUDIT_LOG")]
+    audit_log: Option<String>,
 }
 
 /// The store the flags name.
@@ -162,6 +173,12 @@ async fn main() -> anyhow::Result<()> {
         secret.read().context("reading the webhook secret")?;
     }
     let store = store_choice(&args)?;
+    let sink = match &args.audit_log {
+        Some(t) => Some(flotilla_hub::audit::Sink::open(t).with_context(|| format!("--audit-log {t}"))?),
+        None => None,
+    };
+    let identities = flotilla_hub::identities::Identities::load(args.roles.clone(), args.revoked.clone(), sink)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let shutdown = flotilla_common::process::shutdown_on_signal();
     let cfg = HubConfig {
         listen: args.listen,
@@ -178,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
         advertise: args.advertise,
         metrics: args.metrics_listen,
         traces: args.otlp_endpoint.is_some().then_some(args.trace_clusters),
+        identities: std::sync::Arc::new(identities),
     };
     run(cfg, shutdown, None).await
 }

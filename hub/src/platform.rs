@@ -1,6 +1,8 @@
 //! The platform API: operators' views of the fleet, read from the hub's current snapshot without locks, and
 //! their controls, sent to the hub's writer.
 
+use crate::access::{Action, Target};
+use crate::audit::AuditRecord;
 use crate::hub::{now_ms, Hub};
 use crate::machine::State;
 use crate::rollouts::Control;
@@ -28,19 +30,48 @@ pub fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
     identity_of(first).map_err(|e| Status::unauthenticated(e.to_string()))
 }
 
-fn operator<T>(req: &Request<T>) -> Result<String, Status> {
-    match caller(req)? {
+/// The serial number of the caller's client certificate.
+pub fn caller_serial<T>(req: &Request<T>) -> Option<String> {
+    let certs = req.peer_certs()?;
+    flotilla_common::identity::serial_of(certs.first()?)
+}
+
+/// Why the caller is refused, as the audit names it: the operator's name, or the identity.
+struct Refused {
+    who: String,
+    status: Status,
+}
+
+fn operator<T>(req: &Request<T>, hub: &Hub) -> Result<String, Refused> {
+    let id = caller(req).map_err(|status| Refused { who: "unknown".into(), status })?;
+    if let Some(serial) = caller_serial(req).filter(|s| hub.shared.identities.is_revoked(s)) {
+        let who = match &id {
+            Identity::Operator(o) => o.clone(),
+            other => other.to_string(),
+        };
+        return Err(Refused {
+            who,
+            status: Status::unauthenticated(format!("the certificate of {id} (serial {serial}) is revoked")),
+        });
+    }
+    match id {
         Identity::Operator(o) => Ok(o),
         // A standby hub replica forwarding an operator's control: it checked the operator's certificate.
         Identity::Hub => match req.metadata().get(crate::forward::ON_BEHALF_OF).and_then(|v| v.to_str().ok()) {
             Some(o) if flotilla_common::identity::valid_name(o) => Ok(o.to_string()),
-            _ => {
-                Err(Status::permission_denied("a hub replica may only forward an operator's call, naming the operator"))
-            }
+            _ => Err(Refused {
+                who: "hub".into(),
+                status: Status::permission_denied(
+                    "a hub replica may only forward an operator's call, naming the operator",
+                ),
+            }),
         },
-        other => Err(Status::permission_denied(format!(
-            "{other} may not use the platform API; an operator certificate is required"
-        ))),
+        other => Err(Refused {
+            who: other.to_string(),
+            status: Status::permission_denied(format!(
+                "{other} may not use the platform API; an operator certificate is required"
+            )),
+        }),
     }
 }
 
@@ -218,6 +249,16 @@ pub fn list_clusters(
     sessions: &Sessions,
     r: &api::ListClustersRequest,
 ) -> Result<api::ListClustersResponse, Status> {
+    list_clusters_visible(st, sessions, r, &|_| true)
+}
+
+/// [`list_clusters`] of the clusters `visible` lets the caller see.
+pub fn list_clusters_visible(
+    st: &State,
+    sessions: &Sessions,
+    r: &api::ListClustersRequest,
+    visible: &dyn Fn(&flotilla_common::fleet::ClusterSpec) -> bool,
+) -> Result<api::ListClustersResponse, Status> {
     let selector: LabelSelector = r.selector.parse().map_err(Status::invalid_argument)?;
     let size = match r.page_size as usize {
         0 => PAGE_SIZE,
@@ -227,7 +268,7 @@ pub fn list_clusters(
     let mut total = 0u32;
     let mut next_page_token = String::new();
     for (name, spec) in st.clusters.iter() {
-        if !selector.matches(&spec.labels) {
+        if !selector.matches(&spec.labels) || !visible(spec) {
             continue;
         }
         let view = if r.problems_only {
@@ -273,57 +314,129 @@ pub fn list_clusters(
 
 pub struct PlatformApi(pub Arc<Hub>);
 
+impl PlatformApi {
+    /// The calling operator, if it may do `action` on `target`; every refusal is audited (and a mutating call
+    /// that is allowed is audited where it takes effect).
+    async fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        action: Action,
+        target: Target<'_>,
+        app: &str,
+        detail: &str,
+    ) -> Result<String, Status> {
+        let who = match operator(req, &self.0) {
+            Ok(w) => w,
+            Err(r) => return Err(self.refused(r.who, action, app, detail, r.status).await),
+        };
+        match self.0.shared.identities.roles().check(&who, action, &target) {
+            Ok(_) => Ok(who),
+            Err(denied) => {
+                let status = Status::permission_denied(denied.to_string());
+                Err(self.refused(who, action, app, detail, status).await)
+            }
+        }
+    }
+
+    /// Records a refusal and returns its status.
+    async fn refused(&self, who: String, action: Action, app: &str, detail: &str, status: Status) -> Status {
+        info!(%who, action = action.name(), %app, reason = %status.message(), "platform call refused");
+        let rec = AuditRecord {
+            who,
+            action: action.name().to_string(),
+            app: app.to_string(),
+            detail: detail.to_string(),
+            allowed: false,
+            answer: format!("refused: {}", status.message()),
+            ..Default::default()
+        };
+        self.0.record(rec).await;
+        status
+    }
+
+    /// Whether `who` may see cluster `name` (its labels in the inventory).
+    fn sees_cluster(&self, st: &State, who: &str, name: &str) -> bool {
+        let roles = self.0.shared.identities.roles();
+        st.clusters.get(name).is_some_and(|c| roles.allows(who, Action::View, &Target::cluster(&c.labels)))
+    }
+}
+
 #[tonic::async_trait]
 impl PlatformService for PlatformApi {
     async fn list_clusters(
         &self,
         req: Request<api::ListClustersRequest>,
     ) -> Result<Response<api::ListClustersResponse>, Status> {
-        operator(&req)?;
+        let who = self.authorize(&req, Action::View, Target::fleet(), "", "").await?;
         let st = self.0.state();
-        list_clusters(&st, &self.0.shared.sessions, req.get_ref()).map(Response::new)
+        let roles = self.0.shared.identities.roles();
+        let sees = |spec: &flotilla_common::fleet::ClusterSpec| {
+            roles.allows(&who, Action::View, &Target::cluster(&spec.labels))
+        };
+        list_clusters_visible(&st, &self.0.shared.sessions, req.get_ref(), &sees).map(Response::new)
     }
 
     async fn get_cluster(&self, req: Request<api::GetClusterRequest>) -> Result<Response<api::Cluster>, Status> {
-        operator(&req)?;
+        let who = self.authorize(&req, Action::View, Target::fleet(), "", "").await?;
         let name = req.into_inner().name;
-        cluster_view(&self.0.state(), &self.0.shared.sessions, &name)
+        let st = self.0.state();
+        if st.clusters.contains_key(&name) && !self.sees_cluster(&st, &who, &name) {
+            let status = Status::permission_denied(format!(
+                "operator {who} may not view cluster {name}: no binding of its roles covers the cluster's labels"
+            ));
+            return Err(self.refused(who, Action::View, "", &format!("cluster {name}"), status).await);
+        }
+        cluster_view(&st, &self.0.shared.sessions, &name)
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("cluster {name:?} is not in the fleet inventory")))
     }
 
     async fn refresh(&self, req: Request<api::RefreshRequest>) -> Result<Response<api::RefreshResponse>, Status> {
-        let who = operator(&req)?;
         let forwarded = req.metadata().contains_key(crate::forward::ON_BEHALF_OF);
         if let Some(f) = self.0.shared.forward.as_ref().filter(|_| !self.0.shared.leading() && !forwarded) {
+            // The leader decides and records; this replica only checks the certificate.
+            let who = operator(&req, &self.0).map_err(|r| r.status)?;
             info!(operator = %who, "refresh requested: forwarded to the leader");
             return f.refresh(&who).await.map(Response::new);
         }
+        let who = self.authorize(&req, Action::Refresh, Target::fleet(), "", "").await?;
         info!(operator = %who, "refresh requested");
         if !self.0.shared.leading() {
             return Err(Status::unavailable(crate::hub::NOT_LEADING));
         }
         self.0.refresh();
-        Ok(Response::new(api::RefreshResponse { revision: self.0.state().revision.clone() }))
+        let revision = self.0.state().revision.clone();
+        let rec = AuditRecord {
+            who,
+            action: Action::Refresh.name().into(),
+            allowed: true,
+            answer: format!("fetching now (serving {})", short(&revision)),
+            ..Default::default()
+        };
+        self.0.record(rec).await;
+        Ok(Response::new(api::RefreshResponse { revision }))
     }
 
     async fn list_rollouts(
         &self,
         req: Request<api::ListRolloutsRequest>,
     ) -> Result<Response<api::ListRolloutsResponse>, Status> {
-        operator(&req)?;
-        let app = req.into_inner().app;
+        let app = req.get_ref().app.clone();
+        let target = if app.is_empty() { Target::fleet() } else { Target::app(&app) };
+        let who = self.authorize(&req, Action::View, target, &app, "").await?;
         let st = self.0.state();
         if !app.is_empty() && !st.rollouts.contains_key(&app) {
             return Err(Status::not_found(format!(
                 "app {app:?} has no rollout (no waves, or no change since they were set)"
             )));
         }
+        let roles = self.0.shared.identities.roles();
         let now = now_ms();
         let rollouts = st
             .rollouts
             .iter()
             .filter(|(a, _)| app.is_empty() || **a == app)
+            .filter(|(a, _)| roles.allows(&who, Action::View, &Target::app(a)))
             .map(|(a, rec)| rollout_view(a, rec, now, &st.reports))
             .collect();
         Ok(Response::new(api::ListRolloutsResponse { rollouts }))
@@ -334,27 +447,35 @@ impl PlatformService for PlatformApi {
         req: Request<api::ControlRolloutRequest>,
     ) -> Result<Response<api::ControlRolloutResponse>, Status> {
         use api::control_rollout_request::Action as A;
-        let who = operator(&req)?;
         // A forwarded call is never forwarded again (two standbys with an old view would pass it around).
         let forwarded = req.metadata().contains_key(crate::forward::ON_BEHALF_OF);
-        let r = req.into_inner();
         if let Some(f) = self.0.shared.forward.as_ref().filter(|_| !self.0.shared.leading() && !forwarded) {
+            // The leader decides and records; this replica only checks the certificate.
+            let who = operator(&req, &self.0).map_err(|r| r.status)?;
+            let r = req.into_inner();
             info!(operator = %who, app = %r.app, "rollout control: forwarded to the leader");
             return f.control(&who, r).await.map(Response::new);
         }
-        let action = match A::try_from(r.action).unwrap_or(A::Unspecified) {
-            A::Pause => Control::Pause,
-            A::Resume => Control::Resume,
-            A::Approve if !r.wave.is_empty() => Control::Approve(r.wave.clone()),
+        let r = req.get_ref().clone();
+        let (action, needs) = match A::try_from(r.action).unwrap_or(A::Unspecified) {
+            A::Pause => (Control::Pause, Action::Pause),
+            A::Resume => (Control::Resume, Action::Resume),
+            A::Approve if !r.wave.is_empty() => (Control::Approve(r.wave.clone()), Action::Approve),
             A::Approve => return Err(Status::invalid_argument("approve needs the wave")),
-            A::Abort => Control::Abort,
-            A::Retry => Control::Retry,
+            A::Abort => (Control::Abort, Action::Abort),
+            A::Retry => (Control::Retry, Action::Retry),
             A::Rollback if !r.revision.is_empty() => {
-                Control::Rollback { revision: r.revision.clone(), immediate: r.immediate }
+                (Control::Rollback { revision: r.revision.clone(), immediate: r.immediate }, Action::Rollback)
             }
             A::Rollback => return Err(Status::invalid_argument("rollback needs the revision to go back to")),
             A::Unspecified => return Err(Status::invalid_argument("no action")),
         };
+        let detail = match &action {
+            Control::Approve(w) => format!("wave {w}"),
+            Control::Rollback { revision, .. } => format!("to {revision}"),
+            _ => String::new(),
+        };
+        let who = self.authorize(&req, needs, Target::app(&r.app), &r.app, &detail).await?;
         match self.0.control(&r.app, &action, &who).await {
             Ok(message) => Ok(Response::new(api::ControlRolloutResponse { message })),
             Err(e) => Err(Status::failed_precondition(e)),
@@ -362,17 +483,66 @@ impl PlatformService for PlatformApi {
     }
 
     async fn list_hubs(&self, req: Request<api::ListHubsRequest>) -> Result<Response<api::ListHubsResponse>, Status> {
-        operator(&req)?;
+        self.authorize(&req, Action::View, Target::fleet(), "", "").await?;
         let (store, hubs) = self.0.shared.replicas.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Ok(Response::new(api::ListHubsResponse { hubs, store }))
     }
 
+    async fn list_audit(
+        &self,
+        req: Request<api::ListAuditRequest>,
+    ) -> Result<Response<api::ListAuditResponse>, Status> {
+        self.authorize(&req, Action::ReadAudit, Target::fleet(), "", "").await?;
+        let r = req.into_inner();
+        let q = crate::audit::Query { since_unix_ms: r.since_unix_ms, who: r.who, limit: r.limit as usize };
+        let hub = self.0.clone();
+        let all = tokio::task::spawn_blocking(move || hub.audit())
+            .await
+            .map_err(|e| Status::internal(format!("reading the audit trail: {e}")))?;
+        let records = crate::audit::select(all, &q)
+            .into_iter()
+            .map(|a| api::AuditRecord {
+                at_unix_ms: a.at_unix_ms,
+                who: a.who,
+                action: a.action,
+                app: a.app,
+                detail: a.detail,
+                allowed: a.allowed,
+                answer: a.answer,
+                replica: a.replica,
+            })
+            .collect();
+        Ok(Response::new(api::ListAuditResponse { records }))
+    }
+
+    async fn who_am_i(&self, req: Request<api::WhoAmIRequest>) -> Result<Response<api::WhoAmIResponse>, Status> {
+        let who = operator(&req, &self.0).map_err(|r| r.status)?;
+        let roles = self.0.shared.identities.roles();
+        let expires = req
+            .peer_certs()
+            .and_then(|c| c.first().and_then(|c| flotilla_common::identity::expiry_of(c)))
+            .unwrap_or_default();
+        Ok(Response::new(api::WhoAmIResponse {
+            role: roles.highest(&who).map(|r| r.to_string()).unwrap_or_default(),
+            who,
+            open: roles.is_open(),
+            certificate_expires_unix_ms: expires,
+        }))
+    }
+
     async fn explain(&self, req: Request<api::ExplainRequest>) -> Result<Response<api::ExplainResponse>, Status> {
-        operator(&req)?;
+        let who = self.authorize(&req, Action::View, Target::fleet(), "", "").await?;
         let r = req.into_inner();
         let st = self.0.state();
         if !st.clusters.contains_key(&r.cluster) {
             return Err(Status::not_found(format!("cluster {:?} is not in the fleet inventory", r.cluster)));
+        }
+        if !self.sees_cluster(&st, &who, &r.cluster) {
+            let status = Status::permission_denied(format!(
+                "operator {who} may not view cluster {}: no binding of its roles covers the cluster's labels",
+                r.cluster
+            ));
+            return Err(self.refused(who, Action::View, &r.app, &format!("cluster {}", r.cluster), status).await);
         }
         let desired = st.desired.get(&r.cluster).map(|d| (**d).clone()).unwrap_or_default();
         let mut apps: BTreeSet<String> = desired.keys().cloned().collect();

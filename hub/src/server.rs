@@ -155,6 +155,8 @@ pub struct HubConfig {
     pub metrics: Option<SocketAddr>,
     /// Commits are traced (an OTLP exporter is installed), recording the spans of this many clusters each.
     pub traces: Option<usize>,
+    /// Operator roles, revoked certificates, the audit sink (followed from their files while the hub runs).
+    pub identities: Arc<crate::identities::Identities>,
 }
 
 /// Where the hub keeps its state.
@@ -203,7 +205,9 @@ pub async fn run(
     let follower =
         Follower::new(cfg.repo.clone(), cfg.branch.clone(), cfg.data_dir.join("repo.git")).with_auth(cfg.auth.clone());
     #[allow(unused_mut)]
-    let mut opts = Options { grace: cfg.grace, traces: cfg.traces, ..Options::default() };
+    let mut opts =
+        Options { grace: cfg.grace, traces: cfg.traces, identities: cfg.identities.clone(), ..Options::default() };
+    tokio::spawn(cfg.identities.clone().follow(shutdown.clone()).instrument(tracing::info_span!("identities")));
     #[cfg(feature = "etcd")]
     let mut replica_view: Option<(etcd_client::Client, String)> = None;
     let hub = match &cfg.store {
@@ -237,6 +241,7 @@ pub async fn run(
                 .next()
                 .unwrap_or_else(|| "localhost".into());
             opts.standby = true;
+            opts.replica = replica.clone();
             opts.forward =
                 Some(crate::forward::Forward::new(&cfg.tls.ca_pem, &cfg.tls.cert_pem, &cfg.tls.key_pem, &domain));
             let p = progress.clone();

@@ -169,6 +169,12 @@ impl AgentService for AgentApi {
             Identity::Cluster(c) => c,
             other => return Err(Status::permission_denied(format!("{other} may not open an agent session"))),
         };
+        let serial = crate::platform::caller_serial(&req).unwrap_or_default();
+        if let Err(why) = admitted(&self.0, &cluster, &serial) {
+            self.0.shared.metrics.sessions_refused.get_or_create(&crate::metrics::label("reason", "revoked")).inc();
+            warn!(%cluster, reason = %why, "agent session refused");
+            return Err(Status::permission_denied(why));
+        }
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
             Ok(Ok(Some(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(h)) }))) => h,
@@ -213,7 +219,7 @@ impl AgentService for AgentApi {
                 hub.observe(&cluster, obs).await;
                 let held: BTreeMap<String, (String, String)> =
                     hello.applied.iter().map(|a| (a.app.clone(), (a.digest.clone(), a.revision.clone()))).collect();
-                let result = run_session(&hub, &cluster, &presence, held, inbound, &tx).await;
+                let result = run_session(&hub, &cluster, &serial, &presence, held, inbound, &tx).await;
                 hub.shared.sessions.close(&cluster, presence.id);
                 hub.shared.metrics.sessions_closed.inc();
                 match result {
@@ -266,9 +272,30 @@ fn resolve(
         .collect()
 }
 
+/// Whether the agent of `cluster`, holding a certificate with `serial`, may have a session now: its
+/// certificate is not revoked, and the cluster is in the inventory (once the hub knows one) and not disabled.
+pub fn admitted(hub: &Hub, cluster: &str, serial: &str) -> Result<(), String> {
+    if !serial.is_empty() && hub.shared.identities.is_revoked(serial) {
+        return Err(format!("the certificate of cluster {cluster} (serial {serial}) is revoked"));
+    }
+    let st = hub.state();
+    match st.clusters.get(cluster) {
+        Some(spec) if spec.disabled => {
+            Err(format!("cluster {cluster} is disabled in the fleet inventory (clusters/{cluster}.yaml)"))
+        }
+        None if !st.revision.is_empty() => Err(format!(
+            "cluster {cluster} is not in the fleet inventory (no clusters/{cluster}.yaml at {})",
+            st.revision.get(..12).unwrap_or(&st.revision)
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run_session(
     hub: &Arc<Hub>,
     cluster: &str,
+    serial: &str,
     presence: &Presence,
     // app → the digest (and revision) the agent holds for it now (it keeps one bundle per app).
     held: BTreeMap<String, (String, String)>,
@@ -309,7 +336,7 @@ async fn run_session(
     };
     tokio::select! {
         r = reader => r,
-        r = send_loop(hub, cluster, presence, &held, tx) => r,
+        r = send_loop(hub, cluster, serial, presence, &held, tx) => r,
     }
 }
 
@@ -317,6 +344,7 @@ async fn run_session(
 async fn send_loop(
     hub: &Arc<Hub>,
     cluster: &str,
+    serial: &str,
     presence: &Presence,
     held: &Mutex<BTreeMap<String, (String, String)>>,
     tx: &Tx,
@@ -325,7 +353,13 @@ async fn send_loop(
     let mut seq = 0u64;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
     let shutdown = hub.shared.shutdown.clone();
+    let mut revocations = hub.shared.identities.revocations();
     loop {
+        // A revoked certificate, a cluster removed from the inventory or disabled: the session ends now.
+        if let Err(why) = admitted(hub, cluster, serial) {
+            let _ = tx.send(Err(Status::permission_denied(why.clone()))).await;
+            return Err(why);
+        }
         // Read before the state: the state is at least this new.
         let store_revision = hub.shared.revision();
         let state = hub.state();
@@ -406,6 +440,7 @@ async fn send_loop(
                 return Err("replaced by a newer session of the same cluster".into());
             }
             _ = presence.wake.notified() => {}
+            _ = revocations.changed() => {}
             _ = heartbeat.tick() => send(tx, pb::hub_message::Msg::Heartbeat(pb::Heartbeat { sent_unix_ms: now_ms() })).await?,
         }
     }

@@ -128,8 +128,8 @@ async fn bake_time_progress_deadline_and_approval_wait() {
     let audit = hub.audit();
     assert_eq!(audit.len(), 2, "{audit:?}");
     assert_eq!(
-        (audit[0]["operator"].as_str(), audit[0]["result"].as_str()),
-        (Some("alice"), Some("wave everyone approved"))
+        (audit[0].who.as_str(), audit[0].action.as_str(), audit[0].detail.as_str(), audit[0].answer.as_str()),
+        ("alice", "approve", "wave everyone", "wave everyone approved")
     );
-    assert_eq!(audit[1]["result"], "refused: wave everyone is approved already", "refusals are recorded too");
+    assert_eq!(audit[1].answer, "refused: wave everyone is approved already", "refusals are recorded too");
 }

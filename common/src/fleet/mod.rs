@@ -64,6 +64,10 @@ pub struct ClusterSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub values: Map<String, Value>,
+    /// A disabled cluster stays in the inventory, but its agent's sessions are refused (a lost or
+    /// decommissioned cluster): it is sent nothing and its certificate cannot be renewed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
 }
 
 /// `fleet.yaml`: repository-wide defaults.

@@ -1,0 +1,290 @@
+//! Who may do what, with real processes: operator roles from a file the hub reloads, every mutating call and
+//! every refusal in `flotilla audit` (and shipped as JSON lines), revoked certificates and clusters removed or
+//! disabled in the inventory cut off within seconds, with nothing deleted in their clusters.
+
+use flotilla_e2e::{commit, eventually, free_port, kube, platform_client_as, start_agent, start_hub_with, Proc};
+use flotilla_proto::platform::v1::control_rollout_request::Action;
+use flotilla_proto::platform::v1::{
+    ControlRolloutRequest, ListAuditRequest, ListClustersRequest, ListRolloutsRequest, WhoAmIRequest,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tonic::Code;
+
+fn note(v: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: note}}\ndata: {{v: '{v}'}}\n")
+}
+
+/// Two clusters in two rings; `notes` rolls out ring by ring, the second after an approval.
+fn ringed_repo(tmp: &Path) -> PathBuf {
+    let app = "namespace: notes\ntargets: [{selector: {}}]\nrollout:\n  waves:\n  - {name: one, selector: {matchLabels: {ring: '1'}}}\n  - {name: two, selector: {matchLabels: {ring: '2'}}, approval: true}\n";
+    flotilla_e2e::fleet_repo_with(
+        tmp,
+        &[
+            ("clusters/c1.yaml", Some("labels: {ring: '1'}\n")),
+            ("clusters/c2.yaml", Some("labels: {ring: '2'}\n")),
+            ("apps/notes/app.yaml", Some(app)),
+            ("apps/notes/cm.yaml", Some(&note("1"))),
+        ],
+    )
+}
+
+async fn versions(clients: &[kube::Client]) -> Vec<Option<u32>> {
+    let mut out = Vec::new();
+    for c in clients {
+        out.push(flotilla_e2e::value(c, "notes", "note", "v").await.and_then(|v| v.parse().ok()));
+    }
+    out
+}
+
+async fn control(
+    certs: &Path,
+    port: u16,
+    who: &str,
+    action: Action,
+    wave: &str,
+    revision: &str,
+) -> Result<String, tonic::Status> {
+    let mut op = platform_client_as(certs, port, &format!("operators/{who}")).await;
+    let req = ControlRolloutRequest {
+        app: "notes".into(),
+        action: action as i32,
+        wave: wave.into(),
+        revision: revision.into(),
+        ..Default::default()
+    };
+    op.control_rollout(req).await.map(|r| r.into_inner().message)
+}
+
+async fn wave_two(certs: &Path, port: u16) -> Option<(String, String)> {
+    let mut op = platform_client_as(certs, port, "operators/ada").await;
+    let r = op.list_rollouts(ListRolloutsRequest { app: "notes".into() }).await.ok()?.into_inner();
+    let ro = r.rollouts.into_iter().next()?;
+    Some((ro.revision.clone(), ro.waves.get(1)?.phase.clone()))
+}
+
+/// `flotilla ARGS --hub … --certs … --operator WHO`: (exit code, stdout, stderr).
+fn cli(tmp: &Path, port: u16, who: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(flotilla_e2e::binary("flotilla"))
+        .args(args)
+        .args(["--hub", &format!("https://localhost:{port}"), "--operator", who, "--certs"])
+        .arg(tmp.join("certs"))
+        .output()
+        .expect("running flotilla");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn serial(tmp: &Path, cert: &str) -> String {
+    let pem = std::fs::read_to_string(tmp.join("certs").join(cert)).unwrap();
+    flotilla_common::identity::serial_of(&flotilla_common::identity::pem_der(&pem).unwrap()).unwrap()
+}
+
+/// Replaces `path` as a whole (a new file: what a ConfigMap mount or `mv` does).
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+struct Fleet {
+    _dir: tempfile::TempDir,
+    tmp: PathBuf,
+    repo: PathBuf,
+    port: u16,
+    clients: Vec<kube::Client>,
+    _procs: Vec<Proc>,
+}
+
+const ROLES: &str = "bindings:\n  - operators: [vera]\n    role: viewer\n  - operators: [olga]\n    role: operator\n  - operators: [ada]\n    role: admin\n";
+
+async fn fleet() -> Fleet {
+    flotilla_common::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().to_path_buf();
+    eprintln!("work directory (logs): {}", tmp.display());
+    flotilla_e2e::issue_certs(&tmp, "c1,c2", "vera,olga,ada,mallory");
+    let repo = ringed_repo(&tmp);
+    std::fs::write(tmp.join("roles.yaml"), ROLES).unwrap();
+    std::fs::write(tmp.join("revoked.txt"), "# revoked certificate serials\n").unwrap();
+    let sim = flotilla_e2e::start_sim(&tmp, "c1,c2");
+    let port = free_port();
+    let extra: Vec<String> = [
+        "--roles",
+        &tmp.join("roles.yaml").display().to_string(),
+        "--revoked",
+        &tmp.join("revoked.txt").display().to_string(),
+        "--audit-log",
+        &tmp.join("audit.jsonl").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let hub = start_hub_with(&tmp, port, &format!("file://{}", repo.display()), &extra);
+    let mut procs = vec![sim, hub];
+    procs.push(start_agent(&tmp, port, "c1", "c1"));
+    procs.push(start_agent(&tmp, port, "c2", "c2"));
+    let mut clients = Vec::new();
+    for c in ["c1", "c2"] {
+        clients.push(kube(&tmp.join("kc"), c).await);
+    }
+    Fleet { _dir: dir, tmp, repo, port, clients, _procs: procs }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_cannot_approve_an_operator_cannot_roll_back_an_admin_can_and_all_of_it_is_audited() {
+    let f = fleet().await;
+    let (tmp, port, certs) = (&f.tmp, f.port, f.tmp.join("certs"));
+    let first = eventually(60, "wave two awaits approval", || async {
+        wave_two(&certs, port).await.filter(|(_, p)| p == "awaiting approval").map(|(r, _)| r)
+    })
+    .await;
+    assert_eq!(versions(&f.clients).await, vec![Some(1), None]);
+
+    // A viewer sees, and cannot approve: the refusal names the role it lacks.
+    let e = control(&certs, port, "vera", Action::Approve, "two", "").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("needs the operator role") && e.message().contains("holds viewer"), "{e:?}");
+    let mut vera = platform_client_as(&certs, port, "operators/vera").await;
+    assert_eq!(vera.list_clusters(ListClustersRequest::default()).await.unwrap().into_inner().clusters.len(), 2);
+    let e = vera.list_audit(ListAuditRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Someone with a certificate of the fleet and no role sees nothing.
+    let mut mallory = platform_client_as(&certs, port, "operators/mallory").await;
+    let e = mallory.list_clusters(ListClustersRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("holds no role"), "{e:?}");
+    let me = mallory.who_am_i(WhoAmIRequest {}).await.unwrap().into_inner();
+    assert_eq!((me.who.as_str(), me.role.as_str(), me.open), ("mallory", "", false));
+    assert!(me.certificate_expires_unix_ms > chrono::Utc::now().timestamp_millis());
+
+    // An operator approves; the next wave starts.
+    let ok = control(&certs, port, "olga", Action::Approve, "two", "").await.expect("an operator approves");
+    assert!(ok.contains("approved"), "{ok}");
+    eventually(60, "wave two has the first commit", || async {
+        (versions(&f.clients).await == vec![Some(1), Some(1)]).then_some(())
+    })
+    .await;
+
+    // A second commit; an operator cannot roll back, an admin can.
+    commit(&f.repo, &[("apps/notes/cm.yaml", Some(&note("2")))], "two");
+    eventually(60, "the second commit on c1", || async { (versions(&f.clients).await[0] == Some(2)).then_some(()) })
+        .await;
+    let e = control(&certs, port, "olga", Action::Rollback, "", &first).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("needs the admin role") && e.message().contains("holds operator"), "{e:?}");
+    assert_eq!(versions(&f.clients).await[0], Some(2), "the refused rollback did nothing");
+    control(&certs, port, "ada", Action::Rollback, "", &first).await.expect("an admin rolls back");
+    eventually(60, "c1 back on the first commit", || async {
+        (versions(&f.clients).await[0] == Some(1)).then_some(())
+    })
+    .await;
+
+    // Every one of those calls is in `flotilla audit`, read by an operator.
+    let (code, out, err) = cli(tmp, port, "olga", &["audit", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let records: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let has = |who: &str, action: &str, allowed: bool| {
+        records.iter().any(|r| r["who"] == who && r["action"] == action && r["allowed"] == allowed)
+    };
+    assert!(has("vera", "approve", false), "{out}");
+    assert!(has("vera", "read-audit", false), "{out}");
+    assert!(has("mallory", "view", false), "{out}");
+    assert!(has("olga", "approve", true), "{out}");
+    assert!(has("olga", "rollback", false), "{out}");
+    assert!(has("ada", "rollback", true), "{out}");
+    // Filtered by who, and since a time.
+    let (_, out, _) = cli(tmp, port, "ada", &["audit", "--who", "vera", "-o", "json"]);
+    let only: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert!(!only.is_empty() && only.iter().all(|r| r["who"] == "vera"), "{out}");
+    let (_, out, _) = cli(tmp, port, "ada", &["audit", "--since", "2099-01-01T00:00:00Z", "-o", "json"]);
+    assert_eq!(out.trim(), "[]");
+    let (code, _, err) = cli(tmp, port, "vera", &["audit"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("permission denied") && err.contains("needs the operator role"), "{err}");
+    let (_, table, _) = cli(tmp, port, "ada", &["audit"]);
+    assert!(table.starts_with("WHEN") && table.contains("rollback"), "{table}");
+    // And shipped as JSON lines, as they were decided.
+    let shipped = std::fs::read_to_string(tmp.join("audit.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = shipped.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.iter().any(|r| r["who"] == "olga" && r["action"] == "rollback" && r["allowed"] == false));
+
+    // The roles file is read again when it changes: vera becomes an operator.
+    replace(&tmp.join("roles.yaml"), &ROLES.replace("role: viewer", "role: operator"));
+    eventually(20, "vera may pause once the roles file changed", || async {
+        control(&certs, port, "vera", Action::Pause, "", "").await.ok()
+    })
+    .await;
+    // A broken roles file keeps the roles in force.
+    replace(&tmp.join("roles.yaml"), "bindings: [oops\n");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    control(&certs, port, "vera", Action::Resume, "", "").await.expect("the roles in force stay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_certificates_and_removed_or_disabled_clusters_are_cut_off_within_seconds() {
+    let f = fleet().await;
+    let (tmp, port, certs) = (&f.tmp, f.port, f.tmp.join("certs"));
+    eventually(60, "wave two awaits approval", || async {
+        wave_two(&certs, port).await.filter(|(_, p)| p == "awaiting approval")
+    })
+    .await;
+    control(&certs, port, "olga", Action::Approve, "two", "").await.unwrap();
+    eventually(60, "both clusters run the app", || async {
+        (versions(&f.clients).await == vec![Some(1), Some(1)]).then_some(())
+    })
+    .await;
+    let connected = |name: &'static str| {
+        let certs = certs.clone();
+        async move {
+            let mut ada = platform_client_as(&certs, port, "operators/ada").await;
+            let view = ada.list_clusters(ListClustersRequest::default()).await.ok()?.into_inner();
+            view.clusters.iter().find(|c| c.name == name).map(|c| c.connected)
+        }
+    };
+    assert_eq!(connected("c2").await, Some(true));
+
+    // Revoke olga's certificate and c2's: olga is refused, c2's session ends, c2 keeps what it runs.
+    let revoked = format!("{}\n# c2's agent\n{}\n", serial(tmp, "operators/olga.pem"), serial(tmp, "clusters/c2.pem"));
+    let t0 = std::time::Instant::now();
+    replace(&tmp.join("revoked.txt"), &revoked);
+    eventually(15, "c2 disconnected", || async { (connected("c2").await == Some(false)).then_some(()) }).await;
+    eprintln!("c2 cut off {:?} after its certificate was revoked", t0.elapsed());
+    let mut olga = platform_client_as(&certs, port, "operators/olga").await;
+    let e = olga.list_clusters(ListClustersRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("revoked"), "{e:?}");
+    let log = std::fs::read_to_string(tmp.join("agent-c2-as-c2.log")).unwrap_or_default();
+    assert!(log.contains("revoked"), "the agent hears why: {log}");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(connected("c2").await, Some(false), "its reconnects are refused too");
+    assert_eq!(versions(&f.clients).await[1], Some(1), "nothing was deleted in c2");
+
+    // Disabling c1 in the inventory ends its session at the commit; its objects stay.
+    commit(&f.repo, &[("clusters/c1.yaml", Some("labels: {ring: '1'}\ndisabled: true\n"))], "disable c1");
+    eventually(30, "c1 disconnected", || async { (connected("c1").await == Some(false)).then_some(()) }).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(connected("c1").await, Some(false), "its reconnects are refused too");
+    assert_eq!(versions(&f.clients).await[0], Some(1), "nothing was deleted in c1");
+    let log = std::fs::read_to_string(tmp.join("agent-c1-as-c1.log")).unwrap_or_default();
+    assert!(log.contains("disabled in the fleet inventory"), "{log}");
+
+    // Enabled again, it reconnects; removed from the inventory, it is refused again.
+    commit(&f.repo, &[("clusters/c1.yaml", Some("labels: {ring: '1'}\n"))], "enable c1");
+    eventually(60, "c1 reconnected", || async { (connected("c1").await == Some(true)).then_some(()) }).await;
+    commit(&f.repo, &[("clusters/c1.yaml", None)], "remove c1");
+    eventually(30, "c1 refused once removed", || async {
+        let log = std::fs::read_to_string(tmp.join("agent-c1-as-c1.log")).unwrap_or_default();
+        log.contains("is not in the fleet inventory").then_some(())
+    })
+    .await;
+    assert_eq!(versions(&f.clients).await[0], Some(1), "nothing was deleted in c1");
+
+    // Every refusal of a platform call is audited.
+    let (code, out, err) = cli(tmp, port, "ada", &["audit", "--who", "olga", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+}
