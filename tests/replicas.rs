@@ -349,6 +349,40 @@ async fn three_hubs_on_three_etcd_members_survive_ten_leader_kills_mid_rollout()
     assert!(lags.values().all(|l| *l >= 0), "every replica says how far behind etcd it is: {v}");
 }
 
+/// A hub started while etcd has no leader yet (members still starting, electing) waits for it instead of
+/// exiting, and serves once etcd answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_started_before_etcd_has_quorum_waits_for_it_then_serves() {
+    flotilla_common::install_crypto_provider();
+    let tmp_dir = tempfile::tempdir().unwrap();
+    let tmp = tmp_dir.path();
+    eprintln!("work directory (logs): {}", tmp.display());
+    let mut etcd = flotilla_e2e::etcd::EtcdCluster::start(3);
+    etcd.stop(1);
+    etcd.stop(2);
+    issue_certs(tmp, "c", "alice");
+    let repo = notes_repo(tmp);
+    let url = format!("file://{}", repo.display());
+    let _sim = flotilla_e2e::start_sim(tmp, "c");
+    let mut a = Hub::start_with(tmp, "a", &url, &etcd.url(), &["--poll-seconds", "1"]);
+    eventually(30, "the hub says it waits for etcd", || async {
+        a.log_text().contains("etcd does not answer yet").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let exited = a.proc.as_mut().and_then(|p| p.child.try_wait().ok().flatten());
+    assert!(exited.is_none(), "the hub waits for etcd instead of exiting: {exited:?}\n{}", a.log_text());
+    etcd.resume(1);
+    etcd.resume(2);
+    let _agent = flotilla_e2e::start_agent_with(tmp, &a.url(), "c", "c", &[], "");
+    let client = kube(&tmp.join("kc"), "c").await;
+    eventually(90, "the first commit applied once etcd answers", || async {
+        (flotilla_e2e::value(&client, "notes", "note", "v").await.as_deref() == Some("1")).then_some(())
+    })
+    .await;
+    a.kill();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_losing_a_member_is_no_outage_losing_two_stops_the_hubs_until_quorum_returns() {
     flotilla_common::install_crypto_provider();

@@ -189,6 +189,35 @@ impl flotilla_common::telemetry::endpoint::Observed for Observe {
     }
 }
 
+/// Connects to etcd and reads its revision, again with jittered backoff (0.5 s up to 5 s) until it answers or
+/// the hub shuts down: a hub started before etcd has a leader waits instead of exiting.
+#[cfg(feature = "etcd")]
+async fn wait_for_etcd(
+    etcd: &crate::etcd::EtcdConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(etcd_client::Client, i64)> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            let mut client = etcd.connect().await?;
+            let from = crate::mirror::current_revision(&mut client).await?;
+            Ok::<_, etcd_client::Error>((client, from))
+        };
+        match attempt.await {
+            Ok(r) => return Ok(r),
+            Err(e) => {
+                warn!(error = %e, endpoints = %etcd.endpoints.join(","), retry_in_ms = delay.as_millis() as u64, "etcd does not answer yet");
+            }
+        }
+        let jittered = delay.mul_f64(0.5 + fastrand::f64());
+        tokio::select! {
+            _ = shutdown.cancelled() => anyhow::bail!("stopped while waiting for etcd"),
+            _ = tokio::time::sleep(jittered) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Runs a hub until `shutdown` is cancelled. Returns the bound address through `bound`.
 pub async fn run(
     cfg: HubConfig,
@@ -218,7 +247,8 @@ pub async fn run(
         }
         #[cfg(feature = "etcd")]
         StoreChoice::Etcd { etcd, replica, lease } => {
-            let client = etcd.connect().await?;
+            // etcd may not answer yet (starting beside the hub, electing its first leader): wait for it.
+            let (client, from) = wait_for_etcd(etcd, &shutdown).await?;
             let progress = Arc::new(crate::mirror::Progress::default());
             let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
             // The presence lease on a thread of its own, as the leader's: renewed on time under any load.
@@ -233,7 +263,6 @@ pub async fn run(
             replica_view = Some((client.clone(), etcd.prefix.clone()));
             // Every replica serves agents and operators from the state in etcd, followed by a watch from the
             // revision it was read at; only the one that wins the election acts.
-            let from = crate::mirror::current_revision(&mut client.clone()).await?;
             let e = etcd.clone();
             let store = Arc::new(tokio::task::spawn_blocking(move || crate::etcd::EtcdStore::open_replica(&e)).await??);
             let domain = flotilla_common::identity::host_names(&cfg.tls.cert_pem)
