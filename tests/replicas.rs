@@ -5,7 +5,7 @@
 
 use flotilla_e2e::{binary, commit, eventually, free_port, http_get, issue_certs, kube, operator_client, spawn, Proc};
 use flotilla_proto::platform::v1::control_rollout_request::Action;
-use flotilla_proto::platform::v1::{ControlRolloutRequest, ListClustersRequest, ListRolloutsRequest};
+use flotilla_proto::platform::v1::{ControlRolloutRequest, ListAuditRequest, ListClustersRequest, ListRolloutsRequest};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -244,6 +244,21 @@ async fn three_hubs_on_three_etcd_members_survive_ten_leader_kills_mid_rollout()
     assert!(view.clusters.iter().all(|c| c.connected), "every agent is connected somewhere: {view:?}");
     let rev1 = view.revision.clone();
     assert!(!rev1.is_empty());
+    // A standby records its own refusals in etcd, where every replica reads them.
+    let mut spy = flotilla_e2e::platform_client_as(&certs, hubs_[standby].port, "clusters/c1").await;
+    let e = spy.list_clusters(ListClustersRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let at_leader = operator_client(&certs, hubs_[leader].port).await;
+    let standby_name = hubs_[standby].name.clone();
+    eventually(20, "the standby's refusal in the leader's audit", || {
+        let mut c = at_leader.clone();
+        let name = standby_name.clone();
+        async move {
+            let records = c.list_audit(ListAuditRequest::default()).await.ok()?.into_inner().records;
+            records.iter().any(|r| r.who == "cluster c1" && !r.allowed && r.replica == name).then_some(())
+        }
+    })
+    .await;
 
     // A control sent to a standby takes effect: it is forwarded to the leader.
     eventually(30, "wave two awaits approval", || async {

@@ -747,12 +747,16 @@ impl Store for EtcdStore {
 }
 
 impl EtcdStore {
-    /// A standby's write: agents' reports only, at once (the leader waits for them), each key on its own.
+    /// A standby's write: agents' reports (at once: the leader waits for them) and its audit records, each key on
+    /// its own.
     fn commit_reports(&self, batch: Batch) -> Result<(), StoreError> {
         let reports = crate::keys::Prefix::Report.as_str();
-        if let Some(op) =
-            batch.0.iter().find(|op| !matches!(op, Op::Put(k, _) | Op::Delete(k) if k.starts_with(reports)))
-        {
+        // And its own audit records (keys no other replica writes; only the leader removes old ones).
+        let audit = crate::keys::Prefix::Audit.as_str();
+        if let Some(op) = batch.0.iter().find(|op| {
+            !matches!(op, Op::Put(k, _) | Op::Delete(k) if k.starts_with(reports))
+                && !matches!(op, Op::Put(k, _) if k.starts_with(audit))
+        }) {
             let key = match op {
                 Op::Put(k, _) | Op::Delete(k) => k,
             };

@@ -97,6 +97,9 @@ impl Default for Options {
     }
 }
 
+/// Identical refusals (same caller, call and answer) are recorded once within this time.
+pub const REFUSAL_EVERY_MS: i64 = 10_000;
+
 /// What the writer is asked to do.
 enum Command {
     Synced(Box<Synced>, oneshot::Sender<Result<String, String>>),
@@ -258,6 +261,8 @@ pub struct Hub {
     /// A standby's refresh on its way to the leader.
     forwarding: Arc<std::sync::atomic::AtomicBool>,
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Refusals recorded lately: what they were, when (at most 4,096 remembered).
+    refusals: Mutex<HashMap<String, i64>>,
 }
 
 impl Hub {
@@ -309,6 +314,7 @@ impl Hub {
             fetching: Arc::default(),
             refresh: Notify::new(),
             forwarding: Arc::default(),
+            refusals: Mutex::default(),
             writer: Mutex::new(Some(writer)),
         }))
     }
@@ -371,6 +377,23 @@ impl Hub {
     pub async fn record(&self, mut rec: crate::audit::AuditRecord) {
         rec.at_unix_ms = (self.shared.clock)();
         rec.replica = self.shared.replica.clone();
+        // A caller repeating a refused call (a loop with a revoked certificate) is recorded once per
+        // REFUSAL_EVERY, so it cannot push the records that matter out of the kept 10,000.
+        if !rec.allowed {
+            let key = format!("{}\0{}\0{}\0{}\0{}", rec.who, rec.action, rec.app, rec.detail, rec.answer);
+            let mut seen = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.get(&key).is_some_and(|t| rec.at_unix_ms - t < REFUSAL_EVERY_MS) {
+                self.shared.metrics.audit_refusals_coalesced.inc();
+                return;
+            }
+            if seen.len() >= 4096 {
+                seen.retain(|_, t| rec.at_unix_ms - *t < REFUSAL_EVERY_MS);
+                if seen.len() >= 4096 {
+                    seen.clear();
+                }
+            }
+            seen.insert(key, rec.at_unix_ms);
+        }
         if let Some(sink) = &self.shared.identities.sink {
             sink.ship(&rec);
         }

@@ -35,6 +35,7 @@ pub struct HubMetrics {
     pub store_commit_bytes: Histogram,
     pub store_commit_failures: Counter,
     pub controls: Family<Labels, Counter>,
+    pub audit_refusals_coalesced: Counter,
     // From the snapshot, at each scrape.
     agents_connected: Gauge,
     clusters: Gauge,
@@ -118,6 +119,11 @@ impl Default for HubMetrics {
         let store_commit_failures =
             counter(&mut r, "store_commit_failures", "Store batches that failed (nothing changed)");
         let controls = family(&mut r, "rollout_controls", "Rollout controls by action and result (ok, refused)");
+        let audit_refusals_coalesced = counter(
+            &mut r,
+            "audit_refusals_coalesced",
+            "Refused platform calls not recorded again: the same refusal was recorded within 10 s",
+        );
         let agents_connected = gauge(&mut r, "agents_connected", "Agents with a live session on this hub");
         let clusters = gauge(&mut r, "clusters", "Clusters in the inventory");
         let cluster_apps = family(
@@ -149,7 +155,7 @@ impl Default for HubMetrics {
         let problems =
             gauge(&mut r, "problems", "Problems of the current commit (broken files, apps that cannot be rendered)");
         // Counters of closed label sets start at zero, so rate() and increase() see their first event.
-        for reason in ["not_ready", "behind", "rate"] {
+        for reason in ["not_ready", "behind", "rate", "revoked", "not_admitted"] {
             let _ = sessions_refused.get_or_create(&label("reason", reason));
         }
         for result in ["new", "current", "failed"] {
@@ -178,6 +184,7 @@ impl Default for HubMetrics {
             store_commit_bytes,
             store_commit_failures,
             controls,
+            audit_refusals_coalesced,
             agents_connected,
             clusters,
             cluster_apps,

@@ -171,7 +171,8 @@ impl AgentService for AgentApi {
         };
         let serial = crate::platform::caller_serial(&req).unwrap_or_default();
         if let Err(why) = admitted(&self.0, &cluster, &serial) {
-            self.0.shared.metrics.sessions_refused.get_or_create(&crate::metrics::label("reason", "revoked")).inc();
+            let reason = if why.contains("revoked") { "revoked" } else { "not_admitted" };
+            self.0.shared.metrics.sessions_refused.get_or_create(&crate::metrics::label("reason", reason)).inc();
             warn!(%cluster, reason = %why, "agent session refused");
             return Err(Status::permission_denied(why));
         }

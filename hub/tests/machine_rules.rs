@@ -89,6 +89,36 @@ fn the_cluster_list_is_paged_and_filtered() {
 }
 
 #[tokio::test]
+async fn a_refusal_repeated_in_a_loop_is_recorded_once_and_cannot_push_out_the_trail() {
+    use flotilla_hub::audit::AuditRecord;
+    let store = Arc::new(MemStore::default());
+    let follower =
+        Follower::new("file:///nonexistent".to_string(), "main", std::env::temp_dir().join("flotilla-unused"));
+    let opts = Options { tick: None, ..Options::default() };
+    let hub = Hub::with_options(store, follower, CancellationToken::new(), opts).unwrap();
+    let refused = AuditRecord {
+        who: "mallory".into(),
+        action: "view".into(),
+        allowed: false,
+        answer: "refused: the certificate of operator mallory (serial 1a) is revoked".into(),
+        ..Default::default()
+    };
+    for _ in 0..500 {
+        hub.record(refused.clone()).await;
+    }
+    let other = AuditRecord { action: "approve".into(), app: "shop".into(), ..refused.clone() };
+    hub.record(other).await;
+    let allowed = AuditRecord { who: "alice".into(), action: "refresh".into(), allowed: true, ..Default::default() };
+    hub.record(allowed.clone()).await;
+    hub.record(allowed).await;
+    let audit = hub.audit();
+    let count = |who: &str, action: &str| audit.iter().filter(|r| r.who == who && r.action == action).count();
+    assert_eq!(count("mallory", "view"), 1, "{audit:?}");
+    assert_eq!(count("mallory", "approve"), 1, "another refusal is a record of its own");
+    assert_eq!(count("alice", "refresh"), 2, "allowed calls are all recorded");
+}
+
+#[tokio::test]
 async fn a_control_the_store_cannot_record_changes_nothing_and_says_so() {
     let store = Arc::new(MemStore::default());
     let follower =
