@@ -222,6 +222,9 @@ async fn a_viewer_cannot_approve_an_operator_cannot_roll_back_an_admin_can_and_a
     replace(&tmp.join("roles.yaml"), "bindings: [oops\n");
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     control(&certs, port, "vera", Action::Resume, "", "").await.expect("the roles in force stay");
+    let mut ada = platform_client_as(&certs, port, "operators/ada").await;
+    let view = ada.list_clusters(ListClustersRequest::default()).await.unwrap().into_inner();
+    assert!(view.problems.iter().any(|p| p.starts_with("roles file: ") && p.contains("roles.yaml")), "{view:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! Who the hub trusts right now: the operator roles (`--roles FILE`) and the revoked certificate serials
 //! (`--revoked FILE`), both read again when their file changes, and where audit records are shipped. A file
-//! that becomes unreadable or invalid keeps what was in force (logged, and counted in `flotilla_hub_problems`
-//! through [`Identities::problem`]).
+//! that becomes unreadable or invalid keeps what was in force (logged, and shown with the fleet's problems in
+//! `flotilla clusters` through [`Identities::problems`]).
 
 use crate::access::Roles;
 use arc_swap::ArcSwap;
@@ -130,43 +130,35 @@ impl Identities {
                 _ = tokio::time::sleep(RELOAD_EVERY) => {}
             }
             let mut problems = Vec::new();
-            if let Some(f) = &self.roles_file {
-                let now = stamp(f);
-                if seen.0.as_ref() != Some(&now) {
-                    seen.0 = Some(now);
-                    match read_roles(f) {
-                        Ok(r) => {
-                            info!(file = %f.display(), "operator roles read again");
-                            self.set_roles(r);
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "the roles file cannot be used: the roles read before stay in force");
-                            problems.push(format!("roles file: {e} (the roles read before stay in force)"));
-                        }
-                    }
-                } else {
-                    problems.extend(self.problems().into_iter().filter(|p| p.starts_with("roles file")));
-                }
-            }
-            if let Some(f) = &self.revoked_file {
-                let now = stamp(f);
-                if seen.1.as_ref() != Some(&now) {
-                    seen.1 = Some(now);
-                    match read_revoked(f) {
-                        Ok(r) => {
-                            info!(file = %f.display(), serials = r.len(), "revoked certificates read again");
-                            self.set_revoked(r);
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "the revoked list cannot be used: the list read before stays in force");
-                            problems.push(format!("revoked list: {e} (the list read before stays in force)"));
-                        }
-                    }
-                } else {
-                    problems.extend(self.problems().into_iter().filter(|p| p.starts_with("revoked list")));
-                }
-            }
+            let roles = (self.roles_file.as_deref(), &mut seen.0, "roles file");
+            self.reload(roles, &mut problems, |f| read_roles(f).map(|r| self.set_roles(r)));
+            let revoked = (self.revoked_file.as_deref(), &mut seen.1, "revoked list");
+            self.reload(revoked, &mut problems, |f| read_revoked(f).map(|r| self.set_revoked(r)));
             *self.problems.lock().unwrap_or_else(|p| p.into_inner()) = problems;
+        }
+    }
+
+    /// Reads `file` again with `read` if it changed since `seen`; a file that cannot be used keeps what is in
+    /// force and is a problem (`what: …`) until it changes again.
+    fn reload(
+        &self,
+        (file, seen, what): (Option<&Path>, &mut Option<Stamp>, &str),
+        problems: &mut Vec<String>,
+        read: impl FnOnce(&Path) -> Result<(), String>,
+    ) {
+        let Some(f) = file else { return };
+        let now = stamp(f);
+        if seen.as_ref() == Some(&now) {
+            problems.extend(self.problems().into_iter().filter(|p| p.starts_with(what)));
+            return;
+        }
+        *seen = Some(now);
+        match read(f) {
+            Ok(()) => info!(file = %f.display(), "{what} read again"),
+            Err(e) => {
+                warn!(error = %e, "the {what} cannot be used: what was read before stays in force");
+                problems.push(format!("{what}: {e} (what was read before stays in force)"));
+            }
         }
     }
 }

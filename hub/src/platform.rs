@@ -373,7 +373,10 @@ impl PlatformService for PlatformApi {
         let sees = |spec: &flotilla_common::fleet::ClusterSpec| {
             roles.allows(&who, Action::View, &Target::cluster(&spec.labels))
         };
-        list_clusters_visible(&st, &self.0.shared.sessions, req.get_ref(), &sees).map(Response::new)
+        let mut view = list_clusters_visible(&st, &self.0.shared.sessions, req.get_ref(), &sees)?;
+        // A roles or revoked file that cannot be used is the fleet's problem too.
+        view.problems.extend(self.0.shared.identities.problems());
+        Ok(Response::new(view))
     }
 
     async fn get_cluster(&self, req: Request<api::GetClusterRequest>) -> Result<Response<api::Cluster>, Status> {

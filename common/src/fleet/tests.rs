@@ -155,7 +155,7 @@ fn inventory_and_app_spec_errors_name_file_line_and_field() {
     let errs = f.problems();
     let has = |s: &str| assert!(errs.iter().any(|e| e.starts_with(s)), "no {s:?} in {errs:#?}");
     has("clusters/Bad_Name.yaml: cluster name");
-    has("clusters/eu-2.yaml:2: unknown field `label`, expected `labels` or `values`");
+    has("clusters/eu-2.yaml:2: unknown field `label`, expected one of `labels`, `values`, `disabled`");
     has("apps/broken/app.yaml:4: targets[0].selector.matchExpressions[0]: operator In needs at least one value");
     has("apps/badop/app.yaml:5: targets[0].selector.matchExpressions[0].operator: unknown variant `Inn`");
     has("apps/typo/app.yaml:2: unknown field `target`");
