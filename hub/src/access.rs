@@ -29,7 +29,7 @@ pub enum Role {
     Viewer,
     /// And pauses, resumes, approves, retries, refreshes; reads the audit trail.
     Operator,
-    /// And aborts, rolls back, creates join tokens.
+    /// And aborts and rolls back (and will create join tokens: `Action::CreateJoinToken` is reserved for it).
     Admin,
 }
 
