@@ -95,6 +95,7 @@ struct Fleet {
     tmp: PathBuf,
     repo: PathBuf,
     port: u16,
+    bootstrap: u16,
     clients: Vec<kube::Client>,
     _procs: Vec<Proc>,
 }
@@ -110,9 +111,15 @@ async fn fleet() -> Fleet {
     let repo = ringed_repo(&tmp);
     std::fs::write(tmp.join("roles.yaml"), ROLES).unwrap();
     std::fs::write(tmp.join("revoked.txt"), "# revoked certificate serials\n").unwrap();
-    let sim = flotilla_e2e::start_sim(&tmp, "c1,c2");
-    let port = free_port();
+    // c3 is simulated but not in the inventory: it joins with a token.
+    let sim = flotilla_e2e::start_sim(&tmp, "c1,c2,c3");
+    let (port, bootstrap) = (free_port(), free_port());
     let extra: Vec<String> = [
+        "--bootstrap-listen",
+        &format!("127.0.0.1:{bootstrap}"),
+        // Short-lived certificates for joining and renewing agents, so a test sees a renewal.
+        "--cert-ttl",
+        "2m",
         "--roles",
         &tmp.join("roles.yaml").display().to_string(),
         "--revoked",
@@ -131,7 +138,7 @@ async fn fleet() -> Fleet {
     for c in ["c1", "c2"] {
         clients.push(kube(&tmp.join("kc"), c).await);
     }
-    Fleet { _dir: dir, tmp, repo, port, clients, _procs: procs }
+    Fleet { _dir: dir, tmp, repo, port, bootstrap, clients, _procs: procs }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,4 +297,140 @@ async fn revoked_certificates_and_removed_or_disabled_clusters_are_cut_off_withi
     let (code, out, err) = cli(tmp, port, "ada", &["audit", "--who", "olga", "-o", "json"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("revoked"), "{out}");
+}
+
+/// An agent of c3 joining with `token` as `cluster`, its certificate in `tmp/joined/<tag>.pem`.
+fn joining_agent(f: &Fleet, cluster: &str, token: &str, tag: &str) -> Proc {
+    let joined = f.tmp.join("joined");
+    let args: Vec<String> = [
+        "--hub",
+        &format!("https://localhost:{}", f.port),
+        "--ca",
+        &f.tmp.join("certs/ca.pem").display().to_string(),
+        "--cert",
+        &joined.join(format!("{tag}.pem")).display().to_string(),
+        "--key",
+        &joined.join(format!("{tag}-key.pem")).display().to_string(),
+        "--kubeconfig",
+        &f.tmp.join("kc/c3.kubeconfig").display().to_string(),
+        "--cluster",
+        cluster,
+        "--bootstrap-token",
+        token,
+        "--bootstrap-url",
+        &format!("https://localhost:{}", f.bootstrap),
+        "--renew-before",
+        "110s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    flotilla_e2e::spawn("flotilla-agent", &args, &f.tmp.join(format!("agent-join-{tag}.log")))
+}
+
+fn token(f: &Fleet, cluster: &str, ttl: &str) -> String {
+    let (code, out, err) = cli(&f.tmp, f.port, "ada", &["join-token", "create", cluster, "--ttl", ttl, "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// Waits for `p` to exit (at most `secs`); its log.
+async fn exits(p: &mut Proc, log: &Path, secs: u64) -> String {
+    eventually(secs, "the agent exits", || {
+        let done = p.child.try_wait().ok().flatten().is_some();
+        async move { done.then_some(()) }
+    })
+    .await;
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_joins_with_a_token_once_only_in_the_inventory_and_renews_without_dropping_its_session() {
+    let f = fleet().await;
+    let (tmp, port, certs) = (&f.tmp, f.port, f.tmp.join("certs"));
+    let c3 = kube(&tmp.join("kc"), "c3").await;
+    let started = std::time::Instant::now();
+    let short = token(&f, "c3", "1m");
+    // A viewer or an operator may not make tokens.
+    let (code, _, err) = cli(tmp, port, "olga", &["join-token", "create", "c3"]);
+    assert!(code != 0 && err.contains("needs the admin role"), "{err}");
+
+    // Not in the inventory: refused, whatever the token; the token is not spent.
+    let t = token(&f, "c3", "1h");
+    let mut early = joining_agent(&f, "c3", &t, "early");
+    let log = exits(&mut early, &tmp.join("agent-join-early.log"), 30).await;
+    assert!(log.contains("cluster c3 is not in the fleet inventory"), "{log}");
+    assert!(!tmp.join("joined/early.pem").exists(), "no certificate was issued");
+
+    // In the inventory: the same token joins, the agent makes its key and runs the app.
+    commit(&f.repo, &[("clusters/c3.yaml", Some("labels: {ring: '1'}\n"))], "c3 joins the inventory");
+    let mut ok_agent = None;
+    eventually(60, "c3 joined once the inventory lists it", || {
+        // The hub reads the commit within a second or two; until then the join is refused (and the agent exits).
+        let a = joining_agent(&f, "c3", &t, "c3");
+        let path = tmp.join("joined/c3.pem");
+        ok_agent = Some(a);
+        async move {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            path.exists().then_some(())
+        }
+    })
+    .await;
+    let _agent = ok_agent;
+    let pem = std::fs::read_to_string(tmp.join("joined/c3.pem")).unwrap();
+    assert_eq!(flotilla_common::identity::identity_of_pem(&pem).unwrap().to_string(), "cluster c3");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.join("joined/c3-key.pem")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the key made in the cluster is its owner's only");
+    }
+    eventually(60, "c3 runs the app", || async {
+        (flotilla_e2e::value(&c3, "notes", "note", "v").await.is_some()).then_some(())
+    })
+    .await;
+
+    // The token is spent: a second join with it is refused.
+    let mut again = joining_agent(&f, "c3", &t, "again");
+    let log = exits(&mut again, &tmp.join("agent-join-again.log"), 30).await;
+    assert!(log.contains("has been used already"), "{log}");
+    // A token for c2 does not let anyone join as c3 (the request names c3).
+    let for_c2 = token(&f, "c2", "1h");
+    let mut foreign = joining_agent(&f, "c3", &for_c2, "foreign");
+    let log = exits(&mut foreign, &tmp.join("agent-join-foreign.log"), 30).await;
+    assert!(log.contains("is for cluster c2, not for cluster c3"), "{log}");
+
+    // Renewal over the live session: a new certificate (new key, new serial), no reconnect, nothing applied again.
+    let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(c3.clone(), "notes");
+    let version = api.get("note").await.unwrap().metadata.resource_version;
+    let serial = |pem: &str| {
+        flotilla_common::identity::serial_of(&flotilla_common::identity::pem_der(pem).unwrap()).unwrap()
+    };
+    let first_serial = serial(&pem);
+    eventually(60, "the certificate renewed", || async {
+        let now = std::fs::read_to_string(tmp.join("joined/c3.pem")).unwrap_or_default();
+        (!now.is_empty() && serial(&now) != first_serial).then_some(())
+    })
+    .await;
+    let log = std::fs::read_to_string(tmp.join("agent-join-c3.log")).unwrap();
+    assert!(log.contains("certificate renewed over the live session"), "{log}");
+    assert_eq!(log.matches("connected to the hub").count(), 1, "the session was not dropped: {log}");
+    assert!(!log.contains("session with the hub ended"), "{log}");
+    assert_eq!(api.get("note").await.unwrap().metadata.resource_version, version, "nothing applied again");
+
+    // The short token expired unused.
+    let wait = std::time::Duration::from_secs(62).saturating_sub(started.elapsed());
+    tokio::time::sleep(wait).await;
+    let mut late = joining_agent(&f, "c3", &short, "late");
+    let log = exits(&mut late, &tmp.join("agent-join-late.log"), 30).await;
+    assert!(log.contains("expired"), "{log}");
+
+    // Joins, refusals and renewals are in the audit.
+    let (code, out, err) = cli(tmp, port, "ada", &["audit", "--who", "cluster c3", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let records: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let has = |action: &str, allowed: bool| records.iter().any(|r| r["action"] == action && r["allowed"] == allowed);
+    assert!(has("join", true) && has("join", false) && has("renew", true), "{out}");
+    let _ = certs;
 }

@@ -152,6 +152,7 @@ async fn five_waves_over_200_clusters_with_failure_halt_restart_and_controls() {
             cert_pem: read(format!("clusters/{n}.pem")),
             key_pem: read(format!("clusters/{n}-key.pem")),
             in_process: None,
+            credentials: None,
         };
         let engine =
             flotilla_agent::engine::start(Arc::new(Applier::new(client)), Default::default(), shutdown.clone())

@@ -21,11 +21,24 @@ struct Args {
     /// The fleet CA certificate.
     #[arg(long, env = "FLOTILLA_AGENT_CA")]
     ca: PathBuf,
-    /// This cluster's certificate (its name is the cluster's identity).
+    /// This cluster's certificate (its name is the cluster's identity). When it does not exist and a join
+    /// token is given, the agent joins and writes it (and its key) here; renewed certificates replace it.
     #[arg(long, env = "FLOTILLA_AGENT_CERT")]
     cert: PathBuf,
     #[arg(long, env = "FLOTILLA_AGENT_KEY")]
     key: PathBuf,
+    /// The cluster's name, for joining (the certificate names it afterwards).
+    #[arg(long, env = "FLOTILLA_AGENT_CLUSTER")]
+    cluster: Option<String>,
+    /// A join token (`flotilla join-token create CLUSTER`), used when --cert does not exist yet.
+    #[arg(long, env = "FLOTILLA_AGENT_BOOTSTRAP_TOKEN", hide_env_values = true, requires_all = ["cluster", "bootstrap_url"])]
+    bootstrap_token: Option<String>,
+    /// The hub's bootstrap port, https://HOST:PORT (its `--bootstrap-listen`).
+    #[arg(long, env = "FLOTILLA_AGENT_BOOTSTRAP_URL")]
+    bootstrap_url: Option<String>,
+    /// Renew the certificate when this little of its lifetime is left (default: a third of it).
+    #[arg(long, env = "FLOTILLA_AGENT_RENEW_BEFORE", value_parser = flotilla_common::identity::parse_ttl)]
+    renew_before: Option<Duration>,
     /// Kubeconfig of the cluster; without it, KUBECONFIG or the in-cluster configuration.
     #[arg(long, env = "FLOTILLA_AGENT_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -75,27 +88,54 @@ async fn main() -> anyhow::Result<()> {
     flotilla_common::install_crypto_provider();
     let args = Args::parse();
     let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    let cert_pem = read(&args.cert)?;
+    let ca_pem = read(&args.ca)?;
+    let bootstrap = match (&args.bootstrap_url, &args.bootstrap_token, &args.cluster) {
+        (Some(u), Some(t), Some(c)) => Some((u.as_str(), t.as_str(), c.as_str())),
+        _ => None,
+    };
+    // The cluster's name for the logs: from the certificate when there is one, else the one it joins as.
+    let named = std::fs::read_to_string(&args.cert)
+        .ok()
+        .and_then(|p| match flotilla_common::identity::identity_of_pem(&p) {
+            Ok(flotilla_common::identity::Identity::Cluster(c)) => Some(c),
+            _ => None,
+        })
+        .or_else(|| args.cluster.clone())
+        .unwrap_or_default();
+    let _telemetry = flotilla_common::telemetry::init(&flotilla_common::telemetry::Options {
+        service: "flotilla-agent",
+        instance: named,
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        log_format: args.log_format,
+        roots: flotilla_common::telemetry::Roots::FollowOnly,
+    })?;
+    let (cert_pem, key_pem) =
+        flotilla_agent::certs::obtain(&args.cert, &args.key, bootstrap, args.hub_name.as_deref(), &ca_pem)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
     let cluster = match flotilla_common::identity::identity_of_pem(&cert_pem) {
         Ok(flotilla_common::identity::Identity::Cluster(c)) => c,
         Ok(other) => anyhow::bail!("{} is the certificate of {other}, not of a cluster", args.cert.display()),
         Err(e) => anyhow::bail!("{}: {e}", args.cert.display()),
     };
     let _ = flotilla_agent::telemetry::CLUSTER.set(cluster.clone());
-    let _telemetry = flotilla_common::telemetry::init(&flotilla_common::telemetry::Options {
-        service: "flotilla-agent",
-        instance: cluster,
-        otlp_endpoint: args.otlp_endpoint.clone(),
-        log_format: args.log_format,
-        roots: flotilla_common::telemetry::Roots::FollowOnly,
-    })?;
+    if let Some(c) = args.cluster.as_deref().filter(|c| *c != cluster) {
+        anyhow::bail!("--cluster {c}, but {} is the certificate of cluster {cluster}", args.cert.display());
+    }
+    let credentials = flotilla_agent::certs::Credentials::new(
+        cert_pem.clone(),
+        key_pem.clone(),
+        Some((args.cert.clone(), args.key.clone())),
+        args.renew_before,
+    );
     let cfg = AgentConfig {
         hub: args.hub,
         hub_name: args.hub_name,
-        ca_pem: read(&args.ca)?,
+        ca_pem,
         cert_pem,
-        key_pem: read(&args.key)?,
+        key_pem,
         in_process: None,
+        credentials: Some(std::sync::Arc::new(credentials)),
     };
     let kube_cfg = match &args.kubeconfig {
         Some(p) => {

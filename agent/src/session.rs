@@ -33,6 +33,8 @@ pub struct AgentConfig {
     /// Reach the hub inside this process instead of over the network (a local fleet of thousands of
     /// agents): the same mutual TLS, over in-memory pipes the hub serves.
     pub in_process: Option<InProcessHub>,
+    /// The certificate to renew over the session when it is due (`cert_pem`/`key_pem` are then unused).
+    pub credentials: Option<Arc<crate::certs::Credentials>>,
 }
 
 /// Hands the hub one end of a new in-memory pipe per connection.
@@ -154,9 +156,13 @@ async fn session(
     seen: &Seen,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
+    let (cert_pem, key_pem) = match &cfg.credentials {
+        Some(c) => c.current(),
+        None => (cfg.cert_pem.clone(), cfg.key_pem.clone()),
+    };
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&cfg.ca_pem))
-        .identity(Identity::from_pem(&cfg.cert_pem, &cfg.key_pem));
+        .identity(Identity::from_pem(&cert_pem, &key_pem));
     if let Some(n) = &cfg.hub_name {
         tls = tls.domain_name(n.clone());
     }
@@ -197,6 +203,7 @@ async fn session(
         store_revision: seen.store_revision.load(std::sync::atomic::Ordering::SeqCst),
     };
     send(&tx, pb::agent_message::Msg::Hello(hello)).await?;
+    let renewal_channel = channel.clone();
     let mut inbound = AgentServiceClient::new(channel)
         .session(ReceiverStream::new(rx))
         .await
@@ -217,10 +224,31 @@ async fn session(
     let mut chunks: HashMap<String, BTreeMap<u32, bytes::Bytes>> = HashMap::new();
     let mut bundles: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(15));
+    // The certificate is renewed over this session's connection when due; the session goes on.
+    let mut renew_at = cfg.credentials.as_ref().map(|c| tokio::time::Instant::now() + c.renew_in());
     loop {
         let report_at = last_report + REPORT_INTERVAL;
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = async { tokio::time::sleep_until(renew_at.unwrap_or_else(tokio::time::Instant::now)).await }, if renew_at.is_some() => {
+                if let Some(c) = &cfg.credentials {
+                    let cluster = match flotilla_common::identity::identity_of_pem(&c.current().0) {
+                        Ok(flotilla_common::identity::Identity::Cluster(n)) => n,
+                        _ => String::new(),
+                    };
+                    match c.renew(renewal_channel.clone(), &cluster).await {
+                        Ok(expires) => {
+                            info!(expires_unix_ms = expires, "certificate renewed over the live session");
+                            crate::telemetry::METRICS.renewals.inc();
+                            renew_at = Some(tokio::time::Instant::now() + c.renew_in().max(Duration::from_secs(1)));
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "renewing the certificate failed; trying again in a minute");
+                            renew_at = Some(tokio::time::Instant::now() + Duration::from_secs(60));
+                        }
+                    }
+                }
+            }
             _ = heartbeat.tick() => send(&tx, pb::agent_message::Msg::Heartbeat(pb::Heartbeat { sent_unix_ms: now_ms() })).await?,
             r = statuses.changed() => {
                 if r.is_err() {

@@ -30,6 +30,7 @@ pub struct AgentMetrics {
     pub connected: Gauge,
     pub sessions: Counter,
     pub session_failures: Counter,
+    pub renewals: Counter,
     pub desired_states: Counter,
     pub reports_sent: Counter,
     pub apply_seconds: Family<Labels, Histogram, fn() -> Histogram>,
@@ -54,6 +55,8 @@ impl Default for AgentMetrics {
         r.register("sessions", "Sessions opened with a hub", sessions.clone());
         let session_failures = Counter::default();
         r.register("session_failures", "Sessions that failed or could not be opened", session_failures.clone());
+        let renewals = Counter::default();
+        r.register("certificate_renewals", "Certificates renewed over a live session", renewals.clone());
         let desired_states = Counter::default();
         r.register("desired_states", "Desired states received from the hub", desired_states.clone());
         let reports_sent = Counter::default();
@@ -83,6 +86,7 @@ impl Default for AgentMetrics {
             connected,
             sessions,
             session_failures,
+            renewals,
             desired_states,
             reports_sent,
             apply_seconds,

@@ -103,6 +103,40 @@ pub async fn audit(
     Ok(())
 }
 
+pub async fn create_join_token(
+    client: &mut PlatformServiceClient<Channel>,
+    cluster: &str,
+    ttl: std::time::Duration,
+    uses: u32,
+    output: Output,
+) -> anyhow::Result<()> {
+    let req = flotilla_proto::platform::v1::CreateJoinTokenRequest {
+        cluster: cluster.to_string(),
+        ttl_seconds: ttl.as_secs().min(u64::from(u32::MAX)) as u32,
+        uses,
+    };
+    let r = client.create_join_token(req).await.map_err(status_err)?.into_inner();
+    match output {
+        Output::Table => {
+            println!("{}", r.token);
+            eprintln!(
+                "join token for cluster {cluster}: {} use(s) until {}; start its agent with --cluster {cluster} \
+                 --bootstrap-token <token> (docs/security.md)",
+                r.uses,
+                utc(r.expires_unix_ms)
+            );
+        }
+        _ => {
+            let v = serde_json::json!({"cluster": cluster, "token": r.token, "uses": r.uses, "expires": utc(r.expires_unix_ms)});
+            match output {
+                Output::Yaml => print!("{}", serde_yaml::to_string(&v)?),
+                _ => println!("{}", serde_json::to_string_pretty(&v)?),
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn whoami(client: &mut PlatformServiceClient<Channel>, output: Output) -> anyhow::Result<()> {
     let r = client.who_am_i(WhoAmIRequest {}).await.map_err(status_err)?.into_inner();
     let v = serde_json::json!({

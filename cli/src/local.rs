@@ -169,6 +169,8 @@ impl LocalFleet {
             metrics: None,
             traces: None,
             identities: Default::default(),
+            bootstrap: None,
+            signer: None,
         };
         let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
         let addr = bound_rx.await.context("the hub did not start")?;
@@ -201,6 +203,7 @@ impl LocalFleet {
                     cert_pem: files.1?,
                     key_pem: files.2?,
                     in_process: hub_tx,
+                    credentials: None,
                 };
                 let engine = flotilla_agent::engine::start(
                     std::sync::Arc::new(Applier::new(client)),

@@ -151,8 +151,30 @@ enum Command {
         #[command(flatten)]
         hub: HubFlags,
     },
+    /// Bootstrap tokens with which a cluster's agent joins the fleet (admin).
+    JoinToken {
+        #[command(subcommand)]
+        command: JoinTokenCommand,
+    },
     /// Who the hub takes this operator certificate for, its role, and when the certificate expires.
     Whoami {
+        #[command(flatten)]
+        hub: HubFlags,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JoinTokenCommand {
+    /// A short-lived, limited-use token for CLUSTER's agent (`flotilla-agent --bootstrap-token`): it joins once
+    /// the token is valid and the cluster is in the inventory. Printed once; the hub keeps only its hash.
+    Create {
+        cluster: String,
+        /// How long the token is valid (at most 7 days).
+        #[arg(long, default_value = "1h", value_parser = flotilla_common::identity::parse_ttl)]
+        ttl: std::time::Duration,
+        /// How many joins it allows.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
         #[command(flatten)]
         hub: HubFlags,
     },
@@ -366,6 +388,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let since = since.map(|s| flotilla_cli::access::parse_since(&s, now)).transpose()?.unwrap_or(0);
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
             flotilla_cli::access::audit(&mut client, since, who.as_deref().unwrap_or(""), limit, h.output).await
+        }
+        Command::JoinToken { command: JoinTokenCommand::Create { cluster, ttl, uses, hub: h } } => {
+            let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;
+            flotilla_cli::access::create_join_token(&mut client, &cluster, ttl, uses, h.output).await
         }
         Command::Whoami { hub: h } => {
             let mut client = view::connect(&h.hub, &h.hub_name, &h.certs, &h.operator).await?;

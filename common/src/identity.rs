@@ -83,6 +83,8 @@ pub enum IdentityError {
     NoIdentity,
     #[error("the certificate carries more than one Flotilla identity")]
     AmbiguousIdentity,
+    #[error("the certificate signing request cannot be used: {0}")]
+    BadRequest(String),
     #[error("writing {path} failed")]
     WriteFailed {
         path: PathBuf,
@@ -155,29 +157,93 @@ impl FleetCa {
     /// Issues a certificate for `id` valid from now for `ttl` (`None`: for [`DEFAULT_TTL`]), with a random
     /// serial number (what a revoked list names).
     pub fn issue_for(&self, id: &Identity, hosts: &[String], ttl: Option<Duration>) -> Result<Issued, IdentityError> {
-        if let Identity::Cluster(n) | Identity::Operator(n) = id {
-            if !valid_name(n) {
-                return Err(IdentityError::InvalidName(n.clone()));
-            }
-        }
-        let mut params = CertificateParams::new(hosts.to_vec()).map_err(IdentityError::GenerateFailed)?;
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, id.to_string());
-        params.distinguished_name.push(DnType::OrganizationName, "Flotilla");
-        let uri = id.uri().try_into().map_err(IdentityError::GenerateFailed)?;
-        params.subject_alt_names.push(SanType::URI(uri));
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = match id {
-            // Client too: a standby replica forwards operators' controls to the leader with it.
-            Identity::Hub => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
-            _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
-        };
-        params.use_authority_key_identifier_extension = true;
-        set_lifetime(&mut params, ttl.unwrap_or(DEFAULT_TTL));
+        let params = leaf_params(id, hosts, ttl)?;
         let key = KeyPair::generate().map_err(IdentityError::GenerateFailed)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(IdentityError::GenerateFailed)?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
+
+    /// Signs a certificate signing request that names exactly `expect` (nothing else of the request is taken:
+    /// the certificate's names, usages and lifetime are the fleet's), valid for `ttl`.
+    pub fn sign_request(&self, csr_pem: &str, expect: &Identity, ttl: Duration) -> Result<String, IdentityError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| IdentityError::BadRequest(e.to_string()))?;
+        let named: Vec<Identity> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|s| match s {
+                SanType::URI(u) => Identity::parse_uri(u.as_str()),
+                _ => None,
+            })
+            .collect();
+        if named.as_slice() != std::slice::from_ref(expect) {
+            let found = named.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+            return Err(IdentityError::BadRequest(format!(
+                "the request names {}, not {expect}",
+                if found.is_empty() { "no Flotilla identity".to_string() } else { found }
+            )));
+        }
+        csr.params = leaf_params(expect, &[], Some(ttl))?;
+        let cert = csr.signed_by(&self.issuer).map_err(IdentityError::GenerateFailed)?;
+        Ok(cert.pem())
+    }
+}
+
+/// The Flotilla identity a certificate signing request names (exactly one).
+pub fn requested_identity(csr_pem: &str) -> Result<Identity, IdentityError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| IdentityError::BadRequest(e.to_string()))?;
+    let mut named: Vec<Identity> = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|s| match s {
+            SanType::URI(u) => Identity::parse_uri(u.as_str()),
+            _ => None,
+        })
+        .collect();
+    match named.len() {
+        1 => Ok(named.remove(0)),
+        0 => Err(IdentityError::BadRequest("the request names no Flotilla identity".into())),
+        _ => Err(IdentityError::BadRequest("the request names more than one Flotilla identity".into())),
+    }
+}
+
+/// A new private key and a certificate signing request for `id`: the key stays with the caller.
+pub fn request_for(id: &Identity) -> Result<(String, String), IdentityError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(IdentityError::GenerateFailed)?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, id.to_string());
+    let uri = id.uri().try_into().map_err(IdentityError::GenerateFailed)?;
+    params.subject_alt_names.push(SanType::URI(uri));
+    let key = KeyPair::generate().map_err(IdentityError::GenerateFailed)?;
+    let csr = params.serialize_request(&key).map_err(IdentityError::GenerateFailed)?;
+    Ok((csr.pem().map_err(IdentityError::GenerateFailed)?, key.serialize_pem()))
+}
+
+/// What every certificate of `id` carries: its name, its usages, its lifetime and a random serial.
+fn leaf_params(id: &Identity, hosts: &[String], ttl: Option<Duration>) -> Result<CertificateParams, IdentityError> {
+    if let Identity::Cluster(n) | Identity::Operator(n) = id {
+        if !valid_name(n) {
+            return Err(IdentityError::InvalidName(n.clone()));
+        }
+    }
+    let mut params = CertificateParams::new(hosts.to_vec()).map_err(IdentityError::GenerateFailed)?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, id.to_string());
+    params.distinguished_name.push(DnType::OrganizationName, "Flotilla");
+    let uri = id.uri().try_into().map_err(IdentityError::GenerateFailed)?;
+    params.subject_alt_names.push(SanType::URI(uri));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = match id {
+        // Client too: a standby replica forwards operators' controls to the leader with it.
+        Identity::Hub => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    params.use_authority_key_identifier_extension = true;
+    set_lifetime(&mut params, ttl.unwrap_or(DEFAULT_TTL));
+    Ok(params)
 }
 
 /// How long certificates are valid when nobody says: a year.
@@ -215,6 +281,12 @@ pub fn serial_of(der: &[u8]) -> Option<String> {
     let hex = hex::encode(cert.raw_serial());
     let t = hex.trim_start_matches('0');
     Some(if t.is_empty() { "0".into() } else { t.to_string() })
+}
+
+/// When a certificate starts and stops being valid (Unix ms).
+pub fn validity_of(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some((cert.validity().not_before.timestamp() * 1000, cert.validity().not_after.timestamp() * 1000))
 }
 
 /// When a certificate stops being valid (Unix ms).
@@ -407,6 +479,24 @@ mod tests {
         assert!(matches!(ca.issue(&Identity::Cluster("Not Valid".into()), &[]), Err(IdentityError::InvalidName(_))));
         // The CA itself names nobody.
         assert!(matches!(identity_of(&der(ca.cert_pem())), Err(IdentityError::NoIdentity)));
+    }
+
+    #[test]
+    fn a_request_is_signed_only_for_the_identity_it_names() {
+        let ca = FleetCa::generate("test").unwrap();
+        let eu1 = Identity::Cluster("eu-1".into());
+        let (csr, _key) = request_for(&eu1).unwrap();
+        let cert = ca.sign_request(&csr, &eu1, Duration::from_secs(3600)).unwrap();
+        assert_eq!(identity_of_pem(&cert).unwrap(), eu1);
+        let e = ca.sign_request(&csr, &Identity::Cluster("eu-2".into()), Duration::from_secs(3600)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the certificate signing request cannot be used: the request names cluster eu-1, not cluster eu-2"
+        );
+        assert!(ca.sign_request("not a request", &eu1, Duration::from_secs(60)).is_err());
+        let expires = expiry_of(&pem_der(&cert).unwrap()).unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        assert!((expires - now - 3_600_000).abs() < 5_000, "valid for the hour asked");
     }
 
     #[test]

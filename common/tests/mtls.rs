@@ -73,6 +73,13 @@ impl PlatformService for WhoAmI {
     ) -> Result<Response<flotilla_proto::platform::v1::WhoAmIResponse>, Status> {
         Err(Status::unimplemented("not part of this test"))
     }
+
+    async fn create_join_token(
+        &self,
+        _: Request<flotilla_proto::platform::v1::CreateJoinTokenRequest>,
+    ) -> Result<Response<flotilla_proto::platform::v1::CreateJoinTokenResponse>, Status> {
+        Err(Status::unimplemented("not part of this test"))
+    }
 }
 
 async fn serve(ca: &FleetCa) -> (String, tokio::sync::oneshot::Sender<()>) {

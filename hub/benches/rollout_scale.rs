@@ -158,6 +158,8 @@ fn hub_child(dir: PathBuf, repo: String) {
             metrics,
             traces: otlp.is_some().then_some(flotilla_hub::traces::CLUSTER_SPANS),
             identities: Default::default(),
+            bootstrap: None,
+            signer: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();

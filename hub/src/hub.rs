@@ -74,6 +74,8 @@ pub struct Options {
     pub identities: Arc<crate::identities::Identities>,
     /// This replica's name in audit records (empty for a single hub).
     pub replica: String,
+    /// Issues certificates to joining and renewing agents (the fleet CA's key is in the certs directory).
+    pub signer: Option<Arc<crate::bootstrap::Signer>>,
 }
 
 /// Says why a hub does not serve current state (None: it does).
@@ -93,6 +95,7 @@ impl Default for Options {
             traces: None,
             identities: Arc::default(),
             replica: String::new(),
+            signer: None,
         }
     }
 }
@@ -125,6 +128,21 @@ enum Command {
     Demote(oneshot::Sender<()>),
     /// An audit record on its own (a refusal, a refresh, a join token), stored before the reply.
     Audit(crate::audit::AuditRecord, oneshot::Sender<()>),
+    /// A new bootstrap token, stored (with its audit record) before the reply.
+    CreateToken {
+        id: String,
+        token: crate::join::JoinToken,
+        rec: crate::audit::AuditRecord,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// A join with a bootstrap token: decided and its use spent in one transition.
+    Join {
+        id: String,
+        secret: String,
+        cluster: String,
+        rec: crate::audit::AuditRecord,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// What sessions, the platform API and the writer share.
@@ -160,6 +178,7 @@ pub struct Shared {
     pub followed_once: std::sync::atomic::AtomicBool,
     pub identities: Arc<crate::identities::Identities>,
     pub replica: String,
+    pub signer: Option<Arc<crate::bootstrap::Signer>>,
 }
 
 impl Shared {
@@ -299,6 +318,7 @@ impl Hub {
             followed_once: Default::default(),
             identities: opts.identities.clone(),
             replica: opts.replica.clone(),
+            signer: opts.signer.clone(),
             shutdown,
         });
         let (commands, rx) = mpsc::channel(64);
@@ -401,6 +421,45 @@ impl Hub {
         if self.commands.send(Command::Audit(rec, reply)).await.is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// A bootstrap token for `cluster` (`<id>.<secret>`, shown once) and when it expires; recorded.
+    pub async fn create_join_token(&self, cluster: &str, ttl_s: u32, uses: u32, who: &str) -> Result<(String, crate::join::JoinToken), String> {
+        let now = (self.shared.clock)();
+        let (id, secret, token) = crate::join::new_token(cluster, ttl_s, uses, who, now);
+        let rec = crate::audit::AuditRecord {
+            at_unix_ms: now,
+            who: who.to_string(),
+            action: "create-join-token".into(),
+            detail: format!("cluster {cluster}, token {id}, {} uses until {}", token.uses_left, crate::report::clock(token.expires_ms)),
+            allowed: true,
+            answer: "created".into(),
+            replica: self.shared.replica.clone(),
+            ..Default::default()
+        };
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::CreateToken { id: id.clone(), token: token.clone(), rec, reply };
+        self.commands.send(cmd).await.map_err(|_| "the hub is shutting down".to_string())?;
+        rx.await.map_err(|_| "the hub is shutting down".to_string())??;
+        Ok((format!("{id}.{secret}"), token))
+    }
+
+    /// A join of `cluster` with token `id`.`secret`: allowed (one use spent) or why not; recorded either way.
+    pub async fn join(&self, id: &str, secret: &str, cluster: &str) -> Result<(), String> {
+        let rec = crate::audit::AuditRecord {
+            at_unix_ms: (self.shared.clock)(),
+            who: format!("cluster {cluster}"),
+            action: "join".into(),
+            detail: format!("token {id}"),
+            allowed: true,
+            answer: "certificate issued".into(),
+            replica: self.shared.replica.clone(),
+            ..Default::default()
+        };
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Join { id: id.into(), secret: secret.into(), cluster: cluster.into(), rec, reply };
+        self.commands.send(cmd).await.map_err(|_| "the hub is shutting down".to_string())?;
+        rx.await.map_err(|_| "the hub is shutting down".to_string())?.map(|_| ())
     }
 
     /// Marks a cluster's agent connected or not without a session (tests drive rollouts this way).
@@ -885,6 +944,29 @@ async fn writer(
                             let _ = commit(&shared, &mut state, t).await;
                         }
                         let _ = reply.send(r);
+                    }
+                    Command::CreateToken { reply, .. } | Command::Join { reply, .. } if standby => {
+                        let _ = reply.send(Err(NOT_LEADING.to_string()));
+                    }
+                    Command::CreateToken { id, token, rec, reply } => {
+                        audit_seq += 1;
+                        if let Some(sink) = &shared.identities.sink {
+                            sink.ship(&rec);
+                        }
+                        let t = state.token_created(&id, &token, &rec, audit_seq);
+                        let _ = reply.send(commit(&shared, &mut state, t).await);
+                    }
+                    Command::Join { id, secret, cluster, rec, reply } => {
+                        audit_seq += 1;
+                        let t = state.joined(&id, &secret, &cluster, &rec, audit_seq);
+                        if let Some(sink) = &shared.identities.sink {
+                            let mut shipped = rec.clone();
+                            if let Err(e) = &t.reply {
+                                (shipped.allowed, shipped.answer) = (false, format!("refused: {e}"));
+                            }
+                            sink.ship(&shipped);
+                        }
+                        let _ = reply.send(commit(&shared, &mut state, t).await);
                     }
                     Command::Audit(rec, reply) => {
                         audit_seq += 1;

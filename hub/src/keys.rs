@@ -16,7 +16,8 @@
 //! | `rollouts/<app>` | the app's rollout progress and timeline, JSON |
 //! | `rollout-data/<app>` | the app's rollout content per cluster, history, JSON |
 //! | `bundles/<digest>` | a rendered bundle, canonical YAML |
-//! | `audit/<unix ms>-<seq>-<id>` | one operator control and its answer, JSON |
+//! | `audit/<unix ms>-<seq>-<id>` | one audited call (a control, a refresh, a join, a refusal) and its answer, JSON |
+//! | `join-tokens/<id>` | a bootstrap token: its cluster, the SHA-256 of its secret, expiry, uses left, JSON |
 
 /// A key of the hub's store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,7 @@ pub enum Prefix {
     RolloutData,
     Bundle,
     Audit,
+    JoinToken,
 }
 
 impl Prefix {
@@ -59,6 +61,7 @@ impl Prefix {
             Prefix::RolloutData => "rollout-data/",
             Prefix::Bundle => "bundles/",
             Prefix::Audit => "audit/",
+            Prefix::JoinToken => "join-tokens/",
         }
     }
 

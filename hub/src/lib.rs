@@ -12,12 +12,14 @@
 
 pub mod access;
 pub mod audit;
+pub mod bootstrap;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod forward;
 pub mod git;
 pub mod hub;
 pub mod identities;
+pub mod join;
 pub mod keys;
 #[cfg(feature = "etcd")]
 pub mod leader;

@@ -44,6 +44,8 @@ pub struct State {
     pub bundles: Arc<BTreeSet<String>>,
     /// Audit keys, oldest first.
     pub audit: Arc<VecDeque<String>>,
+    /// Bootstrap tokens by id (until they expire).
+    pub join_tokens: Arc<BTreeMap<String, crate::join::JoinToken>>,
     /// The last time the hub recorded that it runs.
     pub clock_ms: i64,
     /// The desired state was read from per-cluster keys (a store written before releases): the next change of
@@ -185,6 +187,11 @@ impl State {
         st.bundles =
             Arc::new(store.keys(Prefix::Bundle.as_str())?.iter().map(|k| Prefix::Bundle.name(k).to_string()).collect());
         st.audit = Arc::new(store.keys(Prefix::Audit.as_str())?.into_iter().collect());
+        let mut tokens = BTreeMap::new();
+        for (k, v) in store.scan(Prefix::JoinToken.as_str())? {
+            tokens.insert(Prefix::JoinToken.name(&k).to_string(), parse(&k, &v)?);
+        }
+        st.join_tokens = Arc::new(tokens);
         Ok(st)
     }
 
@@ -662,6 +669,52 @@ impl State {
         Self::put_audit(&mut next, &mut batch, &rec, seq, true);
         self.write_desired(&mut next, &mut batch);
         Transition { next, batch, woken, reply }
+    }
+
+    /// A new bootstrap token (`id`), recorded with `rec`; tokens that expired are removed.
+    pub fn token_created(&self, id: &str, token: &crate::join::JoinToken, rec: &AuditRecord, seq: u64) -> Transition {
+        let mut next = self.clone();
+        let mut batch = Batch::default();
+        let mut tokens = (*self.join_tokens).clone();
+        tokens.retain(|old, t| {
+            let keep = t.expires_ms > rec.at_unix_ms;
+            if !keep {
+                batch = std::mem::take(&mut batch).delete(format!("{}{old}", Prefix::JoinToken.as_str()));
+            }
+            keep
+        });
+        tokens.insert(id.to_string(), token.clone());
+        batch = batch.put(format!("{}{id}", Prefix::JoinToken.as_str()), json(token));
+        next.join_tokens = Arc::new(tokens);
+        Self::put_audit(&mut next, &mut batch, rec, seq, true);
+        Transition { next, batch, woken: BTreeSet::new(), reply: Ok(String::new()) }
+    }
+
+    /// A join with token `id`.`secret` by `cluster`: one use spent when it may proceed (double opt-in,
+    /// `join::admit`), recorded either way.
+    pub fn joined(&self, id: &str, secret: &str, cluster: &str, rec: &AuditRecord, seq: u64) -> Transition {
+        let mut next = self.clone();
+        let mut batch = Batch::default();
+        let token = self.join_tokens.get(id);
+        let decided =
+            crate::join::admit(id, token, secret, cluster, self.clusters.get(cluster), rec.at_unix_ms);
+        let mut rec = rec.clone();
+        match (&decided, token) {
+            (Ok(()), Some(t)) => {
+                let t = crate::join::JoinToken { uses_left: t.uses_left - 1, ..t.clone() };
+                batch = batch.put(format!("{}{id}", Prefix::JoinToken.as_str()), json(&t));
+                let mut tokens = (*self.join_tokens).clone();
+                tokens.insert(id.to_string(), t);
+                next.join_tokens = Arc::new(tokens);
+            }
+            (Err(e), _) => {
+                rec.allowed = false;
+                rec.answer = format!("refused: {e}");
+            }
+            (Ok(()), None) => unreachable!("admit needs the token"),
+        }
+        Self::put_audit(&mut next, &mut batch, &rec, seq, true);
+        Transition { next, batch, woken: BTreeSet::new(), reply: decided.map(|()| String::new()) }
     }
 
     /// An audit record on its own (a refusal, a refresh, a join token): written, and (by the leader) the

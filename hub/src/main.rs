@@ -103,6 +103,14 @@ struct Args {
     /// Also write every audit record as a JSON line to this file (`-`: stdout), for a log pipeline.
     #[arg(long, env = "FLOTILLA_HUB_AUDIT_LOG")]
     audit_log: Option<String>,
+    /// Where agents join with a bootstrap token (`flotilla join-token create`): server TLS with the hub's
+    /// certificate, no client certificate. Needs ca-key.pem in the certificates directory.
+    #[arg(long, env = "FLOTILLA_HUB_BOOTSTRAP_LISTEN")]
+    bootstrap_listen: Option<std::net::SocketAddr>,
+    /// How long the certificates the hub issues to joining and renewing agents are valid (agents renew
+    /// theirs when a third of it is left).
+    #[arg(long, env = "FLOTILLA_HUB_CERT_TTL", default_value = "30d", value_parser = flotilla_common::identity::parse_ttl)]
+    cert_ttl: Duration,
 }
 
 /// The store the flags name.
@@ -196,6 +204,10 @@ async fn main() -> anyhow::Result<()> {
         metrics: args.metrics_listen,
         traces: args.otlp_endpoint.is_some().then_some(args.trace_clusters),
         identities: std::sync::Arc::new(identities),
+        bootstrap: args.bootstrap_listen,
+        signer: flotilla_hub::bootstrap::Signer::load(&args.certs, args.cert_ttl)
+            .with_context(|| format!("reading the fleet CA in {}", args.certs.display()))?
+            .map(std::sync::Arc::new),
     };
     run(cfg, shutdown, None).await
 }

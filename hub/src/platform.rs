@@ -518,6 +518,37 @@ impl PlatformService for PlatformApi {
         Ok(Response::new(api::ListAuditResponse { records }))
     }
 
+    async fn create_join_token(
+        &self,
+        req: Request<api::CreateJoinTokenRequest>,
+    ) -> Result<Response<api::CreateJoinTokenResponse>, Status> {
+        let cluster = req.get_ref().cluster.clone();
+        if !flotilla_common::identity::valid_name(&cluster) {
+            return Err(Status::invalid_argument(format!("{cluster:?} is not a cluster name")));
+        }
+        let st = self.0.state();
+        // A cluster-scoped admin may make tokens for its clusters; one not in the inventory yet needs an admin of
+        // the whole fleet (it joins only once it is added: double opt-in).
+        let target = st.clusters.get(&cluster).map_or(Target::fleet(), |c| Target::cluster(&c.labels));
+        let detail = format!("cluster {cluster}");
+        let who = self.authorize(&req, Action::CreateJoinToken, target, "", &detail).await?;
+        drop(st);
+        let r = req.into_inner();
+        let ttl = if r.ttl_seconds == 0 { 3600 } else { r.ttl_seconds.min(crate::join::MAX_TTL_SECONDS) };
+        let uses = if r.uses == 0 { 1 } else { r.uses.min(crate::join::MAX_USES) };
+        match self.0.create_join_token(&cluster, ttl, uses, &who).await {
+            Ok((token, t)) => Ok(Response::new(api::CreateJoinTokenResponse {
+                token,
+                expires_unix_ms: t.expires_ms,
+                uses: t.uses_left,
+            })),
+            Err(e) if e == crate::hub::NOT_LEADING => {
+                Err(Status::unavailable(format!("{e}: ask the leading replica (flotilla hubs)")))
+            }
+            Err(e) => Err(Status::internal(e)),
+        }
+    }
+
     async fn who_am_i(&self, req: Request<api::WhoAmIRequest>) -> Result<Response<api::WhoAmIResponse>, Status> {
         let who = operator(&req, &self.0).map_err(|r| r.status)?;
         let roles = self.0.shared.identities.roles();

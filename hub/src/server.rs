@@ -126,6 +126,7 @@ impl tonic::transport::server::Connected for InProcessConn {
 }
 
 /// The hub's TLS material, PEM-encoded.
+#[derive(Clone)]
 pub struct HubTls {
     pub ca_pem: String,
     pub cert_pem: String,
@@ -157,6 +158,10 @@ pub struct HubConfig {
     pub traces: Option<usize>,
     /// Operator roles, revoked certificates, the audit sink (followed from their files while the hub runs).
     pub identities: Arc<crate::identities::Identities>,
+    /// Where joining agents ask for their certificate with a bootstrap token (server TLS only).
+    pub bootstrap: Option<SocketAddr>,
+    /// Signs joining and renewing agents' requests (the fleet CA's key was found).
+    pub signer: Option<Arc<crate::bootstrap::Signer>>,
 }
 
 /// Where the hub keeps its state.
@@ -234,8 +239,13 @@ pub async fn run(
     let follower =
         Follower::new(cfg.repo.clone(), cfg.branch.clone(), cfg.data_dir.join("repo.git")).with_auth(cfg.auth.clone());
     #[allow(unused_mut)]
-    let mut opts =
-        Options { grace: cfg.grace, traces: cfg.traces, identities: cfg.identities.clone(), ..Options::default() };
+    let mut opts = Options {
+        grace: cfg.grace,
+        traces: cfg.traces,
+        identities: cfg.identities.clone(),
+        signer: cfg.signer.clone(),
+        ..Options::default()
+    };
     tokio::spawn(cfg.identities.clone().follow(shutdown.clone()).instrument(tracing::info_span!("identities")));
     #[cfg(feature = "etcd")]
     let mut replica_view: Option<(etcd_client::Client, String)> = None;
@@ -370,6 +380,23 @@ pub async fn run(
         }
         None => None,
     };
+    let bootstrap = match cfg.bootstrap {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            if cfg.signer.is_none() {
+                warn!("the bootstrap port is open but the certificates directory has no ca-key.pem: joins are refused");
+            }
+            info!(addr = %l.local_addr()?, "bootstrap (joining agents) listening");
+            let (hub, tls) = (hub.clone(), cfg.tls.clone());
+            let task = async move {
+                if let Err(e) = crate::bootstrap::serve(hub, l, &tls).await {
+                    warn!(error = %e, "serving the bootstrap port failed");
+                }
+            };
+            Some(tokio::spawn(task.instrument(tracing::info_span!("bootstrap"))))
+        }
+        None => None,
+    };
     info!(%addr, repo = %crate::git::redacted_url(&cfg.repo), branch = %cfg.branch, "hub listening");
     if let Some(b) = bound {
         let _ = b.send(addr);
@@ -381,6 +408,9 @@ pub async fn run(
     hub.stopped().await;
     if let Some(w) = webhook {
         let _ = w.await;
+    }
+    if let Some(b) = bootstrap {
+        let _ = b.await;
     }
     served?;
     Ok(())

@@ -161,6 +161,15 @@ pub struct AgentApi(pub Arc<Hub>);
 impl AgentService for AgentApi {
     type SessionStream = ReceiverStream<Result<pb::HubMessage, Status>>;
 
+    async fn renew(&self, req: Request<pb::CertificateRequest>) -> Result<Response<pb::IssuedCertificate>, Status> {
+        let cluster = match crate::platform::caller(&req)? {
+            Identity::Cluster(c) => c,
+            other => return Err(Status::permission_denied(format!("{other} has no cluster certificate to renew"))),
+        };
+        let serial = crate::platform::caller_serial(&req).unwrap_or_default();
+        crate::bootstrap::renew(&self.0, &cluster, &serial, &req.get_ref().csr_pem).await.map(Response::new)
+    }
+
     async fn session(
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
