@@ -404,9 +404,8 @@ async fn a_cluster_joins_with_a_token_once_only_in_the_inventory_and_renews_with
     // Renewal over the live session: a new certificate (new key, new serial), no reconnect, nothing applied again.
     let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(c3.clone(), "notes");
     let version = api.get("note").await.unwrap().metadata.resource_version;
-    let serial = |pem: &str| {
-        flotilla_common::identity::serial_of(&flotilla_common::identity::pem_der(pem).unwrap()).unwrap()
-    };
+    let serial =
+        |pem: &str| flotilla_common::identity::serial_of(&flotilla_common::identity::pem_der(pem).unwrap()).unwrap();
     let first_serial = serial(&pem);
     eventually(60, "the certificate renewed", || async {
         let now = std::fs::read_to_string(tmp.join("joined/c3.pem")).unwrap_or_default();
@@ -433,4 +432,92 @@ async fn a_cluster_joins_with_a_token_once_only_in_the_inventory_and_renews_with
     let has = |action: &str, allowed: bool| records.iter().any(|r| r["action"] == action && r["allowed"] == allowed);
     assert!(has("join", true) && has("join", false) && has("renew", true), "{out}");
     let _ = certs;
+}
+
+/// A platform client trusting `ca` (PEM) for the hub, holding `who`'s certificate from `dir`.
+async fn client_with(
+    ca_pem: &str,
+    dir: &Path,
+    who: &str,
+    port: u16,
+) -> Result<
+    flotilla_proto::platform::v1::platform_service_client::PlatformServiceClient<tonic::transport::Channel>,
+    String,
+> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let read = |f: String| std::fs::read_to_string(dir.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(read(format!("operators/{who}.pem")), read(format!("operators/{who}-key.pem"))))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(flotilla_proto::platform::v1::platform_service_client::PlatformServiceClient::new(channel))
+}
+
+/// Whether `who` (its certificate in `dir`), trusting `ca_pem`, gets an answer from the hub.
+async fn answered(ca_pem: &str, dir: &Path, who: &str, port: u16) -> bool {
+    match client_with(ca_pem, dir, who, port).await {
+        Ok(mut c) => c.who_am_i(WhoAmIRequest {}).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_trusts_old_and_new_during_the_overlap_without_a_hub_restart_or_a_dropped_session() {
+    let f = fleet().await;
+    let (tmp, port) = (&f.tmp, f.port);
+    let certs = tmp.join("certs");
+    eventually(60, "c1 runs the app", || async { (versions(&f.clients).await[0] == Some(1)).then_some(()) }).await;
+    let old_ca = std::fs::read_to_string(certs.join("ca.pem")).unwrap();
+    // 1. A new CA, with an operator and the hub's next certificate.
+    let newdir = tmp.join("new");
+    let out = Command::new(flotilla_e2e::binary("flotilla"))
+        .args(["certs", "--fleet", "next", "--operator", "nina", "--dir"])
+        .arg(&newdir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let new_ca = std::fs::read_to_string(newdir.join("ca.pem")).unwrap();
+    assert!(answered(&old_ca, &certs, "ada", port).await);
+    assert!(!answered(&old_ca, &newdir, "nina", port).await, "the new CA is not trusted yet");
+
+    // 2. The overlap: the hub trusts both (its CA bundle replaced; no restart).
+    replace(&certs.join("ca.pem"), &format!("{old_ca}{new_ca}"));
+    eventually(15, "a certificate of the new CA is accepted", || async {
+        answered(&old_ca, &newdir, "nina", port).await.then_some(())
+    })
+    .await;
+    assert!(answered(&old_ca, &certs, "ada", port).await, "and the old CA's still are");
+
+    // 3. The hub's own certificate from the new CA (read again; clients trusting both see it).
+    let both = format!("{old_ca}{new_ca}");
+    replace(&certs.join("hub-key.pem"), &std::fs::read_to_string(newdir.join("hub-key.pem")).unwrap());
+    replace(&certs.join("hub.pem"), &std::fs::read_to_string(newdir.join("hub.pem")).unwrap());
+    eventually(15, "the hub serves its new certificate", || async {
+        answered(&new_ca, &newdir, "nina", port).await.then_some(())
+    })
+    .await;
+    assert!(answered(&both, &certs, "ada", port).await);
+    assert!(!answered(&old_ca, &certs, "ada", port).await, "a client trusting only the old CA refuses the hub now");
+
+    // 4. The end of the overlap: the old CA is no longer trusted.
+    replace(&certs.join("ca.pem"), &new_ca);
+    eventually(15, "the old CA's certificates are refused", || async {
+        (!answered(&both, &certs, "ada", port).await).then_some(())
+    })
+    .await;
+    assert!(answered(&new_ca, &newdir, "nina", port).await);
+
+    // Live sessions kept theirs: no agent reconnected through all of it.
+    for c in ["c1", "c2"] {
+        let log = std::fs::read_to_string(tmp.join(format!("agent-{c}-as-{c}.log"))).unwrap_or_default();
+        assert_eq!(log.matches("connected to the hub").count(), 1, "{c}: {log}");
+    }
 }

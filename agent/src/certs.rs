@@ -25,7 +25,12 @@ fn now_ms() -> i64 {
 }
 
 impl Credentials {
-    pub fn new(cert_pem: String, key_pem: String, files: Option<(PathBuf, PathBuf)>, renew_before: Option<Duration>) -> Self {
+    pub fn new(
+        cert_pem: String,
+        key_pem: String,
+        files: Option<(PathBuf, PathBuf)>,
+        renew_before: Option<Duration>,
+    ) -> Self {
         Credentials { pair: RwLock::new((cert_pem, key_pem)), files, renew_before }
     }
 
@@ -94,7 +99,13 @@ pub fn save(cert_path: &Path, key_path: &Path, cert_pem: &str, key_pem: &str) ->
 
 /// Joins the fleet as `cluster` with `token` at the hub's bootstrap port `url` (trusting `ca_pem`): the
 /// certificate and key, once the hub issued it.
-pub async fn join(url: &str, hub_name: Option<&str>, ca_pem: &str, token: &str, cluster: &str) -> Result<(String, String), String> {
+pub async fn join(
+    url: &str,
+    hub_name: Option<&str>,
+    ca_pem: &str,
+    token: &str,
+    cluster: &str,
+) -> Result<(String, String), String> {
     let (csr, key) = request_for(&Identity::Cluster(cluster.to_string())).map_err(|e| e.to_string())?;
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
     if let Some(n) = hub_name {
@@ -148,7 +159,9 @@ pub async fn obtain(
             Err(e) if e.starts_with("the hub refused") && !e.contains("too many") && !e.contains("not lead") => {
                 return Err(e)
             }
-            Err(e) => warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "joining the fleet failed; trying again"),
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "joining the fleet failed; trying again")
+            }
         }
         tokio::time::sleep(delay.mul_f64(0.5 + fastrand::f64())).await;
         delay = (delay * 2).min(Duration::from_secs(30));

@@ -171,6 +171,7 @@ impl LocalFleet {
             identities: Default::default(),
             bootstrap: None,
             signer: None,
+            certs_dir: None,
         };
         let hub = tokio::spawn(flotilla_hub::server::run(hub_cfg, shutdown.clone(), Some(bound_tx)));
         let addr = bound_rx.await.context("the hub did not start")?;

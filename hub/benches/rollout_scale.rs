@@ -160,6 +160,7 @@ fn hub_child(dir: PathBuf, repo: String) {
             identities: Default::default(),
             bootstrap: None,
             signer: None,
+            certs_dir: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();

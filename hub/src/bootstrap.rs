@@ -40,8 +40,10 @@ impl Signer {
 
     /// Signs `csr_pem` for `cluster`, or says why not.
     pub fn sign(&self, csr_pem: &str, cluster: &str) -> Result<pb::IssuedCertificate, String> {
-        let cert_pem =
-            self.ca.sign_request(csr_pem, &Identity::Cluster(cluster.to_string()), self.ttl).map_err(|e| e.to_string())?;
+        let cert_pem = self
+            .ca
+            .sign_request(csr_pem, &Identity::Cluster(cluster.to_string()), self.ttl)
+            .map_err(|e| e.to_string())?;
         let expires = flotilla_common::identity::pem_der(&cert_pem)
             .and_then(|d| flotilla_common::identity::expiry_of(&d))
             .unwrap_or_default();
@@ -148,6 +150,9 @@ pub async fn serve(
         .timeout(Duration::from_secs(30))
         .max_concurrent_streams(Some(4))
         .add_service(BootstrapServiceServer::new(BootstrapApi::new(hub)).max_decoding_message_size(MAX_REQUEST))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
         .await
 }

@@ -424,14 +424,24 @@ impl Hub {
     }
 
     /// A bootstrap token for `cluster` (`<id>.<secret>`, shown once) and when it expires; recorded.
-    pub async fn create_join_token(&self, cluster: &str, ttl_s: u32, uses: u32, who: &str) -> Result<(String, crate::join::JoinToken), String> {
+    pub async fn create_join_token(
+        &self,
+        cluster: &str,
+        ttl_s: u32,
+        uses: u32,
+        who: &str,
+    ) -> Result<(String, crate::join::JoinToken), String> {
         let now = (self.shared.clock)();
         let (id, secret, token) = crate::join::new_token(cluster, ttl_s, uses, who, now);
         let rec = crate::audit::AuditRecord {
             at_unix_ms: now,
             who: who.to_string(),
             action: "create-join-token".into(),
-            detail: format!("cluster {cluster}, token {id}, {} uses until {}", token.uses_left, crate::report::clock(token.expires_ms)),
+            detail: format!(
+                "cluster {cluster}, token {id}, {} uses until {}",
+                token.uses_left,
+                crate::report::clock(token.expires_ms)
+            ),
             allowed: true,
             answer: "created".into(),
             replica: self.shared.replica.clone(),

@@ -78,9 +78,9 @@ pub fn admit(
         return Err(format!("join token {id} is for cluster {}, not for cluster {cluster}", t.cluster));
     }
     match inventory {
-        None => Err(format!(
-            "cluster {cluster} is not in the fleet inventory: add clusters/{cluster}.yaml before it joins"
-        )),
+        None => {
+            Err(format!("cluster {cluster} is not in the fleet inventory: add clusters/{cluster}.yaml before it joins"))
+        }
         Some(c) if c.disabled => Err(format!("cluster {cluster} is disabled in the fleet inventory")),
         Some(_) => Ok(()),
     }

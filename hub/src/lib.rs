@@ -35,5 +35,6 @@ pub mod server;
 pub mod sessions;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod traces;
 pub mod webhook;

@@ -696,8 +696,7 @@ impl State {
         let mut next = self.clone();
         let mut batch = Batch::default();
         let token = self.join_tokens.get(id);
-        let decided =
-            crate::join::admit(id, token, secret, cluster, self.clusters.get(cluster), rec.at_unix_ms);
+        let decided = crate::join::admit(id, token, secret, cluster, self.clusters.get(cluster), rec.at_unix_ms);
         let mut rec = rec.clone();
         match (&decided, token) {
             (Ok(()), Some(t)) => {

@@ -205,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
         traces: args.otlp_endpoint.is_some().then_some(args.trace_clusters),
         identities: std::sync::Arc::new(identities),
         bootstrap: args.bootstrap_listen,
+        certs_dir: Some(args.certs.clone()),
         signer: flotilla_hub::bootstrap::Signer::load(&args.certs, args.cert_ttl)
             .with_context(|| format!("reading the fleet CA in {}", args.certs.display()))?
             .map(std::sync::Arc::new),

@@ -38,6 +38,7 @@ impl Hub {
         listener: tokio::net::TcpListener,
         tls: &HubTls,
         in_process: Option<mpsc::Receiver<tokio::io::DuplexStream>>,
+        reloading: Option<Arc<crate::tls::Reloading>>,
     ) -> Result<(), tonic::transport::Error> {
         // A stranger who connects and never finishes the handshake is cut off.
         let tls = ServerTlsConfig::new()
@@ -45,9 +46,10 @@ impl Hub {
             .client_ca_root(Certificate::from_pem(&tls.ca_pem))
             .timeout(TLS_HANDSHAKE_TIMEOUT);
         let shutdown = self.shared.shutdown.clone();
-        let server = |hub: Arc<Hub>| -> Result<_, tonic::transport::Error> {
-            Ok(Server::builder()
-                .tls_config(tls.clone())?
+        let server = |hub: Arc<Hub>, with_tls: bool| -> Result<_, tonic::transport::Error> {
+            let builder = Server::builder();
+            let builder = if with_tls { builder.tls_config(tls.clone())? } else { builder };
+            Ok(builder
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
@@ -62,15 +64,24 @@ impl Hub {
         let memory = match in_process {
             Some(rx) => {
                 let incoming = ReceiverStream::new(rx).map(|io| Ok::<_, std::io::Error>(InProcessConn(io)));
-                let router = server(self.clone())?;
+                let router = server(self.clone(), true)?;
                 let stop = shutdown.clone().cancelled_owned();
                 Some(tokio::spawn(async move { router.serve_with_incoming_shutdown(incoming, stop).await }))
             }
             None => None,
         };
-        let served = server(self)?
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
-            .await;
+        let served = match reloading {
+            // The TLS is the hub's own (read again when its files change); tonic serves what it hands over.
+            Some(r) => {
+                let incoming = r.incoming(listener, TLS_HANDSHAKE_TIMEOUT, shutdown.clone());
+                server(self, false)?.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()).await
+            }
+            None => {
+                server(self, true)?
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+                    .await
+            }
+        };
         if let Some(m) = memory {
             if let Ok(Err(e)) = m.await {
                 warn!(error = %e, "serving in-process connections failed");
@@ -162,6 +173,9 @@ pub struct HubConfig {
     pub bootstrap: Option<SocketAddr>,
     /// Signs joining and renewing agents' requests (the fleet CA's key was found).
     pub signer: Option<Arc<crate::bootstrap::Signer>>,
+    /// Where `hub.pem`, `hub-key.pem` and `ca.pem` are read again when they change (None: the TLS read at start
+    /// stays).
+    pub certs_dir: Option<std::path::PathBuf>,
 }
 
 /// Where the hub keeps its state.
@@ -402,7 +416,15 @@ pub async fn run(
         let _ = b.send(addr);
     }
     let follow = tokio::spawn(hub.clone().follow(cfg.poll).instrument(tracing::info_span!("git-follow")));
-    let served = hub.clone().serve(listener, &cfg.tls, cfg.in_process).await;
+    let reloading = match &cfg.certs_dir {
+        Some(dir) => {
+            let r = Arc::new(crate::tls::Reloading::new(dir.clone(), &cfg.tls).map_err(|e| anyhow::anyhow!(e))?);
+            tokio::spawn(r.clone().follow(shutdown.clone()).instrument(tracing::info_span!("tls-files")));
+            Some(r)
+        }
+        None => None,
+    };
+    let served = hub.clone().serve(listener, &cfg.tls, cfg.in_process, reloading).await;
     shutdown.cancel();
     let _ = follow.await;
     hub.stopped().await;
