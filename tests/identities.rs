@@ -301,6 +301,10 @@ async fn revoked_certificates_and_removed_or_disabled_clusters_are_cut_off_withi
 
 /// An agent of c3 joining with `token` as `cluster`, its certificate in `tmp/joined/<tag>.pem`.
 fn joining_agent(f: &Fleet, cluster: &str, token: &str, tag: &str) -> Proc {
+    joining_agent_with(f, cluster, token, tag, &[])
+}
+
+fn joining_agent_with(f: &Fleet, cluster: &str, token: &str, tag: &str, extra: &[&str]) -> Proc {
     let joined = f.tmp.join("joined");
     let args: Vec<String> = [
         "--hub",
@@ -323,6 +327,7 @@ fn joining_agent(f: &Fleet, cluster: &str, token: &str, tag: &str) -> Proc {
         "110s",
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     flotilla_e2e::spawn("flotilla-agent", &args, &f.tmp.join(format!("agent-join-{tag}.log")))
@@ -520,4 +525,45 @@ async fn a_ca_rotation_trusts_old_and_new_during_the_overlap_without_a_hub_resta
         let log = std::fs::read_to_string(tmp.join(format!("agent-{c}-as-{c}.log"))).unwrap_or_default();
         assert_eq!(log.matches("connected to the hub").count(), 1, "{c}: {log}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_keeps_its_joined_certificate_in_a_secret_and_finds_it_again_after_a_restart() {
+    let f = fleet().await;
+    let c3 = kube(&f.tmp.join("kc"), "c3").await;
+    commit(&f.repo, &[("clusters/c3.yaml", Some("labels: {ring: '1'}\n"))], "c3 joins the inventory");
+    let mut ada = platform_client_as(&f.tmp.join("certs"), f.port, "operators/ada").await;
+    eventually(30, "the hub has c3 in its inventory", || {
+        let mut ada = ada.clone();
+        async move {
+            let view = ada.list_clusters(ListClustersRequest::default()).await.ok()?.into_inner();
+            view.clusters.iter().any(|c| c.name == "c3").then_some(())
+        }
+    })
+    .await;
+    let _ = &mut ada;
+    let t = token(&f, "c3", "1h");
+    let secret = ["--cert-secret", "flotilla-agent-cert"];
+    let mut agent = joining_agent_with(&f, "c3", &t, "secret", &secret);
+    eventually(60, "c3 runs the app", || async {
+        (flotilla_e2e::value(&c3, "notes", "note", "v").await.is_some()).then_some(())
+    })
+    .await;
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(c3.clone(), "flotilla-system");
+    let kept = api.get("flotilla-agent-cert").await.expect("the Secret");
+    assert_eq!(kept.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = kept.data.unwrap();
+    let pem = String::from_utf8(data["tls.crt"].0.clone()).unwrap();
+    assert_eq!(flotilla_common::identity::identity_of_pem(&pem).unwrap().to_string(), "cluster c3");
+    assert!(data.contains_key("tls.key"));
+    assert!(!f.tmp.join("joined/secret.pem").exists(), "no file: the Secret keeps it");
+    // Restarted (the token is spent): it finds its certificate and connects again.
+    agent.kill();
+    let _again = joining_agent_with(&f, "c3", &t, "secret", &secret);
+    eventually(60, "the restarted agent connected with the kept certificate", || async {
+        let log = std::fs::read_to_string(f.tmp.join("agent-join-secret.log")).unwrap_or_default();
+        assert!(!log.contains("refused"), "{log}");
+        log.contains("connected to the hub").then_some(())
+    })
+    .await;
 }

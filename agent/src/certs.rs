@@ -6,16 +6,72 @@ use flotilla_common::identity::{pem_der, request_for, validity_of, Identity};
 use flotilla_proto::agent::v1 as pb;
 use flotilla_proto::agent::v1::agent_service_client::AgentServiceClient;
 use flotilla_proto::agent::v1::bootstrap_service_client::BootstrapServiceClient;
+use k8s_openapi::api::core::v1::Secret;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{info, warn};
 
+/// Where the certificate and key are kept: files, or a Secret (`tls.crt`, `tls.key`) in the cluster, so a
+/// restarted or moved agent finds them again.
+#[derive(Clone)]
+pub enum Keep {
+    Files(PathBuf, PathBuf),
+    Secret { client: kube::Client, namespace: String, name: String },
+}
+
+impl Keep {
+    /// The certificate and key kept, if any.
+    pub async fn load(&self) -> Result<Option<(String, String)>, String> {
+        match self {
+            Keep::Files(cert, key) => {
+                if !cert.exists() {
+                    return Ok(None);
+                }
+                let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()));
+                Ok(Some((read(cert)?, read(key)?)))
+            }
+            Keep::Secret { client, namespace, name } => {
+                let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
+                let s = api.get_opt(name).await.map_err(|e| format!("reading Secret {namespace}/{name}: {e}"))?;
+                let field = |k: &str| {
+                    s.as_ref()
+                        .and_then(|s| s.data.as_ref())
+                        .and_then(|d| d.get(k))
+                        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                };
+                Ok(field("tls.crt").zip(field("tls.key")))
+            }
+        }
+    }
+
+    pub async fn save(&self, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+        match self {
+            Keep::Files(cert, key) => save(cert, key, cert_pem, key_pem),
+            Keep::Secret { client, namespace, name } => {
+                let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
+                let secret = serde_json::json!({
+                    "apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": name, "namespace": namespace,
+                                 "labels": {"app.kubernetes.io/managed-by": "flotilla-agent"}},
+                    "type": "kubernetes.io/tls",
+                    "stringData": {"tls.crt": cert_pem, "tls.key": key_pem},
+                });
+                let pp = kube::api::PatchParams::apply("flotilla-agent").force();
+                api.patch(name, &pp, &kube::api::Patch::Apply(secret))
+                    .await
+                    .map_err(|e| format!("writing Secret {namespace}/{name}: {e}"))?;
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The certificate and key in use, where they are kept, and when to renew.
 pub struct Credentials {
     pair: RwLock<(String, String)>,
-    files: Option<(PathBuf, PathBuf)>,
+    keep: Option<Keep>,
     /// Renew when this little of the lifetime is left (`None`: a third of it).
     renew_before: Option<Duration>,
 }
@@ -25,13 +81,8 @@ fn now_ms() -> i64 {
 }
 
 impl Credentials {
-    pub fn new(
-        cert_pem: String,
-        key_pem: String,
-        files: Option<(PathBuf, PathBuf)>,
-        renew_before: Option<Duration>,
-    ) -> Self {
-        Credentials { pair: RwLock::new((cert_pem, key_pem)), files, renew_before }
+    pub fn new(cert_pem: String, key_pem: String, keep: Option<Keep>, renew_before: Option<Duration>) -> Self {
+        Credentials { pair: RwLock::new((cert_pem, key_pem)), keep, renew_before }
     }
 
     /// The certificate and key (PEM) to connect with now.
@@ -59,8 +110,8 @@ impl Credentials {
         .map_err(|_| "the hub did not answer the renewal within 10 s".to_string())?
         .map_err(|s| format!("the hub refused the renewal: {}", s.message()))?
         .into_inner();
-        if let Some((cert_path, key_path)) = &self.files {
-            save(cert_path, key_path, &issued.cert_pem, &key)?;
+        if let Some(keep) = &self.keep {
+            keep.save(&issued.cert_pem, &key).await?;
         }
         *self.pair.write().unwrap_or_else(|p| p.into_inner()) = (issued.cert_pem, key);
         Ok(issued.expires_unix_ms)
@@ -129,30 +180,31 @@ pub async fn join(
     Ok((issued.cert_pem, key))
 }
 
-/// The agent's certificate and key: from the files, or, when they do not exist yet and a token is given, by
-/// joining (retried with jittered backoff while the hub cannot be reached; a refusal is final).
+/// The agent's certificate and key: as kept, or, when none is kept yet and a token is given, by joining
+/// (retried with jittered backoff while the hub cannot be reached; a refusal is final).
 pub async fn obtain(
-    cert_path: &Path,
-    key_path: &Path,
+    keep: &Keep,
     bootstrap: Option<(&str, &str, &str)>,
     hub_name: Option<&str>,
     ca_pem: &str,
 ) -> Result<(String, String), String> {
-    if cert_path.exists() {
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()));
-        return Ok((read(cert_path)?, read(key_path)?));
+    if let Some(pair) = keep.load().await? {
+        return Ok(pair);
     }
     let Some((url, token, cluster)) = bootstrap else {
+        let what = match keep {
+            Keep::Files(cert, _) => format!("{} does not exist", cert.display()),
+            Keep::Secret { namespace, name, .. } => format!("Secret {namespace}/{name} holds no certificate"),
+        };
         return Err(format!(
-            "{} does not exist; give the agent a certificate (flotilla certs) or a join token (--bootstrap-token)",
-            cert_path.display()
+            "{what}; give the agent a certificate (flotilla certs) or a join token (--bootstrap-token)"
         ));
     };
     let mut delay = Duration::from_millis(500);
     loop {
         match join(url, hub_name, ca_pem, token, cluster).await {
             Ok((cert, key)) => {
-                save(cert_path, key_path, &cert, &key)?;
+                keep.save(&cert, &key).await?;
                 return Ok((cert, key));
             }
             // The hub answered and said no: the token or the inventory must change, not the timing.

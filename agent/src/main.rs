@@ -36,6 +36,10 @@ struct Args {
     /// The hub's bootstrap port, https://HOST:PORT (its `--bootstrap-listen`).
     #[arg(long, env = "FLOTILLA_AGENT_BOOTSTRAP_URL")]
     bootstrap_url: Option<String>,
+    /// Keep the certificate and key in this Secret of the state namespace (`tls.crt`, `tls.key`) instead of
+    /// the --cert and --key files: what an agent in a cluster wants (it survives restarts and moves).
+    #[arg(long, env = "FLOTILLA_AGENT_CERT_SECRET")]
+    cert_secret: Option<String>,
     /// Renew the certificate when this little of its lifetime is left (default: a third of it).
     #[arg(long, env = "FLOTILLA_AGENT_RENEW_BEFORE", value_parser = flotilla_common::identity::parse_ttl)]
     renew_before: Option<Duration>,
@@ -109,34 +113,6 @@ async fn main() -> anyhow::Result<()> {
         log_format: args.log_format,
         roots: flotilla_common::telemetry::Roots::FollowOnly,
     })?;
-    let (cert_pem, key_pem) =
-        flotilla_agent::certs::obtain(&args.cert, &args.key, bootstrap, args.hub_name.as_deref(), &ca_pem)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-    let cluster = match flotilla_common::identity::identity_of_pem(&cert_pem) {
-        Ok(flotilla_common::identity::Identity::Cluster(c)) => c,
-        Ok(other) => anyhow::bail!("{} is the certificate of {other}, not of a cluster", args.cert.display()),
-        Err(e) => anyhow::bail!("{}: {e}", args.cert.display()),
-    };
-    let _ = flotilla_agent::telemetry::CLUSTER.set(cluster.clone());
-    if let Some(c) = args.cluster.as_deref().filter(|c| *c != cluster) {
-        anyhow::bail!("--cluster {c}, but {} is the certificate of cluster {cluster}", args.cert.display());
-    }
-    let credentials = flotilla_agent::certs::Credentials::new(
-        cert_pem.clone(),
-        key_pem.clone(),
-        Some((args.cert.clone(), args.key.clone())),
-        args.renew_before,
-    );
-    let cfg = AgentConfig {
-        hub: args.hub,
-        hub_name: args.hub_name,
-        ca_pem,
-        cert_pem,
-        key_pem,
-        in_process: None,
-        credentials: Some(std::sync::Arc::new(credentials)),
-    };
     let kube_cfg = match &args.kubeconfig {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)
@@ -180,10 +156,49 @@ async fn main() -> anyhow::Result<()> {
             stop.cancel();
         });
     }
-    let engine_cfg = EngineConfig { state_namespace: args.state_namespace, ..EngineConfig::default() };
+    let engine_cfg = EngineConfig { state_namespace: args.state_namespace.clone(), ..EngineConfig::default() };
+    let engine_client = applier.client();
     // The state kept in the cluster is enforced before (and without) any hub.
     let engine = start(applier, engine_cfg, shutdown.clone()).await.context("starting the engine")?;
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    // After the Lease (with replicas): the active agent joins, a standby finds what it kept.
+    if args.cert_secret.is_some() {
+        flotilla_agent::state::StateStore::new(engine_client.clone(), &args.state_namespace)
+            .ensure_namespace(engine_client.clone())
+            .await
+            .context("creating the state namespace")?;
+    }
+    let keep = match &args.cert_secret {
+        Some(name) => flotilla_agent::certs::Keep::Secret {
+            client: engine_client.clone(),
+            namespace: args.state_namespace.clone(),
+            name: name.clone(),
+        },
+        None => flotilla_agent::certs::Keep::Files(args.cert.clone(), args.key.clone()),
+    };
+    let (cert_pem, key_pem) = flotilla_agent::certs::obtain(&keep, bootstrap, args.hub_name.as_deref(), &ca_pem)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let cluster = match flotilla_common::identity::identity_of_pem(&cert_pem) {
+        Ok(flotilla_common::identity::Identity::Cluster(c)) => c,
+        Ok(other) => anyhow::bail!("{} is the certificate of {other}, not of a cluster", args.cert.display()),
+        Err(e) => anyhow::bail!("{}: {e}", args.cert.display()),
+    };
+    let _ = flotilla_agent::telemetry::CLUSTER.set(cluster.clone());
+    if let Some(c) = args.cluster.as_deref().filter(|c| *c != cluster) {
+        anyhow::bail!("--cluster {c}, but {} is the certificate of cluster {cluster}", args.cert.display());
+    }
+    let credentials =
+        flotilla_agent::certs::Credentials::new(cert_pem.clone(), key_pem.clone(), Some(keep), args.renew_before);
+    let cfg = AgentConfig {
+        hub: args.hub.clone(),
+        hub_name: args.hub_name.clone(),
+        ca_pem,
+        cert_pem,
+        key_pem,
+        in_process: None,
+        credentials: Some(std::sync::Arc::new(credentials)),
+    };
     run(cfg, engine, shutdown).await;
     if lost.load(std::sync::atomic::Ordering::SeqCst) {
         anyhow::bail!("this agent lost the agents' Lease and stopped (another agent of the cluster is active)");
