@@ -79,6 +79,14 @@ async fn deploy_manifests_pass_a_server_side_dry_run() {
                 "deployment.apps/flotilla-agent",
             ][..],
         ),
+        (
+            "agent-join.yaml",
+            &[
+                "serviceaccount/flotilla-agent",
+                "clusterrole.rbac.authorization.k8s.io/flotilla-agent",
+                "deployment.apps/flotilla-agent",
+            ][..],
+        ),
     ] {
         let path = deploy.join(file);
         let (ok, out) =

@@ -23,10 +23,10 @@ struct Args {
     ca: PathBuf,
     /// This cluster's certificate (its name is the cluster's identity). When it does not exist and a join
     /// token is given, the agent joins and writes it (and its key) here; renewed certificates replace it.
-    #[arg(long, env = "FLOTILLA_AGENT_CERT")]
-    cert: PathBuf,
-    #[arg(long, env = "FLOTILLA_AGENT_KEY")]
-    key: PathBuf,
+    #[arg(long, env = "FLOTILLA_AGENT_CERT", required_unless_present = "cert_secret")]
+    cert: Option<PathBuf>,
+    #[arg(long, env = "FLOTILLA_AGENT_KEY", required_unless_present = "cert_secret")]
+    key: Option<PathBuf>,
     /// The cluster's name, for joining (the certificate names it afterwards).
     #[arg(long, env = "FLOTILLA_AGENT_CLUSTER")]
     cluster: Option<String>,
@@ -98,8 +98,10 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     // The cluster's name for the logs: from the certificate when there is one, else the one it joins as.
-    let named = std::fs::read_to_string(&args.cert)
-        .ok()
+    let named = args
+        .cert
+        .as_ref()
+        .and_then(|c| std::fs::read_to_string(c).ok())
         .and_then(|p| match flotilla_common::identity::identity_of_pem(&p) {
             Ok(flotilla_common::identity::Identity::Cluster(c)) => Some(c),
             _ => None,
@@ -174,19 +176,22 @@ async fn main() -> anyhow::Result<()> {
             namespace: args.state_namespace.clone(),
             name: name.clone(),
         },
-        None => flotilla_agent::certs::Keep::Files(args.cert.clone(), args.key.clone()),
+        None => flotilla_agent::certs::Keep::Files(
+            args.cert.clone().unwrap_or_default(),
+            args.key.clone().unwrap_or_default(),
+        ),
     };
     let (cert_pem, key_pem) = flotilla_agent::certs::obtain(&keep, bootstrap, args.hub_name.as_deref(), &ca_pem)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     let cluster = match flotilla_common::identity::identity_of_pem(&cert_pem) {
         Ok(flotilla_common::identity::Identity::Cluster(c)) => c,
-        Ok(other) => anyhow::bail!("{} is the certificate of {other}, not of a cluster", args.cert.display()),
-        Err(e) => anyhow::bail!("{}: {e}", args.cert.display()),
+        Ok(other) => anyhow::bail!("the agent's certificate is the certificate of {other}, not of a cluster"),
+        Err(e) => anyhow::bail!("the agent's certificate: {e}"),
     };
     let _ = flotilla_agent::telemetry::CLUSTER.set(cluster.clone());
     if let Some(c) = args.cluster.as_deref().filter(|c| *c != cluster) {
-        anyhow::bail!("--cluster {c}, but {} is the certificate of cluster {cluster}", args.cert.display());
+        anyhow::bail!("--cluster {c}, but the agent's certificate is the certificate of cluster {cluster}");
     }
     let credentials =
         flotilla_agent::certs::Credentials::new(cert_pem.clone(), key_pem.clone(), Some(keep), args.renew_before);

@@ -500,6 +500,20 @@ mod tests {
     }
 
     #[test]
+    fn a_ca_loaded_from_a_bundle_signs_with_the_first_certificate_and_hands_out_the_bundle() {
+        let (old, new) = (FleetCa::generate("old").unwrap(), FleetCa::generate("new").unwrap());
+        let bundle = format!("{}{}", new.cert_pem, old.cert_pem);
+        let ca = FleetCa::from_pem(&bundle, &new.key_pem).unwrap();
+        assert_eq!(ca.cert_pem(), bundle);
+        let eu1 = Identity::Cluster("eu-1".into());
+        let (csr, _) = request_for(&eu1).unwrap();
+        let cert = ca.sign_request(&csr, &eu1, Duration::from_secs(600)).unwrap();
+        let der = pem_der(&cert).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert!(parsed.issuer().to_string().contains("Flotilla fleet CA new"), "{}", parsed.issuer());
+    }
+
+    #[test]
     fn a_loaded_ca_issues_certificates() {
         let ca = FleetCa::generate("test").unwrap();
         let again = FleetCa::from_pem(&ca.cert_pem, &ca.key_pem).unwrap();
