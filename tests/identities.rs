@@ -512,7 +512,30 @@ async fn a_ca_rotation_trusts_old_and_new_during_the_overlap_without_a_hub_resta
     assert!(answered(&both, &certs, "ada", port).await);
     assert!(!answered(&old_ca, &certs, "ada", port).await, "a client trusting only the old CA refuses the hub now");
 
-    // 4. The end of the overlap: the old CA is no longer trusted.
+    // 4. Issue from the new CA (its key installed, the new CA first in the bundle): a cluster joining now gets a
+    // certificate of the new CA, without a restart of the hub.
+    replace(&certs.join("ca-key.pem"), &std::fs::read_to_string(newdir.join("ca-key.pem")).unwrap());
+    replace(&certs.join("ca.pem"), &format!("{new_ca}{old_ca}"));
+    // The hub looks at its files every second (a key without its certificate in between is refused).
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    commit(&f.repo, &[("clusters/c3.yaml", Some("labels: {ring: '1'}\n"))], "c3 joins the inventory");
+    let t = token(&f, "c3", "1h");
+    let mut joined = None;
+    eventually(60, "c3 joined", || {
+        joined = Some(joining_agent(&f, "c3", &t, "rotated"));
+        let path = tmp.join("joined/rotated.pem");
+        async move {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            path.exists().then_some(())
+        }
+    })
+    .await;
+    let pem = std::fs::read_to_string(tmp.join("joined/rotated.pem")).unwrap();
+    let der = flotilla_common::identity::pem_der(&pem).unwrap();
+    let issuer = x509_issuer(&der);
+    assert!(issuer.contains("Flotilla fleet CA next"), "issued by the new CA: {issuer}");
+
+    // 5. The end of the overlap: the old CA is no longer trusted.
     replace(&certs.join("ca.pem"), &new_ca);
     eventually(15, "the old CA's certificates are refused", || async {
         (!answered(&both, &certs, "ada", port).await).then_some(())
@@ -520,6 +543,10 @@ async fn a_ca_rotation_trusts_old_and_new_during_the_overlap_without_a_hub_resta
     .await;
     assert!(answered(&new_ca, &newdir, "nina", port).await);
 
+    // The cluster that joined under the new CA stays connected after the overlap ended.
+    let log = std::fs::read_to_string(tmp.join("agent-join-rotated.log")).unwrap_or_default();
+    assert!(log.contains("connected to the hub") && !log.contains("session with the hub ended"), "{log}");
+    drop(joined);
     // Live sessions kept theirs: no agent reconnected through all of it.
     for c in ["c1", "c2"] {
         let log = std::fs::read_to_string(tmp.join(format!("agent-{c}-as-{c}.log"))).unwrap_or_default();
@@ -566,4 +593,10 @@ async fn an_agent_keeps_its_joined_certificate_in_a_secret_and_finds_it_again_af
         log.contains("connected to the hub").then_some(())
     })
     .await;
+}
+
+/// The issuer of a DER certificate, as text.
+fn x509_issuer(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    cert.issuer().to_string()
 }

@@ -85,6 +85,8 @@ pub enum IdentityError {
     AmbiguousIdentity,
     #[error("the certificate signing request cannot be used: {0}")]
     BadRequest(String),
+    #[error("the CA key is not the key of the first certificate in the CA file")]
+    KeyMismatch,
     #[error("writing {path} failed")]
     WriteFailed {
         path: PathBuf,
@@ -132,6 +134,14 @@ impl FleetCa {
     /// A CA loaded from its certificate and key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<FleetCa, IdentityError> {
         let key = KeyPair::from_pem(key_pem).map_err(IdentityError::InvalidCa)?;
+        // The key must be the (first) certificate's: a bundle in the wrong order, or a key replaced before its
+        // certificate, would sign certificates nobody can verify.
+        let der = pem_der(cert_pem).ok_or(IdentityError::NoIdentity)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| IdentityError::UnparsableCertificate(e.to_string()))?;
+        if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+            return Err(IdentityError::KeyMismatch);
+        }
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(IdentityError::InvalidCa)?;
         Ok(FleetCa { issuer, cert_pem: cert_pem.to_string(), key_pem: key_pem.to_string() })
     }
@@ -505,6 +515,8 @@ mod tests {
         let bundle = format!("{}{}", new.cert_pem, old.cert_pem);
         let ca = FleetCa::from_pem(&bundle, &new.key_pem).unwrap();
         assert_eq!(ca.cert_pem(), bundle);
+        let wrong = format!("{}{}", old.cert_pem, new.cert_pem);
+        assert!(matches!(FleetCa::from_pem(&wrong, &new.key_pem), Err(IdentityError::KeyMismatch)));
         let eu1 = Identity::Cluster("eu-1".into());
         let (csr, _) = request_for(&eu1).unwrap();
         let cert = ca.sign_request(&csr, &eu1, Duration::from_secs(600)).unwrap();

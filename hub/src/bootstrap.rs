@@ -88,7 +88,7 @@ impl BootstrapService for BootstrapApi {
                 return Err(Status::resource_exhausted("too many join requests from this address; try again later"));
             }
         }
-        let signer = self.hub.shared.signer.as_ref().ok_or_else(no_signer)?;
+        let signer = self.hub.shared.signer.load_full().ok_or_else(no_signer)?;
         let r = req.into_inner();
         let (id, secret) = crate::join::parse(&r.token).map_err(Status::invalid_argument)?;
         let cluster = cluster_of(&r.csr_pem).map_err(Status::invalid_argument)?;
@@ -109,7 +109,7 @@ impl BootstrapService for BootstrapApi {
 
 /// `AgentService.Renew`: a new certificate for the calling cluster, for the key in its request.
 pub async fn renew(hub: &Hub, cluster: &str, serial: &str, csr_pem: &str) -> Result<pb::IssuedCertificate, Status> {
-    let signer = hub.shared.signer.as_ref().ok_or_else(no_signer)?;
+    let signer = hub.shared.signer.load_full().ok_or_else(no_signer)?;
     let rec = |allowed: bool, answer: String| AuditRecord {
         who: format!("cluster {cluster}"),
         action: "renew".into(),

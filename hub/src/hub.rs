@@ -178,7 +178,8 @@ pub struct Shared {
     pub followed_once: std::sync::atomic::AtomicBool,
     pub identities: Arc<crate::identities::Identities>,
     pub replica: String,
-    pub signer: Option<Arc<crate::bootstrap::Signer>>,
+    /// Signs joins and renewals; replaced when the CA files change.
+    pub signer: arc_swap::ArcSwapOption<crate::bootstrap::Signer>,
 }
 
 impl Shared {
@@ -318,7 +319,7 @@ impl Hub {
             followed_once: Default::default(),
             identities: opts.identities.clone(),
             replica: opts.replica.clone(),
-            signer: opts.signer.clone(),
+            signer: arc_swap::ArcSwapOption::new(opts.signer.clone()),
             shutdown,
         });
         let (commands, rx) = mpsc::channel(64);

@@ -266,15 +266,16 @@ pub async fn register(
                 let _ = lease_out.send(Some(l.id()));
             }
         }
+        // How far behind etcd this replica's state is: revisions not applied yet when it last looked. A read etcd
+        // cannot answer in time (no quorum) counts as not knowing: not ready. Measured at every turn, with or
+        // without a lease (a lease lost with the quorum must not leave the last good measure standing).
+        let lag = match tokio::time::timeout(ttl / 3, crate::mirror::current_revision(&mut client)).await {
+            Ok(Ok(now)) => (now - progress.applied.load(std::sync::atomic::Ordering::SeqCst)).max(0),
+            _ => -1,
+        };
+        progress.lag.store(lag, std::sync::atomic::Ordering::SeqCst);
         let mut failed = false;
         if let Some((id, keeper)) = lease.as_mut() {
-            // How far behind etcd this replica's state is: revisions not applied yet when it last looked.
-            // A read etcd cannot answer in time (no quorum) counts as not knowing: not ready.
-            let lag = match tokio::time::timeout(ttl / 3, crate::mirror::current_revision(&mut client)).await {
-                Ok(Ok(now)) => (now - progress.applied.load(std::sync::atomic::Ordering::SeqCst)).max(0),
-                _ => -1,
-            };
-            progress.lag.store(lag, std::sync::atomic::Ordering::SeqCst);
             let value = serde_json::json!({
                 "applied": progress.applied.load(std::sync::atomic::Ordering::SeqCst),
                 "lag": lag,

@@ -418,7 +418,16 @@ pub async fn run(
     let follow = tokio::spawn(hub.clone().follow(cfg.poll).instrument(tracing::info_span!("git-follow")));
     let reloading = match &cfg.certs_dir {
         Some(dir) => {
-            let r = Arc::new(crate::tls::Reloading::new(dir.clone(), &cfg.tls).map_err(|e| anyhow::anyhow!(e))?);
+            let ttl = cfg.signer.as_ref().map_or(std::time::Duration::from_secs(30 * 24 * 3600), |s| s.ttl);
+            let (signing_hub, signing_dir) = (hub.clone(), dir.clone());
+            // The signing CA is read again with the files (step 4 of a CA rotation needs no restart).
+            let r = crate::tls::Reloading::new(dir.clone(), &cfg.tls).map_err(|e| anyhow::anyhow!(e))?.on_change(
+                move || match crate::bootstrap::Signer::load(&signing_dir, ttl) {
+                    Ok(s) => signing_hub.shared.signer.store(s.map(Arc::new)),
+                    Err(e) => warn!(error = %e, "the fleet CA cannot be read: the signing CA read before stays"),
+                },
+            );
+            let r = Arc::new(r);
             tokio::spawn(r.clone().follow(shutdown.clone()).instrument(tracing::info_span!("tls-files")));
             Some(r)
         }

@@ -116,12 +116,14 @@ pub fn verifier(ca_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, String> {
 pub struct Reloading {
     dir: PathBuf,
     material: Arc<Material>,
+    /// Called after the files changed (the hub reads its signing CA again).
+    on_change: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 type Stamp = Vec<Option<(u64, std::time::SystemTime, u64)>>;
 
 fn stamp(dir: &Path) -> Stamp {
-    ["hub.pem", "hub-key.pem", "ca.pem"]
+    ["hub.pem", "hub-key.pem", "ca.pem", "ca-key.pem"]
         .iter()
         .map(|f| {
             let m = std::fs::metadata(dir.join(f)).ok()?;
@@ -141,7 +143,13 @@ impl Reloading {
             key: ArcSwap::from_pointee(certified_key(&tls.cert_pem, &tls.key_pem)?),
             verifier: ArcSwap::from_pointee(verifier(&tls.ca_pem)?),
         };
-        Ok(Reloading { dir, material: Arc::new(material) })
+        Ok(Reloading { dir, material: Arc::new(material), on_change: None })
+    }
+
+    /// Also calls `f` whenever the files change.
+    pub fn on_change(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_change = Some(Box::new(f));
+        self
     }
 
     /// Reads the three files again; what cannot be used leaves what is in force.
@@ -222,6 +230,9 @@ impl Reloading {
                 continue;
             }
             seen = now;
+            if let Some(f) = &self.on_change {
+                f();
+            }
             match self.reload() {
                 Ok(()) => info!(dir = %self.dir.display(), "the hub's certificate and CA bundle read again"),
                 Err(e) => warn!(error = %e, "the hub's TLS files cannot be used: what was read before stays in force"),
