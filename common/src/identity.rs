@@ -176,17 +176,7 @@ impl FleetCa {
     /// Signs a certificate signing request that names exactly `expect` (nothing else of the request is taken:
     /// the certificate's names, usages and lifetime are the fleet's), valid for `ttl`.
     pub fn sign_request(&self, csr_pem: &str, expect: &Identity, ttl: Duration) -> Result<String, IdentityError> {
-        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| IdentityError::BadRequest(e.to_string()))?;
-        let named: Vec<Identity> = csr
-            .params
-            .subject_alt_names
-            .iter()
-            .filter_map(|s| match s {
-                SanType::URI(u) => Identity::parse_uri(u.as_str()),
-                _ => None,
-            })
-            .collect();
+        let (mut csr, named) = parse_request(csr_pem)?;
         if named.as_slice() != std::slice::from_ref(expect) {
             let found = named.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
             return Err(IdentityError::BadRequest(format!(
@@ -200,11 +190,11 @@ impl FleetCa {
     }
 }
 
-/// The Flotilla identity a certificate signing request names (exactly one).
-pub fn requested_identity(csr_pem: &str) -> Result<Identity, IdentityError> {
+/// A certificate signing request (its signature checked) and the Flotilla identities it names.
+fn parse_request(csr_pem: &str) -> Result<(rcgen::CertificateSigningRequestParams, Vec<Identity>), IdentityError> {
     let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
         .map_err(|e| IdentityError::BadRequest(e.to_string()))?;
-    let mut named: Vec<Identity> = csr
+    let named = csr
         .params
         .subject_alt_names
         .iter()
@@ -213,6 +203,12 @@ pub fn requested_identity(csr_pem: &str) -> Result<Identity, IdentityError> {
             _ => None,
         })
         .collect();
+    Ok((csr, named))
+}
+
+/// The Flotilla identity a certificate signing request names (exactly one).
+pub fn requested_identity(csr_pem: &str) -> Result<Identity, IdentityError> {
+    let (_, mut named) = parse_request(csr_pem)?;
     match named.len() {
         1 => Ok(named.remove(0)),
         0 => Err(IdentityError::BadRequest("the request names no Flotilla identity".into())),
