@@ -9,7 +9,8 @@
 //! (applied and healthy at once), heartbeats every 15 s. The numbers are the hub's (Git, rendering, rollout
 //! planning, sessions, the store), not the clusters'.
 //!
-//! `cargo bench -p flotilla-hub --bench rollout_scale` (release); `FLOTILLA_BENCH_SIZES=2000` for one size.
+//! `cargo bench -p flotilla-hub --bench rollout_scale` (release); `FLOTILLA_BENCH_SIZES=2000` for one size;
+//! `FLOTILLA_BENCH_TLS=static` serves with tonic's static TLS instead of the hub binary's reloading acceptor.
 //! With the hub's state on a real etcd (started here; Debian's etcd-server) and its size printed at the end:
 //! `FLOTILLA_BENCH_STORE=etcd cargo bench -p flotilla-hub --features etcd --bench rollout_scale`.
 //!
@@ -160,7 +161,9 @@ fn hub_child(dir: PathBuf, repo: String) {
             identities: Default::default(),
             bootstrap: None,
             signer: None,
-            certs_dir: None,
+            // TLS as the hub binary does it (its own acceptor, files read again when they change), or tonic's
+            // static configuration with FLOTILLA_BENCH_TLS=static, to compare.
+            certs_dir: (std::env::var("FLOTILLA_BENCH_TLS").as_deref() != Ok("static")).then(|| dir.join("certs")),
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shutdown = tokio_util::sync::CancellationToken::new();
