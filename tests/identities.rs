@@ -218,6 +218,10 @@ async fn a_viewer_cannot_approve_an_operator_cannot_roll_back_an_admin_can_and_a
     let shipped = std::fs::read_to_string(tmp.join("audit.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = shipped.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(lines.iter().any(|r| r["who"] == "olga" && r["action"] == "rollback" && r["allowed"] == false));
+    assert!(
+        lines.iter().any(|r| r["who"] == "olga" && r["action"] == "approve" && r["allowed"] == true),
+        "controls that took effect are shipped too: {shipped}"
+    );
 
     // The roles file is read again when it changes: vera becomes an operator.
     replace(&tmp.join("roles.yaml"), &ROLES.replace("role: viewer", "role: operator"));

@@ -118,34 +118,12 @@ impl Credentials {
     }
 }
 
-/// Writes `path` as a whole (a temporary file renamed over it), readable by its owner only when `secret`.
-fn write_whole(path: &Path, text: &str, secret: bool) -> Result<(), String> {
-    use std::io::Write;
-    let err = |e: std::io::Error| format!("writing {}: {e}", path.display());
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let tmp = path.with_extension("new");
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.mode(0o600);
-    }
-    #[cfg(not(unix))]
-    let _ = secret;
-    let mut f = o.open(&tmp).map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
-}
-
 /// Keeps a certificate and its key: the key first, so a crash between the two leaves a key the next join or
 /// renewal replaces, never a certificate without its key.
 pub fn save(cert_path: &Path, key_path: &Path, cert_pem: &str, key_pem: &str) -> Result<(), String> {
-    write_whole(key_path, key_pem, true)?;
-    write_whole(cert_path, cert_pem, false)
+    let write = flotilla_common::identity::write_file;
+    write(key_path, key_pem, true).map_err(|e| flotilla_common::error_chain(&e))?;
+    write(cert_path, cert_pem, false).map_err(|e| flotilla_common::error_chain(&e))
 }
 
 /// Joins the fleet as `cluster` with `token` at the hub's bootstrap port `url` (trusting `ca_pem`): the

@@ -284,9 +284,18 @@ pub fn parse_ttl(text: &str) -> Result<Duration, String> {
 /// compared).
 pub fn serial_of(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let hex = hex::encode(cert.raw_serial());
-    let t = hex.trim_start_matches('0');
-    Some(if t.is_empty() { "0".into() } else { t.to_string() })
+    Some(normalize_serial(&hex::encode(cert.raw_serial())))
+}
+
+/// A serial as written anywhere (`00:1A:2b`, `1a2b`): lowercase hex, no separators, no leading zeros.
+pub fn normalize_serial(s: &str) -> String {
+    let hex: String = s.chars().filter(|c| c.is_ascii_hexdigit()).map(|c| c.to_ascii_lowercase()).collect();
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.to_string()
+    }
 }
 
 /// When a certificate starts and stops being valid (Unix ms).
@@ -367,12 +376,15 @@ pub fn cert_paths(dir: &Path, id: &Identity) -> (PathBuf, PathBuf) {
     (d.join(format!("{name}.pem")), d.join(format!("{name}-key.pem")))
 }
 
-fn write(path: &Path, contents: &str, secret: bool) -> Result<(), IdentityError> {
+/// Writes `path` whole: a temporary file beside it, synced, renamed over it (a crash leaves the old file or
+/// the new, never half of one); readable by its owner only when `secret`.
+pub fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), IdentityError> {
     use std::io::Write;
     let err = |source| IdentityError::WriteFailed { path: path.to_path_buf(), source };
-    if let Some(parent) = path.parent() {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(err)?;
     }
+    let tmp = path.with_extension("new");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -382,8 +394,10 @@ fn write(path: &Path, contents: &str, secret: bool) -> Result<(), IdentityError>
     }
     #[cfg(not(unix))]
     let _ = secret;
-    let mut f = opts.open(path).map_err(err)?;
-    f.write_all(contents.as_bytes()).map_err(err)
+    let mut f = opts.open(&tmp).map_err(err)?;
+    f.write_all(contents.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
 }
 
 /// Writes a fleet's certificates: `ca.pem` and `ca-key.pem` (creating the CA unless it exists), `hub.pem`
@@ -412,8 +426,8 @@ pub fn write_fleet_for(
         FleetCa::load(dir)?
     } else {
         let ca = FleetCa::generate(fleet)?;
-        write(&dir.join(CA_CERT), &ca.cert_pem, false)?;
-        write(&dir.join(CA_KEY), &ca.key_pem, true)?;
+        write_file(&dir.join(CA_CERT), &ca.cert_pem, false)?;
+        write_file(&dir.join(CA_KEY), &ca.key_pem, true)?;
         ca
     };
     let mut written = vec![dir.join(CA_CERT)];
@@ -424,8 +438,8 @@ pub fn write_fleet_for(
         let hosts: &[String] = if id == Identity::Hub { hub_hosts } else { &[] };
         let issued = ca.issue_for(&id, hosts, ttl)?;
         let (cert, key) = cert_paths(dir, &id);
-        write(&cert, &issued.cert_pem, false)?;
-        write(&key, &issued.key_pem, true)?;
+        write_file(&cert, &issued.cert_pem, false)?;
+        write_file(&key, &issued.key_pem, true)?;
         written.push(cert);
     }
     Ok(written)

@@ -1,7 +1,7 @@
 //! The audit trail: every mutating call of the platform API and every refusal (who, what, on what, when, the
 //! answer). Records are written through the hub's writer (kept by count and age, `machine::AUDIT_MAX`,
 //! `machine::AUDIT_AGE_MS`), read back by `ListAudit` (`flotilla audit`), and optionally shipped as JSON lines
-//! to a file or stdout for a log pipeline.
+//! to a file or stdout for a log pipeline (by the writer, once a record is committed, whatever wrote it).
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -102,12 +102,14 @@ impl Sink {
         Ok(Sink::File(path, Mutex::new(f)))
     }
 
-    pub fn ship(&self, r: &AuditRecord) {
-        let Ok(mut line) = serde_json::to_string(r) else { return };
-        line.push('\n');
+    /// Writes one stored record (its JSON) as a line.
+    pub fn ship_json(&self, json: &[u8]) {
+        let mut line = Vec::with_capacity(json.len() + 1);
+        line.extend_from_slice(json);
+        line.push(b'\n');
         let written = match self {
-            Sink::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
-            Sink::File(_, f) => f.lock().unwrap_or_else(|p| p.into_inner()).write_all(line.as_bytes()),
+            Sink::Stdout => std::io::stdout().lock().write_all(&line),
+            Sink::File(_, f) => f.lock().unwrap_or_else(|p| p.into_inner()).write_all(&line),
         };
         if let Err(e) = written {
             let to = match self {

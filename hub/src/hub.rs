@@ -37,17 +37,7 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// An error with its causes: `outer: cause: root cause`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use flotilla_common::error_chain;
 
 /// How a hub runs its loops.
 #[derive(Clone)]
@@ -415,9 +405,6 @@ impl Hub {
             }
             seen.insert(key, rec.at_unix_ms);
         }
-        if let Some(sink) = &self.shared.identities.sink {
-            sink.ship(&rec);
-        }
         let (reply, rx) = oneshot::channel();
         if self.commands.send(Command::Audit(rec, reply)).await.is_ok() {
             let _ = rx.await;
@@ -780,6 +767,18 @@ async fn commit(shared: &Shared, state: &mut Arc<State>, t: Transition) -> Resul
     }
     let store = shared.store.clone();
     let batch = t.batch;
+    // Audit records go to the log pipeline once they are durable, whichever transition wrote them.
+    let shipped: Vec<Vec<u8>> = match &shared.identities.sink {
+        Some(_) => batch
+            .0
+            .iter()
+            .filter_map(|op| match op {
+                crate::store::Op::Put(k, v) if k.starts_with(crate::keys::Prefix::Audit.as_str()) => Some(v.clone()),
+                _ => None,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let ops = batch.0.len();
     let bytes: usize =
         batch.0.iter().map(|op| if let crate::store::Op::Put(k, v) = op { k.len() + v.len() } else { 0 }).sum();
@@ -791,6 +790,9 @@ async fn commit(shared: &Shared, state: &mut Arc<State>, t: Transition) -> Resul
     if let Err(e) = committed {
         shared.metrics.store_commit_failures.inc();
         return Err(e);
+    }
+    if let Some(sink) = &shared.identities.sink {
+        shipped.iter().for_each(|json| sink.ship_json(json));
     }
     shared.metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
     shared.metrics.store_commit_bytes.observe(bytes as f64);
@@ -961,22 +963,12 @@ async fn writer(
                     }
                     Command::CreateToken { id, token, rec, reply } => {
                         audit_seq += 1;
-                        if let Some(sink) = &shared.identities.sink {
-                            sink.ship(&rec);
-                        }
                         let t = state.token_created(&id, &token, &rec, audit_seq);
                         let _ = reply.send(commit(&shared, &mut state, t).await);
                     }
                     Command::Join { id, secret, cluster, rec, reply } => {
                         audit_seq += 1;
                         let t = state.joined(&id, &secret, &cluster, &rec, audit_seq);
-                        if let Some(sink) = &shared.identities.sink {
-                            let mut shipped = rec.clone();
-                            if let Err(e) = &t.reply {
-                                (shipped.allowed, shipped.answer) = (false, format!("refused: {e}"));
-                            }
-                            sink.ship(&shipped);
-                        }
                         let _ = reply.send(commit(&shared, &mut state, t).await);
                     }
                     Command::Audit(rec, reply) => {

@@ -5,6 +5,7 @@
 
 use crate::access::Roles;
 use arc_swap::ArcSwap;
+use flotilla_common::identity::normalize_serial;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -41,17 +42,6 @@ impl Default for Identities {
             problems: Mutex::default(),
             seen: Mutex::default(),
         }
-    }
-}
-
-/// A certificate serial as the hub compares them: lowercase hex, no separators, no leading zeros.
-pub fn normalize_serial(s: &str) -> String {
-    let hex: String = s.chars().filter(|c| c.is_ascii_hexdigit()).map(|c| c.to_ascii_lowercase()).collect();
-    let trimmed = hex.trim_start_matches('0');
-    if trimmed.is_empty() {
-        "0".into()
-    } else {
-        trimmed.to_string()
     }
 }
 

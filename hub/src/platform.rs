@@ -354,10 +354,16 @@ impl PlatformApi {
         status
     }
 
-    /// Whether `who` may see cluster `name` (its labels in the inventory).
-    fn sees_cluster(&self, st: &State, who: &str, name: &str) -> bool {
+    /// Whether `who` may see cluster `name` (its labels in the inventory); a refusal is audited.
+    async fn may_see_cluster(&self, st: &State, who: String, name: &str, app: &str) -> Result<(), Status> {
         let roles = self.0.shared.identities.roles();
-        st.clusters.get(name).is_some_and(|c| roles.allows(who, Action::View, &Target::cluster(&c.labels)))
+        if st.clusters.get(name).is_some_and(|c| roles.allows(&who, Action::View, &Target::cluster(&c.labels))) {
+            return Ok(());
+        }
+        let status = Status::permission_denied(format!(
+            "operator {who} may not view cluster {name}: no binding of its roles covers the cluster's labels"
+        ));
+        Err(self.refused(who, Action::View, app, &format!("cluster {name}"), status).await)
     }
 }
 
@@ -383,11 +389,8 @@ impl PlatformService for PlatformApi {
         let who = self.authorize(&req, Action::View, Target::fleet(), "", "").await?;
         let name = req.into_inner().name;
         let st = self.0.state();
-        if st.clusters.contains_key(&name) && !self.sees_cluster(&st, &who, &name) {
-            let status = Status::permission_denied(format!(
-                "operator {who} may not view cluster {name}: no binding of its roles covers the cluster's labels"
-            ));
-            return Err(self.refused(who, Action::View, "", &format!("cluster {name}"), status).await);
+        if st.clusters.contains_key(&name) {
+            self.may_see_cluster(&st, who, &name, "").await?;
         }
         cluster_view(&st, &self.0.shared.sessions, &name)
             .map(Response::new)
@@ -571,13 +574,7 @@ impl PlatformService for PlatformApi {
         if !st.clusters.contains_key(&r.cluster) {
             return Err(Status::not_found(format!("cluster {:?} is not in the fleet inventory", r.cluster)));
         }
-        if !self.sees_cluster(&st, &who, &r.cluster) {
-            let status = Status::permission_denied(format!(
-                "operator {who} may not view cluster {}: no binding of its roles covers the cluster's labels",
-                r.cluster
-            ));
-            return Err(self.refused(who, Action::View, &r.app, &format!("cluster {}", r.cluster), status).await);
-        }
+        self.may_see_cluster(&st, who, &r.cluster, &r.app).await?;
         let desired = st.desired.get(&r.cluster).map(|d| (**d).clone()).unwrap_or_default();
         let mut apps: BTreeSet<String> = desired.keys().cloned().collect();
         apps.extend(st.rollouts.iter().filter(|(_, rec)| rec.targets(&r.cluster)).map(|(a, _)| a.clone()));
